@@ -1,0 +1,52 @@
+"""The model-runner contract the engine is written against.
+
+A runner owns one model and its KV cache. It works on token ids and *rows*: row ``r`` is a cache slot
+that holds one sequence's keys and values for positions ``0 .. length[r]-1``. The engine (through the
+scheduler) decides which row a sequence uses; the runner never allocates rows itself.
+
+Rollback is a length update: ``truncate`` lowers ``length[r]``; positions at or past the length are
+masked out of attention and overwritten by the next write, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    vocab_size: int  # logits width V
+    max_rows: int  # cache rows
+    max_len: int  # positions per row
+    num_params: int  # parameter count, for FLOP accounting (2 * params * positions)
+    device: torch.device
+
+    def lengths(self, rows: Sequence[int]) -> list[int]:
+        """Current cached length of each row."""
+        ...
+
+    def forward_span(
+        self, rows: Sequence[int], spans: Sequence[Sequence[int]], num_logits: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Append ``spans[i]`` (token ids) to row ``rows[i]`` in one ragged pass and return logits.
+
+        Returns float32 logits ``[sum(n_i), V]``, rows in order, where ``n_i = num_logits[i]`` (default:
+        ``len(spans[i])``) are the *last* ``n_i`` positions of span ``i``. Prefill is
+        ``forward_span(rows, prompts, num_logits=[1]*B)``. Raises ValueError if a row would exceed max_len
+        or a span is empty."""
+        ...
+
+    def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row: ``rows [B] int64``, ``ids [B] int64`` -> float32 logits ``[B, V]``.
+        Same result as ``forward_span(rows, [[i] for i in ids])``; the fast path (CUDA graphs)."""
+        ...
+
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Roll rows back to the given lengths (each <= current length)."""
+        ...
+
+    def free(self, rows: Sequence[int]) -> None:
+        """Release rows: their length becomes 0."""
+        ...
