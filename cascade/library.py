@@ -1,0 +1,215 @@
+"""The Python library entry point: ``Cascade`` loads a draft/target pair and generates with a policy.
+
+    from cascade import Cascade, SamplingParams
+    cascade = Cascade.from_pretrained()                      # the default pair (after `cascade fetch-models`)
+    [r] = cascade.generate("def fib(n):", SamplingParams(max_tokens=64), policy="chow(alpha=0.2)")
+    print(r.text, r.stats.target_token_fraction)
+
+Prompts are raw strings, chat conversations (a list of ``{"role", "content"}`` dicts, rendered with the
+tokenizer's chat template), or token-id lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+from cascade.config import EngineConfig, SamplingParams
+from cascade.engine import Engine, RequestOutput
+from cascade.metrics import RequestStats, TokenSource
+from cascade.models.base import ModelRunner
+from cascade.policies import Policy, parse_policy
+
+Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
+Prompt = Union[str, Sequence[Message], Sequence[int]]
+
+
+@dataclass
+class GenerationResult:
+    """One request's answer: text, token ids, who decided each token, and its cascade stats."""
+
+    text: str
+    token_ids: list[int]
+    token_sources: list[TokenSource]
+    finish_reason: str | None
+    stats: RequestStats
+    policy: str
+    prompt_token_ids: list[int]
+
+    @property
+    def target_decided(self) -> list[bool]:
+        """Per emitted token: True where a target pass decided it (verified, replaced or bonus)."""
+        return [src.target_decided for src in self.token_sources]
+
+
+class Cascade:
+    """A draft/target pair with its tokenizer and an engine that runs cascade rounds over them."""
+
+    def __init__(self, draft: ModelRunner, target: ModelRunner, tokenizer: Any | None = None, *,
+                 eos_token_ids: Sequence[int] | None = None, config: EngineConfig | None = None) -> None:
+        self.draft, self.target, self.tokenizer = draft, target, tokenizer
+        if eos_token_ids is None:
+            eos_token_ids = _eos_ids(tokenizer)
+        detok = None
+        if tokenizer is not None:
+            def detok(ids: list[int]) -> str:
+                return tokenizer.decode(ids, skip_special_tokens=True)
+        self.engine = Engine(draft, target, eos_token_ids=eos_token_ids, detokenize=detok, config=config)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, draft: str | Path | None = None, target: str | Path | None = None, *,
+                        max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
+                        max_draft_block: int = 16) -> "Cascade":
+        """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
+        default pair from the cache (``cascade fetch-models`` puts it there)."""
+        from cascade.models.llama import LlamaRunner
+        from cascade.weights import DEFAULT_PAIR, resolve_model
+
+        config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
+                              max_draft_block=max_draft_block)
+        draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
+        target_dir = resolve_model(target if target is not None else DEFAULT_PAIR[1].name)
+        draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
+        target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(draft_dir)
+        eos = set(_eos_ids(tokenizer)) | _generation_config_eos(draft_dir) | _generation_config_eos(target_dir)
+        return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config)
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a raw string, a chat conversation, or a token-id list."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return list(self._require_tokenizer().encode(prompt, add_special_tokens=False))
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if "role" not in m or "content" not in m:
+                    raise ValueError(f"messages[{i}]: needs 'role' and 'content'")
+            ids = self._require_tokenizer().apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("prompt: text prompts need a tokenizer; pass token ids or load the pair with one")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 policy: str | Policy = "speculative", *, progress: bool = False) -> list[GenerationResult]:
+        """Generate for one prompt or a batch; returns one result per prompt, in order.
+
+        ``policy`` is a name with parameters (``"chow(alpha=0.2)"``, ``"chow:0.2"``) or a Policy."""
+        batch = _as_batch(prompts)
+        if not batch:
+            raise ValueError("prompts: must not be empty")
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(plist) != len(batch):
+            raise ValueError(f"params: {len(plist)} sampling params for {len(batch)} prompts")
+        pol = parse_policy(policy)
+        encoded = [self.encode(p) for p in batch]
+        ids = [f"gen-{next(self._ids)}" for _ in batch]
+        finals: dict[str, RequestOutput] = {}
+        try:
+            for rid, prompt_ids, p in zip(ids, encoded, plist):
+                self.engine.add_request(rid, prompt_ids, p, pol)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        sources: dict[str, list[TokenSource]] = {rid: [] for rid in ids}
+        bar = _progress(progress, sum(p.max_tokens for p in plist))
+        try:
+            while len(finals) < len(ids):
+                for out in self.engine.step():
+                    if out.request_id not in tokens:
+                        continue
+                    tokens[out.request_id] += out.new_token_ids
+                    sources[out.request_id] += out.new_sources
+                    if bar is not None:
+                        bar.update(len(out.new_token_ids))
+                    if out.finished:
+                        finals[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                if rid not in finals:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [
+            GenerationResult(text=finals[rid].text, token_ids=tokens[rid], token_sources=sources[rid],
+                             finish_reason=finals[rid].finish_reason, stats=finals[rid].stats,
+                             policy=pol.describe(), prompt_token_ids=pids)
+            for rid, pids in zip(ids, encoded)
+        ]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               policy: str | Policy = "speculative") -> Iterator[RequestOutput]:
+        """Yield one RequestOutput per round for a single prompt (new tokens as they are decided)."""
+        pol = parse_policy(policy)
+        rid = f"gen-{next(self._ids)}"
+        self.engine.add_request(rid, self.encode(prompt), params or SamplingParams(), pol)
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.engine.abort(rid)
+
+
+def load_tokenizer(path: str | Path):
+    """The HF tokenizer saved beside a checkpoint (local files only; no hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    if tokenizer is None or tokenizer.eos_token_id is None:
+        return []
+    return [int(tokenizer.eos_token_id)]
+
+
+def _generation_config_eos(path: str | Path) -> set[int]:
+    import json
+
+    cfg = Path(path) / "generation_config.json"
+    if not cfg.exists():
+        return set()
+    eos = json.loads(cfg.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def _as_batch(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and (isinstance(prompts[0], dict) or isinstance(prompts[0], int)):
+        return [prompts]  # one chat or one token-id list
+    return list(prompts)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", desc="generating", leave=False)

@@ -1,0 +1,87 @@
+"""Cascade statistics: per-request counters, engine-wide totals, and where each emitted token came from.
+
+Counting rules (DESIGN.md, "Cost accounting"):
+- ``draft_tokens``: positions the draft decoded in blocks (discarded ones included).
+- ``target_tokens``: generated-region positions a target pass processed: catch-up + block + the bonus
+  position, or one position per target-only step. Prompt positions are counted apart, in
+  ``*_prefill_tokens``, so that ``target_token_fraction`` measures escalation, not prompt length.
+- ``target_token_fraction`` = target_tokens / emitted tokens.
+- ``relative_cost`` = FLOPs of both models / FLOPs the target alone would spend on the same prompt and
+  output, with FLOPs = 2 * params * positions (prompt positions included on both sides).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+
+
+class TokenSource(enum.IntEnum):
+    """Who decided an emitted token."""
+
+    DRAFT = 0  # draft token emitted without target verification (block not escalated, or delta = 0)
+    VERIFIED = 1  # draft token checked by a target pass and accepted
+    TARGET = 2  # sampled from the target: the replacement at a rejection, or a target-only step
+    BONUS = 3  # sampled from the target after a fully accepted block
+
+    @property
+    def target_decided(self) -> bool:
+        return self in (TokenSource.VERIFIED, TokenSource.TARGET, TokenSource.BONUS)
+
+
+@dataclass
+class RequestStats:
+    """Counters for one request."""
+
+    prompt_tokens: int = 0
+    emitted_tokens: int = 0  # tokens returned to the caller
+    draft_tokens: int = 0
+    draft_prefill_tokens: int = 0
+    target_tokens: int = 0
+    target_prefill_tokens: int = 0
+    escalations: int = 0  # target passes that verified a block of this request
+    accepted_tokens: int = 0  # draft tokens accepted by verification
+    rejected_tokens: int = 0  # first rejected draft token per escalation (the rest of the block is dropped)
+    bonus_tokens: int = 0
+    replaced_tokens: int = 0  # tokens sampled from the residual / target at a rejection
+    target_only_steps: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def target_token_fraction(self) -> float:
+        return self.target_tokens / self.emitted_tokens if self.emitted_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per escalation (accepted drafts + the replacement or bonus token)."""
+        if not self.escalations:
+            return 0.0
+        return (self.accepted_tokens + self.bonus_tokens + self.replaced_tokens) / self.escalations
+
+    def relative_cost(self, draft_params: int, target_params: int) -> float:
+        draft = 2 * draft_params * (self.draft_tokens + self.draft_prefill_tokens)
+        target = 2 * target_params * (self.target_tokens + self.target_prefill_tokens)
+        baseline = 2 * target_params * (self.prompt_tokens + self.emitted_tokens)
+        return (draft + target) / baseline if baseline else 0.0
+
+    def add(self, other: "RequestStats") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["target_token_fraction"] = self.target_token_fraction
+        d["mean_acceptance_length"] = self.mean_acceptance_length
+        return d
+
+
+@dataclass
+class EngineStats:
+    """Engine-wide totals across all requests and rounds, plus where the time went."""
+
+    totals: RequestStats = field(default_factory=RequestStats)
+    rounds: int = 0
+    time_draft_s: float = 0.0
+    time_target_s: float = 0.0
+    time_kernels_s: float = 0.0  # confidence + verify
+    time_total_s: float = 0.0

@@ -1,0 +1,100 @@
+"""Continuous batching state: the per-request ``Sequence``, admission from a waiting queue, and the
+allocation of KV-cache rows.
+
+A sequence uses the same row index in the draft and the target runner. Rows are handed out when a
+request is admitted and returned when it finishes or is aborted, so a finished or cancelled request
+never holds cache rows past the round in which it ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cascade.config import SamplingParams
+from cascade.metrics import RequestStats, TokenSource
+from cascade.policies import Policy
+
+
+@dataclass
+class Sequence:
+    """One request in flight. ``tokens`` = prompt + emitted tokens. The draft cache holds
+    ``tokens[:draft_len]`` and the target cache ``tokens[:target_len]``; both lag the last token, which is
+    fed at the start of the next round (the target additionally lags by the catch-up tokens)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    policy: Policy
+    generator: torch.Generator
+    row: int = -1
+    tokens: list[int] = field(default_factory=list)
+    sources: list[TokenSource] = field(default_factory=list)  # one per emitted token
+    draft_len: int = 0
+    target_len: int = 0
+    text: str = ""  # detokenized output, cut at a stop string
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stats: RequestStats = field(default_factory=RequestStats)
+    arrival_time: float = field(default_factory=time.perf_counter)
+    emitted_reported: int = 0  # emitted tokens already returned by Engine.step
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
+        self.stats.prompt_tokens = len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def num_emitted(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+
+class Scheduler:
+    """Waiting queue + running set + free rows. Not thread-safe: the engine loop owns it."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.free_rows: list[int] = list(range(max_rows - 1, -1, -1))  # pop() gives row 0 first
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[str, Sequence] = {}
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.running or any(s.request_id == seq.request_id for s in self.waiting):
+            raise ValueError(f"request_id {seq.request_id!r} is already in flight")
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free rows (first come, first served)."""
+        admitted = []
+        while self.waiting and self.free_rows:
+            seq = self.waiting.popleft()
+            seq.row = self.free_rows.pop()
+            self.running[seq.request_id] = seq
+            admitted.append(seq)
+        return admitted
+
+    def release(self, seq: Sequence) -> None:
+        if self.running.pop(seq.request_id, None) is not None:
+            self.free_rows.append(seq.row)
+            seq.row = -1
+
+    def find(self, request_id: str) -> Sequence | None:
+        if request_id in self.running:
+            return self.running[request_id]
+        return next((s for s in self.waiting if s.request_id == request_id), None)
+
+    def remove_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self.free_rows)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up everything cascade needs in ./.venv (idempotent; a second run takes seconds).
+# On a CPU machine torch==2.13.0 (the local CPU wheel) is installed before anything that depends on
+# torch, so no multi-GB CUDA build is pulled; on a machine with an NVIDIA GPU the CUDA build is used.
+# Usage: bash scripts/setup.sh [extras]   (default extras: dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-dev}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+PY=.venv/bin/python
+
+stamp=".venv/.cascade-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then
+  echo "[setup] up to date ($stamp)"
+  exit 0
+fi
+
+$PY -m pip install -q --upgrade pip
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] NVIDIA GPU found: installing the CUDA build of torch"
+    $PY -m pip install -q torch
+  else
+    echo "[setup] no GPU: installing torch==2.13.0 (CPU wheel)"
+    $PY -m pip install -q torch==2.13.0
+  fi
+fi
+echo "[setup] installing cascade[$EXTRAS]"
+$PY -m pip install -q -e ".[$EXTRAS]"
+rm -f .venv/.cascade-setup-*
+touch "$stamp"
+echo "[setup] done: $($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)')"
