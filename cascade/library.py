@@ -75,7 +75,7 @@ class Cascade:
         draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         tokenizer = load_tokenizer(draft_dir)
-        eos = set(_eos_ids(tokenizer)) | _generation_config_eos(draft_dir) | _generation_config_eos(target_dir)
+        eos = set(_eos_ids(tokenizer)) | generation_config_eos(draft_dir) | generation_config_eos(target_dir)
         return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config)
 
     # ------------------------------------------------------------------ prompts
@@ -187,7 +187,7 @@ def _eos_ids(tokenizer) -> list[int]:
     return [int(tokenizer.eos_token_id)]
 
 
-def _generation_config_eos(path: str | Path) -> set[int]:
+def generation_config_eos(path: str | Path) -> set[int]:
     import json
 
     cfg = Path(path) / "generation_config.json"

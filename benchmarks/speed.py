@@ -1,0 +1,253 @@
+"""First speed benchmark: the same prompts, greedy, in one run, for
+
+- transformers: target-only `generate` and assisted generation (`assistant_model=` the draft), batch 1;
+- cascade: target-only, draft-only, speculative and chow at two alphas, at batch 1 and batch 8.
+
+Reports tokens/s, target_token_fraction, mean acceptance length and relative cost; prints ratios to
+cascade's target-only and to transformers' assisted generation measured in the same run; checks that
+speculative greedy output equals target-only greedy output. Writes CSV, a PNG bar chart and machine info
+to benchmarks/results/.
+
+    .venv/bin/python benchmarks/speed.py                    # default pair, 5 prompts x 48 tokens
+    .venv/bin/python benchmarks/speed.py --quick            # 2 prompts x 16 tokens, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "Write a Python function `is_palindrome(s)` that ignores case and non-alphanumeric characters.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Think step by step.",
+    "Write a Python function `fizzbuzz(n)` returning the list of FizzBuzz strings from 1 to n.",
+    "Write a Python function that counts the words in a string and returns a dict of counts.",
+    "A train travels 60 miles per hour for 3 hours, then 40 miles per hour for 2 hours. How far does it "
+    "travel in total? Think step by step.",
+    "Write a Python function `flatten(xs)` that flattens an arbitrarily nested list.",
+    "Write a Python class `Stack` with push, pop, peek and is_empty methods.",
+]
+
+
+def machine_info(dtype: str) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "cores": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "python": platform.python_version(), "dtype": dtype,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def run_transformers(draft_dir, target_dir, prompts_ids, max_tokens, eos_ids, progress) -> tuple[list[dict], dict]:
+    """transformers target-only and assisted generation, batch 1, greedy."""
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32).eval()
+    rows, outputs = [], {}
+    for name, kwargs in (("hf-target-only", {}), ("hf-assisted", {"assistant_model": draft})):
+        with torch.no_grad():  # warm-up
+            target.generate(torch.tensor([prompts_ids[0]]), max_new_tokens=4, do_sample=False, **kwargs)
+        tokens, t0, outs = 0, time.perf_counter(), []
+        for ids in progress(prompts_ids, name):
+            with torch.no_grad():
+                out = target.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=list(eos_ids), pad_token_id=list(eos_ids)[0], **kwargs)
+            new = out[0, len(ids):].tolist()
+            new = new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]
+            tokens += len(new)
+            outs.append(new)
+        wall = time.perf_counter() - t0
+        rows.append({"system": "transformers", "policy": name, "batch": 1, "tokens": tokens, "wall_s": wall,
+                     "tok_per_s": tokens / wall, "target_token_fraction": float("nan"),
+                     "mean_acceptance_length": float("nan"), "relative_cost": float("nan")})
+        outputs[name] = outs
+    del target, draft
+    gc.collect()
+    return rows, outputs
+
+
+def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tuple[dict, list[list[int]]]:
+    from cascade import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens)
+    cascade.generate([prompts_ids[0]], SamplingParams(max_tokens=4), policy=policy)  # warm-up
+    groups = [prompts_ids[i:i + batch] for i in range(0, len(prompts_ids), batch)]
+    results, t0 = [], time.perf_counter()
+    for group in progress(groups, f"{policy} b{batch}"):
+        results += cascade.generate(group, params, policy=policy)
+    wall = time.perf_counter() - t0
+    emitted = sum(r.stats.emitted_tokens for r in results)
+    target_tokens = sum(r.stats.target_tokens for r in results)
+    escalations = sum(r.stats.escalations for r in results)
+    verified = sum(r.stats.accepted_tokens + r.stats.bonus_tokens + r.stats.replaced_tokens for r in results)
+    dp, tp = cascade.draft.num_params, cascade.target.num_params
+    cost_num = sum(r.stats.relative_cost(dp, tp) * (r.stats.prompt_tokens + r.stats.emitted_tokens) for r in results)
+    cost_den = sum(r.stats.prompt_tokens + r.stats.emitted_tokens for r in results)
+    row = {"system": "cascade", "policy": policy, "batch": batch, "tokens": emitted, "wall_s": wall,
+           "tok_per_s": emitted / wall, "target_token_fraction": target_tokens / emitted if emitted else 0.0,
+           "mean_acceptance_length": verified / escalations if escalations else float("nan"),
+           "relative_cost": cost_num / cost_den if cost_den else float("nan")}
+    return row, [r.token_ids for r in results]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['policy']}\n(b{r['batch']})" for r in rows]
+    colors = ["#888888" if r["system"] == "transformers" else ("#1f77b4" if r["batch"] == 1 else "#ff7f0e") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
+    bars = ax.bar(range(len(rows)), [r["tok_per_s"] for r in rows], color=colors)
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['tok_per_s']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("tokens / s (greedy)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=5, help="number of built-in prompts (max %d)" % len(PROMPTS))
+    ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per prompt")
+    ap.add_argument("--batch-sizes", default="1,8", help="comma-separated cascade batch sizes")
+    ap.add_argument("--policies", default="target-only,draft-only,speculative,chow(alpha=0.1),chow(alpha=0.3)",
+                    help="semicolon- or comma-separated cascade policies (parameters in parentheses)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--draft", default=None, help="draft checkpoint dir (default: the default pair)")
+    ap.add_argument("--target", default=None, help="target checkpoint dir (default: the default pair)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
+    ap.add_argument("--tag", default="speed", help="file name stem for the outputs")
+    ap.add_argument("--quick", action="store_true", help="2 prompts x 16 tokens, batch 1 and 2 (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_tokens, args.batch_sizes = 2, 16, "1,2"
+
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from cascade.library import Cascade, generation_config_eos, load_tokenizer
+    from cascade.weights import DEFAULT_PAIR, resolve_model
+
+    console = Console()
+
+    def progress(items, desc):
+        return tqdm(items, desc=desc, leave=False)
+
+    draft_dir = resolve_model(args.draft or DEFAULT_PAIR[0].name)
+    target_dir = resolve_model(args.target or DEFAULT_PAIR[1].name)
+    tokenizer = load_tokenizer(draft_dir)
+    prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    policies = _split_policies(args.policies)
+
+    rows, hf_out = [], {}
+    if not args.no_transformers:
+        eos = {tokenizer.eos_token_id} | generation_config_eos(target_dir)
+        hf_rows, hf_out = run_transformers(draft_dir, target_dir, prompts_ids, args.max_tokens, eos, progress)
+        rows += hf_rows
+
+    cascade = Cascade.from_pretrained(draft_dir, target_dir, max_rows=max(batch_sizes), max_len=1024,
+                                      device=args.device, dtype=args.dtype)
+    dtype = str(getattr(cascade.target, "dtype", "?"))
+    outputs = {}
+    for batch in batch_sizes:
+        for policy in policies:
+            row, outs = run_cascade(cascade, prompts_ids, args.max_tokens, policy, batch, progress)
+            rows.append(row)
+            outputs[(policy, batch)] = outs
+            console.print(f"{policy:>22} b{batch}: {row['tok_per_s']:.3f} tok/s, target fraction "
+                          f"{row['target_token_fraction']:.2f}, acceptance {row['mean_acceptance_length']:.2f}")
+
+    lossless = all(outputs[("speculative", b)] == outputs[("target-only", b)] for b in batch_sizes
+                   if ("speculative", b) in outputs and ("target-only", b) in outputs)
+    hf_same = hf_out.get("hf-target-only") == outputs.get(("target-only", 1)) if hf_out else None
+    base = {b: next((r["tok_per_s"] for r in rows if r["policy"] == "target-only" and r["batch"] == b), None) for b in batch_sizes}
+    assisted = next((r["tok_per_s"] for r in rows if r["policy"] == "hf-assisted"), None)
+    for r in rows:
+        b = base.get(r["batch"]) or base.get(1)
+        r["x_target_only"] = r["tok_per_s"] / b if b else float("nan")
+        r["x_hf_assisted"] = r["tok_per_s"] / assisted if assisted else float("nan")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine_info(dtype)
+    info.update({"prompts": args.prompts, "max_tokens": args.max_tokens, "speculative_equals_target_only": lossless,
+                 "cascade_target_only_equals_transformers_greedy": hf_same, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with open(out / f"{args.tag}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{args.tag}_machine.json").write_text(json.dumps(info, indent=2) + "\n")
+    plot(rows, out / f"{args.tag}.png", f"{info['cpu']} · {dtype} · {args.prompts} prompts × {args.max_tokens} tokens, greedy")
+
+    table = Table(title=f"speed ({info['cpu']}, {dtype})")
+    for col in ("system", "policy", "batch", "tok/s", "× target-only", "× hf-assisted", "target frac", "accept len", "rel cost"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["system"], r["policy"], str(r["batch"]), f"{r['tok_per_s']:.3f}", f"{r['x_target_only']:.2f}",
+                      f"{r['x_hf_assisted']:.2f}", f"{r['target_token_fraction']:.2f}", f"{r['mean_acceptance_length']:.2f}",
+                      f"{r['relative_cost']:.2f}")
+    console.print(table)
+    console.print(f"speculative == target-only (greedy): {lossless}; cascade target-only == transformers greedy: {hf_same}")
+    console.print(f"wrote {out / (args.tag + '.csv')}, {args.tag}.png, {args.tag}_machine.json")
+    return 0
+
+
+def _split_policies(text: str) -> list[str]:
+    """Split on commas outside parentheses (or on semicolons)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in ",;" and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""The command line: --help explains every option; bad input gives a clear error and exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.cli import build_parser, main
+
+
+def test_help_lists_every_generate_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    for action in gen._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        assert action.help, f"option {action.option_strings} has no help"
+
+
+def test_top_level_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "fetch-models" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "hi", "--policy", "nope"], "unknown policy"),
+    (["generate", "hi", "--policy", "chow", "--alpha", "3"], "alpha"),
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "hi", "--param", "oops"], "name=value"),
+])
+def test_bad_input_exits_2_with_message(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""Integration tests on the real default pair (Qwen2.5-Coder 0.5B draft / 1.5B target), converted by
+`cascade fetch-models` (scripts/test.sh runs it first). Skipped, with the reason, when the pair is absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cascade import SamplingParams
+
+pytestmark = pytest.mark.real_pair
+
+PROMPTS = [
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    [{"role": "user", "content": "What is 12 * 7? Answer with the number."}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three sorting algorithms."}],
+]
+
+
+def _pair_dirs():
+    from cascade.weights import DEFAULT_PAIR, resolve_model
+
+    try:
+        return resolve_model(DEFAULT_PAIR[0].name), resolve_model(DEFAULT_PAIR[1].name)
+    except (ValueError, FileNotFoundError) as exc:
+        pytest.skip(f"default pair not fetched ({exc}); run `cascade fetch-models`")
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    from cascade import Cascade
+
+    draft, target = _pair_dirs()
+    return Cascade.from_pretrained(draft, target, max_rows=3, max_len=512)
+
+
+def test_speculative_greedy_equals_target_only_on_the_real_pair(cascade):
+    params = SamplingParams(max_tokens=12)
+    target = cascade.generate(PROMPTS, params, policy="target-only")
+    spec = cascade.generate(PROMPTS, params, policy="speculative")
+    assert [r.token_ids for r in spec] == [r.token_ids for r in target]
+    assert all(len(r.token_ids) > 0 for r in target)
+    assert sum(r.stats.accepted_tokens for r in spec) > 0  # the draft is good enough to be accepted sometimes
+
+
+def test_real_pair_answers_sensibly_and_chow_escalates_less(cascade):
+    [r] = cascade.generate([PROMPTS[1]], SamplingParams(max_tokens=16), policy="chow(alpha=0.2)")
+    assert "84" in r.text
+    assert r.stats.target_token_fraction < 1.0
+
+
+def test_fetch_models_is_idempotent_and_fast():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "fetch-models"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "qwen2.5-coder-0.5b-instruct" in out.stdout and "qwen2.5-coder-1.5b-instruct" in out.stdout
+    assert time.perf_counter() - t0 < 60  # a bound on "no download, no conversion", not a speed goal
+
+
+def test_cli_generate_prints_answer_and_stats():
+    _pair_dirs()
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "generate", "What is 2 + 2? Answer with the number.",
+                          "--policy", "chow", "--alpha", "0.2", "--max-tokens", "8", "--no-color"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "4" in out.stdout and "escalations" in out.stdout and "tok/s" in out.stdout
