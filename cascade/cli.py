@@ -172,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handlers = {"generate": cmd_generate, "fetch-models": cmd_fetch_models}
+    from cascade.weights import ModelFetchError
+
     try:
         return handlers[args.command](args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, ModelFetchError) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -114,11 +114,11 @@ class Engine:
         """Run one round for every running sequence; return the new output of each."""
         t_start = time.perf_counter()
         self.scheduler.admit()
-        seqs = [s for s in self.scheduler.running.values() if not s.finished]
-        for s in seqs:
+        running = [s for s in self.scheduler.running.values() if not s.finished]
+        for s in running:
             if self._block_size(s) <= 0:
                 self._finish(s, "length")
-        seqs = [s for s in seqs if not s.finished]
+        seqs = [s for s in running if not s.finished]
         cascading = [s for s in seqs if s.policy.uses_draft]
         target_only = [s for s in seqs if not s.policy.uses_draft]
 
@@ -139,12 +139,12 @@ class Engine:
         for s in target_only:
             self._commit_target_only(s, target_logits[s.request_id])
 
-        outputs = [self._output(s) for s in seqs]
-        for s in seqs:
+        outputs = [self._output(s) for s in running]
+        for s in running:
             if s.finished:
                 self._release(s)
         elapsed = time.perf_counter() - t_start
-        for s in seqs:
+        for s in running:
             s.stats.wall_time_s = time.perf_counter() - s.arrival_time
         self.stats.rounds += 1
         self.stats.time_total_s += elapsed
