@@ -353,7 +353,7 @@ class Engine:
         for tok, src in zip(new, sources):
             if tok in self.eos_token_ids and not s.params.ignore_eos:
                 self._finish(s, "stop")
-                return
+                break
             s.tokens.append(tok)
             s.sources.append(src)
             s.stats.emitted_tokens += 1

@@ -205,6 +205,7 @@ def test_eos_and_stop_strings(tiny_pair_dirs):
     for policy in ("target-only", "speculative"):
         [r] = c.generate([PROMPTS[1]], SamplingParams(max_tokens=20), policy=policy)
         assert r.token_ids == free.token_ids[:first] and r.finish_reason == "stop"
+        assert r.text == "".join(chr(65 + i % 26) for i in r.token_ids)  # text covers the tokens of the last round
         [r] = c.generate([PROMPTS[1]], SamplingParams(max_tokens=20, ignore_eos=True), policy=policy)
         assert r.token_ids == free.token_ids and r.finish_reason == "length"
     # stop string: the text of tokens 2..3 of the free-running output
