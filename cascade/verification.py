@@ -27,6 +27,8 @@ class VerifyStats:
     max_q: torch.Tensor  # [R] float32, max prob of q (rule statistic)
     max_p: torch.Tensor  # [R] float32, max prob of p (rule statistic)
     tv: torch.Tensor  # [R] float32, total variation sum_v max(0, p(v) - q(v)) (rule statistic)
+    logp_token: torch.Tensor  # [R] float32, log p(x): target log-softmax at x at the rule temperature
+    #   (T = 1 on greedy rows: the natural log-prob, not log of the one-hot p_token; -inf at a -inf logit)
     residual_token: torch.Tensor  # [R] int64, a sample from norm(max(0, p - q))
     target_token: torch.Tensor  # [R] int64, a sample from p
 

@@ -13,7 +13,7 @@ from cascade.kernels import verify as K
 from cascade.verification import VerifyStats, verify_stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FLOAT_FIELDS = ("q_token", "p_token", "max_q", "max_p", "tv")
+FLOAT_FIELDS = ("q_token", "p_token", "max_q", "max_p", "tv", "logp_token")
 TOKEN_FIELDS = ("residual_token", "target_token")
 TEMPS = [1.0, 0.0, 0.7, 1.5, 0.0, 0.3, 2.0]  # 0: greedy rows
 
@@ -63,6 +63,7 @@ def naive_verify(q, p, x, temp):
         "max_q": q1.max(-1).values,
         "max_p": p1.max(-1).values,
         "tv": 0.5 * (p1 - q1).abs().sum(-1),
+        "logp_token": torch.log_softmax(p.double() / t, dim=-1).gather(1, x[:, None])[:, 0],
     }
 
 
@@ -90,6 +91,19 @@ def test_reference_matches_naive(dtype, rows, vocab):
         tok = got[name]
         assert ((tok >= 0) & (tok < vocab)).all()
         assert torch.isfinite(p.float().gather(1, tok[:, None])).all(), f"{name} picked a masked token"
+
+
+def test_logp_token_is_target_log_softmax_at_x():
+    """logp_token = log_softmax(target / T_rule)[x] (T_rule = 1 on greedy rows), -inf at a -inf logit."""
+    q, p, x, temp, seeds = make_case(14, 500, torch.float32, seed=4)
+    got = run_reference(q, p, x, temp, seeds)["logp_token"]
+    t = torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+    want = torch.log_softmax(p / t, dim=-1).gather(1, x[:, None])[:, 0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    masked = torch.isinf(p.gather(1, x[:, None])[:, 0])
+    assert masked.any() and (got[masked] == float("-inf")).all()
+    assert torch.isfinite(got[~masked]).all()
 
 
 def test_tv_is_half_l1():
@@ -280,6 +294,11 @@ def test_greedy_rows(backend):
     torch.testing.assert_close(v.max_q, torch.softmax(q, -1).max(-1).values)
     torch.testing.assert_close(v.max_p, torch.softmax(p, -1).max(-1).values)
     torch.testing.assert_close(v.tv, 0.5 * (torch.softmax(p, -1) - torch.softmax(q, -1)).abs().sum(-1))
+    # logp_token is the natural T = 1 log-prob, not log of the one-hot p_token (0 / -inf)
+    logp = torch.log_softmax(p, -1).gather(1, x[:, None])[:, 0]
+    torch.testing.assert_close(v.logp_token, logp)
+    assert torch.isfinite(v.logp_token).all() and (v.logp_token < 0).all()
+    assert (v.logp_token != torch.log(v.p_token)).all()
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -297,6 +316,7 @@ def test_kernel_zero_rows_and_masked_rows(num_splits):
                           block_v=128, num_splits=num_splits)
     assert got["target_token"].tolist() == [123, 123] and got["residual_token"].tolist() == [123, 123]
     assert got["p_token"].tolist() == [1.0, 0.0] and got["max_p"].tolist() == [1.0, 1.0]
+    assert got["logp_token"].tolist() == [0.0, float("-inf")]  # log p(x) exact; -inf logit at x: -inf
 
 
 # ----------------------------------------------------------------------------------------- dispatch

@@ -7,7 +7,9 @@ Terms (one row ``r`` = one verified position; ``V`` = vocabulary size):
   the draft sampled there; ``T = temperature[r]`` (0 = a greedy row).
 - rule statistics (what deferral rules read): ``max_q``, ``max_p`` and the total variation
   ``tv = sum_v max(0, p(v) - q(v)) = 0.5 * ||p - q||_1``, all of ``softmax(logits / T)`` with ``T = 1`` for
-  greedy rows.
+  greedy rows; ``logp_token = log p(x)``, the log-softmax of the target logits at ``x`` at that same rule
+  temperature (on greedy rows the natural ``T = 1`` log-prob, not ``log`` of the one-hot ``p_token``;
+  ``-inf`` where the target's logit at ``x`` is ``-inf``).
 - sampling distributions: ``softmax(logits / T)`` for ``T > 0``; for a greedy row the one-hot at the argmax
   (first index of the max logit). ``q_token = q(x)``, ``p_token = p(x)``, ``target_token`` is a draw from
   ``p`` and ``residual_token`` a draw from ``norm(max(0, p - q))`` (a draw from ``p`` where that mass is 0,
@@ -36,6 +38,9 @@ Kernel branches (chosen by ``choose_num_splits`` from R and V, overridable with 
   workspace; pass 2 per chunk (each program first merges the row's pass-1 partials, a few scalars) writing
   partial ``tv`` and per-chunk race winners; a one-program-per-row combine that finalises.
 
+Both branches finalise a row the same way: ``p(x)`` and ``log p(x) = (z_x - M_p) / T - log S_p`` from the
+target's merged max / sum-exp and its logit at ``x`` (one extra load per row).
+
 Inputs are read in their own dtype (fp32 / bf16 / fp16), math is fp32. ``verify_reference`` is the torch
 implementation of these semantics (the CPU path of ``cascade.verification``).
 """
@@ -54,9 +59,9 @@ except ImportError:  # pragma: no cover - exercised on triton-less installs
     triton = None
     tl = None
 
-FIELDS = ("q_token", "p_token", "max_q", "max_p", "tv", "residual_token", "target_token")
-_FLOAT_FIELDS = FIELDS[:5]  # packed as rows of one [5, R] fp32 output
-_INT_FIELDS = FIELDS[5:]  # packed as rows of one [2, R] int64 output
+FIELDS = ("q_token", "p_token", "max_q", "max_p", "tv", "logp_token", "residual_token", "target_token")
+_FLOAT_FIELDS = FIELDS[:6]  # packed as rows of one [6, R] fp32 output
+_INT_FIELDS = FIELDS[6:]  # packed as rows of one [2, R] int64 output
 RESIDUAL_STREAM, TARGET_STREAM = 0, 1
 _SALTS = (0x9E3779B9, 0x85EBCA6B)  # per-stream salt of the row key
 PROGRAMS_PER_SM = 4
@@ -181,18 +186,20 @@ if triton is not None:
     @triton.jit
     def _finalize(row, R, q_row, p_row, tokens_ptr, out_ptr, tok_out_ptr, inv_t, greedy,
                   Mq, Sq, Iq, Mp, Sp, Ip, TV, BR, BRI, BT, BTI):
-        """Write one row. out_ptr: [5, R] fp32 (q_token, p_token, max_q, max_p, tv);
+        """Write one row. out_ptr: [6, R] fp32 (q_token, p_token, max_q, max_p, tv, logp_token);
         tok_out_ptr: [2, R] int64 (residual_token, target_token)."""
         x = tl.load(tokens_ptr + row)
         xq = tl.load(q_row + x).to(tl.float32)
         xp = tl.load(p_row + x).to(tl.float32)
         q_x = tl.exp((xq - Mq) * inv_t - tl.log(Sq))
-        p_x = tl.exp((xp - Mp) * inv_t - tl.log(Sp))
+        logp_x = (xp - Mp) * inv_t - tl.log(Sp)  # rule temperature (T = 1 on greedy rows); -inf at a -inf logit
+        p_x = tl.exp(logp_x)
         tl.store(out_ptr + row, tl.where(greedy, (x == Iq).to(tl.float32), q_x))
         tl.store(out_ptr + R + row, tl.where(greedy, (x == Ip).to(tl.float32), p_x))
         tl.store(out_ptr + 2 * R + row, 1.0 / Sq)
         tl.store(out_ptr + 3 * R + row, 1.0 / Sp)
         tl.store(out_ptr + 4 * R + row, TV)
+        tl.store(out_ptr + 5 * R + row, logp_x)
         Ip = tl.where(Ip == 2147483647, 0, Ip)  # an all -inf row (invalid input) still yields a valid id
         BTI = tl.where(BTI == 2147483647, 0, BTI)
         target = tl.where(greedy, Ip, BTI)
@@ -208,7 +215,7 @@ if triton is not None:
         temp_ptr,  # [R] fp32 temperature (<= 0: greedy row)
         inv_t_ptr,  # [R] fp32 1 / temperature (1 on greedy rows)
         seed_ptr,  # [R] int64 noise seeds >= 0
-        out_ptr,  # [5, R] fp32 out
+        out_ptr,  # [6, R] fp32 out
         tok_out_ptr,  # [2, R] int64 out
         R, V, stride_q, stride_p,
         BLOCK_V: tl.constexpr,
@@ -315,7 +322,7 @@ if triton is not None:
         ws1i_ptr,  # [2, R, S] int32 pass-1 partials
         ws2_ptr,  # [3, R, S] fp32 pass-2 partials
         ws2i_ptr,  # [2, R, S] int32 pass-2 partials
-        out_ptr,  # [5, R] fp32 out
+        out_ptr,  # [6, R] fp32 out
         tok_out_ptr,  # [2, R] int64 out
         R, stride_q, stride_p, num_splits,
         BLOCK_S: tl.constexpr,
@@ -384,7 +391,7 @@ def verify_triton(
         raise RuntimeError("the Triton verify kernel needs the `triton` package")
     R, V = draft_logits.shape
     device = draft_logits.device
-    out = torch.empty(5, R, dtype=torch.float32, device=device)
+    out = torch.empty(6, R, dtype=torch.float32, device=device)
     tok_out = torch.empty(2, R, dtype=torch.int64, device=device)
     if R > 0:
         q = draft_logits if draft_logits.stride(1) == 1 else draft_logits.contiguous()
@@ -502,7 +509,7 @@ def verify_reference(
     noise is only generated for non-greedy rows. Returns [R] tensors keyed by FIELDS."""
     R, V = draft_logits.shape
     device = draft_logits.device
-    out = torch.empty(5, R, dtype=torch.float32, device=device)
+    out = torch.empty(6, R, dtype=torch.float32, device=device)
     tok_out = torch.empty(2, R, dtype=torch.int64, device=device)
     inv_t = inv_t.to(device=device, dtype=torch.float32)
     greedy_all = temperature.to(device) <= 0
@@ -514,13 +521,15 @@ def verify_reference(
         it = inv_t[a:b, None]  # [n, 1]
         greedy = greedy_all[a:b]  # [n]
         x = x_all[a:b, None]  # [n, 1]
-        probs, argmaxes, sums = [], [], []
+        probs, argmaxes, sums, logps = [], [], [], []
         for logits in (draft_logits[a:b], target_logits[a:b]):
             logits = logits.float()  # [n, V]
             m = logits.amax(-1, keepdim=True)
             z = (logits - m).mul_(it)
             s = torch.exp(z).sum(-1, keepdim=True)
-            probs.append(z.sub_(torch.log(s)).exp_())  # rule distribution (T = 1 on greedy rows)
+            log_s = torch.log(s)
+            logps.append(((logits.gather(1, x) - m) * it - log_s)[:, 0])  # log of the rule prob at x, as the kernel
+            probs.append(z.sub_(log_s).exp_())  # rule distribution (T = 1 on greedy rows)
             argmaxes.append(logits.argmax(-1))
             sums.append(s[:, 0])
         q1, p1 = probs
@@ -531,6 +540,7 @@ def verify_reference(
         out[3, a:b] = 1.0 / sums[1]
         diff = (p1 - q1).clamp_min_(0.0)  # [n, V] max(0, p - q)
         out[4, a:b] = diff.sum(-1)
+        out[5, a:b] = logps[1]  # log p(x)
         tok_out[0, a:b] = ip
         tok_out[1, a:b] = ip
         sampled = (~greedy).nonzero()[:, 0]  # greedy rows keep argmax p for both tokens
