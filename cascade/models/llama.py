@@ -1,0 +1,516 @@
+"""Compact decoder for the Llama / Qwen2 / Mistral family with a batched, ragged KV cache.
+
+``LlamaRunner`` implements ``cascade.models.base.ModelRunner``:
+
+* the KV cache is preallocated, ``[layers, 2, max_rows + 1, kv_heads, max_len, head_dim]`` (the last row
+  is a scratch row that padded CUDA-graph slots write into); each row has a length, kept both as a host
+  list (bookkeeping, validation) and as a device tensor (read by the graph-captured decode step);
+* ``forward_span`` packs every new token of every row into one ``[T, hidden]`` matrix for the linear
+  layers (no padding in the GEMMs), writes K/V at ``length[row] + i`` and attends over the row's cache
+  with a causal mask; the LM head runs only on the positions whose logits were asked for;
+* ``decode`` is the one-token path: eager on CPU, a CUDA graph per batch-size bucket on CUDA
+  (``cascade.models.cuda_graphs``);
+* rollback (``truncate``) and ``free`` only change lengths: stale positions are masked and overwritten.
+
+GQA is done without copying K/V per query head: the ``g = heads / kv_heads`` query heads that share a
+KV head are folded into the query-length axis, so one plain SDPA call serves all of them.
+
+Linear layers: q/k/v and gate/up are fused into one weight each. On CPU in float32 the weights are
+prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``): on a 2-core AVX2 EPYC it keeps a
+2–16 row GEMM near one-row (GEMV) memory bandwidth, where ``F.linear`` (MKL) drops to a third of it;
+see ``benchmarks/runner_cost.py``. Elsewhere ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cascade.models.loading import DecoderConfig, default_dtype, load_checkpoint, resolve_dtype, rope_inv_freq
+
+__all__ = ["LlamaRunner", "Linear", "default_dtype", "LINEAR_IMPLS"]
+
+LINEAR_IMPLS = ("auto", "torch", "onednn")
+
+
+def _as_int(x) -> int | None:
+    """``x`` as a Python int if it is an integer (int, numpy / 0-d torch integer), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _onednn_ok() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear:
+    """``y = x @ W.T + b`` with the weight stored in the layout its implementation wants:
+    "torch": ``F.linear`` on the plain ``[out, in]`` weight; "onednn": oneDNN on a prepacked copy."""
+
+    __slots__ = ("impl", "weight", "bias", "out_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, impl: str):
+        # weight: [out, in] in the model dtype on the target device; bias: [out] or None
+        self.impl = impl
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        if impl == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        else:
+            self.weight = weight.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Layer:
+    __slots__ = ("ln1", "qkv", "o", "ln2", "gate_up", "down")
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # as transformers' LlamaRMSNorm / Qwen2RMSNorm: statistics in fp32, weight applied in model dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class _Plan:
+    """Host-side index metadata of one ragged forward pass (shared by all layers)."""
+
+    __slots__ = ("B", "T", "nmax", "Lk", "uniform", "row_slice", "rows_t", "tok_rows", "tok_pos", "pad_idx",
+                 "valid_idx", "mask", "cos", "sin")
+
+
+class LlamaRunner:
+    """In-process runner for one Llama / Qwen2 / Mistral checkpoint (implements ``ModelRunner``).
+
+    Args:
+        config: checkpoint shape (``DecoderConfig``; see ``cascade.models.loading``).
+        state_dict: HF parameter names -> tensors (any dtype/device; copied into ``dtype``/``device``).
+        max_rows: KV-cache rows (sequences in flight).
+        max_len: positions per row.
+        device: "cpu" or "cuda[:n]".
+        dtype: None (per device, see ``default_dtype``), torch dtype or "float32"/"bfloat16"/"float16".
+        linear_impl: "auto" (oneDNN prepacked on CPU fp32, else torch), "torch" or "onednn".
+        cuda_graphs: capture the CUDA decode step per batch bucket (ignored on CPU).
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        state_dict: Mapping[str, torch.Tensor],
+        max_rows: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        linear_impl: str = "auto",
+        cuda_graphs: bool = True,
+    ):
+        if _as_int(max_rows) is None or max_rows < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        if _as_int(max_len) is None or max_len < 1:
+            raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+        max_rows, max_len = int(max_rows), int(max_len)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available")
+        self.dtype = resolve_dtype(dtype, self.device)
+        if linear_impl not in LINEAR_IMPLS:
+            raise ValueError(f"linear_impl must be one of {LINEAR_IMPLS}, got {linear_impl!r}")
+        if linear_impl == "auto":
+            cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+            linear_impl = "onednn" if cpu_fp32 and _onednn_ok() else "torch"
+        elif linear_impl == "onednn" and (self.device.type != "cpu" or not _onednn_ok()):
+            raise ValueError("linear_impl 'onednn' needs a CPU device with mkldnn available")
+        elif linear_impl == "onednn" and self.dtype != torch.float32 and not (
+            self.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            raise ValueError(f"linear_impl {linear_impl!r} with dtype {self.dtype} is not supported on this CPU")
+        self.linear_impl = linear_impl
+        if config.sliding_window is not None and max_len > config.sliding_window:
+            raise ValueError(f"max_len {max_len} exceeds the model's sliding_window {config.sliding_window} "
+                             "(sliding-window attention is not implemented; use max_len <= sliding_window)")
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_rows = max_rows
+        self.max_len = max_len
+        self.num_params = config.num_params
+        self._load_weights(state_dict)
+
+        c = config
+        self.scratch_row = max_rows  # padded graph slots write here; never handed out
+        self.cache = torch.zeros(
+            (c.num_layers, 2, max_rows + 1, c.num_kv_heads, max_len, c.head_dim), dtype=self.dtype, device=self.device
+        )
+        self._len = [0] * max_rows  # host lengths
+        self._len_dev = torch.zeros(max_rows + 1, dtype=torch.long, device=self.device)  # device mirror (+scratch)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(c))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = emb.cos().to(self.device, self.dtype)  # [max_len, D]
+        self._sin = emb.sin().to(self.device, self.dtype)
+        self._arange_len = torch.arange(max_len, device=self.device)
+        self._group = c.num_heads // c.num_kv_heads
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from cascade.models.cuda_graphs import GraphedDecode
+
+            self._graphs = GraphedDecode(self._step_static, max_rows, self.scratch_row, self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        max_rows: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        **options,
+    ) -> "LlamaRunner":
+        """Load an HF checkpoint directory (config.json + model.safetensors or a sharded index)."""
+        config, state = load_checkpoint(path)
+        return cls(config, state, max_rows, max_len, device=device, dtype=dtype, **options)
+
+    @classmethod
+    def from_hf_model(cls, model, max_rows: int, max_len: int, **options) -> "LlamaRunner":
+        """Wrap the weights of an in-memory transformers model (tests, conversions)."""
+        return cls(DecoderConfig.from_hf(model.config), model.state_dict(), max_rows, max_len, **options)
+
+    def _load_weights(self, sd: Mapping[str, torch.Tensor]) -> None:
+        c, dev, dt, impl = self.config, self.device, self.dtype, self.linear_impl
+
+        def get(name: str, required: bool = True) -> torch.Tensor | None:
+            t = sd.get(name)
+            if t is None:
+                if required:
+                    raise ValueError(f"state_dict lacks {name!r}")
+                return None
+            return t.to(device=dev, dtype=dt)
+
+        def cat(names: list[str], required: bool = True) -> torch.Tensor | None:
+            parts = [get(n, required) for n in names]
+            return None if any(p is None for p in parts) else torch.cat(parts, 0)
+
+        def shaped(t: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state_dict {name} has shape {tuple(t.shape)}, config implies {shape}")
+            return t
+
+        h, qd, kvd, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+
+        with torch.no_grad():
+            self.embed = get("model.embed_tokens.weight").contiguous()  # [V, hidden]
+            if tuple(self.embed.shape) != (c.vocab_size, c.hidden_size):
+                raise ValueError(f"state_dict embed_tokens has shape {tuple(self.embed.shape)}, config says "
+                                 f"{(c.vocab_size, c.hidden_size)}")
+            self.layers: list[_Layer] = []
+            for i in range(c.num_layers):
+                p = f"model.layers.{i}."
+                L = _Layer()
+                L.ln1 = get(p + "input_layernorm.weight")
+                L.ln2 = get(p + "post_attention_layernorm.weight")
+                a = p + "self_attn."
+                qkv_b = cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if c.qkv_bias else None
+                qkv = shaped(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), (qd + 2 * kvd, h),
+                             a + "q/k/v_proj.weight")
+                L.qkv = Linear(qkv, qkv_b, impl)
+                o = shaped(get(a + "o_proj.weight"), (h, qd), a + "o_proj.weight")
+                L.o = Linear(o, get(a + "o_proj.bias") if c.o_bias else None, impl)
+                m = p + "mlp."
+                gu_b = cat([m + "gate_proj.bias", m + "up_proj.bias"]) if c.mlp_bias else None
+                gu = shaped(cat([m + "gate_proj.weight", m + "up_proj.weight"]), (2 * inter, h), m + "gate/up_proj.weight")
+                L.gate_up = Linear(gu, gu_b, impl)
+                down = shaped(get(m + "down_proj.weight"), (h, inter), m + "down_proj.weight")
+                L.down = Linear(down, get(m + "down_proj.bias") if c.mlp_bias else None, impl)
+                self.layers.append(L)
+            self.norm = get("model.norm.weight")
+            head = None if c.tie_word_embeddings else get("lm_head.weight", required=False)
+            if head is None and not c.tie_word_embeddings:
+                raise ValueError("state_dict lacks 'lm_head.weight' (config has tie_word_embeddings=False)")
+            if head is not None:
+                shaped(head, (c.vocab_size, h), "lm_head.weight")
+            self.lm_head = Linear(self.embed if head is None else head, None, impl)
+
+    def describe(self) -> dict:
+        """What was chosen, for benchmark and log lines."""
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "linear_impl": self.linear_impl,
+            "decode": "cuda_graph" if self._graphs is not None else "eager",
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        }
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _check_rows(self, rows: Sequence[int], field: str = "rows") -> list[int]:
+        out = []
+        for r in rows:
+            i = _as_int(r)
+            if i is None or not 0 <= i < self.max_rows:
+                raise ValueError(f"{field}: row {r!r} is out of range [0, {self.max_rows})")
+            out.append(i)
+        if len(set(out)) != len(out):
+            raise ValueError(f"{field}: rows must be distinct, got {out}")
+        return out
+
+    @staticmethod
+    def _as_list(x, field: str) -> list[int]:
+        if isinstance(x, torch.Tensor):
+            if x.dim() != 1:
+                raise ValueError(f"{field} must be 1-D, got shape {tuple(x.shape)}")
+            return [int(v) for v in x.tolist()]
+        return list(x)
+
+    def lengths(self, rows: Sequence[int]) -> list[int]:
+        rows = self._check_rows(self._as_list(rows, "rows"))
+        return [self._len[r] for r in rows]
+
+    def _sync_len_dev(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        val = torch.tensor([self._len[r] for r in rows], dtype=torch.long).to(self.device, non_blocking=True)
+        self._len_dev.index_copy_(0, idx, val)
+
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        rows = self._check_rows(self._as_list(rows, "rows"))
+        lengths = self._as_list(lengths, "lengths")
+        if len(lengths) != len(rows):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(rows)} rows")
+        new = [_as_int(n) for n in lengths]
+        for r, n, m in zip(rows, lengths, new):
+            if m is None or not 0 <= m <= self._len[r]:
+                raise ValueError(f"lengths: {n!r} for row {r} is not in [0, current length {self._len[r]}]")
+        for r, n in zip(rows, new):
+            self._len[r] = n
+        if rows:
+            self._sync_len_dev(rows)
+
+    def free(self, rows: Sequence[int]) -> None:
+        rows = self._check_rows(self._as_list(rows, "rows"))
+        for r in rows:
+            self._len[r] = 0
+        if rows:
+            self._sync_len_dev(rows)
+
+    # ------------------------------------------------------------------ ragged forward
+    @torch.inference_mode()
+    def forward_span(
+        self, rows: Sequence[int], spans: Sequence[Sequence[int]], num_logits: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        rows = self._check_rows(self._as_list(rows, "rows"))
+        spans = [self._as_list(s, "spans") for s in spans]
+        if len(spans) != len(rows):
+            raise ValueError(f"spans has {len(spans)} entries for {len(rows)} rows")
+        if not rows:
+            raise ValueError("rows must not be empty")
+        ns = [len(s) for s in spans]
+        if num_logits is None:
+            num_logits = ns
+        else:
+            num_logits = self._as_list(num_logits, "num_logits")
+            if len(num_logits) != len(rows):
+                raise ValueError(f"num_logits has {len(num_logits)} entries for {len(rows)} rows")
+        V = self.vocab_size
+        for i, (r, s, k) in enumerate(zip(rows, spans, num_logits)):
+            if not s:
+                raise ValueError(f"spans[{i}] is empty")
+            if self._len[r] + len(s) > self.max_len:
+                raise ValueError(f"spans[{i}]: row {r} has length {self._len[r]}, + {len(s)} tokens > max_len {self.max_len}")
+            if min(s) < 0 or max(s) >= V:
+                raise ValueError(f"spans[{i}]: token ids must be in [0, {V})")
+            if _as_int(k) is None or not 0 <= k <= len(s):
+                raise ValueError(f"num_logits[{i}] = {k!r} must be in [0, len(spans[{i}]) = {len(s)}]")
+        ids = torch.tensor([t for s in spans for t in s])
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"spans must hold integer token ids, got {ids.dtype}")
+        ids = ids.long()
+        starts = [self._len[r] for r in rows]
+        # positions (flat) whose logits are returned: last k of each span
+        sel, off = [], 0
+        for n, k in zip(ns, num_logits):
+            sel.extend(range(off + n - k, off + n))
+            off += n
+        num_logits = [int(k) for k in num_logits]
+        plan = self._plan(rows, starts, ns)
+        out = self._forward(ids.to(self.device, non_blocking=True), plan, sel)
+        for r, n in zip(rows, ns):
+            self._len[r] += n
+        self._sync_len_dev(rows)
+        return out
+
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append prompts and return the logits of each prompt's last position, ``[B, V]``."""
+        return self.forward_span(rows, prompts, num_logits=[1] * len(prompts))
+
+    def _plan(self, rows: list[int], starts: list[int], ns: list[int]) -> _Plan:
+        dev = self.device
+        p = _Plan()
+        p.B, p.T, p.nmax = len(rows), sum(ns), max(ns)
+        p.Lk = max(s + n for s, n in zip(starts, ns))
+        p.uniform = all(n == p.nmax for n in ns)
+        contiguous = rows == list(range(rows[0], rows[0] + p.B))
+        p.row_slice = slice(rows[0], rows[0] + p.B) if contiguous else None
+        p.rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+        pos = [s + i for s, n in zip(starts, ns) for i in range(n)]
+        p.tok_pos = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
+        p.tok_rows = torch.tensor([r for r, n in zip(rows, ns) for _ in range(n)], dtype=torch.long).to(dev, non_blocking=True)
+        p.cos = self._cos[p.tok_pos].unsqueeze(1)  # [T, 1, D]
+        p.sin = self._sin[p.tok_pos].unsqueeze(1)
+        # padded query layout [B, nmax]: query position per slot (padding -> 0, which always exists)
+        qpos = torch.zeros(p.B, p.nmax, dtype=torch.long)
+        if p.uniform:
+            p.pad_idx = p.valid_idx = None
+            qpos = torch.tensor(pos, dtype=torch.long).view(p.B, p.nmax)
+        else:
+            pad_idx, valid_idx, off = [], [], 0
+            for b, n in enumerate(ns):
+                pad_idx.extend(range(off, off + n))
+                pad_idx.extend([off] * (p.nmax - n))
+                valid_idx.extend(range(b * p.nmax, b * p.nmax + n))
+                qpos[b, :n] = torch.arange(starts[b], starts[b] + n)
+                off += n
+            p.pad_idx = torch.tensor(pad_idx, dtype=torch.long).to(dev, non_blocking=True)
+            p.valid_idx = torch.tensor(valid_idx, dtype=torch.long).to(dev, non_blocking=True)
+        qpos = qpos.to(dev, non_blocking=True)
+        mask = self._arange_len[: p.Lk].view(1, 1, p.Lk) <= qpos.unsqueeze(-1)  # [B, nmax, Lk]
+        g = self._group
+        # fold the g query heads of a KV group into the query axis: mask row (j, t) = mask row t
+        mask = mask.unsqueeze(1).expand(p.B, g, p.nmax, p.Lk).reshape(p.B, 1, g * p.nmax, p.Lk)
+        # additive float mask: built once per pass, and faster than a bool mask in CPU SDPA
+        p.mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill_(~mask, float("-inf"))
+        return p
+
+    def _forward(self, ids: torch.Tensor, p: _Plan, sel: list[int]) -> torch.Tensor:
+        c = self.config
+        H, Hkv, D, g = c.num_heads, c.num_kv_heads, c.head_dim, self._group
+        qd, kvd = H * D, Hkv * D
+        eps = c.rms_norm_eps
+        x = F.embedding(ids, self.embed)  # [T, hidden]
+        for li, L in enumerate(self.layers):
+            h = _rms_norm(x, L.ln1, eps)
+            qkv = L.qkv(h)  # [T, qd + 2 kvd]
+            q = _rope(qkv[:, :qd].view(p.T, H, D), p.cos, p.sin)
+            k = _rope(qkv[:, qd : qd + kvd].view(p.T, Hkv, D), p.cos, p.sin)
+            v = qkv[:, qd + kvd :].view(p.T, Hkv, D)
+            kc, vc = self.cache[li, 0], self.cache[li, 1]  # [R, Hkv, max_len, D]
+            kc[p.tok_rows, :, p.tok_pos] = k
+            vc[p.tok_rows, :, p.tok_pos] = v
+            if p.row_slice is not None:
+                K, Vv = kc[p.row_slice, :, : p.Lk], vc[p.row_slice, :, : p.Lk]
+            else:
+                K, Vv = kc[:, :, : p.Lk].index_select(0, p.rows_t), vc[:, :, : p.Lk].index_select(0, p.rows_t)
+            # queries [T, H, D] -> [B, nmax, Hkv, g, D] -> [B, Hkv, g * nmax, D]
+            qp = q if p.uniform else q.index_select(0, p.pad_idx)
+            qp = qp.view(p.B, p.nmax, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(p.B, Hkv, g * p.nmax, D)
+            a = F.scaled_dot_product_attention(qp, K, Vv, attn_mask=p.mask)  # [B, Hkv, g * nmax, D]
+            a = a.view(p.B, Hkv, g, p.nmax, D).permute(0, 3, 1, 2, 4).reshape(p.B * p.nmax, qd)
+            if not p.uniform:
+                a = a.index_select(0, p.valid_idx)
+            x = x + L.o(a)
+            h = _rms_norm(x, L.ln2, eps)
+            gu = L.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        if not sel:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        if len(sel) != p.T:
+            x = x.index_select(0, torch.tensor(sel, dtype=torch.long).to(self.device, non_blocking=True))
+        return self.lm_head(_rms_norm(x, self.norm, eps)).float()
+
+    # ------------------------------------------------------------------ one-token decode
+    @torch.inference_mode()
+    def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``rows [B]`` int64 (host tensor or list: bookkeeping needs them without a device sync),
+        ``ids [B]`` int64 (host or device) -> float32 logits ``[B, V]``."""
+        row_list = self._check_rows(self._as_list(rows, "rows"))
+        if not row_list:
+            raise ValueError("rows must not be empty")
+        ids_t = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+        if ids_t.dim() != 1 or ids_t.shape[0] != len(row_list):
+            raise ValueError(f"ids must have shape [{len(row_list)}], got {tuple(ids_t.shape)}")
+        if ids_t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor, got {ids_t.dtype}")
+        if ids_t.device.type == "cpu" and (int(ids_t.min()) < 0 or int(ids_t.max()) >= self.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.vocab_size})")
+        for r in row_list:
+            if self._len[r] + 1 > self.max_len:
+                raise ValueError(f"rows: row {r} is full (length {self._len[r]} = max_len)")
+        ids_t = ids_t.to(self.device, torch.long, non_blocking=True)
+        if self._graphs is not None:
+            rows_t = torch.tensor(row_list, dtype=torch.long)
+            out = self._graphs(rows_t, ids_t)  # updates the device lengths itself
+            for r in row_list:
+                self._len[r] += 1
+            return out
+        starts = [self._len[r] for r in row_list]
+        out = self._forward(ids_t, self._plan(row_list, starts, [1] * len(row_list)), list(range(len(row_list))))
+        for r in row_list:
+            self._len[r] += 1
+        self._sync_len_dev(row_list)
+        return out
+
+    def _step_static(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Device-only decode step for CUDA graphs: ``rows [Bb]``, ``ids [Bb]`` device int64 (padding slots
+        hold ``scratch_row``); lengths come from ``_len_dev``; attention spans the static ``max_len``
+        under a mask. No host sync. Updates ``_len_dev``. Returns float32 logits ``[Bb, V]``."""
+        c = self.config
+        H, Hkv, D, g = c.num_heads, c.num_kv_heads, c.head_dim, self._group
+        qd, kvd = H * D, Hkv * D
+        eps = c.rms_norm_eps
+        Bb = rows.shape[0]
+        pos = self._len_dev.index_select(0, rows)  # [Bb]
+        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [Bb, 1, D]
+        mask = (self._arange_len.view(1, -1) <= pos.view(-1, 1)).view(Bb, 1, 1, self.max_len)
+        x = F.embedding(ids, self.embed)
+        for li, L in enumerate(self.layers):
+            h = _rms_norm(x, L.ln1, eps)
+            qkv = L.qkv(h)
+            q = _rope(qkv[:, :qd].view(Bb, H, D), cos, sin)
+            k = _rope(qkv[:, qd : qd + kvd].view(Bb, Hkv, D), cos, sin)
+            v = qkv[:, qd + kvd :].view(Bb, Hkv, D)
+            kc, vc = self.cache[li, 0], self.cache[li, 1]
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            K, Vv = kc.index_select(0, rows), vc.index_select(0, rows)  # [Bb, Hkv, max_len, D]
+            a = F.scaled_dot_product_attention(q.view(Bb, Hkv, g, D), K, Vv, attn_mask=mask)
+            x = x + L.o(a.reshape(Bb, qd))
+            h = _rms_norm(x, L.ln2, eps)
+            gu = L.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        self._len_dev.index_copy_(0, rows, pos + 1)
+        self._len_dev[self.scratch_row :].zero_()
+        return self.lm_head(_rms_norm(x, self.norm, eps)).float()
+
+    @torch.inference_mode()
+    def decode_static(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The graph step run eagerly (no capture): for tests of the CUDA path's math on any device."""
+        row_list = self._check_rows(self._as_list(rows, "rows"))
+        for r in row_list:
+            if self._len[r] + 1 > self.max_len:
+                raise ValueError(f"rows: row {r} is full (length {self._len[r]} = max_len)")
+        out = self._step_static(torch.tensor(row_list, dtype=torch.long, device=self.device),
+                                torch.as_tensor(ids, dtype=torch.long).to(self.device))
+        for r in row_list:
+            self._len[r] += 1
+        return out
