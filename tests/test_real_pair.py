@@ -29,6 +29,25 @@ def _pair_dirs():
         pytest.skip(f"default pair not fetched ({exc}); run `cascade fetch-models`")
 
 
+def test_fetch_models_is_idempotent_and_fast():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "fetch-models"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "qwen2.5-coder-0.5b-instruct" in out.stdout and "qwen2.5-coder-1.5b-instruct" in out.stdout
+    assert time.perf_counter() - t0 < 60  # a bound on "no download, no conversion", not a speed goal
+
+
+def test_cli_generate_prints_answer_and_stats():
+    _pair_dirs()
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "generate", "What is 2 + 2? Answer with the number.",
+                          "--policy", "chow", "--alpha", "0.2", "--max-tokens", "8", "--no-color"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "4" in out.stdout and "escalations" in out.stdout and "tok/s" in out.stdout
+
+
+# The tests below share one loaded pair; they come after the subprocess tests above so that two copies of
+# the pair (about 10 GB each in fp32) are never in memory at once.
 @pytest.fixture(scope="module")
 def cascade():
     from cascade import Cascade
@@ -50,20 +69,3 @@ def test_real_pair_answers_sensibly_and_chow_escalates_less(cascade):
     [r] = cascade.generate([PROMPTS[1]], SamplingParams(max_tokens=16), policy="chow(alpha=0.2)")
     assert "84" in r.text
     assert r.stats.target_token_fraction < 1.0
-
-
-def test_fetch_models_is_idempotent_and_fast():
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "cascade.cli", "fetch-models"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "qwen2.5-coder-0.5b-instruct" in out.stdout and "qwen2.5-coder-1.5b-instruct" in out.stdout
-    assert time.perf_counter() - t0 < 60  # a bound on "no download, no conversion", not a speed goal
-
-
-def test_cli_generate_prints_answer_and_stats():
-    _pair_dirs()
-    out = subprocess.run([sys.executable, "-m", "cascade.cli", "generate", "What is 2 + 2? Answer with the number.",
-                          "--policy", "chow", "--alpha", "0.2", "--max-tokens", "8", "--no-color"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert "4" in out.stdout and "escalations" in out.stdout and "tok/s" in out.stdout
