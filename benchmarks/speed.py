@@ -134,7 +134,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for bar, r in zip(bars, rows):
         ax.annotate(f"{r['tok_per_s']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("tokens / s (greedy)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
