@@ -68,4 +68,9 @@ def test_speculative_greedy_equals_target_only_on_the_real_pair(cascade):
 def test_real_pair_answers_sensibly_and_chow_escalates_less(cascade):
     [r] = cascade.generate([PROMPTS[1]], SamplingParams(max_tokens=16), policy="chow(alpha=0.2)")
     assert "84" in r.text
-    assert r.stats.target_token_fraction < 1.0
+    params = SamplingParams(max_tokens=24)
+    [spec] = cascade.generate([PROMPTS[0]], params, policy="speculative")
+    [chow] = cascade.generate([PROMPTS[0]], params, policy="chow(alpha=0.5)")
+    [never] = cascade.generate([PROMPTS[0]], params, policy="chow(alpha=1.0)")
+    assert chow.stats.target_token_fraction < spec.stats.target_token_fraction
+    assert never.stats.target_tokens == 0 and never.stats.emitted_tokens == 24
