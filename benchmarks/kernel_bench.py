@@ -202,7 +202,7 @@ def num_splits_used(kernel, provider, rows, vocab, dtype, device):
     import triton
 
     block = triton.next_power_of_2(K.default_block_v(dtype))
-    return K.split_layout(vocab, block, K.choose_num_splits(rows, vocab, block, K._num_sms(device)))[1]
+    return K.split_layout(vocab, block, K.choose_num_splits(rows, vocab, block, K.num_sms(device)))[1]
 
 
 def check(torch, kernel, got, inputs, device) -> bool:

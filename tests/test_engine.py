@@ -3,8 +3,6 @@ the sampling distribution of speculative decoding, stop conditions, row bookkeep
 
 from __future__ import annotations
 
-import itertools
-import math
 
 import pytest
 import torch

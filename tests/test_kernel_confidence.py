@@ -14,6 +14,7 @@ import torch
 
 from cascade.confidence import ConfidenceStats, confidence_stats, inverse_temperature, resolve_backend
 from cascade.kernels import confidence as K
+from cascade.kernels.splits import DEFAULT_NUM_SMS
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOAT_FIELDS = ("max_prob", "margin", "entropy", "logsumexp", "token_logprob")
@@ -151,7 +152,7 @@ def test_kernel_auto_split_real_vocab():
     logits = make_logits(1, 151936, torch.bfloat16, seed=4)
     inv_t = torch.tensor([1.0 / 0.7])
     tokens = make_tokens(logits)
-    assert K.choose_num_splits(1, 151936, 8192, K._DEFAULT_NUM_SMS) > 1
+    assert K.choose_num_splits(1, 151936, 8192, DEFAULT_NUM_SMS) > 1
     got = K.confidence_triton(logits, inv_t, tokens, block_v=8192)
     assert_stats_close(got, K.confidence_reference(logits, inv_t, tokens))
 

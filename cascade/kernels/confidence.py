@@ -33,9 +33,10 @@ torch implementation of exactly these semantics (the CPU path of ``cascade.confi
 
 from __future__ import annotations
 
-import math
 
 import torch
+
+from cascade.kernels.splits import choose_num_splits, num_sms, split_layout
 
 try:  # the torch reference below must work without triton
     import triton
@@ -46,8 +47,6 @@ except ImportError:  # pragma: no cover - exercised on triton-less installs
 
 FIELDS = ("argmax", "max_prob", "margin", "entropy", "logsumexp", "token_logprob")
 _FLOAT_FIELDS = FIELDS[1:]  # packed as rows of one [5, R] fp32 output
-PROGRAMS_PER_SM = 4  # split target: enough resident programs to hide HBM latency
-_DEFAULT_NUM_SMS = 132  # H100 SXM; used off-CUDA (interpreter) where there is no device to ask
 _ROW_CHUNK_ELEMS = 1 << 22  # torch reference: rows per chunk * V stays below this (bounds temporaries)
 
 
@@ -182,29 +181,6 @@ def default_block_v(dtype: torch.dtype) -> int:
     return 2048
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_NUM_SMS
-
-
-def choose_num_splits(rows: int, vocab: int, block_v: int, num_sms: int) -> int:
-    """Programs per row: enough that rows * splits >= PROGRAMS_PER_SM * num_sms, at most one tile of
-    BLOCK_V per split; 1 (one program per row) once the rows alone fill the GPU."""
-    tiles = max(1, math.ceil(vocab / block_v))
-    if rows <= 0:
-        return 1
-    return max(1, min(tiles, math.ceil(PROGRAMS_PER_SM * num_sms / rows)))
-
-
-def split_layout(vocab: int, block_v: int, num_splits: int) -> tuple[int, int]:
-    """(chunk, num_splits): chunk is a multiple of block_v; no split is empty."""
-    tiles = max(1, math.ceil(vocab / block_v))
-    num_splits = max(1, min(num_splits, tiles))
-    chunk = math.ceil(tiles / num_splits) * block_v
-    return chunk, max(1, math.ceil(vocab / chunk))
-
-
 def confidence_triton(
     logits: torch.Tensor,  # [R, V] fp32 | bf16 | fp16
     inv_t: torch.Tensor,  # [R] fp32, 1 / temperature (1 for greedy rows)
@@ -229,7 +205,7 @@ def confidence_triton(
         tok = tokens.to(device=device, dtype=torch.int64).contiguous() if has_tokens else argmax
         block_v = triton.next_power_of_2(block_v or default_block_v(logits.dtype))
         if num_splits is None:
-            num_splits = choose_num_splits(R, V, block_v, _num_sms(device))
+            num_splits = choose_num_splits(R, V, block_v, num_sms(device))
         chunk, num_splits = split_layout(V, block_v, num_splits)
         if num_splits == 1:
             _confidence_kernel[(R, 1)](

@@ -47,10 +47,11 @@ implementation of these semantics (the CPU path of ``cascade.verification``).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
+
+from cascade.kernels.splits import choose_num_splits, num_sms, split_layout
 
 try:  # the torch reference below must work without triton
     import triton
@@ -64,8 +65,6 @@ _FLOAT_FIELDS = FIELDS[:6]  # packed as rows of one [6, R] fp32 output
 _INT_FIELDS = FIELDS[6:]  # packed as rows of one [2, R] int64 output
 RESIDUAL_STREAM, TARGET_STREAM = 0, 1
 _SALTS = (0x9E3779B9, 0x85EBCA6B)  # per-stream salt of the row key
-PROGRAMS_PER_SM = 4
-_DEFAULT_NUM_SMS = 132  # H100 SXM; used off-CUDA (interpreter)
 _ROW_CHUNK_ELEMS = 1 << 21  # torch reference: rows per chunk * V stays below this (bounds temporaries)
 _W_MAX = 1.0 - 2.0**-24  # largest fp32 below 1
 
@@ -351,29 +350,6 @@ def default_block_v(dtype: torch.dtype) -> int:
     return 1024 if dtype == torch.float32 else 2048
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_NUM_SMS
-
-
-def choose_num_splits(rows: int, vocab: int, block_v: int, num_sms: int) -> int:
-    """Programs per row: enough that rows * splits >= PROGRAMS_PER_SM * num_sms, at most one tile of
-    BLOCK_V per split; 1 (one program per row, one launch) once the rows alone fill the GPU."""
-    tiles = max(1, math.ceil(vocab / block_v))
-    if rows <= 0:
-        return 1
-    return max(1, min(tiles, math.ceil(PROGRAMS_PER_SM * num_sms / rows)))
-
-
-def split_layout(vocab: int, block_v: int, num_splits: int) -> tuple[int, int]:
-    """(chunk, num_splits): chunk is a multiple of block_v; no split is empty."""
-    tiles = max(1, math.ceil(vocab / block_v))
-    num_splits = max(1, min(num_splits, tiles))
-    chunk = math.ceil(tiles / num_splits) * block_v
-    return chunk, max(1, math.ceil(vocab / chunk))
-
-
 def verify_triton(
     draft_logits: torch.Tensor,  # [R, V] fp32 | bf16 | fp16
     target_logits: torch.Tensor,  # [R, V] fp32 | bf16 | fp16
@@ -402,7 +378,7 @@ def verify_triton(
         seed = noise_seed.to(device=device, dtype=torch.int64).contiguous()
         block_v = triton.next_power_of_2(block_v or default_block_v(q.dtype))
         if num_splits is None:
-            num_splits = choose_num_splits(R, V, block_v, _num_sms(device))
+            num_splits = choose_num_splits(R, V, block_v, num_sms(device))
         chunk, num_splits = split_layout(V, block_v, num_splits)
         if num_splits == 1:
             _verify_kernel[(R,)](q, p, x, temp, inv_t, seed, out, tok_out, R, V, q.stride(0), p.stride(0),
