@@ -9,7 +9,11 @@ oneDNN) and optionally transformers eager (``--hf``); on CUDA it compares eager 
     PYTHONPATH=. python benchmarks/runner_cost.py                       # this machine, defaults
     PYTHONPATH=. python benchmarks/runner_cost.py --models 0.5b --dtypes float32 --impls torch,onednn --hf
 
-Writes ``benchmarks/results/runner_cost_<machine>.csv`` (``--out`` to override).
+Writes ``benchmarks/results/runner_cost_<machine>.csv`` (``--out`` to override). All variants of one
+model and dtype are built at once and timed in interleaved rounds, so that load drifting on a shared
+machine hits them alike. ``runner_cost_cpu-avx2-2c.csv`` joins three runs (``--models 0.5b --dtypes
+float32 --impls torch,onednn --hf --prefill --reps 7``; ``--models 1.5b`` the same with ``--impls onednn``,
+as three 1.5B fp32 models do not fit in 24 GiB; ``--dtypes bfloat16 --reps 3``).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import statistics
 import sys
 import time
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
@@ -280,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 for v, r in runners.items():
                     r.free(list(range(r.max_rows)))
                     prompt = torch.randint(0, r.vocab_size, (a.context,)).tolist()
-                    emit(model, dtype, v, 1, {("prefill", a.context): [_timed(lambda: r.prefill([0], [prompt]), device)]})
+                    emit(model, dtype, v, 1,
+                         {("prefill", a.context): [_timed(lambda r=r, p=prompt: r.prefill([0], [p]), device)]})
             del runners, hf
     print(f"wrote {out}")
     return 0

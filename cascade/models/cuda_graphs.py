@@ -10,7 +10,7 @@ so that warm-up and capture leave every real row untouched.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

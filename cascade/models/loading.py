@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class DecoderConfig:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, llama3)")
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "DecoderConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> DecoderConfig:
         """Build from an HF ``config.json`` dict (transformers 4.x ``rope_theta``/``rope_scaling`` or
         5.x ``rope_parameters`` layout)."""
         archs = cfg.get("architectures") or []
@@ -119,7 +120,7 @@ class DecoderConfig:
         )
 
     @classmethod
-    def from_hf(cls, config: Any) -> "DecoderConfig":
+    def from_hf(cls, config: Any) -> DecoderConfig:
         """Build from a ``transformers`` config object (anything with ``to_dict()``)."""
         return cls.from_dict(config.to_dict())
 
@@ -211,6 +212,6 @@ def load_checkpoint(path: str | Path) -> tuple[DecoderConfig, dict[str, torch.Te
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                 state[key] = sf.get_tensor(key)
     return config, state
