@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import re
 import statistics
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cascade.models.llama import LlamaRunner
+from machine import machine_info
 from cascade.models.loading import DecoderConfig
 
 SHAPES = {
@@ -80,23 +79,6 @@ class RandomStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self.shapes)
-
-
-def machine_info() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count()}
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["cpu"] = cpu
-    info["avx512_bf16"] = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    return info
 
 
 def default_machine_name(info: dict, device: str) -> str:

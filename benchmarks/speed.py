@@ -18,11 +18,11 @@ import argparse
 import csv
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import machine_info
 
 PROMPTS = [
     "Write a Python function `is_palindrome(s)` that ignores case and non-alphanumeric characters.",
@@ -36,29 +36,6 @@ PROMPTS = [
     "Write a Python function `flatten(xs)` that flattens an arbitrarily nested list.",
     "Write a Python class `Stack` with push, pop, peek and is_empty methods.",
 ]
-
-
-def machine_info(dtype: str) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu, "cores": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__, "python": platform.python_version(), "dtype": dtype,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -210,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = machine_info(dtype)
+    info = {**machine_info(), "dtype": dtype}
     info.update({"prompts": args.prompts, "max_tokens": args.max_tokens, "speculative_equals_target_only": lossless,
                  "cascade_target_only_equals_transformers_greedy": hf_same, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")})
     with open(out / f"{args.tag}.csv", "w", newline="") as fh:
