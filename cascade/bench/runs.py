@@ -1,0 +1,228 @@
+"""Real runs: one policy over a list of problems with a real model pair, scored, cached on disk.
+
+A run admits every problem into the engine at once (continuous batching up to the engine's rows), with
+greedy sampling and each problem's own ``max_tokens`` and stop strings, and scores each answer as soon as
+it finishes. Every finished request becomes one ``RunRecord`` written to the cache at once, so an
+interrupted sweep resumes where it stopped and a repeated one costs nothing.
+
+The cache key holds everything that determines a generation: both models' fingerprints (config + weight
+files), the problem (messages, stop strings, max_tokens, reference), the policy with all its parameters,
+the sampling parameters and ``CACHE_VERSION`` (bump it when the engine's semantics change). Batch size is
+not part of the key: greedy output does not depend on the batch (tests/test_engine.py checks it).
+
+Time: each round's wall time is shared equally among the sequences that ran in it, so a record's
+``time_share_s`` summed over a run is the run's wall time and ``sum(emitted) / sum(time_share_s)`` is the
+run's throughput at that batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from cascade.config import SamplingParams
+from cascade.policies import Policy, parse_policy
+
+if TYPE_CHECKING:
+    from cascade.bench.datasets import Problem
+    from cascade.library import Cascade
+
+CACHE_VERSION = 1  # bump when a change in the engine changes what a cached generation would be
+
+
+@dataclass
+class RunRecord:
+    """One problem answered by one policy (a real run) or simulated from recorded statistics (replay)."""
+
+    dataset: str
+    problem_id: str
+    policy: str  # Policy.describe(), parameters included
+    correct: float  # 1.0 / 0.0 for real runs; replay estimates may be fractional
+    emitted_tokens: int
+    prompt_tokens: int
+    draft_tokens: int  # generated-region positions the draft processed
+    draft_prefill_tokens: int
+    target_tokens: int  # generated-region positions a target pass processed (catch-up included)
+    target_prefill_tokens: int
+    escalations: int
+    mode: str = "real"  # "real" | "replay-exact" | "replay-target-path" | "replay-estimate" | "derived"
+    text: str = ""
+    finish_reason: str | None = None
+    score_detail: str = ""
+    time_share_s: float = 0.0  # this request's share of the run's wall time (real runs only)
+    wall_time_s: float = 0.0  # arrival to finish, queueing included (real runs only)
+    extra: dict = field(default_factory=dict)
+
+    def flops(self, draft_params: int, target_params: int) -> float:
+        return 2.0 * (draft_params * (self.draft_tokens + self.draft_prefill_tokens)
+                      + target_params * (self.target_tokens + self.target_prefill_tokens))
+
+    def target_only_flops(self, target_params: int) -> float:
+        """What the target alone spends on this prompt and this many emitted tokens."""
+        return 2.0 * target_params * (self.prompt_tokens + self.emitted_tokens)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunRecord":
+        return cls(**d)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of a checkpoint directory: its config and the names and sizes of its weight files."""
+    path = Path(model_dir)
+    h = hashlib.sha256()
+    for name in ("config.json", ".cascade-source.json"):
+        f = path / name
+        if f.exists():
+            h.update(name.encode() + f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def sampling_for(problem: "Problem") -> SamplingParams:
+    """Greedy decoding with the problem's own length and stop strings (the same for every policy)."""
+    return SamplingParams(max_tokens=problem.max_tokens, temperature=0.0, stop=tuple(problem.stop))
+
+
+def run_key(pair_fingerprint: str, problem: "Problem", policy: Policy, params: SamplingParams) -> str:
+    blob = json.dumps({
+        "v": CACHE_VERSION, "pair": pair_fingerprint, "problem": problem.key(), "policy": policy.describe(),
+        "params": [params.max_tokens, params.temperature, params.top_p, params.top_k, params.seed,
+                   list(params.stop), params.ignore_eos],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RunCache:
+    """One JSON file per key under ``root``; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        p = self._path(key)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn file from a killed writer: recompute
+
+    def put(self, key: str, value: dict) -> None:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(p)
+
+
+@dataclass
+class RunStats:
+    """How a run went: cached vs generated requests and the generated part's throughput."""
+
+    cached: int = 0
+    generated: int = 0
+    generated_tokens: int = 0
+    generated_time_s: float = 0.0
+
+
+class PolicyRunner:
+    """Runs policies over problems on a loaded ``Cascade``, scoring and caching every answer."""
+
+    def __init__(self, cascade: "Cascade", cache: RunCache, pair_fingerprint: str) -> None:
+        self.cascade = cascade
+        self.cache = cache
+        self.pair_fingerprint = pair_fingerprint
+
+    def run(self, policy: "str | Policy", problems: Sequence["Problem"], *, progress: bool = True,
+            label: str | None = None) -> tuple[list[RunRecord], RunStats]:
+        """Answer every problem with ``policy``; returns records in problem order (cached ones included)."""
+        from cascade.bench.scoring import score
+
+        pol = parse_policy(policy)
+        keys = [run_key(self.pair_fingerprint, p, pol, sampling_for(p)) for p in problems]
+        records: dict[int, RunRecord] = {}
+        stats = RunStats()
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None:
+                records[i] = RunRecord.from_json(hit)
+                stats.cached += 1
+        todo = [i for i in range(len(problems)) if i not in records]
+        if todo:
+            engine = self.cascade.engine
+            ids = {f"bench-{os.getpid()}-{time.monotonic_ns()}-{i}": i for i in todo}
+            for rid, i in ids.items():
+                engine.add_request(rid, self.cascade.encode(problems[i].as_chat()), sampling_for(problems[i]), pol)
+            shares = {rid: 0.0 for rid in ids}
+            tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+            bar = _bar(progress, len(todo), label or pol.describe())
+            t_run = time.perf_counter()
+            try:
+                while engine.has_work():
+                    t0 = time.perf_counter()
+                    outputs = [o for o in engine.step() if o.request_id in ids]
+                    dt = time.perf_counter() - t0
+                    for o in outputs:
+                        shares[o.request_id] += dt / max(1, len(outputs))
+                        tokens[o.request_id] += o.new_token_ids
+                    for o in outputs:
+                        if not o.finished:
+                            continue
+                        i = ids[o.request_id]
+                        s = score(problems[i], o.text)
+                        rec = _record(problems[i], pol, o, s, shares[o.request_id], tokens[o.request_id])
+                        self.cache.put(keys[i], rec.to_json())
+                        records[i] = rec
+                        stats.generated += 1
+                        stats.generated_tokens += rec.emitted_tokens
+                        if bar is not None:
+                            bar.update(1)
+                            elapsed = time.perf_counter() - t_run
+                            bar.set_postfix_str(f"{stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s")
+            except BaseException:
+                for rid in ids:
+                    engine.abort(rid)
+                raise
+            finally:
+                stats.generated_time_s = time.perf_counter() - t_run
+                if bar is not None:
+                    bar.close()
+        return [records[i] for i in range(len(problems))], stats
+
+
+def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids: list[int]) -> RunRecord:
+    st = out.stats
+    return RunRecord(
+        dataset=problem.dataset, problem_id=problem.problem_id, policy=policy.describe(),
+        correct=1.0 if s.correct else 0.0, emitted_tokens=st.emitted_tokens, prompt_tokens=st.prompt_tokens,
+        draft_tokens=st.draft_tokens, draft_prefill_tokens=st.draft_prefill_tokens,
+        target_tokens=st.target_tokens, target_prefill_tokens=st.target_prefill_tokens,
+        escalations=st.escalations, mode="real", text=out.text, finish_reason=out.finish_reason,
+        score_detail=s.detail, time_share_s=share, wall_time_s=st.wall_time_s,
+        extra={"accepted_tokens": st.accepted_tokens, "bonus_tokens": st.bonus_tokens,
+               "replaced_tokens": st.replaced_tokens, "token_ids": list(token_ids)},
+    )
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)
+
+
+def records_by_problem(records: Iterable[RunRecord]) -> dict[str, RunRecord]:
+    return {f"{r.dataset}/{r.problem_id}": r for r in records}

@@ -1,0 +1,121 @@
+"""Replay against real engine runs on tiny random pairs: where replay says it is exact, the real run must
+produce the same tokens and the same draft / target position counts; where it says the output is the
+target's, the real run must produce the target-only tokens."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from cascade import SamplingParams
+from cascade.bench.replay import PathStats, record_path, replay_record, simulate
+from cascade.policies import make_policy
+
+from test_engine import make_cascade
+
+PROMPTS = [[1, 2, 3], [5, 9, 17, 33, 2, 8], [7], [11, 12, 13, 14, 15, 16, 17]]
+MAX_TOKENS = 24
+POLICIES = [
+    ("speculative", {}), ("speculative", {"k": 3}), ("chow", {"alpha": 0.0}), ("chow", {"alpha": 0.3}),
+    ("chow", {"alpha": 0.7}), ("chow", {"alpha": 1.0}), ("diff", {"alpha": 0.1}), ("opt", {"alpha": 0.1}),
+    ("bild", {"fallback": 0.5, "rollback": 2.0}), ("bild", {"fallback": 0.9, "rollback": 0.5, "k": 4}),
+]
+
+
+def _paths(c, prompts):
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    draft = c.generate(prompts, params, policy="draft-only")
+    target = c.generate(prompts, params, policy="target-only")
+    rec = lambda r, m: record_path(c.draft, c.target, r.prompt_token_ids, r.token_ids, ended_on_eos=False,  # noqa: E731
+                                   eos_token_ids=(), path_model=m)
+    return draft, target, [rec(r, "draft") for r in draft], [rec(r, "target") for r in target]
+
+
+def _problem(i):
+    return SimpleNamespace(dataset="tiny", problem_id=str(i))
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_pair_dirs):
+    """A 'pair' whose target is the draft itself: argmax q == argmax p everywhere, so replay never diverges."""
+    return make_cascade((tiny_pair_dirs[0], tiny_pair_dirs[0]))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dirs):
+    return make_cascade(tiny_pair_dirs)
+
+
+def test_recorded_path_matches_the_run(pair):
+    draft, target, dpaths, tpaths = _paths(pair, PROMPTS)
+    for r, path in zip(draft, dpaths):
+        assert path.tokens == r.token_ids and path.q_argmax == r.token_ids  # greedy: the draft's own argmax
+        assert path.emitted == len(r.token_ids) and path.prompt_tokens == len(r.prompt_token_ids)
+    for r, path in zip(target, tpaths):
+        assert path.p_argmax == r.token_ids
+    assert all(0.0 <= t <= 1.0 + 1e-6 for p in dpaths for t in p.tv)
+
+
+@pytest.mark.parametrize("name,params", POLICIES)
+def test_exact_replay_equals_real_run_counts(twin, name, params):
+    """Twin pair: replay is exact by construction, so every counter must equal the engine's."""
+    draft, target, dpaths, tpaths = _paths(twin, PROMPTS)
+    policy = make_policy(name, **params)
+    real = twin.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy=policy)
+    for i, r in enumerate(real):
+        rep = replay_record(policy, _problem(i), dpaths[i], tpaths[i], 1.0, 1.0)
+        assert rep.mode == "replay-exact"
+        assert r.token_ids == draft[i].token_ids
+        assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.escalations) == (
+            r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.escalations), policy.describe()
+        assert rep.target_prefill_tokens == r.stats.target_prefill_tokens
+
+
+def test_replay_modes_agree_with_real_runs_on_a_random_pair(pair):
+    draft, target, dpaths, tpaths = _paths(pair, PROMPTS)
+    seen = {"replay-exact": 0, "replay-target-path": 0, "replay-estimate": 0}
+    for name, params in POLICIES:
+        policy = make_policy(name, **params)
+        real = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy=policy)
+        for i, r in enumerate(real):
+            rep = replay_record(policy, _problem(i), dpaths[i], tpaths[i], 0.0, 1.0)
+            seen[rep.mode] += 1
+            if rep.mode == "replay-exact":
+                assert r.token_ids == draft[i].token_ids
+                assert (rep.draft_tokens, rep.target_tokens, rep.escalations) == (
+                    r.stats.draft_tokens, r.stats.target_tokens, r.stats.escalations)
+                assert rep.correct == 0.0
+            elif rep.mode == "replay-target-path":
+                assert r.token_ids == target[i].token_ids
+                assert rep.correct == 1.0
+            else:
+                assert 0.0 <= rep.correct <= 1.0
+                assert r.token_ids != draft[i].token_ids  # it left the draft's answer, as replay said
+    assert seen["replay-exact"] > 0 and seen["replay-target-path"] > 0  # both exact kinds were exercised
+
+
+def _path(q_max, agree, p_max=None):
+    """A hand-made path: the draft proposes token 1 everywhere; the target agrees where `agree` is True."""
+    n = len(q_max)
+    return PathStats(tokens=[1] * n, emitted=n, prompt_tokens=4, q_argmax=[1] * n, q_max=list(q_max),
+                     q_margin=list(q_max), q_entropy=[0.1] * n, p_argmax=[1 if a else 2 for a in agree],
+                     p_max=list(p_max or [0.9] * n), tv=[0.0 if a else 0.6 for a in agree],
+                     logp_x=[-0.1 if a else -3.0 for a in agree])
+
+
+def test_simulate_counts_catch_up_and_divergence_by_hand():
+    # k = 5, 10 tokens; only position 7 is unconfident, and there the target disagrees.
+    q = [0.99] * 10
+    q[7] = 0.4
+    agree = [True] * 10
+    agree[7] = False
+    w = simulate(make_policy("chow", alpha=0.1, k=5), _path(q, agree))
+    # round 1: block 0-4 confident -> kept by the draft alone (4 decode positions after the prompt prefill)
+    # round 2: block 5-9 has position 7 -> escalated: catch-up 5 + block 5 = 10 target positions; 5, 6 accepted
+    #          (delta = 0), 7 deferred and rejected -> the target's token 2 replaces it: divergence at 7.
+    assert w.escalations == 1 and w.target_tokens == 10 and w.diverged_at == 7
+    assert w.disagreements == 1 and w.resolved_to_target == 1
+    # after the replacement, round 3 drafts positions 8-9 (confident): no more target work
+    never = simulate(make_policy("chow", alpha=0.7, k=5), _path(q, agree))
+    assert never.escalations == 0 and never.target_tokens == 0 and never.diverged_at is None

@@ -1,0 +1,126 @@
+"""Report arithmetic (gap recovered, budgets, AUC, Pareto front), the derived request-level points and
+calibration on a synthetic set, where the right answers are known by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from cascade.bench.calibrate import choose_config, sweep_points
+from cascade.bench.replay import PathStats
+from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, plot, write_csv
+from cascade.bench.runs import RunRecord
+from cascade.bench.sweeps import draft_logprob_quantile, oracle_records, quantile_records, quantile_taus
+
+
+def P(q, f, cost=None, family="x", config=None):
+    return Point(dataset="d", family=family, config=config or f"{family}({q},{f})", source="replay", n=10,
+                 quality=q, target_fraction=f, relative_cost=f if cost is None else cost)
+
+
+def test_gap_recovered_and_budgets():
+    assert gap_recovered(0.5, 0.4, 0.6) == pytest.approx(0.5)
+    assert math.isnan(gap_recovered(0.5, 0.5, 0.5))
+    floor = P(0.4, 0.0, family="draft-only")
+    pts = [P(0.45, 0.05), P(0.5, 0.15), P(0.48, 0.25), P(0.58, 0.45), P(0.6, 1.1)]
+    assert best_within(pts, 0.1, floor).quality == 0.45
+    assert best_within(pts, 0.3, floor).quality == 0.5  # the 0.48 point costs more and is worse
+    assert best_within(pts, 0.01, floor) is floor
+    # AUC of the step function on 0, 0.01, ..., 1: gap 0 below 0.05, 0.25 to 0.15, 0.5 to 0.45, 0.9 after
+    expected = (5 * 0 + 10 * 0.25 + 30 * 0.5 + 56 * 0.9) / 101
+    assert auc(pts, floor, 0.4, 0.6) == pytest.approx(expected)
+
+
+def test_pareto_front():
+    pts = [P(0.5, 0.2, cost=0.2), P(0.4, 0.3, cost=0.3), P(0.6, 0.5, cost=0.5), P(0.55, 0.6, cost=0.6)]
+    assert [p.quality for p in pareto(pts)] == [0.5, 0.6]
+
+
+def test_choose_config_meets_the_budget_and_names_it():
+    pts = [P(0.45, 0.05), P(0.5, 0.15), P(0.58, 0.45)]
+    assert choose_config(pts, 0.2).quality == 0.5
+    with pytest.raises(ValueError, match="budget"):
+        choose_config(pts, 0.01)
+    with pytest.raises(ValueError, match="budget"):
+        choose_config(pts, -1)
+
+
+def _rec(i, correct, emitted, target_tokens, draft_tokens, policy):
+    return RunRecord(dataset="d", problem_id=str(i), policy=policy, correct=correct, emitted_tokens=emitted,
+                     prompt_tokens=10, draft_tokens=draft_tokens, draft_prefill_tokens=10,
+                     target_tokens=target_tokens, target_prefill_tokens=10 if target_tokens else 0, escalations=0)
+
+
+def _synthetic(n, seed):
+    """Problems whose draft answers have a hard stretch with probability 0.3; the draft is wrong exactly when
+    its answer has an unconfident position the target disagrees with."""
+    rng = random.Random(seed)
+    problems, draft, target, dpaths, tpaths = [], [], [], [], []
+    for i in range(n):
+        L = rng.randint(20, 40)
+        q = [rng.uniform(0.9, 1.0) for _ in range(L)]
+        agree = [True] * L
+        hard = rng.random() < 0.3
+        if hard:
+            j = rng.randrange(L)
+            q[j], agree[j] = rng.uniform(0.2, 0.6), False
+        mk = lambda toks: PathStats(tokens=toks, emitted=L, prompt_tokens=10, q_argmax=[1] * L, q_max=q,  # noqa: E731
+                                    q_margin=q, q_entropy=[0.1] * L, p_argmax=[1 if a else 2 for a in agree],
+                                    p_max=[0.95] * L, tv=[0.0 if a else 0.5 for a in agree],
+                                    logp_x=[-0.05 if a else -2.0 for a in agree])
+        dpaths.append(mk([1] * L))
+        tpaths.append(mk([1 if a else 2 for a in agree]))
+        problems.append(SimpleNamespace(dataset="syn", problem_id=str(i)))
+        draft.append(_rec(i, 0.0 if hard else 1.0, L, 0, L, "draft-only"))
+        target.append(_rec(i, 1.0, L, L, 0, "target-only"))
+    return problems, draft, target, dpaths, tpaths
+
+
+@pytest.mark.parametrize("family", ["chow", "bild", "quantile"])
+@pytest.mark.parametrize("budget", [0.1, 0.2, 0.3])
+def test_calibration_meets_its_budget_on_a_synthetic_set(family, budget):
+    dev = _synthetic(80, seed=1)
+    pts = sweep_points(family, "syn", *dev, draft_params=1, target_params=3)
+    chosen = choose_config(pts, budget)
+    assert chosen.target_fraction <= budget + 1e-9
+    assert chosen.quality == max(p.quality for p in pts if p.target_fraction <= budget + 1e-9)
+    # the same configuration on a disjoint test set drawn from the same distribution stays near the budget
+    test = _synthetic(200, seed=2)
+    if family == "quantile":  # its thresholds are data-dependent: apply the chosen one to the test set
+        level, tau = map(float, re.fullmatch(r"quantile\(quantile=(.*), tau=(.*)\)", chosen.config).groups())
+        _, draft, target, dpaths, _ = test
+        test_fraction = aggregate("syn", "quantile", "c", "derived", quantile_records(draft, target, dpaths, level, tau, "c"),
+                                  target, 1, 3).target_fraction
+    else:
+        test_pts = {p.config: p for p in sweep_points(family, "syn", *test, draft_params=1, target_params=3)}
+        test_fraction = test_pts[chosen.config].target_fraction
+    assert test_fraction <= budget + 0.08
+
+
+def test_quantile_and_oracle_are_derived_exactly():
+    problems, draft, target, dpaths, tpaths = _synthetic(50, seed=3)
+    level = 0.0  # the minimum token log-prob: exactly the hard answers fall below log(0.7)
+    recs = quantile_records(draft, target, dpaths, level, math.log(0.7), "quantile")
+    hard = [d.correct == 0.0 for d in draft]
+    assert [r.correct for r in recs] == [1.0] * 50
+    assert [r.target_tokens > 0 for r in recs] == hard
+    assert all(r.draft_tokens == d.draft_tokens for r, d in zip(recs, draft))  # the discarded draft work still counts
+    assert draft_logprob_quantile(dpaths[0], 0.0) == pytest.approx(math.log(min(dpaths[0].q_max)))
+    taus = quantile_taus(dpaths, level)
+    assert taus[0] == -math.inf and taus[-1] == math.inf and taus == sorted(taus)
+    oracle = oracle_records(draft, target)
+    assert [o.target_tokens > 0 for o in oracle] == hard and all(o.correct == 1.0 for o in oracle)
+
+
+def test_outputs_are_written(tmp_path):
+    refs = {"draft-only": P(0.4, 0.0, family="draft-only"), "target-only": P(0.6, 1.0, cost=1.0, family="target-only"),
+            "oracle": P(0.62, 0.3, family="oracle")}
+    fams = {"chow": [P(0.45, 0.05, family="chow"), P(0.55, 0.3, family="chow")]}
+    write_csv(fams["chow"], tmp_path / "b.csv")
+    plot(["d"], {"d": fams}, {"d": refs}, {"d": [P(0.5, 0.2, family="chow")]}, tmp_path / "b.png", "t")
+    assert (tmp_path / "b.csv").read_text().count("\n") == 3
+    assert (tmp_path / "b.png").stat().st_size > 10_000
