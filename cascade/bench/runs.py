@@ -164,7 +164,7 @@ class PolicyRunner:
             engine = self.cascade.engine
             ids = {f"bench-{os.getpid()}-{time.monotonic_ns()}-{i}": i for i in todo}
             for rid, i in ids.items():
-                engine.add_request(rid, self.cascade.encode(problems[i].as_chat()), sampling_for(problems[i]), pol)
+                engine.add_request(rid, self.cascade.encode(problems[i].as_prompt()), sampling_for(problems[i]), pol)
             shares = {rid: 0.0 for rid in ids}
             tokens: dict[str, list[int]] = {rid: [] for rid in ids}
             bar = _bar(progress, len(todo), label or pol.describe())

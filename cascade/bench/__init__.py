@@ -1,0 +1,1 @@
+"""The benchmark harness: datasets, scorers, runs, replay, reports, calibration."""

