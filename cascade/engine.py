@@ -4,30 +4,58 @@ One ``Engine.step()``:
 1. admits waiting requests into free cache rows;
 2. drafts up to ``k`` tokens for every sequence whose policy uses the draft: one ragged draft pass feeds
    each sequence's pending tokens (the prompt on its first round, else the last one or two emitted
-   tokens), then one batched ``decode`` per further position;
+   tokens), then one batched ``decode`` per further position (a policy may stop a sequence's drafting
+   early, BiLD's fallback);
 3. computes the draft's confidence over all drafted positions in one call;
 4. lets each policy's trigger decide, per sequence, the block to keep and whether to escalate it;
 5. runs ONE ragged target pass over every escalated sequence (catch-up + block, logits for the block
-   positions and the bonus position) and every target-only sequence (its pending tokens);
+   positions and the bonus position, plus held-back draft tokens a policy re-checks) and every
+   target-only sequence (its pending tokens);
 6. computes the fused verify statistics of all escalated positions in one call, applies each policy's
-   deferral rule and acceptance test, and emits accepted tokens plus one replacement or bonus token;
-7. rolls both caches back to the accepted length (a length update) and applies stop conditions.
+   deferral rule and acceptance test (or, for rules that need them, the full distributions: see
+   ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token;
+7. rolls both caches back to the accepted length (a length update), applies stop conditions and settles
+   request-level decisions.
+
+Per emitted token the engine records its source (``TokenSource``) and ``token_logprobs``: the natural
+(T = 1) log-softmax, at the token, of the logits row of the model that decided it, as the engine sampled
+from it (after the request's top-k / top-p filtering, which removes tokens but keeps the other logits;
+without a filter it is the model's own log-prob). DRAFT tokens get the draft's log q(x) (the confidence
+stats' ``token_logprob`` at T in {0, 1}, recomputed for other temperatures); VERIFIED ones the target's
+log p(x); TARGET / BONUS / target-only tokens the target's log-prob of the token drawn.
+
+Held-back output: tokens emitted from ``Sequence.pending_from`` on are not reported yet (empty deltas):
+a request-level policy's answer until it is decided, and BiLD's unverified draft tokens until the target
+has checked them (they may be rolled back). A finished request reports everything.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Sequence as Seq
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable
+from typing import Sequence as Seq
 
 import torch
 
-from cascade.config import EngineConfig, SamplingParams
 from cascade.confidence import confidence_stats
+from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner
-from cascade.policies import BlockConfidence, Policy
-from cascade.sampling import filter_logits, make_generator, noise_seeds, sample, uniforms
+from cascade.policies import (
+    BlockConfidence,
+    Policy,
+    residual_distribution,
+    speculative_acceptance,
+    verify_distributions,
+)
+from cascade.sampling import (
+    filter_logits,
+    make_generator,
+    noise_seeds,
+    sample,
+    uniforms,
+)
 from cascade.scheduler import Scheduler, Sequence
 from cascade.verification import VerifyStats, verify_stats
 
@@ -39,7 +67,8 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_sources: list[TokenSource]
-    text: str  # the whole output text so far
+    new_logprobs: list[float]  # natural log-prob of each new token under the model that decided it
+    text: str  # the whole output text reported so far
     finished: bool
     finish_reason: str | None
     stats: RequestStats
@@ -51,8 +80,22 @@ class _Block:
 
     tokens: list[int]  # drafted tokens d_1..d_k
     logits: torch.Tensor  # [k, V] float32, filtered draft logits the tokens were drawn from
+    logprobs: list[float] = field(default_factory=list)  # natural log q(d_j)
     keep: int = 0  # block length chosen by the trigger
     escalate: bool = False
+    pending: int = 0  # held-back draft tokens the target pass also scores (checks_pending policies)
+
+
+@dataclass
+class _Verdict:
+    """What verification decided for one escalated sequence."""
+
+    kept: int  # draft tokens of this round's block that were accepted
+    extra: list[int]  # the replacement or bonus token (one)
+    sources: list[TokenSource]  # of the kept tokens + extra
+    logprobs: list[float]  # of the kept tokens + extra
+    checked_logprobs: list[float] = field(default_factory=list)  # held-back tokens that passed (-> VERIFIED)
+    rollback: int | None = None  # output index at which held-back tokens are cut (the block is dropped)
 
 
 class Engine:
@@ -81,7 +124,11 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> None:
-        """Queue a request. Raises ValueError naming the field for an empty or too long prompt."""
+        """Queue a request. Raises ValueError naming the field for an empty or too long prompt, or a
+        policy the engine cannot run."""
+        if policy.benchmark_only:
+            raise ValueError(f"policy: {policy.name} is benchmark-only (the benchmark harness derives it from the "
+                             "draft-only and target-only runs); the engine cannot run it")
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
@@ -93,7 +140,10 @@ class Engine:
         if policy.k > self.config.max_draft_block:
             raise ValueError(f"k: {policy.k} exceeds the engine's max_draft_block={self.config.max_draft_block}")
         gen = make_generator(params.seed, "cpu")
-        self.scheduler.add(Sequence(request_id, prompt_ids, params, policy, gen))
+        seq = Sequence(request_id, prompt_ids, params, policy, gen)
+        if policy.request_level:
+            seq.pending_from = 0  # nothing is reported until the request-level decision
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its rows are freed at once. Returns False if it is unknown or done."""
@@ -119,8 +169,8 @@ class Engine:
             if self._block_size(s) <= 0:
                 self._finish(s, "length")
         seqs = [s for s in running if not s.finished]
-        cascading = [s for s in seqs if s.policy.uses_draft]
-        target_only = [s for s in seqs if not s.policy.uses_draft]
+        cascading = [s for s in seqs if _drafts(s)]
+        target_only = [s for s in seqs if not _drafts(s)]
 
         blocks = self._draft(cascading) if cascading else {}
         if blocks:
@@ -131,13 +181,15 @@ class Engine:
         target_logits = self._target_pass(escalated, blocks, target_only)
 
         t0 = time.perf_counter()
-        accepted = self._verify(escalated, blocks, target_logits)
+        verdicts = self._verify(escalated, blocks, target_logits)
         self.stats.time_kernels_s += time.perf_counter() - t0
 
         for s in cascading:
-            self._commit_cascade(s, blocks[s.request_id], accepted.get(s.request_id))
+            self._commit_cascade(s, blocks[s.request_id], verdicts.get(s.request_id))
         for s in target_only:
             self._commit_target_only(s, target_logits[s.request_id])
+        for s in running:
+            self._settle(s)
 
         outputs = [self._output(s) for s in running]
         for s in running:
@@ -172,6 +224,8 @@ class Engine:
         for j in range(max(ks)):
             if j > 0:
                 active = [i for i in active if ks[i] > j]
+                if not active:
+                    break
                 row_t = torch.tensor([rows[i] for i in active], dtype=torch.int64, device=self.draft.device)
                 ids_t = torch.tensor([drafted[i][-1] for i in active], dtype=torch.int64, device=self.draft.device)
                 logits = self.draft.decode(row_t, ids_t)
@@ -184,11 +238,24 @@ class Engine:
             for a, i in enumerate(active):
                 drafted[i].append(toks[a])
                 step_logits[i].append(filtered[a])
+            self._stop_early(seqs, active, filtered, ks, j)
         self.stats.time_draft_s += time.perf_counter() - t0
         return {
             s.request_id: _Block(tokens=drafted[i], logits=torch.stack(step_logits[i]))
             for i, s in enumerate(seqs)
         }
+
+    def _stop_early(self, seqs: list[Sequence], active: list[int], filtered: torch.Tensor, ks: list[int], j: int) -> None:
+        """Ask policies with ``stops_drafting`` whether to stop after the token just drafted (step j)."""
+        ask = [a for a, i in enumerate(active) if seqs[i].policy.stops_drafting and ks[i] > j + 1]
+        if not ask:
+            return
+        temps = torch.tensor([seqs[active[a]].params.temperature for a in ask], device=filtered.device)
+        max_prob = confidence_stats(filtered[ask], temps).max_prob.float().cpu()
+        for m, a in enumerate(ask):
+            stop = seqs[active[a]].policy.stop_drafting(max_prob[m:m + 1])
+            if stop is not None and bool(stop[0]):
+                ks[active[a]] = j + 1
 
     def _count_positions(self, s: Sequence, start: int, n: int, *, draft: bool) -> None:
         """Count n positions from `start` as prefill (inside the prompt) or generated-region work."""
@@ -217,6 +284,17 @@ class Engine:
             index[b, :n] = torch.arange(start, start + n)
             start += n
 
+        # natural log q of every drafted token: the confidence stats are at T, which is T = 1 for T in {0, 1}
+        logprobs = conf.token_logprob.float().cpu().clone()
+        other_t = ~((temps == 0.0) | (temps == 1.0))
+        if other_t.any():
+            idx = other_t.nonzero().squeeze(1)
+            logprobs[idx] = _logprob(all_logits[idx.to(all_logits.device)], tokens[idx]).cpu()
+        start = 0
+        for s, n in zip(seqs, lens):
+            blocks[s.request_id].logprobs = logprobs[start:start + n].tolist()
+            start += n
+
         def pad(x: torch.Tensor) -> torch.Tensor:
             return torch.where(valid, x.float().cpu()[index], torch.zeros(()))
 
@@ -237,22 +315,25 @@ class Engine:
     def _target_pass(
         self, escalated: list[Sequence], blocks: dict[str, _Block], target_only: list[Sequence]
     ) -> dict[str, torch.Tensor]:
-        """One ragged target pass; returns per request its logits [n, V]: block positions + bonus for
-        escalated sequences, one position for target-only sequences."""
+        """One ragged target pass; returns per request its logits [n, V]: held-back tokens + block
+        positions + bonus for escalated sequences, one position for target-only sequences."""
         members = escalated + target_only
         if not members:
             return {}
         t0 = time.perf_counter()
         spans, num_logits = [], []
         for s in members:
-            block = blocks[s.request_id].tokens[: blocks[s.request_id].keep] if s.policy.uses_draft else []
+            blk = blocks[s.request_id] if _drafts(s) else None
+            block = blk.tokens[: blk.keep] if blk is not None else []
+            if blk is not None and s.policy.checks_pending and s.pending_from is not None:
+                blk.pending = s.num_emitted - s.pending_from  # all lie past target_len, inside the catch-up
             catch_up = s.tokens[s.target_len:]
             self._count_positions(s, s.target_len, len(catch_up), draft=False)
             s.stats.target_tokens += len(block)
             spans.append(catch_up + block)
-            num_logits.append(len(block) + 1)
+            num_logits.append((blk.pending if blk is not None else 0) + len(block) + 1)
             s.target_len += len(spans[-1])
-            if s.policy.uses_draft:
+            if blk is not None:
                 s.stats.escalations += 1
             else:
                 s.stats.target_only_steps += 1
@@ -267,95 +348,160 @@ class Engine:
     # ------------------------------------------------------------------ 5. verify
     def _verify(
         self, seqs: list[Sequence], blocks: dict[str, _Block], target_logits: dict[str, torch.Tensor]
-    ) -> dict[str, tuple[int, int, TokenSource, list[TokenSource]]]:
-        """Deferral + acceptance for every escalated sequence. Returns per request
-        (accepted draft tokens, extra token, its source, sources of the accepted tokens)."""
-        result = {}
+    ) -> dict[str, _Verdict]:
+        """Deferral + acceptance for every escalated sequence."""
         verified = [s for s in seqs if blocks[s.request_id].keep > 0]
         stats: VerifyStats | None = None
-        if verified:
-            q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified])
-            p_logits = torch.cat([
-                filter_logits(target_logits[s.request_id][: blocks[s.request_id].keep], [s.params] * blocks[s.request_id].keep)
-                for s in verified
-            ])
-            toks = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
-            temps = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
-            seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.generator) for s in verified])
-            dev = p_logits.device
-            stats = verify_stats(q_logits.to(dev), p_logits, toks.to(dev), temps.to(dev), seeds.to(dev))
+        q_logits = p_logits = toks = temps = logp_x = None
         offsets, start = {}, 0
         for s in verified:
             offsets[s.request_id] = start
             start += blocks[s.request_id].keep
+        if verified:
+            def rows(s: Sequence) -> torch.Tensor:
+                b = blocks[s.request_id]
+                return filter_logits(target_logits[s.request_id][b.pending:b.pending + b.keep], [s.params] * b.keep)
+
+            p_logits = torch.cat([rows(s) for s in verified])  # [R, V]
+            dev = p_logits.device
+            q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified]).to(dev)
+            toks = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
+            temps = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
+            seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.generator) for s in verified])
+            stats = verify_stats(q_logits, p_logits, toks.to(dev), temps.to(dev), seeds.to(dev))
+            logp_x = stats.logp_token.float().cpu().clone()  # natural log p(x) where T in {0, 1}
+            other_t = ~((temps == 0.0) | (temps == 1.0))
+            if other_t.any():
+                idx = other_t.nonzero().squeeze(1)
+                logp_x[idx] = _logprob(p_logits[idx.to(dev)], toks[idx]).cpu()
         decisions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        dists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per request (pi, q) rows, distribution rules
         for policy, members in _group_by_policy(verified, [s.policy for s in verified]).items():
             idx = torch.tensor([i for s in members for i in range(offsets[s.request_id], offsets[s.request_id] + blocks[s.request_id].keep)])
-            sub = _take(stats, idx.to(stats.q_token.device))
-            delta = policy.deferral(sub).float().cpu()
-            accept = policy.acceptance(sub, delta.to(sub.q_token.device)).float().cpu()
+            idx_dev = idx.to(stats.q_token.device)
+            sub = _take(stats, idx_dev)
+            if policy.needs_distributions:
+                d = verify_distributions(q_logits[idx_dev], p_logits[idx_dev], toks[idx], temps[idx])
+                pi, delta = policy.target_distribution(d, sub)
+                accept = speculative_acceptance(pi, d.q, d.tokens)
+            else:
+                pi = None
+                delta = policy.deferral(sub).float()
+                accept = policy.acceptance(sub, delta.to(sub.q_token.device))
+            delta, accept = delta.float().cpu(), accept.float().cpu()
             pos = 0
             for s in members:
                 n = blocks[s.request_id].keep
                 decisions[s.request_id] = (delta[pos:pos + n], accept[pos:pos + n])
+                if pi is not None:
+                    dists[s.request_id] = (pi[pos:pos + n], d.q[pos:pos + n])
                 pos += n
+
+        result = {}
         for s in seqs:
             block = blocks[s.request_id]
+            checked: list[float] = []
+            if block.pending:
+                checked, rollback = self._check_pending(s, block, target_logits[s.request_id])
+                if rollback is not None:
+                    result[s.request_id] = rollback
+                    continue
             n = block.keep
+            sources: list[TokenSource] = []
+            logprobs: list[float] = []
+            n_acc = 0
             if n > 0:
                 delta, accept = decisions[s.request_id]
-                u = uniforms(n, s.generator)
-                ok = (u < accept).tolist()
+                ok = (uniforms(n, s.generator) < accept).tolist()
                 n_acc = ok.index(False) if False in ok else n
-                sources = [TokenSource.VERIFIED if d > 0 else TokenSource.DRAFT for d in delta[:n_acc].tolist()]
-            else:
-                n_acc, sources = 0, []
+                off = offsets[s.request_id]
+                for j, d_j in enumerate(delta[:n_acc].tolist()):
+                    sources.append(TokenSource.VERIFIED if d_j > 0 else TokenSource.DRAFT)
+                    logprobs.append(float(logp_x[off + j]) if d_j > 0 else block.logprobs[j])
             if n_acc < n:
                 row = offsets[s.request_id] + n_acc
-                replacement = stats.target_token if s.policy.replace_from_target else stats.residual_token
-                extra, source = int(replacement[row]), TokenSource.TARGET
+                if s.request_id in dists:
+                    pi, q = dists[s.request_id]
+                    res = residual_distribution(pi[n_acc:n_acc + 1], q[n_acc:n_acc + 1])[0].cpu()
+                    extra = int(torch.multinomial(res, 1, generator=s.generator)[0])
+                else:
+                    replacement = stats.target_token if s.policy.replace_from_target else stats.residual_token
+                    extra = int(replacement[row])
+                lp = _logprob(p_logits[row:row + 1], torch.tensor([extra]))
+                sources.append(TokenSource.TARGET)
                 s.stats.rejected_tokens += 1
                 s.stats.replaced_tokens += 1
             else:
-                bonus_logits = filter_logits(target_logits[s.request_id][n:n + 1], [s.params])
+                bonus_logits = filter_logits(target_logits[s.request_id][block.pending + n:block.pending + n + 1], [s.params])
                 extra = int(sample(bonus_logits, [s.params], [s.generator])[0])
-                source = TokenSource.BONUS
+                lp = _logprob(bonus_logits, torch.tensor([extra]))
+                sources.append(TokenSource.BONUS)
                 s.stats.bonus_tokens += 1
             s.stats.accepted_tokens += n_acc
-            result[s.request_id] = (n_acc, extra, source, sources)
+            result[s.request_id] = _Verdict(kept=n_acc, extra=[extra], sources=sources, logprobs=logprobs + [float(lp[0])],
+                                            checked_logprobs=checked)
         return result
 
+    def _check_pending(self, s: Sequence, block: _Block, logits: torch.Tensor) -> tuple[list[float], _Verdict | None]:
+        """The target's check of held-back draft tokens (the first ``block.pending`` rows of its logits).
+        -> (natural log p of the tokens that passed, a rollback verdict at the first that failed or None)."""
+        n = block.pending
+        tokens = torch.tensor(s.output_ids[s.pending_from:], dtype=torch.int64)
+        rows = filter_logits(logits[:n], [s.params] * n)
+        natural = _logprob(rows, tokens).cpu()
+        t = s.params.temperature
+        rule = natural if t in (0.0, 1.0) else _logprob(rows / t, tokens).cpu()
+        ok = s.policy.check_pending(rule).tolist()
+        passed = ok.index(False) if False in ok else n
+        s.stats.accepted_tokens += passed
+        if passed == n:
+            return natural.tolist(), None
+        extra = int(sample(rows[passed:passed + 1], [s.params], [s.generator])[0])
+        s.stats.rejected_tokens += 1
+        s.stats.replaced_tokens += 1
+        lp = float(_logprob(rows[passed:passed + 1], torch.tensor([extra]))[0])
+        return [], _Verdict(kept=0, extra=[extra], sources=[TokenSource.TARGET], logprobs=[lp],
+                            checked_logprobs=natural[:passed].tolist(), rollback=s.pending_from + passed)
+
     # ------------------------------------------------------------------ 6. commit
-    def _commit_cascade(self, s: Sequence, block: _Block, verdict) -> None:
-        n_before = len(s.tokens)
+    def _commit_cascade(self, s: Sequence, block: _Block, verdict: _Verdict | None) -> None:
         if verdict is None:  # not escalated: the kept block is emitted as drafted
             kept = block.keep
-            new = block.tokens[:kept]
-            sources = [TokenSource.DRAFT] * kept
+            if s.policy.checks_pending and kept and s.pending_from is None:
+                s.pending_from = s.num_emitted  # held back until the target's next pass checks it
+            new, sources, logprobs = block.tokens[:kept], [TokenSource.DRAFT] * kept, block.logprobs[:kept]
         else:
-            kept, extra, source, sources = verdict
-            new = block.tokens[:kept] + [extra]
-            sources = sources + [source]
-            self.target.truncate([s.row], [n_before + kept])
-            s.target_len = n_before + kept
-        if s.draft_len > n_before + kept:
-            self.draft.truncate([s.row], [n_before + kept])
-            s.draft_len = n_before + kept
-        self._append(s, new, sources)
+            if verdict.checked_logprobs:  # held-back tokens the target checked and kept
+                s.mark_verified(s.pending_from, verdict.checked_logprobs)
+            if verdict.rollback is not None:  # cut the held-back tokens from the first rejected one
+                s.cut_output(verdict.rollback)
+            if s.policy.checks_pending:
+                s.pending_from = None
+            kept = verdict.kept
+            new = block.tokens[:kept] + verdict.extra
+            sources, logprobs = verdict.sources, verdict.logprobs
+            self.target.truncate([s.row], [len(s.tokens) + kept])
+            s.target_len = len(s.tokens) + kept
+        end = len(s.tokens) + kept
+        if s.draft_len > end:
+            self.draft.truncate([s.row], [end])
+            s.draft_len = end
+        self._append(s, new, sources, logprobs)
 
     def _commit_target_only(self, s: Sequence, logits: torch.Tensor) -> None:
         filtered = filter_logits(logits[-1:], [s.params])
         tok = int(sample(filtered, [s.params], [s.generator])[0])
-        self._append(s, [tok], [TokenSource.TARGET])
+        self._append(s, [tok], [TokenSource.TARGET], [float(_logprob(filtered, torch.tensor([tok]))[0])])
 
-    def _append(self, s: Sequence, new: list[int], sources: list[TokenSource]) -> None:
+    def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float]) -> None:
         """Emit tokens one by one, applying EOS, max_tokens and stop strings."""
-        for tok, src in zip(new, sources):
+        for tok, src, lp in zip(new, sources, logprobs):
             if tok in self.eos_token_ids and not s.params.ignore_eos:
                 self._finish(s, "stop")
                 break
             s.tokens.append(tok)
             s.sources.append(src)
+            s.token_logprobs.append(lp)
             s.stats.emitted_tokens += 1
             if s.num_emitted >= s.params.max_tokens:
                 self._finish(s, "length")
@@ -366,6 +512,31 @@ class Engine:
             if cut is not None:
                 s.text = s.text[:cut]
                 self._finish(s, "stop")
+
+    # ------------------------------------------------------------------ 7. settle
+    def _settle(self, s: Sequence) -> None:
+        """At the end of a request: a request-level policy decides whether the target answers again;
+        otherwise every held-back token is released."""
+        if not s.finished or s.finish_reason == "abort":
+            return
+        if s.policy.request_level and not s.routed_to_target and s.policy.route_to_target(s.token_logprobs):
+            self._restart_on_target(s)
+            return
+        s.pending_from = None
+
+    def _restart_on_target(self, s: Sequence) -> None:
+        """Discard the draft's answer (its work stays counted) and let the target answer from the prompt."""
+        n_prompt = len(s.prompt_ids)
+        s.cut_output(0)
+        s.text, s.finished, s.finish_reason = "", False, None
+        s.routed_to_target, s.pending_from = True, None
+        s.stats.routed_to_target = 1
+        if s.draft_len > n_prompt:
+            self.draft.truncate([s.row], [n_prompt])
+            s.draft_len = n_prompt
+        if s.target_len > n_prompt:  # the target has not run for this request; kept for safety
+            self.target.truncate([s.row], [n_prompt])
+            s.target_len = n_prompt
 
     def _finish(self, s: Sequence, reason: str) -> None:
         if not s.finished:
@@ -378,12 +549,28 @@ class Engine:
             self.scheduler.release(s)
 
     def _output(self, s: Sequence) -> RequestOutput:
-        start = s.emitted_reported
-        s.emitted_reported = s.num_emitted
+        ready, start = s.num_ready, s.emitted_reported
+        s.emitted_reported = max(start, ready)
+        if s.pending_from is None:
+            text = s.text
+        else:
+            text = self.detokenize(s.output_ids[:ready]) if self.detokenize is not None and ready else ""
         return RequestOutput(
-            request_id=s.request_id, new_token_ids=s.output_ids[start:], new_sources=s.sources[start:],
-            text=s.text, finished=s.finished, finish_reason=s.finish_reason, stats=s.stats,
+            request_id=s.request_id, new_token_ids=s.output_ids[start:ready], new_sources=s.sources[start:ready],
+            new_logprobs=s.token_logprobs[start:ready], text=text, finished=s.finished,
+            finish_reason=s.finish_reason, stats=s.stats,
         )
+
+
+def _drafts(s: Sequence) -> bool:
+    """Does this sequence's next round start with the draft? (A routed request-level one no longer does.)"""
+    return s.policy.uses_draft and not s.routed_to_target
+
+
+def _logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Natural (T = 1) log-softmax of logits [N, V] at tokens [N] -> [N] float32."""
+    tokens = tokens.to(logits.device).view(-1, 1)
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens).squeeze(1)
 
 
 def _group_by_policy(items, policies: Seq[Policy]) -> dict[Policy, list]:

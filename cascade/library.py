@@ -33,6 +33,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     token_sources: list[TokenSource]
+    token_logprobs: list[float]  # per emitted token: natural log-prob under the model that decided it
     finish_reason: str | None
     stats: RequestStats
     policy: str
@@ -129,6 +130,7 @@ class Cascade:
             raise
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         sources: dict[str, list[TokenSource]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
         bar = _progress(progress, sum(p.max_tokens for p in plist))
         try:
             while len(finals) < len(ids):
@@ -137,6 +139,7 @@ class Cascade:
                         continue
                     tokens[out.request_id] += out.new_token_ids
                     sources[out.request_id] += out.new_sources
+                    logprobs[out.request_id] += out.new_logprobs
                     if bar is not None:
                         bar.update(len(out.new_token_ids))
                     if out.finished:
@@ -151,14 +154,19 @@ class Cascade:
                 bar.close()
         return [
             GenerationResult(text=finals[rid].text, token_ids=tokens[rid], token_sources=sources[rid],
-                             finish_reason=finals[rid].finish_reason, stats=finals[rid].stats,
+                             token_logprobs=logprobs[rid], finish_reason=finals[rid].finish_reason, stats=finals[rid].stats,
                              policy=pol.describe(), prompt_token_ids=pids)
             for rid, pids in zip(ids, encoded)
         ]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                policy: str | Policy = "speculative") -> Iterator[RequestOutput]:
-        """Yield one RequestOutput per round for a single prompt (new tokens as they are decided)."""
+        """Yield one RequestOutput per round for a single prompt (new tokens as they are decided).
+
+        Held-back output comes later: a request-level policy (``quantile``) streams nothing while the draft
+        answers; a kept draft answer arrives whole in the round it finished (an escalated request then
+        streams the target's tokens), and BiLD's unchecked draft tokens arrive once the target has
+        checked them or the request has ended."""
         pol = parse_policy(policy)
         rid = f"gen-{next(self._ids)}"
         self.engine.add_request(rid, self.encode(prompt), params or SamplingParams(), pol)

@@ -6,6 +6,9 @@ Counting rules (DESIGN.md, "Cost accounting"):
   position, or one position per target-only step. Prompt positions are counted apart, in
   ``*_prefill_tokens``, so that ``target_token_fraction`` measures escalation, not prompt length.
 - ``target_token_fraction`` = target_tokens / emitted tokens.
+- Request-level routing (``quantile``): a discarded draft answer's work stays counted in ``draft_tokens``
+  / ``draft_prefill_tokens`` and the target's answer adds its own; ``emitted_tokens`` counts the final
+  answer only, so ``relative_cost`` is honest about paying for both.
 - ``relative_cost`` = FLOPs of both models / FLOPs the target alone would spend on the same prompt and
   output, with FLOPs = 2 * params * positions (prompt positions included on both sides).
 """
@@ -20,7 +23,7 @@ class TokenSource(enum.IntEnum):
     """Who decided an emitted token."""
 
     DRAFT = 0  # draft token emitted without target verification (block not escalated, or delta = 0)
-    VERIFIED = 1  # draft token checked by a target pass and accepted
+    VERIFIED = 1  # draft token checked by a target pass and accepted (delta > 0 / deferred, or BiLD-checked)
     TARGET = 2  # sampled from the target: the replacement at a rejection, or a target-only step
     BONUS = 3  # sampled from the target after a fully accepted block
 
@@ -45,6 +48,7 @@ class RequestStats:
     bonus_tokens: int = 0
     replaced_tokens: int = 0  # tokens sampled from the residual / target at a rejection
     target_only_steps: int = 0
+    routed_to_target: int = 0  # request-level policies: 1 if the draft's answer was discarded for the target's
     wall_time_s: float = 0.0
 
     @property

@@ -23,7 +23,8 @@ from cascade.policies import Policy
 class Sequence:
     """One request in flight. ``tokens`` = prompt + emitted tokens. The draft cache holds
     ``tokens[:draft_len]`` and the target cache ``tokens[:target_len]``; both lag the last token, which is
-    fed at the start of the next round (the target additionally lags by the catch-up tokens)."""
+    fed at the start of the next round (the target additionally lags by the catch-up tokens).
+    ``sources`` and ``token_logprobs`` are aligned with the emitted tokens ``output_ids``."""
 
     request_id: str
     prompt_ids: list[int]
@@ -33,6 +34,11 @@ class Sequence:
     row: int = -1
     tokens: list[int] = field(default_factory=list)
     sources: list[TokenSource] = field(default_factory=list)  # one per emitted token
+    token_logprobs: list[float] = field(default_factory=list)  # one per emitted token: natural log-prob
+    #   under the model that decided it (see Engine)
+    pending_from: int | None = None  # emitted tokens from this index on are held back (not yet reported):
+    #   a request-level policy's undecided answer, or BiLD's draft tokens awaiting the target's check
+    routed_to_target: bool = False  # request-level policy: the draft's answer was discarded, target decodes
     draft_len: int = 0
     target_len: int = 0
     text: str = ""  # detokenized output, cut at a stop string
@@ -53,6 +59,22 @@ class Sequence:
     @property
     def num_emitted(self) -> int:
         return len(self.tokens) - len(self.prompt_ids)
+
+    @property
+    def num_ready(self) -> int:
+        """Emitted tokens that may be reported (all but the held-back ones)."""
+        return self.num_emitted if self.pending_from is None else self.pending_from
+
+    def cut_output(self, keep: int) -> None:
+        """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
+        self.stats.emitted_tokens -= self.num_emitted - keep
+        del self.tokens[len(self.prompt_ids) + keep:], self.sources[keep:], self.token_logprobs[keep:]
+
+    def mark_verified(self, start: int, logprobs: list[float]) -> None:
+        """Relabel emitted tokens from ``start`` on as VERIFIED, with the target's log-probs."""
+        end = start + len(logprobs)
+        self.sources[start:end] = [TokenSource.VERIFIED] * len(logprobs)
+        self.token_logprobs[start:end] = logprobs
 
 
 class Scheduler:

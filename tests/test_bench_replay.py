@@ -20,6 +20,7 @@ POLICIES = [
     ("speculative", {}), ("speculative", {"k": 3}), ("chow", {"alpha": 0.0}), ("chow", {"alpha": 0.3}),
     ("chow", {"alpha": 0.7}), ("chow", {"alpha": 1.0}), ("diff", {"alpha": 0.1}), ("opt", {"alpha": 0.1}),
     ("bild", {"fallback": 0.5, "rollback": 2.0}), ("bild", {"fallback": 0.9, "rollback": 0.5, "k": 4}),
+    ("token-v1", {"alpha": 0.1}), ("token-v2", {"alpha": 0.2}), ("token-v3", {"alpha": 0.3}),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -42,7 +43,24 @@ def verify(q, p, max_q=None, max_p=None):
 
 
 def test_registry_has_the_issue_policies():
-    assert {"draft-only", "target-only", "speculative", "chow", "bild"} <= set(policy_names())
+    assert set(policy_names()) == {"draft-only", "target-only", "speculative", "chow", "diff", "opt", "token-v1",
+                                   "token-v2", "token-v3", "bild", "quantile", "oracle"}
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_describe_round_trips_through_parse(name):
+    pol = make_policy(name)
+    assert parse_policy(pol.describe()) == pol and parse_policy(pol.describe()).describe() == pol.describe()
+    assert type(pol).__doc__ and len(type(pol).__doc__) > 80  # each rule documents itself
+
+
+@pytest.mark.parametrize("pol", [
+    make_policy("quantile", tau=-math.inf, quantile=0.25), make_policy("quantile", tau=math.inf, k=7),
+    make_policy("bild", fallback=0.3, rollback=math.inf, k=4), make_policy("token-v3", alpha=0.0, k=2),
+    make_policy("opt", alpha=1), make_policy("chow", alpha=0.125, k=16),
+])
+def test_describe_round_trips_unusual_values(pol):
+    assert parse_policy(pol.describe()) == pol
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -52,6 +70,13 @@ def test_registry_has_the_issue_policies():
     ("chow:0.2:7", Chow(alpha=0.2, k=7)),
     ("chow( alpha = 0.25 , k = 3 )", Chow(alpha=0.25, k=3)),
     ("bild(fallback=0.4,rollback=2)", make_policy("bild", fallback=0.4, rollback=2)),
+    ("diff:0.3", make_policy("diff", alpha=0.3)),
+    ("opt:0.3:4", make_policy("opt", alpha=0.3, k=4)),
+    ("token-v2(alpha=0.05)", make_policy("token-v2", alpha=0.05)),
+    ("quantile:-2:0.25", make_policy("quantile", tau=-2.0, quantile=0.25)),
+    ("quantile(tau=-inf)", make_policy("quantile", tau=-math.inf)),
+    ("bild:0.4:2:8", make_policy("bild", fallback=0.4, rollback=2.0, k=8)),
+    ("oracle", make_policy("oracle")),
 ])
 def test_parse_policy(spec, expected):
     assert parse_policy(spec) == expected
@@ -61,6 +86,9 @@ def test_parse_policy(spec, expected):
     ("nope", "unknown policy"), ("chow(alpha=2)", "alpha"), ("chow(alpha=-0.1)", "alpha"), ("chow(k=0)", "k"),
     ("chow(gamma=1)", "gamma"), ("chow(alpha)", "name=value"), ("chow(alpha=x)", "not a number"),
     ("bild(rollback=-1)", "rollback"), ("", "non-empty"), ("chow:0.1:2:3", "at most"),
+    ("diff(alpha=1.5)", "alpha"), ("opt(alpha=-1)", "alpha"), ("token-v1(alpha=2)", "alpha"),
+    ("token-v3(alpha=-0.5)", "alpha"), ("quantile(quantile=1.5)", "quantile"), ("quantile(tau=nan)", "not a number"),
+    ("bild(fallback=1.2)", "fallback"), ("quantile(alpha=0.1)", "alpha"), ("oracle(alpha=0.1)", "alpha"),
 ])
 def test_bad_policy_specs_name_the_problem(spec, field):
     with pytest.raises(ValueError, match=field):
@@ -70,6 +98,10 @@ def test_bad_policy_specs_name_the_problem(spec, field):
 def test_policies_are_hashable_values():
     assert len({Chow(alpha=0.2), Chow(alpha=0.2), Chow(alpha=0.3)}) == 2
     assert Chow(alpha=0.2).describe() == "chow(k=5, alpha=0.2)"
+    assert Chow(alpha=1).describe() == "chow(k=5, alpha=1.0)"  # integer input, canonical float
+    assert make_policy("diff", alpha=0.2) != Chow(alpha=0.2)  # same fields, different rule
+    with pytest.raises(ValueError, match="tau"):
+        make_policy("quantile", tau=float("nan"))
 
 
 def test_speculative_always_escalates_and_defers():

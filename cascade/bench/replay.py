@@ -160,9 +160,11 @@ def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
 
 
 def simulate(policy: Policy, path: PathStats) -> WalkResult:
-    """Walk ``path`` in the engine's greedy rounds under ``policy`` (see the module docstring)."""
+    """Walk ``path`` in the engine's greedy rounds under ``policy`` (see the module docstring), including
+    early stops of drafting (``stops_drafting``) and the check of held-back tokens (``checks_pending``)."""
     L = len(path)
     pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
+    pending_from: int | None = None  # first held-back token (checks_pending policies)
     draft_tokens = target_tokens = escalations = 0
     diverged: int | None = None
     resolved = 0
@@ -176,17 +178,34 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
 
     while pos < L:
         n = min(policy.k, L - pos)
+        if policy.stops_drafting:
+            for j in range(n - 1):
+                stop = policy.stop_drafting(torch.tensor([path.q_max[pos + j]]))
+                if stop is not None and bool(stop[0]):
+                    n = j + 1
+                    break
         draft_tokens += pending_draft + n - 1
         keep, esc = policy.trigger(_block_confidence(path, pos, pos + n))
         keep = max(0, min(int(keep[0]), n))
         if not (bool(esc[0]) or keep == 0):
             for j in range(pos, pos + keep):
                 emit(j, path.q_argmax[j])
+            if policy.checks_pending and keep and pending_from is None:
+                pending_from = pos
             pending_draft = 1 if keep == n else 0
             pos += keep
             continue
         escalations += 1
         target_tokens += (pos - target_len) + keep
+        if pending_from is not None:
+            held = torch.tensor(path.logp_x[pending_from:pos])  # on the recorded answer, x is the held token
+            ok = policy.check_pending(held).tolist()
+            start, pending_from = pending_from, None
+            if False in ok:  # roll back to the first failing held-back token; the target decides it
+                j = start + ok.index(False)
+                emit(j, path.p_argmax[j])
+                target_len, pending_draft, pos = j, 1, j + 1
+                continue
         accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep)) if keep else torch.zeros(0, dtype=torch.bool)
         ok = accept.tolist()
         n_acc = ok.index(False) if False in ok else keep

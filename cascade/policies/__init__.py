@@ -1,0 +1,42 @@
+"""Cascade policies: a trigger (draft-only test: escalate this block or not) and a deferral rule (at
+each verified position, the distribution the draft token is verified against), behind one registry.
+
+Modules: ``base`` (the Policy contract, registry, parsing, distribution-level speculative sampling),
+``baselines`` (speculative, draft-only, target-only), ``speculative_cascades`` (chow, diff, opt,
+token-v1..v3), ``bild`` (bild), ``routing`` (quantile, oracle). Add a policy by writing one class with
+``@register("name")``; ``make_policy`` / ``parse_policy`` turn a name and parameters (from the library,
+CLI or HTTP) into an instance, with ValueErrors that name the bad field.
+"""
+
+from cascade.policies.base import (
+    DEFAULT_K,
+    BlockConfidence,
+    Policy,
+    VerifyDistributions,
+    make_policy,
+    parse_policy,
+    parse_value,
+    policy_names,
+    register,
+    residual_distribution,
+    speculative_acceptance,
+    verify_distributions,
+)
+from cascade.policies.baselines import DraftOnly, Speculative, TargetOnly
+from cascade.policies.bild import BiLD
+from cascade.policies.routing import Oracle, Quantile, linear_quantile
+from cascade.policies.speculative_cascades import (
+    Chow,
+    Diff,
+    Opt,
+    TokenV1,
+    TokenV2,
+    TokenV3,
+)
+
+__all__ = [
+    "DEFAULT_K", "BlockConfidence", "Policy", "VerifyDistributions", "make_policy", "parse_policy", "parse_value",
+    "policy_names", "register", "residual_distribution", "speculative_acceptance", "verify_distributions",
+    "Speculative", "DraftOnly", "TargetOnly", "Chow", "Diff", "Opt", "TokenV1", "TokenV2", "TokenV3", "BiLD",
+    "Quantile", "Oracle", "linear_quantile",
+]

@@ -1,0 +1,186 @@
+"""Deferral rules from Speculative Cascades: Narasimhan, Jitkrittum, Rawat, Kim, Gupta, Menon, Kumar,
+"Faster Cascades via Speculative Decoding", ICLR 2025 (arXiv 2405.19261).
+
+A speculative cascade verifies a drafted block against a target distribution ``pi`` built from the draft
+``q`` and the target ``p`` by a deferral rule, instead of against ``p`` itself; accepting with
+``min(1, pi(x) / q(x))`` and resampling from ``norm(max(0, pi - q))`` outputs exactly ``pi``. ``chow``,
+``diff`` and ``opt`` defer whole positions (``pi = (1 - delta) q + delta p``); ``token-v1..v3`` defer per
+token and need the full distributions (``needs_distributions``).
+
+Notation, per verified position: ``max q`` / ``max p`` are the largest probabilities of the rule
+distributions (``softmax(logits / T)``, ``T = 1`` on greedy rows), ``TV(p, q) = sum_v max(0, p(v) - q(v))``.
+Every rule here shares Chow's trigger: a block is escalated when any drafted position has
+``max q < 1 - alpha``; non-escalated positions are emitted as drafted, i.e. with ``delta = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from cascade.policies.base import (
+    BlockConfidence,
+    Policy,
+    VerifyDistributions,
+    check_unit,
+    register,
+)
+
+if TYPE_CHECKING:
+    from cascade.verification import VerifyStats
+
+
+@dataclass(frozen=True)
+class _ChowTriggered(Policy):
+    """Shared parameter and trigger: escalate a block if any drafted position has max q < 1 - alpha."""
+
+    alpha: float = 0.1  # 0.1: escalate blocks with a position below 90 % draft confidence
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_unit("alpha", self.alpha)
+
+    def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
+        low = (conf.max_prob < 1.0 - self.alpha) & conf.valid
+        return conf.drafted.clone(), low.any(dim=1)
+
+
+@register("chow")
+@dataclass(frozen=True)
+class Chow(_ChowTriggered):
+    """Chow's rule as a speculative cascade (Speculative Cascades, the confidence-based deferral baseline).
+
+    trigger: escalate the block if any drafted position has max q < 1 - alpha.
+    deferral: delta = 1[max q < 1 - alpha] per verified position, so confident draft tokens are kept as
+    they are (pi = q) and unconfident ones are checked against the target (pi = p). The trigger is exact:
+    a block it leaves alone would have delta = 0 everywhere.
+    alpha = 0 escalates everything that is not certain (lossless but for certain positions); alpha = 1
+    never escalates."""
+
+    def deferral(self, v: "VerifyStats") -> torch.Tensor:
+        return (v.max_q < 1.0 - self.alpha).float()
+
+
+@register("diff")
+@dataclass(frozen=True)
+class Diff(_ChowTriggered):
+    """The "Diff" rule of Speculative Cascades: defer where the target is more confident than the draft
+    by more than alpha.
+
+    deferral: delta = 1[max q < max p - alpha] per verified position.
+    trigger: Chow's, any drafted max q < 1 - alpha. It is an exact pre-filter, not a proxy: max p <= 1, so
+    max q >= 1 - alpha implies max q >= max p - alpha, i.e. delta = 0 at every position of a block the
+    trigger leaves alone; skipping the target there changes nothing in the output distribution."""
+
+    def deferral(self, v: "VerifyStats") -> torch.Tensor:
+        return (v.max_q < v.max_p - self.alpha).float()
+
+
+@register("opt")
+@dataclass(frozen=True)
+class Opt(_ChowTriggered):
+    """The "OPT" rule of Speculative Cascades: the paper's plug-in approximation of its optimal deferral
+    rule for speculative cascades, which charges a deferral by the rejection rate it causes.
+
+    deferral: delta = 1[max q < max p - alpha * TV(p, q)] per verified position (alpha: the cost of a
+    rejection relative to the quality gain; alpha = 0 reduces to "defer whenever the target is more
+    confident").
+    trigger: Chow's, any drafted max q < 1 - alpha. For this rule it is only a proxy: a block whose draft
+    confidence clears 1 - alpha can still have delta = 1 at a position where max p - alpha * TV > max q."""
+
+    def deferral(self, v: "VerifyStats") -> torch.Tensor:
+        return (v.max_q < v.max_p - self.alpha * v.tv).float()
+
+
+@dataclass(frozen=True)
+class _TokenSpecific(_ChowTriggered):
+    """Token-specific speculative cascade (the paper's token-level deferral).
+
+    Instead of deferring a whole position, the rule defers individual tokens: an accepted set ``A`` of
+    tokens the draft may keep is defined per position (by each variant), and
+
+        pi(v) = q(v) * 1[v in A]  +  p(v) * sum_{v' not in A} q(v')
+
+    i.e. "draw v from q; keep it if it is in A, otherwise draw from p instead". Verification accepts
+    the draft token x with min(1, pi(x) / q(x)) (1 when x is in A) and replaces the first rejected one with
+    a draw from norm(max(0, pi - q)). ``A`` is computed from the rule distributions (T = 1 on greedy rows),
+    ``pi`` from the sampling distributions (one-hot on greedy rows, so a greedy row keeps x if x is in A
+    and otherwise emits argmax p unless x is argmax p).
+    trigger: Chow's, any drafted max q < 1 - alpha; a proxy for these rules (x can fall outside A at a
+    confident position). Kept tokens are labelled DRAFT when x is in A and VERIFIED otherwise."""
+
+    needs_distributions: ClassVar[bool] = True
+
+    def accepted(self, q_rule: torch.Tensor, p_rule: torch.Tensor) -> torch.Tensor:
+        """[R, V] rule distributions -> [R, V] bool membership of A."""
+        raise NotImplementedError
+
+    def _x_in_a(self, q_x: torch.Tensor, p_x: torch.Tensor, max_p: torch.Tensor) -> torch.Tensor:
+        """The same membership test for the draft token only: q_x, p_x, max_p [R] -> [R] bool."""
+        raise NotImplementedError
+
+    def target_distribution(self, d: VerifyDistributions, v: "VerifyStats") -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.accepted(d.q_rule, d.p_rule)
+        eta = (d.q * (~a)).sum(dim=-1, keepdim=True)  # draft mass the rule sends to the target
+        pi = d.q * a + eta * d.p
+        deferred = (~a.gather(1, d.tokens.view(-1, 1))).squeeze(1).float()
+        return pi, deferred
+
+    # The fused statistics decide membership of x alone (q_rule(x) is max q on a greedy row, where x is
+    # the draft's argmax, and q(x) on a sampled row; p_rule(x) = exp(logp_token)). With them acceptance is
+    # exact on greedy rows with the base acceptance 1 - r + r min(1, p(x) / q(x)) (eta = 1 there when x is
+    # not in A); on sampled rows it would need eta, so the engine always takes the target_distribution
+    # path. The replay harness uses deferral + acceptance on greedy rows.
+    def deferral(self, v: "VerifyStats") -> torch.Tensor:
+        q_x = torch.where(v.q_token >= 1.0, v.max_q, v.q_token)
+        return (~self._x_in_a(q_x, v.logp_token.exp(), v.max_p)).float()
+
+
+@register("token-v1")
+@dataclass(frozen=True)
+class TokenV1(_TokenSpecific):
+    """Token-specific speculative cascade, variant 1 (Speculative Cascades, token-specific rules).
+
+    A = {v : q(v) >= max p - alpha}: a token is deferred when the draft's own probability of it falls more
+    than alpha below the target's top probability (the Diff rule with max q replaced by q(v)).
+    pi(v) = q(v) 1[v in A] + p(v) sum_{v' not in A} q(v'); see the shared class docstring."""
+
+    def accepted(self, q_rule: torch.Tensor, p_rule: torch.Tensor) -> torch.Tensor:
+        return q_rule >= p_rule.max(dim=-1, keepdim=True).values - self.alpha
+
+    def _x_in_a(self, q_x, p_x, max_p):
+        return q_x >= max_p - self.alpha
+
+
+@register("token-v2")
+@dataclass(frozen=True)
+class TokenV2(_TokenSpecific):
+    """Token-specific speculative cascade, variant 2 (Speculative Cascades, token-specific rules).
+
+    A = {v : p(v) >= max p - alpha}: the draft may keep a token whose target probability is within alpha
+    (absolute) of the target's top probability; the target's argmax is always in A.
+    pi(v) = q(v) 1[v in A] + p(v) sum_{v' not in A} q(v'); see the shared class docstring."""
+
+    def accepted(self, q_rule: torch.Tensor, p_rule: torch.Tensor) -> torch.Tensor:
+        return p_rule >= p_rule.max(dim=-1, keepdim=True).values - self.alpha
+
+    def _x_in_a(self, q_x, p_x, max_p):
+        return p_x >= max_p - self.alpha
+
+
+@register("token-v3")
+@dataclass(frozen=True)
+class TokenV3(_TokenSpecific):
+    """Token-specific speculative cascade, variant 3 (Speculative Cascades, token-specific rules).
+
+    A = {v : p(v) >= (1 - alpha) max p}: the draft may keep a token whose target probability is within a
+    factor (1 - alpha) of the target's top probability (relative version of variant 2).
+    pi(v) = q(v) 1[v in A] + p(v) sum_{v' not in A} q(v'); see the shared class docstring."""
+
+    def accepted(self, q_rule: torch.Tensor, p_rule: torch.Tensor) -> torch.Tensor:
+        return p_rule >= (1.0 - self.alpha) * p_rule.max(dim=-1, keepdim=True).values
+
+    def _x_in_a(self, q_x, p_x, max_p):
+        return p_x >= (1.0 - self.alpha) * max_p

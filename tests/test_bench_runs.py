@@ -1,0 +1,76 @@
+"""Real runs through the harness on the tiny random pair: cache hits, cache keys, resume after an
+interruption, and rows released when a run is interrupted."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.bench import scoring
+from cascade.bench.datasets import number_problem
+from cascade.bench.runs import PolicyRunner, RunCache
+
+from test_engine import make_cascade
+
+
+def _problems(n=5):
+    return [number_problem("tiny", str(i), f"question {i} " + "x" * i, str(i)) for i in range(n)]
+
+
+@pytest.fixture()
+def runner(tiny_pair_dirs, tmp_path):
+    c = make_cascade(tiny_pair_dirs, max_rows=3)
+    c.encode = lambda prompt: [1 + (ord(ch) % 60) for ch in str(prompt)][-40:]  # a stand-in tokenizer for the tiny vocab
+    c.engine.detokenize = lambda ids: " ".join(str(i) for i in ids)  # numbers, so the final-number scorer has work
+    return PolicyRunner(c, RunCache(tmp_path / "cache"), "tiny-pair")
+
+
+def test_second_run_is_all_cache_hits(runner):
+    problems = _problems()
+    first, s1 = runner.run("chow(alpha=0.2)", problems, progress=False)
+    assert (s1.generated, s1.cached) == (5, 0)
+    again, s2 = runner.run("chow:0.2", problems, progress=False)  # same policy, other spelling
+    assert (s2.generated, s2.cached) == (0, 5)
+    assert [r.to_json() for r in again] == [r.to_json() for r in first]
+    assert all(r.extra["token_ids"] and r.emitted_tokens == len(r.extra["token_ids"]) for r in first)
+    # the answer's score is the real scorer's verdict on the real text
+    assert [r.correct for r in first] == [float(scoring.score(p, r.text).correct) for p, r in zip(problems, first)]
+
+
+def test_cache_key_tracks_policy_and_problem(runner):
+    problems = _problems(2)
+    runner.run("chow(alpha=0.2)", problems, progress=False)
+    _, other_policy = runner.run("chow(alpha=0.3)", problems, progress=False)
+    assert other_policy.generated == 2
+    changed = [number_problem("tiny", "0", "question 0", "1")]  # same id, other reference answer
+    _, other_problem = runner.run("chow(alpha=0.2)", changed, progress=False)
+    assert other_problem.generated == 1
+
+
+def test_interrupted_run_resumes_and_frees_rows(runner, monkeypatch):
+    problems = _problems()
+    calls = {"n": 0}
+    real_score = scoring.score
+
+    def flaky(problem, text):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_score(problem, text)
+
+    monkeypatch.setattr(scoring, "score", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("speculative", problems, progress=False)
+    engine = runner.cascade.engine
+    assert not engine.has_work() and engine.scheduler.num_free_rows == engine.max_rows
+    monkeypatch.setattr(scoring, "score", real_score)
+    records, stats = runner.run("speculative", problems, progress=False)
+    assert stats.cached == 2 and stats.generated == 3 and len(records) == 5
+
+
+def test_torn_cache_file_is_recomputed(runner):
+    problems = _problems(1)
+    runner.run("draft-only", problems, progress=False)
+    for f in runner.cache.root.rglob("*.json"):
+        f.write_text("{not json")
+    _, stats = runner.run("draft-only", problems, progress=False)
+    assert stats.generated == 1
