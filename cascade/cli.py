@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
     b.add_argument("--real-budget", type=float, default=0.2,
                    help="target-token budget at which each policy is also run for real (default: 0.2; negative: skip)")
-    b.add_argument("--real-limit", type=int, default=0, help="problems per dataset for those real runs (default: 0 = all)")
+    b.add_argument("--real-limit", type=int, default=5,
+                   help="problems per dataset for those real runs, the first of the sample (default: 5; 0 = all)")
     b.add_argument("--batch-size", type=int, default=8, help="engine rows (concurrent requests) in real runs (default: 8)")
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     b.add_argument("--tag", default="bench", help="output file stem (default: bench)")
@@ -181,8 +182,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cascade.bench.harness import Bench
     from cascade.bench.sweeps import GRIDS
 
-    if args.policy not in set(GRIDS) | {"quantile"}:
-        raise ValueError(f"--policy: {args.policy!r} has no parameter to calibrate; choose from {', '.join(sorted(set(GRIDS) | {'quantile'}))}")
+    tunable = {name for name, grid in GRIDS.items() if len(grid) > 1} | {"quantile"}
+    if args.policy not in tunable:
+        raise ValueError(f"--policy: {args.policy!r} has no parameter to calibrate; choose from {', '.join(sorted(tunable))}")
     if args.budget < 0:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
     problems = select(load_dataset(args.dataset), args.limit or None, args.seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +13,7 @@ from cascade.bench.calibrate import choose_config, sweep_points
 from cascade.bench.replay import PathStats
 from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, plot, write_csv
 from cascade.bench.runs import RunRecord
+from cascade.policies import parse_policy
 from cascade.bench.sweeps import draft_logprob_quantile, oracle_records, quantile_records, quantile_taus
 
 
@@ -91,7 +91,8 @@ def test_calibration_meets_its_budget_on_a_synthetic_set(family, budget):
     # the same configuration on a disjoint test set drawn from the same distribution stays near the budget
     test = _synthetic(200, seed=2)
     if family == "quantile":  # its thresholds are data-dependent: apply the chosen one to the test set
-        level, tau = map(float, re.fullmatch(r"quantile\(quantile=(.*), tau=(.*)\)", chosen.config).groups())
+        pol = parse_policy(chosen.config)
+        level, tau = pol.quantile, pol.tau
         _, draft, target, dpaths, _ = test
         test_fraction = aggregate("syn", "quantile", "c", "derived", quantile_records(draft, target, dpaths, level, tau, "c"),
                                   target, 1, 3).target_fraction

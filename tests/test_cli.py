@@ -7,13 +7,14 @@ import pytest
 from cascade.cli import build_parser, main
 
 
-def test_help_lists_every_generate_option(capsys):
+@pytest.mark.parametrize("command", ["generate", "fetch-models", "bench", "calibrate"])
+def test_help_lists_every_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--help"])
+        main([command, "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     parser = build_parser()
-    gen = parser._subparsers._group_actions[0].choices["generate"]
+    gen = parser._subparsers._group_actions[0].choices[command]
     for action in gen._actions:
         for opt in action.option_strings:
             assert opt in text
@@ -23,7 +24,7 @@ def test_help_lists_every_generate_option(capsys):
 def test_top_level_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "generate" in out and "fetch-models" in out
+    assert all(c in out for c in ("generate", "fetch-models", "bench", "calibrate"))
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -31,6 +32,11 @@ def test_top_level_help(capsys):
     (["generate", "hi", "--policy", "chow", "--alpha", "3"], "alpha"),
     (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
     (["generate", "hi", "--param", "oops"], "name=value"),
+    (["bench", "--policies", "chow,nope"], "--policies"),
+    (["bench", "--dataset", "nope"], "dataset"),
+    (["calibrate", "--policy", "speculative", "--budget", "0.2"], "--policy"),
+    (["calibrate", "--policy", "chow", "--budget", "-1"], "--budget"),
+    (["calibrate", "--policy", "chow", "--budget", "0.2", "--dataset", "nope"], "dataset"),
 ])
 def test_bad_input_exits_2_with_message(argv, needle, capsys):
     assert main(argv) == 2

@@ -19,7 +19,7 @@ from typing import Sequence
 from cascade.bench.replay import PathStats, replay_record
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
-from cascade.bench.sweeps import QUANTILE_LEVELS, grid_policies, quantile_records, quantile_taus
+from cascade.bench.sweeps import QUANTILE_LEVELS, grid_policies, quantile_config, quantile_records, quantile_taus
 
 
 def choose_config(points: Sequence[Point], budget: float) -> Point:
@@ -40,8 +40,6 @@ def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord]
     """One replayed (token-level) or derived (``quantile``) point per grid configuration."""
     points = []
     if family == "quantile":
-        from cascade.bench.harness import quantile_config
-
         for level in QUANTILE_LEVELS:
             for tau in quantile_taus(dpaths, level):
                 config = quantile_config(tau, level)

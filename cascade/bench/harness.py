@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 from cascade.bench.report import Point, aggregate, best_within, budget_table, plot, write_csv
 from cascade.bench.replay import PathStats, path_key, record_path, replay_record
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
-from cascade.bench.sweeps import (QUANTILE_LEVELS, TOKEN_LEVEL, grid_policies, oracle_records, quantile_records,
-                                  quantile_taus)
+from cascade.bench.sweeps import (QUANTILE_LEVELS, TOKEN_LEVEL, grid_policies, oracle_records, quantile_config,
+                                  quantile_records, quantile_taus)
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BenchConfig:
     seed: int = 0  # subset seed
     families: tuple[str, ...] = TOKEN_LEVEL + ("quantile",)  # policies to sweep (baselines always run)
     real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
-    real_limit: int | None = None  # problems per dataset for those real runs (None: all selected)
+    real_limit: int | None = 5  # problems per dataset for those real runs, the first of the sample (None: all)
     batch_size: int = 8  # engine rows for real runs
     record_target_path: bool = False  # also teacher-force the target's answers (more exact replay, 2x recording)
     max_len: int = 2048
@@ -156,10 +156,6 @@ class Bench:
                 res.checks.append(replay_check(ds, chosen.config, rep[: len(sub)], recs))
 
 
-def quantile_config(tau: float, level: float) -> str:
-    return f"quantile(quantile={level}, tau={tau:.4g})"
-
-
 def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequence[RunRecord]) -> dict:
     """How well replayed records of ``config`` agree with real runs of it on the same problems."""
     n = len(real)
@@ -191,14 +187,13 @@ def git_commit() -> str:
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     """Run the whole benchmark; returns the Markdown report's path."""
     from cascade.bench.datasets import load_dataset, select
-    from cascade.bench.report import Point as _P  # noqa: F401  (keeps the import graph obvious)
 
+    problems = {ds: select(load_dataset(ds), cfg.limit, cfg.seed) for ds in cfg.datasets}  # bad names fail before loading models
     bench = Bench(cfg, say)
     results: dict[str, DatasetResult] = {}
     t0 = time.perf_counter()
     for ds in cfg.datasets:
-        problems = select(load_dataset(ds), cfg.limit, cfg.seed)
-        results[ds] = bench.dataset(ds, problems)
+        results[ds] = bench.dataset(ds, problems[ds])
     elapsed = time.perf_counter() - t0
     return write_outputs(cfg, results, elapsed, bench.cascade)
 

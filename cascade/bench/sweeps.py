@@ -13,6 +13,7 @@ from typing import Sequence
 from cascade.bench.replay import PathStats
 from cascade.bench.runs import RunRecord
 from cascade.policies import Policy, make_policy
+from cascade.policies.routing import linear_quantile
 
 ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
@@ -37,20 +38,15 @@ def grid_policies(family: str) -> list[Policy]:
     return [make_policy(family, **params) for params in GRIDS[family]]
 
 
-def _quantile(values: Sequence[float], level: float) -> float:
-    """Linear-interpolation quantile (numpy's default, torch.quantile's 'linear')."""
-    xs = sorted(values)
-    if not xs:
-        return 0.0
-    pos = level * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def draft_logprob_quantile(path: PathStats, level: float) -> float:
-    """The ``level`` quantile of the draft's T = 1 log-probs of its own emitted tokens (EOS excluded)."""
-    return _quantile([math.log(max(q, 1e-30)) for q in path.q_max[: path.emitted]], level)
+    """The ``level`` quantile of the draft's T = 1 log-probs of its own emitted tokens (EOS excluded): the
+    score the engine's ``quantile`` policy computes when its draft phase ends (same function)."""
+    return linear_quantile([math.log(max(q, 1e-30)) for q in path.q_max[: path.emitted]], level)
+
+
+def quantile_config(tau: float, level: float) -> str:
+    """The policy string of the real ``quantile`` policy with these parameters."""
+    return make_policy("quantile", tau=float(tau), quantile=float(level)).describe()
 
 
 def quantile_records(draft: Sequence[RunRecord], target: Sequence[RunRecord], paths: Sequence[PathStats],
