@@ -332,6 +332,7 @@ class Engine:
             s.stats.target_tokens += len(block)
             spans.append(catch_up + block)
             num_logits.append((blk.pending if blk is not None else 0) + len(block) + 1)
+            s.stats.target_scored_tokens += num_logits[-1]
             s.target_len += len(spans[-1])
             if blk is not None:
                 s.stats.escalations += 1

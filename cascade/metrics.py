@@ -6,6 +6,12 @@ Counting rules (DESIGN.md, "Cost accounting"):
   position, or one position per target-only step. Prompt positions are counted apart, in
   ``*_prefill_tokens``, so that ``target_token_fraction`` measures escalation, not prompt length.
 - ``target_token_fraction`` = target_tokens / emitted tokens.
+- ``target_scored_tokens``: of those, the positions whose target logits decided something: held-back
+  tokens checked + block positions + the bonus / replacement position per escalation, one per target-only
+  step. The rest of ``target_tokens`` is catch-up: draft tokens emitted without the target, which it must
+  still read into its KV cache before it can verify the next block. Catch-up costs FLOPs (so it is in
+  ``target_tokens`` and ``relative_cost``) but on a GPU it runs as a parallel prefill and adds little
+  latency; ``target_scored_fraction`` is the share of tokens the target was actually consulted on.
 - Request-level routing (``quantile``): a discarded draft answer's work stays counted in ``draft_tokens``
   / ``draft_prefill_tokens`` and the target's answer adds its own; ``emitted_tokens`` counts the final
   answer only, so ``relative_cost`` is honest about paying for both.
@@ -41,6 +47,7 @@ class RequestStats:
     draft_tokens: int = 0
     draft_prefill_tokens: int = 0
     target_tokens: int = 0
+    target_scored_tokens: int = 0  # target positions that scored a token (see the module docstring)
     target_prefill_tokens: int = 0
     escalations: int = 0  # target passes that verified a block of this request
     accepted_tokens: int = 0  # draft tokens accepted by verification
@@ -54,6 +61,10 @@ class RequestStats:
     @property
     def target_token_fraction(self) -> float:
         return self.target_tokens / self.emitted_tokens if self.emitted_tokens else 0.0
+
+    @property
+    def target_scored_fraction(self) -> float:
+        return self.target_scored_tokens / self.emitted_tokens if self.emitted_tokens else 0.0
 
     @property
     def mean_acceptance_length(self) -> float:

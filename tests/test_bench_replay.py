@@ -20,7 +20,7 @@ POLICIES = [
     ("speculative", {}), ("speculative", {"k": 3}), ("chow", {"alpha": 0.0}), ("chow", {"alpha": 0.3}),
     ("chow", {"alpha": 0.7}), ("chow", {"alpha": 1.0}), ("diff", {"alpha": 0.1}), ("opt", {"alpha": 0.1}),
     ("bild", {"fallback": 0.5, "rollback": 2.0}), ("bild", {"fallback": 0.9, "rollback": 0.5, "k": 4}),
-    ("token-v1", {"alpha": 0.1}), ("token-v2", {"alpha": 0.2}), ("token-v3", {"alpha": 0.3}),
+    ("chow-cut", {"alpha": 0.3}), ("chow-cut", {"alpha": 0.05, "k": 3}), ("token-v1", {"alpha": 0.1}), ("token-v2", {"alpha": 0.2}), ("token-v3", {"alpha": 0.3}),
 ]
 
 
@@ -68,8 +68,9 @@ def test_exact_replay_equals_real_run_counts(twin, name, params):
         rep = replay_record(policy, _problem(i), dpaths[i], tpaths[i], 1.0, 1.0)
         assert rep.mode == "replay-exact"
         assert r.token_ids == draft[i].token_ids
-        assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.escalations) == (
-            r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.escalations), policy.describe()
+        assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
+            r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens,
+            r.stats.escalations), policy.describe()
         assert rep.target_prefill_tokens == r.stats.target_prefill_tokens
 
 
@@ -84,8 +85,8 @@ def test_replay_modes_agree_with_real_runs_on_a_random_pair(pair):
             seen[rep.mode] += 1
             if rep.mode == "replay-exact":
                 assert r.token_ids == draft[i].token_ids
-                assert (rep.draft_tokens, rep.target_tokens, rep.escalations) == (
-                    r.stats.draft_tokens, r.stats.target_tokens, r.stats.escalations)
+                assert (rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
+                    r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens, r.stats.escalations)
                 assert rep.correct == 0.0
             elif rep.mode == "replay-target-path":
                 assert r.token_ids == target[i].token_ids
@@ -116,7 +117,18 @@ def test_simulate_counts_catch_up_and_divergence_by_hand():
     # round 2: block 5-9 has position 7 -> escalated: catch-up 5 + block 5 = 10 target positions; 5, 6 accepted
     #          (delta = 0), 7 deferred and rejected -> the target's token 2 replaces it: divergence at 7.
     assert w.escalations == 1 and w.target_tokens == 10 and w.diverged_at == 7
+    assert w.target_scored_tokens == 6  # the 5 block positions + the replacement position; catch-up is not scored
     assert w.disagreements == 1 and w.resolved_to_target == 1
     # after the replacement, round 3 drafts positions 8-9 (confident): no more target work
     never = simulate(make_policy("chow", alpha=0.7, k=5), _path(q, agree))
     assert never.escalations == 0 and never.target_tokens == 0 and never.diverged_at is None
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.6])
+def test_chow_cut_gives_chows_output_for_fewer_scored_positions(pair, alpha):
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    chow = pair.generate(PROMPTS, params, policy=make_policy("chow", alpha=alpha))
+    cut = pair.generate(PROMPTS, params, policy=make_policy("chow-cut", alpha=alpha))
+    assert [r.token_ids for r in cut] == [r.token_ids for r in chow]
+    assert sum(r.stats.target_scored_tokens for r in cut) <= sum(r.stats.target_scored_tokens for r in chow)
+    assert sum(r.stats.escalations for r in cut) > 0

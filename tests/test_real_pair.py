@@ -46,6 +46,59 @@ def test_cli_generate_prints_answer_and_stats():
     assert "4" in out.stdout and "escalations" in out.stdout and "tok/s" in out.stdout
 
 
+TASKS = [
+    {"task_id": "t/add", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+     "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"},
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "#### 7"},
+    {"task_id": "t/neg", "prompt": "def neg(x):\n    \"\"\"Return -x.\"\"\"\n",
+     "test": "def check(f):\n    assert f(2) == -2\n", "entry_point": "neg"},
+    {"question": "A box holds 5 pens. How many pens are in 2 boxes?", "answer": "#### 10"},
+]
+
+
+def _task_file(tmp_path):
+    import json
+
+    path = tmp_path / "tiny_tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    return path
+
+
+def test_cli_bench_end_to_end_on_a_task_file(tmp_path):
+    """`cascade bench` on the real pair: real baselines, recording, replayed sweeps, a real run at the
+    calibrated budget, and the CSV / Markdown / PNG outputs."""
+    _pair_dirs()
+    out_dir = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "bench", "--dataset", str(_task_file(tmp_path)),
+                          "--limit", "0", "--policies", "chow,quantile", "--real-budget", "0.5", "--real-limit", "2",
+                          "--out", str(out_dir), "--tag", "t", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (out_dir / "t.md").read_text()
+    assert "jsonl:tiny_tasks" in md and "chow" in md and "draft-only" in md and "oracle" in md
+    csv_text = (out_dir / "t.csv").read_text()
+    assert csv_text.count("\n") > 10 and ",replay," in csv_text and ",real," in csv_text
+    assert (out_dir / "t.png").stat().st_size > 10_000
+
+
+def test_cli_calibrate_prints_a_usable_policy(tmp_path):
+    _pair_dirs()
+    summary = tmp_path / "cal.json"
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "calibrate", "--policy", "chow", "--budget", "0.3",
+                          "--dataset", str(_task_file(tmp_path)), "--limit", "0", "--out", str(summary),
+                          "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    from cascade.policies import parse_policy
+
+    result = json.loads(summary.read_text())
+    policy = parse_policy(result["policy"])  # the chosen value goes straight back into --policy
+    assert policy.name == "chow" and result["dev"]["target_fraction"] <= 0.3 + 1e-9
+    assert result["test"]["n"] == 2 and "chosen: chow(" in out.stdout
+
+
 # The tests below share one loaded pair; they come after the subprocess tests above so that two copies of
 # the pair (about 10 GB each in fp32) are never in memory at once.
 @pytest.fixture(scope="module")

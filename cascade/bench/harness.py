@@ -52,26 +52,37 @@ class BenchConfig:
 class DatasetResult:
     points: list[Point] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)  # one row per real-run request (the per-request CSV)
 
 
 class Bench:
     """Holds the loaded pair, the run cache and the recorded paths for one ``cascade bench`` invocation."""
 
     def __init__(self, cfg: BenchConfig, say: Callable[[str], None] = print) -> None:
-        from cascade.library import Cascade
+        from cascade.models.loading import read_config
         from cascade.weights import DEFAULT_PAIR, cascade_home, resolve_model
 
         self.cfg, self.say = cfg, say
-        draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
-        target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
-        self.pair_fp = model_fingerprint(draft_dir) + "-" + model_fingerprint(target_dir)
+        self.draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
+        self.target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
+        self.pair_fp = model_fingerprint(self.draft_dir) + "-" + model_fingerprint(self.target_dir)
         self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
-        t0 = time.perf_counter()
-        self.cascade = Cascade.from_pretrained(draft_dir, target_dir, max_rows=cfg.batch_size, max_len=cfg.max_len)
-        say(f"loaded the pair in {time.perf_counter() - t0:.0f} s (draft {draft_dir.name}, target {target_dir.name})")
-        self.runner = PolicyRunner(self.cascade, self.cache, self.pair_fp)
-        self.draft_params = self.cascade.draft.num_params
-        self.target_params = self.cascade.target.num_params
+        self.draft_params = read_config(self.draft_dir).num_params
+        self.target_params = read_config(self.target_dir).num_params
+        self._cascade = None
+        self.runner = PolicyRunner(lambda: self.cascade, self.cache, self.pair_fp)
+
+    @property
+    def cascade(self):
+        """The loaded pair, loaded on first use: a fully cached bench never loads a model."""
+        if self._cascade is None:
+            from cascade.library import Cascade
+
+            t0 = time.perf_counter()
+            self._cascade = Cascade.from_pretrained(self.draft_dir, self.target_dir, max_rows=self.cfg.batch_size,
+                                                    max_len=self.cfg.max_len)
+            self.say(f"loaded the pair in {time.perf_counter() - t0:.0f} s (draft {self.draft_dir.name}, target {self.target_dir.name})")
+        return self._cascade
 
     # ------------------------------------------------------------------ pieces
     def run(self, policy, problems, label: str | None = None) -> list[RunRecord]:
@@ -102,6 +113,18 @@ class Bench:
         bar.close()
         return out
 
+    def _request_rows(self, res: DatasetResult, records: Sequence[RunRecord], target_only: Sequence[RunRecord]) -> None:
+        for r, t in zip(records, target_only):
+            res.requests.append({
+                "dataset": r.dataset, "problem_id": r.problem_id, "policy": r.policy, "correct": r.correct,
+                "emitted_tokens": r.emitted_tokens, "target_tokens": r.target_tokens,
+                "target_token_fraction": r.target_tokens / max(1, r.emitted_tokens),
+                "relative_cost": r.flops(self.draft_params, self.target_params) / t.flops(self.draft_params, self.target_params),
+                "wall_time_s": r.wall_time_s, "time_share_s": r.time_share_s,
+                "tokens_per_s": r.emitted_tokens / r.time_share_s if r.time_share_s else None,
+                "finish_reason": r.finish_reason, "score_detail": r.score_detail,
+            })
+
     def point(self, ds: str, family: str, config: str, source: str, records, target_only) -> Point:
         return aggregate(ds, family, config, source, records, target_only, self.draft_params, self.target_params)
 
@@ -114,6 +137,8 @@ class Bench:
         target = self.run("target-only", problems, f"{ds} target-only")
         dpaths = self.paths(problems, draft, "draft")
         tpaths = self.paths(problems, target, "target") if cfg.record_target_path else [None] * len(problems)
+        self._request_rows(res, draft, target)
+        self._request_rows(res, target, target)
         res.points += [self.point(ds, "draft-only", "draft-only", "real", draft, target),
                        self.point(ds, "target-only", "target-only", "real", target, target),
                        self.point(ds, "oracle", "oracle", "derived", oracle_records(draft, target), target)]
@@ -135,10 +160,10 @@ class Bench:
                     recs = quantile_records(draft, target, dpaths, level, tau, config)
                     res.points.append(self.point(ds, "quantile", config, "derived", recs, target))
         if cfg.real_budget is not None:
-            self._real_at_budget(ds, problems, res, replayed, target)
+            self._real_at_budget(ds, problems, res, replayed, draft, target)
         return res
 
-    def _real_at_budget(self, ds, problems, res: DatasetResult, replayed, target) -> None:
+    def _real_at_budget(self, ds, problems, res: DatasetResult, replayed, draft, target) -> None:
         cfg = self.cfg
         floor = next(p for p in res.points if p.family == "draft-only")
         sub = problems[: cfg.real_limit] if cfg.real_limit else problems
@@ -150,7 +175,11 @@ class Bench:
                 self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} beats draft-only; real run skipped")
                 continue
             recs = self.run(chosen.config, sub, f"{ds} {chosen.config} (real)")
-            res.points.append(self.point(ds, fam, chosen.config, "real", recs, [target[i] for i in idx]))
+            self._request_rows(res, recs, [target[i] for i in idx])
+            pt = self.point(ds, fam, chosen.config, "real", recs, [target[i] for i in idx])
+            pt.ref_draft_quality = sum(draft[i].correct for i in idx) / len(idx)
+            pt.ref_target_quality = sum(target[i].correct for i in idx) / len(idx)
+            res.points.append(pt)
             rep = dict(replayed.get(fam, [])).get(chosen.config)
             if rep is not None:
                 res.checks.append(replay_check(ds, chosen.config, rep[: len(sub)], recs))
@@ -195,14 +224,22 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     for ds in cfg.datasets:
         results[ds] = bench.dataset(ds, problems[ds])
     elapsed = time.perf_counter() - t0
-    return write_outputs(cfg, results, elapsed, bench.cascade)
+    return write_outputs(cfg, results, elapsed)
 
 
-def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, cascade=None) -> Path:
+def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [p for r in results.values() for p in r.points]
     write_csv(points, out / f"{cfg.tag}.csv")
+    rows = [row for r in results.values() for row in r.requests]
+    if rows:
+        import csv
+
+        with (out / f"{cfg.tag}_requests.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     datasets = list(results)
     families, refs, real = {}, {}, {}
     for ds, r in results.items():

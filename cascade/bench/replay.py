@@ -123,6 +123,7 @@ class WalkResult:
 
     draft_tokens: int
     target_tokens: int
+    target_scored_tokens: int
     escalations: int
     diverged_at: int | None  # first position whose emitted token differs from the recorded one
     disagreements: int  # positions where argmax q != argmax p
@@ -165,7 +166,7 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
     L = len(path)
     pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
     pending_from: int | None = None  # first held-back token (checks_pending policies)
-    draft_tokens = target_tokens = escalations = 0
+    draft_tokens = target_tokens = scored = escalations = 0
     diverged: int | None = None
     resolved = 0
 
@@ -197,6 +198,7 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
             continue
         escalations += 1
         target_tokens += (pos - target_len) + keep
+        scored += (pos - pending_from if pending_from is not None else 0) + keep + 1
         if pending_from is not None:
             held = torch.tensor(path.logp_x[pending_from:pos])  # on the recorded answer, x is the held token
             ok = policy.check_pending(held).tolist()
@@ -218,7 +220,7 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
         pending_draft = 2 if n_acc == n else 1  # the draft cache lags by d_n and the extra token only after a whole block
         pos = extra + 1
     disagreements = sum(1 for a, b in zip(path.q_argmax, path.p_argmax) if a != b)
-    return WalkResult(draft_tokens, target_tokens, escalations, diverged, disagreements, resolved)
+    return WalkResult(draft_tokens, target_tokens, scored, escalations, diverged, disagreements, resolved)
 
 
 def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats | None,
@@ -243,5 +245,6 @@ def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: P
         emitted_tokens=path.emitted, prompt_tokens=path.prompt_tokens, draft_tokens=walk.draft_tokens,
         draft_prefill_tokens=path.prompt_tokens, target_tokens=walk.target_tokens,
         target_prefill_tokens=path.prompt_tokens if walk.escalations else 0, escalations=walk.escalations,
+        target_scored_tokens=walk.target_scored_tokens,
         mode=mode, extra={"diverged_at": on_draft.diverged_at},
     )

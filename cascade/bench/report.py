@@ -8,8 +8,13 @@ Definitions (DESIGN.md, "Cost accounting"), per dataset, summed over its problem
   per target-only step) / emitted tokens. Prompt prefill is counted apart.
 - relative_cost: FLOPs of both models (2 * params * positions, prompts included) / FLOPs of the real
   target-only run on the same problems, so target-only is exactly 1.
+- target_scored_fraction: target positions that scored a token (block + bonus / replacement positions,
+  held-back tokens checked) / emitted tokens: target_token_fraction without the catch-up, i.e. the share of
+  tokens the target was consulted on (what the Speculative Cascades paper counts as large-model calls; on a
+  GPU the catch-up runs as a parallel prefill and costs little latency).
 - gap recovered: (Q - Q_draft) / (Q_target - Q_draft).
-- gap recovered at budget b: the best quality among a policy's points whose target_token_fraction <= b
+- gap recovered at budget b: the best quality among a policy's points whose target_token_fraction (or,
+  on the second axis, target_scored_fraction) <= b
   (draft-only, the policy at its most permissive, is always available), so it is a value the user can
   actually get by calibrating; AUC is its mean over budgets 0, 0.01, ..., 1.
 """
@@ -39,8 +44,18 @@ class Point:
     quality: float
     target_fraction: float
     relative_cost: float
+    scored_fraction: float = 0.0
     tokens_per_s: float | None = None  # real runs only
     exact_share: float | None = None  # replay: share of problems whose figures are exact (not estimated)
+    ref_draft_quality: float | None = None  # draft-only / target-only quality on the same problems, when the
+    ref_target_quality: float | None = None  #   point covers a subset (real runs at the reported budget)
+
+    @property
+    def gap(self) -> float:
+        """Gap recovered against the baselines on the same problems (NaN without them)."""
+        if self.ref_draft_quality is None or self.ref_target_quality is None:
+            return float("nan")
+        return gap_recovered(self.quality, self.ref_draft_quality, self.ref_target_quality)
 
 
 def aggregate(dataset: str, family: str, config: str, source: str, records: Sequence[RunRecord],
@@ -60,6 +75,7 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
         dataset=dataset, family=family, config=config, source=source, n=len(records),
         quality=sum(r.correct for r in records) / len(records),
         target_fraction=sum(r.target_tokens for r in records) / max(1, emitted),
+        scored_fraction=sum(r.scored for r in records) / max(1, emitted),
         relative_cost=flops / base if base else float("nan"),
         tokens_per_s=(emitted / time_s) if source == "real" and time_s > 0 else None,
         exact_share=exact,
@@ -72,21 +88,21 @@ def gap_recovered(quality: float, q_draft: float, q_target: float) -> float:
     return (quality - q_draft) / (q_target - q_draft)
 
 
-def best_within(points: Iterable[Point], budget: float, floor: Point) -> Point:
-    """The highest-quality point with target_fraction <= budget (ties: the cheaper one); ``floor`` (the
-    draft-only point) when none fits."""
-    fits = [p for p in points if p.target_fraction <= budget + 1e-9]
-    return max([floor] + fits, key=lambda p: (p.quality, -p.target_fraction))
+def best_within(points: Iterable[Point], budget: float, floor: Point, axis: str = "target_fraction") -> Point:
+    """The highest-quality point with ``axis`` <= budget (ties: the cheaper one); ``floor`` (the draft-only
+    point) when none fits."""
+    fits = [p for p in points if getattr(p, axis) <= budget + 1e-9]
+    return max([floor] + fits, key=lambda p: (p.quality, -getattr(p, axis)))
 
 
 def gap_curve(points: Sequence[Point], floor: Point, q_draft: float, q_target: float,
-              budgets: Sequence[float]) -> list[float]:
-    return [gap_recovered(best_within(points, b, floor).quality, q_draft, q_target) for b in budgets]
+              budgets: Sequence[float], axis: str = "target_fraction") -> list[float]:
+    return [gap_recovered(best_within(points, b, floor, axis).quality, q_draft, q_target) for b in budgets]
 
 
-def auc(points: Sequence[Point], floor: Point, q_draft: float, q_target: float) -> float:
+def auc(points: Sequence[Point], floor: Point, q_draft: float, q_target: float, axis: str = "target_fraction") -> float:
     grid = [i / 100 for i in range(101)]
-    values = gap_curve(points, floor, q_draft, q_target, grid)
+    values = gap_curve(points, floor, q_draft, q_target, grid, axis)
     return sum(values) / len(values)
 
 
@@ -121,7 +137,7 @@ def budget_table(dataset: str, families: dict[str, list[Point]], refs: dict[str,
     qd, qt = refs["draft-only"].quality, refs["target-only"].quality
     floor = refs["draft-only"]
     head = ("| policy | " + " | ".join(f"gap @ {int(100 * b)} %" for b in BUDGETS)
-            + " | AUC | config @ 20 % | quality @ 20 % (real) | target frac (real) | rel. cost (real) | tok/s (real) |")
+            + " | AUC | config @ 20 % | quality @ 20 % (real; gap vs the same problems) | target frac (real) | rel. cost (real) | tok/s (real) |")
     lines = [f"### {dataset}", "",
              f"draft-only {_fmt(refs['draft-only'].quality, True)} · target-only {_fmt(refs['target-only'].quality, True)}"
              f" · oracle {_fmt(refs['oracle'].quality, True)} at target fraction {_fmt(refs['oracle'].target_fraction, True)}"
@@ -133,13 +149,22 @@ def budget_table(dataset: str, families: dict[str, list[Point]], refs: dict[str,
         lines.append(
             f"| {fam} | " + " | ".join(_fmt(g, True) for g in gaps) + f" | {_fmt(auc(pts, floor, qd, qt), True)} | "
             f"`{chosen.config}` | "
-            + (f"{_fmt(real.quality, True)} (gap {_fmt(gap_recovered(real.quality, qd, qt), True)}) | "
+            + (f"{_fmt(real.quality, True)} (gap {_fmt(real.gap, True)}, n = {real.n}) | "
                f"{_fmt(real.target_fraction, True)} | {_fmt(real.relative_cost)} | {_fmt(real.tokens_per_s)} |"
                if real else "– | – | – | – |"))
+    lines += ["", f"Same sweeps on the *scored* axis (budget on target_scored_fraction: catch-up not counted):", "",
+              "| policy | " + " | ".join(f"gap @ {int(100 * b)} %" for b in BUDGETS) + " | AUC | config @ 20 % | its target frac (with catch-up) |",
+              "|" + "---|" * (len(BUDGETS) + 4)]
+    for fam, pts in sorted(families.items()):
+        gaps = gap_curve(pts, floor, qd, qt, BUDGETS, "scored_fraction")
+        chosen = best_within(pts, 0.2, floor, "scored_fraction")
+        lines.append(f"| {fam} | " + " | ".join(_fmt(g, True) for g in gaps)
+                     + f" | {_fmt(auc(pts, floor, qd, qt, 'scored_fraction'), True)} | `{chosen.config}` | {_fmt(chosen.target_fraction, True)} |")
+    lines += ["", "Reference points:", "", "| | config | quality | target frac | scored frac | rel. cost | tok/s |", "|---|---|---|---|---|---|---|"]
     for name in ("draft-only", "target-only", "oracle"):
         r = refs[name]
-        lines.append(f"| *{name}* | | | | | | `{r.config}` | {_fmt(r.quality, True)} | {_fmt(r.target_fraction, True)} | "
-                     f"{_fmt(r.relative_cost)} | {_fmt(r.tokens_per_s)} |")
+        lines.append(f"| *{name}* | `{r.config}` | {_fmt(r.quality, True)} | {_fmt(r.target_fraction, True)} | "
+                     f"{_fmt(r.scored_fraction, True)} | {_fmt(r.relative_cost)} | {_fmt(r.tokens_per_s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,22 +177,25 @@ def plot(datasets: Sequence[str], families: dict[str, dict[str, list[Point]]], r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(datasets), figsize=(6.5 * len(datasets), 9.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(datasets), figsize=(6.5 * len(datasets), 14), squeeze=False)
     colors = {}
     cmap = plt.get_cmap("tab10")
     for j, ds in enumerate(datasets):
         qd, qt = refs[ds]["draft-only"].quality, refs[ds]["target-only"].quality
-        top, bottom = axes[0][j], axes[1][j]
+        top, bottom, scored = axes[0][j], axes[1][j], axes[2][j]
         for i, (fam, pts) in enumerate(sorted(families[ds].items())):
             color = colors.setdefault(fam, cmap(len(colors) % 10))
             front = pareto(pts)
             top.plot([p.relative_cost for p in front], [p.quality for p in front], "-o", ms=3, color=color, label=fam, alpha=0.85)
             grid = [b / 100 for b in range(101)]
             bottom.step(grid, gap_curve(pts, refs[ds]["draft-only"], qd, qt, grid), where="post", color=color, label=fam)
+            scored.step(grid, gap_curve(pts, refs[ds]["draft-only"], qd, qt, grid, "scored_fraction"), where="post",
+                        color=color, label=fam)
         for p in real.get(ds, []):
             color = colors.setdefault(p.family, cmap(len(colors) % 10))
             top.plot([p.relative_cost], [p.quality], "s", ms=8, color=color, markeredgecolor="black")
-            bottom.plot([p.target_fraction], [gap_recovered(p.quality, qd, qt)], "s", ms=8, color=color, markeredgecolor="black")
+            bottom.plot([p.target_fraction], [p.gap], "s", ms=8, color=color, markeredgecolor="black")
+            scored.plot([p.scored_fraction], [p.gap], "s", ms=8, color=color, markeredgecolor="black")
         for name, marker in (("draft-only", "*"), ("target-only", "*"), ("oracle", "P")):
             r = refs[ds][name]
             top.plot([r.relative_cost], [r.quality], marker, ms=13, color="black")
@@ -179,10 +207,14 @@ def plot(datasets: Sequence[str], families: dict[str, dict[str, list[Point]]], r
         bottom.set_title(f"{ds}: gap recovered vs target-token budget")
         bottom.set_xlabel("target_token_fraction budget")
         bottom.set_ylabel("gap recovered")
-        for b in BUDGETS:
-            bottom.axvline(b, color="grey", lw=0.5, ls=":")
-        bottom.set_xlim(0, 1.0)
-        bottom.grid(alpha=0.3)
+        scored.set_title(f"{ds}: gap recovered vs scored-token budget (catch-up not counted)")
+        scored.set_xlabel("target_scored_fraction budget")
+        scored.set_ylabel("gap recovered")
+        for ax in (bottom, scored):
+            for b in BUDGETS:
+                ax.axvline(b, color="grey", lw=0.5, ls=":")
+            ax.set_xlim(0, 1.0)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title + "\nlines: replayed sweeps (Pareto front) · squares: real runs · stars: draft/target-only · P: oracle", fontsize=10)
     fig.tight_layout()

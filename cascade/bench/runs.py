@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from cascade.config import SamplingParams
 from cascade.policies import Policy, parse_policy
@@ -50,6 +50,7 @@ class RunRecord:
     target_tokens: int  # generated-region positions a target pass processed (catch-up included)
     target_prefill_tokens: int
     escalations: int
+    target_scored_tokens: int | None = None  # None in records of runs without catch-up (see ``scored``)
     mode: str = "real"  # "real" | "replay-exact" | "replay-target-path" | "replay-estimate" | "derived"
     text: str = ""
     finish_reason: str | None = None
@@ -57,6 +58,13 @@ class RunRecord:
     time_share_s: float = 0.0  # this request's share of the run's wall time (real runs only)
     wall_time_s: float = 0.0  # arrival to finish, queueing included (real runs only)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def scored(self) -> int:
+        """Target positions that scored a token (metrics.RequestStats.target_scored_tokens). Records written
+        without the counter come from draft-only / target-only runs (or combinations of them), where every
+        target position scored one."""
+        return self.target_tokens if self.target_scored_tokens is None else self.target_scored_tokens
 
     def flops(self, draft_params: int, target_params: int) -> float:
         return 2.0 * (draft_params * (self.draft_tokens + self.draft_prefill_tokens)
@@ -140,10 +148,14 @@ class RunStats:
 class PolicyRunner:
     """Runs policies over problems on a loaded ``Cascade``, scoring and caching every answer."""
 
-    def __init__(self, cascade: "Cascade", cache: RunCache, pair_fingerprint: str) -> None:
-        self.cascade = cascade
+    def __init__(self, cascade: "Cascade | Callable[[], Cascade]", cache: RunCache, pair_fingerprint: str) -> None:
+        self._cascade = cascade  # or a zero-argument function that loads it: called only on a cache miss
         self.cache = cache
         self.pair_fingerprint = pair_fingerprint
+
+    @property
+    def cascade(self) -> "Cascade":
+        return self._cascade() if callable(self._cascade) else self._cascade
 
     def run(self, policy: "str | Policy", problems: Sequence["Problem"], *, progress: bool = True,
             label: str | None = None) -> tuple[list[RunRecord], RunStats]:
@@ -152,6 +164,8 @@ class PolicyRunner:
 
         pol = parse_policy(policy)
         keys = [run_key(self.pair_fingerprint, p, pol, sampling_for(p)) for p in problems]
+        if pol.benchmark_only:
+            raise ValueError(f"policy: {pol.name} is derived by the harness from the baseline runs, not run")
         records: dict[int, RunRecord] = {}
         stats = RunStats()
         for i, key in enumerate(keys):
@@ -209,7 +223,7 @@ def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids:
         correct=1.0 if s.correct else 0.0, emitted_tokens=st.emitted_tokens, prompt_tokens=st.prompt_tokens,
         draft_tokens=st.draft_tokens, draft_prefill_tokens=st.draft_prefill_tokens,
         target_tokens=st.target_tokens, target_prefill_tokens=st.target_prefill_tokens,
-        escalations=st.escalations, mode="real", text=out.text, finish_reason=out.finish_reason,
+        escalations=st.escalations, target_scored_tokens=st.target_scored_tokens, mode="real", text=out.text, finish_reason=out.finish_reason,
         score_detail=s.detail, time_share_s=share, wall_time_s=st.wall_time_s,
         extra={"accepted_tokens": st.accepted_tokens, "bonus_tokens": st.bonus_tokens,
                "replaced_tokens": st.replaced_tokens, "token_ids": list(token_ids)},

@@ -20,6 +20,7 @@ ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 
 GRIDS: dict[str, list[dict]] = {
     "speculative": [{}],
     "chow": [{"alpha": a} for a in ALPHAS],
+    "chow-cut": [{"alpha": a} for a in ALPHAS],
     "diff": [{"alpha": a} for a in ALPHAS],
     "opt": [{"alpha": a} for a in ALPHAS],
     "token-v1": [{"alpha": a} for a in ALPHAS],
@@ -61,7 +62,8 @@ def quantile_records(draft: Sequence[RunRecord], target: Sequence[RunRecord], pa
                 emitted_tokens=t.emitted_tokens, prompt_tokens=d.prompt_tokens,
                 draft_tokens=d.draft_tokens, draft_prefill_tokens=d.draft_prefill_tokens,
                 target_tokens=t.target_tokens, target_prefill_tokens=t.target_prefill_tokens,
-                escalations=0, mode="derived", time_share_s=d.time_share_s + t.time_share_s))
+                escalations=0, target_scored_tokens=t.scored, mode="derived",
+                time_share_s=d.time_share_s + t.time_share_s))
         else:
             out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
     return out

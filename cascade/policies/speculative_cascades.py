@@ -63,6 +63,36 @@ class Chow(_ChowTriggered):
         return (v.max_q < 1.0 - self.alpha).float()
 
 
+@register("chow-cut")
+@dataclass(frozen=True)
+class ChowCut(_ChowTriggered):
+    """Chow's rule with the cheapest trigger for it (ours): drafting stops at the first token with
+    max q < 1 - alpha, the block is cut just before it and escalated, and the target decides that one
+    position (it is the escalation's bonus position). Nothing else is scored.
+
+    Why this is still Chow's rule: every kept position has max q >= 1 - alpha, i.e. delta = 0, so the plain
+    ``chow`` accepts it as drafted without looking at p; at the first unconfident position delta = 1, so
+    ``chow`` emits a token distributed as p there (greedy: argmax p), and that is what the bonus draw from p
+    is. The positions after it are drafted again from the same prefix in the next round. So the output
+    (greedy: token for token; sampled: in distribution) is Chow's, and the target scores one position per
+    unconfident token instead of k + 1 per escalated block. The draft also stops drafting past that token.
+    alpha = 1 never escalates; alpha = 0 sends every uncertain token to the target."""
+
+    stops_drafting: ClassVar[bool] = True
+
+    def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
+        low = (conf.max_prob < 1.0 - self.alpha) & conf.valid
+        escalate = low.any(dim=1)
+        first_low = torch.where(escalate, low.float().argmax(dim=1), conf.drafted)
+        return first_low.to(torch.int64), escalate
+
+    def stop_drafting(self, max_prob: torch.Tensor) -> torch.Tensor:
+        return max_prob < 1.0 - self.alpha
+
+    def deferral(self, v: "VerifyStats") -> torch.Tensor:
+        return (v.max_q < 1.0 - self.alpha).float()
+
+
 @register("diff")
 @dataclass(frozen=True)
 class Diff(_ChowTriggered):
