@@ -43,7 +43,7 @@ def verify(q, p, max_q=None, max_p=None):
 
 
 def test_registry_has_the_issue_policies():
-    assert set(policy_names()) == {"draft-only", "target-only", "speculative", "chow", "diff", "opt", "token-v1",
+    assert set(policy_names()) == {"draft-only", "target-only", "speculative", "chow", "chow-cut", "diff", "opt", "token-v1",
                                    "token-v2", "token-v3", "bild", "quantile", "oracle"}
 
 
