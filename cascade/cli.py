@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
                    help="humaneval, gsm8k or a JSONL task file (repeatable; default: humaneval and gsm8k)")
     b.add_argument("--limit", type=int, default=20, help="problems per dataset, a seeded sample (default: 20; 0 = all)")
+    b.add_argument("--dataset-limit", action="append", default=None, metavar="NAME=N",
+                   help="problems for one dataset, overriding --limit (repeatable), e.g. gsm8k=40")
     b.add_argument("--seed", type=int, default=0, help="seed of the problem sample (default: 0)")
     b.add_argument("--policies", default=None,
                    help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
@@ -164,7 +166,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bad = [f for f in families if f not in known]
         if bad:
             raise ValueError(f"--policies: unknown {bad}; choose from {', '.join(sorted(known))}")
+    limits = {}
+    for item in args.dataset_limit or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--dataset-limit {item!r} must be written NAME=N")
+        limits[name.strip()] = int(value) or None
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
+                        dataset_limits=limits,
                         real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
     md = run_bench(cfg)

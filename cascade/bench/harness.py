@@ -33,6 +33,7 @@ class BenchConfig:
 
     datasets: tuple[str, ...] = ("humaneval", "gsm8k")
     limit: int | None = 20  # problems per dataset (a seeded sample, see datasets.select); None: all
+    dataset_limits: dict = field(default_factory=dict)  # per-dataset overrides of ``limit``
     seed: int = 0  # subset seed
     families: tuple[str, ...] = TOKEN_LEVEL + ("quantile",)  # policies to sweep (baselines always run)
     real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
@@ -217,7 +218,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     """Run the whole benchmark; returns the Markdown report's path."""
     from cascade.bench.datasets import load_dataset, select
 
-    problems = {ds: select(load_dataset(ds), cfg.limit, cfg.seed) for ds in cfg.datasets}  # bad names fail before loading models
+    problems = {ds: select(load_dataset(ds), cfg.dataset_limits.get(ds, cfg.limit), cfg.seed) for ds in cfg.datasets}  # bad names fail before loading models
     bench = Bench(cfg, say)
     results: dict[str, DatasetResult] = {}
     t0 = time.perf_counter()
@@ -258,10 +259,11 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
         machine = machine_info()
     except Exception:  # the harness also runs from an installed package without benchmarks/
         pass
-    lines = [f"# cascade bench: {cfg.tag}", "",
-             f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · "
-             f"subset: seed {cfg.seed}, limit {cfg.limit} per dataset · real runs at budget {cfg.real_budget} on "
-             f"{cfg.real_limit or 'all'} problems · batch {cfg.batch_size} · greedy", ""]
+    sizes = ", ".join(f"{ds} {next(p.n for p in r.points if p.family == 'draft-only')}" for ds, r in results.items())
+    head = (f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · seeded subsets "
+            f"(seed {cfg.seed}): {sizes} problems · real runs at budget {cfg.real_budget} on the first "
+            f"{cfg.real_limit or 'all'} problems of each · batch {cfg.batch_size} · greedy")
+    lines = [f"# cascade bench: {cfg.tag}", "", head, ""]
     if machine:
         lines += [f"machine: `{json.dumps(machine)}`", ""]
     lines += ["Gap recovered at a budget = best replayed configuration within that target_token_fraction "
