@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
     b.add_argument("--real-budget", type=float, default=0.2,
                    help="target-token budget at which each policy is also run for real (default: 0.2; negative: skip)")
+    b.add_argument("--real-axis", choices=["target", "scored"], default="target",
+                   help="axis of --real-budget: target = target_token_fraction (catch-up counted, FLOPs), scored = "
+                        "target_scored_fraction (positions the target scored a token at) (default: target)")
     b.add_argument("--real-limit", type=int, default=5,
                    help="problems per dataset for those real runs, the first of the sample (default: 5; 0 = all)")
     b.add_argument("--batch-size", type=int, default=8, help="engine rows (concurrent requests) in real runs (default: 8)")
@@ -173,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--dataset-limit {item!r} must be written NAME=N")
         limits[name.strip()] = int(value) or None
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
-                        dataset_limits=limits,
+                        dataset_limits=limits, real_axis={"target": "target_fraction", "scored": "scored_fraction"}[args.real_axis],
                         real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
     md = run_bench(cfg)

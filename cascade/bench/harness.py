@@ -37,6 +37,7 @@ class BenchConfig:
     seed: int = 0  # subset seed
     families: tuple[str, ...] = TOKEN_LEVEL + ("quantile",)  # policies to sweep (baselines always run)
     real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
+    real_axis: str = "target_fraction"  # the budget's axis: "target_fraction" (catch-up counted) or "scored_fraction"
     real_limit: int | None = 5  # problems per dataset for those real runs, the first of the sample (None: all)
     batch_size: int = 8  # engine rows for real runs
     record_target_path: bool = False  # also teacher-force the target's answers (more exact replay, 2x recording)
@@ -171,9 +172,9 @@ class Bench:
         idx = list(range(len(sub)))
         for fam in cfg.families:
             pts = [p for p in res.points if p.family == fam]
-            chosen = best_within(pts, cfg.real_budget, floor)
+            chosen = best_within(pts, cfg.real_budget, floor, cfg.real_axis)
             if chosen is floor:
-                self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} beats draft-only; real run skipped")
+                self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} ({cfg.real_axis}) beats draft-only; real run skipped")
                 continue
             recs = self.run(chosen.config, sub, f"{ds} {chosen.config} (real)")
             self._request_rows(res, recs, [target[i] for i in idx])
@@ -222,8 +223,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     bench = Bench(cfg, say)
     results: dict[str, DatasetResult] = {}
     t0 = time.perf_counter()
-    for ds in cfg.datasets:
-        results[ds] = bench.dataset(ds, problems[ds])
+    for spec, probs in problems.items():
+        name = probs[0].dataset if probs else spec  # "humaneval", "gsm8k", "jsonl:<stem>"
+        results[name] = bench.dataset(name, probs)
     elapsed = time.perf_counter() - t0
     return write_outputs(cfg, results, elapsed)
 
@@ -267,8 +269,8 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
     if machine:
         lines += [f"machine: `{json.dumps(machine)}`", ""]
     lines += ["Gap recovered at a budget = best replayed configuration within that target_token_fraction "
-              "(replay figures are labelled; see `cascade/bench/replay.py`). The @ 20 % columns are REAL runs of "
-              "the configuration the replay chose.", ""]
+              "(replay figures are labelled; see `cascade/bench/replay.py`). The (real) columns are REAL runs of "
+              f"the configuration the replay chose for the {cfg.real_budget} budget on the `{cfg.real_axis}` axis.", ""]
     for ds in datasets:
         real_at = {p.family: p for p in real[ds]}
         lines.append(budget_table(ds, families[ds], refs[ds], real_at))
