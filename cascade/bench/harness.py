@@ -220,6 +220,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     from cascade.bench.datasets import load_dataset, select
 
     problems = {ds: select(load_dataset(ds), cfg.dataset_limits.get(ds, cfg.limit), cfg.seed) for ds in cfg.datasets}  # bad names fail before loading models
+    commit = git_commit()  # the code that produced the results (taken before the run, not after)
     bench = Bench(cfg, say)
     results: dict[str, DatasetResult] = {}
     t0 = time.perf_counter()
@@ -227,10 +228,10 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
         name = probs[0].dataset if probs else spec  # "humaneval", "gsm8k", "jsonl:<stem>"
         results[name] = bench.dataset(name, probs)
     elapsed = time.perf_counter() - t0
-    return write_outputs(cfg, results, elapsed)
+    return write_outputs(cfg, results, elapsed, commit)
 
 
-def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float) -> Path:
+def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, commit: str) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [p for r in results.values() for p in r.points]
@@ -252,7 +253,6 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
             if p.source in ("replay", "derived") and p.family not in refs[ds]:
                 families[ds].setdefault(p.family, []).append(p)
         real[ds] = [p for p in r.points if p.source == "real" and p.family not in refs[ds]]
-    commit = git_commit()
     plot(datasets, families, refs, real, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
     machine = {}
     try:
