@@ -156,11 +156,14 @@ class Bench:
                 res.points.append(self.point(ds, fam, pol.describe(), "replay", recs, target))
             replayed[fam] = runs
         if "quantile" in cfg.families:
+            runs = []
             for level in QUANTILE_LEVELS:
                 for tau in quantile_taus(dpaths, level):
                     config = quantile_config(tau, level)
                     recs = quantile_records(draft, target, dpaths, level, tau, config)
+                    runs.append((config, recs))  # derived exactly; checked against a real run like the replays
                     res.points.append(self.point(ds, "quantile", config, "derived", recs, target))
+            replayed["quantile"] = runs
         if cfg.real_budget is not None:
             self._real_at_budget(ds, problems, res, replayed, draft, target)
         return res
@@ -191,7 +194,7 @@ def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequ
     """How well replayed records of ``config`` agree with real runs of it on the same problems."""
     n = len(real)
     agree = sum(1 for a, b in zip(replayed, real) if round(a.correct) == round(b.correct))
-    exact = [(a, b) for a, b in zip(replayed, real) if a.mode == "replay-exact"]
+    exact = [(a, b) for a, b in zip(replayed, real) if a.mode in ("replay-exact", "derived")]
     rf = sum(a.target_tokens for a in replayed) / max(1, sum(a.emitted_tokens for a in replayed))
     ff = sum(b.target_tokens for b in real) / max(1, sum(b.emitted_tokens for b in real))
     return {
@@ -201,8 +204,9 @@ def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequ
         "score_agreement": agree / max(1, n),
         "replay_target_fraction": rf, "real_target_fraction": ff,
         "exact_mode_problems": len(exact),
-        "exact_mode_same_tokens": sum(1 for a, b in exact if a.target_tokens == b.target_tokens and a.emitted_tokens == b.emitted_tokens),
-        "modes": {m: sum(1 for a in replayed if a.mode == m) for m in ("replay-exact", "replay-target-path", "replay-estimate")},
+        "exact_mode_same_tokens": sum(1 for a, b in exact if (a.target_tokens, a.emitted_tokens, a.correct) == (b.target_tokens, b.emitted_tokens, b.correct)),
+        "modes": {m: n for m in ("replay-exact", "replay-target-path", "replay-estimate", "derived")
+                  if (n := sum(1 for a in replayed if a.mode == m))},
     }
 
 
