@@ -173,6 +173,10 @@ class Bench:
         floor = next(p for p in res.points if p.family == "draft-only")
         sub = problems[: cfg.real_limit] if cfg.real_limit else problems
         idx = list(range(len(sub)))
+        timed = {}  # the baselines' throughput on the same problems, measured now (same machine state)
+        for name in ("draft-only", "target-only"):
+            recs, _ = self.runner.run(name, sub, progress=cfg.progress, label=f"{ds} {name} (timing)", fresh=True)
+            timed[name] = sum(r.emitted_tokens for r in recs) / max(1e-9, sum(r.time_share_s for r in recs))
         for fam in cfg.families:
             pts = [p for p in res.points if p.family == fam]
             chosen = best_within(pts, cfg.real_budget, floor, cfg.real_axis)
@@ -184,6 +188,7 @@ class Bench:
             pt = self.point(ds, fam, chosen.config, "real", recs, [target[i] for i in idx])
             pt.ref_draft_quality = sum(draft[i].correct for i in idx) / len(idx)
             pt.ref_target_quality = sum(target[i].correct for i in idx) / len(idx)
+            pt.ref_draft_tokens_per_s, pt.ref_target_tokens_per_s = timed["draft-only"], timed["target-only"]
             res.points.append(pt)
             rep = dict(replayed.get(fam, [])).get(chosen.config)
             if rep is not None:

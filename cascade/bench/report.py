@@ -49,6 +49,8 @@ class Point:
     exact_share: float | None = None  # replay: share of problems whose figures are exact (not estimated)
     ref_draft_quality: float | None = None  # draft-only / target-only quality on the same problems, when the
     ref_target_quality: float | None = None  #   point covers a subset (real runs at the reported budget)
+    ref_draft_tokens_per_s: float | None = None  # draft-only / target-only throughput on the same problems,
+    ref_target_tokens_per_s: float | None = None  #   timed right before the real runs
 
     @property
     def gap(self) -> float:
@@ -151,7 +153,8 @@ def budget_table(dataset: str, families: dict[str, list[Point]], refs: dict[str,
             f"`{chosen.config}` | "
             + (f"`{real.config}`: {_fmt(real.quality, True)} (gap {_fmt(real.gap, True)}, n = {real.n}) | "
                f"{_fmt(real.target_fraction, True)} | {_fmt(real.scored_fraction, True)} | {_fmt(real.relative_cost)} | "
-               f"{_fmt(real.tokens_per_s)} |" if real else "– | – | – | – | – |"))
+               f"{_fmt(real.tokens_per_s)} (draft-only {_fmt(real.ref_draft_tokens_per_s)}, target-only "
+               f"{_fmt(real.ref_target_tokens_per_s)}) |" if real else "– | – | – | – | – |"))
     lines += ["", f"Same sweeps on the *scored* axis (budget on target_scored_fraction: catch-up not counted):", "",
               "| policy | " + " | ".join(f"gap @ {int(100 * b)} %" for b in BUDGETS) + " | AUC | config @ 20 % | its target frac (with catch-up) |",
               "|" + "---|" * (len(BUDGETS) + 4)]

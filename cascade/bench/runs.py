@@ -158,8 +158,10 @@ class PolicyRunner:
         return self._cascade() if callable(self._cascade) else self._cascade
 
     def run(self, policy: "str | Policy", problems: Sequence["Problem"], *, progress: bool = True,
-            label: str | None = None) -> tuple[list[RunRecord], RunStats]:
-        """Answer every problem with ``policy``; returns records in problem order (cached ones included)."""
+            label: str | None = None, fresh: bool = False) -> tuple[list[RunRecord], RunStats]:
+        """Answer every problem with ``policy``; returns records in problem order (cached ones included).
+        ``fresh``: generate even where the cache has an answer (to time a baseline in the same conditions
+        as the runs it is compared with); the new records replace the cached ones."""
         from cascade.bench.scoring import score
 
         pol = parse_policy(policy)
@@ -169,7 +171,7 @@ class PolicyRunner:
         records: dict[int, RunRecord] = {}
         stats = RunStats()
         for i, key in enumerate(keys):
-            hit = self.cache.get(key)
+            hit = None if fresh else self.cache.get(key)
             if hit is not None:
                 records[i] = RunRecord.from_json(hit)
                 stats.cached += 1
