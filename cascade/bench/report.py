@@ -173,8 +173,9 @@ def budget_table(dataset: str, families: dict[str, list[Point]], refs: dict[str,
 
 def plot(datasets: Sequence[str], families: dict[str, dict[str, list[Point]]], refs: dict[str, dict[str, Point]],
          real: dict[str, list[Point]], path: Path, title: str) -> None:
-    """Row 1: quality vs relative cost (Pareto line per policy, replayed); row 2: gap recovered vs target
-    fraction. Filled markers: real runs; stars: draft-only / target-only / oracle."""
+    """Row 1: quality vs relative cost (Pareto line per policy, replayed); rows 2-3: gap recovered vs the
+    target-token and the scored-token budget. Squares (rows 2-3): real runs, whose gap is against the
+    baselines on the same (sub)set of problems; stars: draft-only / target-only / oracle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +197,6 @@ def plot(datasets: Sequence[str], families: dict[str, dict[str, list[Point]]], r
                         color=color, label=fam)
         for p in real.get(ds, []):
             color = colors.setdefault(p.family, cmap(len(colors) % 10))
-            top.plot([p.relative_cost], [p.quality], "s", ms=8, color=color, markeredgecolor="black")
             bottom.plot([p.target_fraction], [p.gap], "s", ms=8, color=color, markeredgecolor="black")
             scored.plot([p.scored_fraction], [p.gap], "s", ms=8, color=color, markeredgecolor="black")
         for name, marker in (("draft-only", "*"), ("target-only", "*"), ("oracle", "P")):
@@ -219,7 +219,7 @@ def plot(datasets: Sequence[str], families: dict[str, dict[str, list[Point]]], r
             ax.set_xlim(0, 1.0)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title + "\nlines: replayed sweeps (Pareto front) · squares: real runs · stars: draft/target-only · P: oracle", fontsize=10)
+    fig.suptitle(title + "\nlines: replayed / derived sweeps (Pareto front) · squares: real runs at the budget on the real-run subset, gap vs the baselines on that subset · stars: draft/target-only · P: oracle", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
