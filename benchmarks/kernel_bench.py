@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from the checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from cascade.machine import cpu_model  # noqa: E402
+
 PROVIDERS = ("torch-eager", "torch-reference", "triton", "triton-row")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # peak HBM bandwidth, GB/s (vendor figures); first match on the lower-cased device name wins
@@ -73,12 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------- machine
 def machine_info(torch, device) -> dict:
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})",
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -89,16 +91,6 @@ def machine_info(torch, device) -> dict:
     except ImportError:
         info["triton"] = ""
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_gbps(name: str, override: float | None) -> float | None:

@@ -263,13 +263,9 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
                 families[ds].setdefault(p.family, []).append(p)
         real[ds] = [p for p in r.points if p.source == "real" and p.family not in refs[ds]]
     plot(datasets, families, refs, real, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
-    machine = {}
-    try:
-        from benchmarks.machine import machine_info  # type: ignore
+    from cascade.machine import machine_info
 
-        machine = machine_info()
-    except Exception:  # the harness also runs from an installed package without benchmarks/
-        pass
+    machine = machine_info()
     sizes = ", ".join(f"{ds} {next(p.n for p in r.points if p.family == 'draft-only')}" for ds, r in results.items())
     head = (f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · seeded subsets "
             f"(seed {cfg.seed}): {sizes} problems · real runs at budget {cfg.real_budget} on the first "
