@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from cascade.config import SamplingParams
 from cascade.policies import Policy, parse_policy
@@ -238,7 +238,3 @@ def _bar(enabled: bool, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True)
-
-
-def records_by_problem(records: Iterable[RunRecord]) -> dict[str, RunRecord]:
-    return {f"{r.dataset}/{r.problem_id}": r for r in records}
