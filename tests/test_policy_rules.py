@@ -4,7 +4,6 @@ by hand), and the distribution-level speculative sampling procedure checked agai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,16 +27,7 @@ from cascade.policies import (
 from cascade.policies.routing import linear_quantile
 
 
-@dataclass(frozen=True)
-class Stats:
-    """The VerifyStats fields policies read."""
-
-    q_token: torch.Tensor
-    p_token: torch.Tensor
-    max_q: torch.Tensor
-    max_p: torch.Tensor
-    tv: torch.Tensor
-    logp_token: torch.Tensor
+from test_policies import FakeVerify as Stats  # noqa: E402  (the VerifyStats fields policies read)
 
 
 def stats_of(q: torch.Tensor, p: torch.Tensor, x: torch.Tensor, greedy: bool = False) -> Stats:
