@@ -13,7 +13,8 @@ One ``Engine.step()``:
    target-only sequence (its pending tokens);
 6. computes the fused verify statistics of all escalated positions in one call, applies each policy's
    deferral rule and acceptance test (or, for rules that need them, the full distributions: see
-   ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token;
+   ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token
+   (``cascade.acceptance``);
 7. rolls both caches back to the accepted length (a length update), applies stop conditions and settles
    request-level decisions.
 
@@ -32,32 +33,20 @@ has checked them (they may be rolled back). A finished request reports everythin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 from typing import Sequence as Seq
 
 import torch
 
+from cascade.acceptance import Block, Verdict, group_by_policy, natural_logprob, verify_blocks
 from cascade.confidence import confidence_stats
 from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner
-from cascade.policies import (
-    BlockConfidence,
-    Policy,
-    residual_distribution,
-    speculative_acceptance,
-    verify_distributions,
-)
-from cascade.sampling import (
-    filter_logits,
-    make_generator,
-    noise_seeds,
-    sample,
-    uniforms,
-)
+from cascade.policies import BlockConfidence, Policy
+from cascade.sampling import filter_logits, make_generator, sample
 from cascade.scheduler import Scheduler, Sequence
-from cascade.verification import VerifyStats, verify_stats
 
 
 @dataclass
@@ -72,30 +61,6 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     stats: RequestStats
-
-
-@dataclass
-class _Block:
-    """A sequence's drafted block within the current round."""
-
-    tokens: list[int]  # drafted tokens d_1..d_k
-    logits: torch.Tensor  # [k, V] float32, filtered draft logits the tokens were drawn from
-    logprobs: list[float] = field(default_factory=list)  # natural log q(d_j)
-    keep: int = 0  # block length chosen by the trigger
-    escalate: bool = False
-    pending: int = 0  # held-back draft tokens the target pass also scores (checks_pending policies)
-
-
-@dataclass
-class _Verdict:
-    """What verification decided for one escalated sequence."""
-
-    kept: int  # draft tokens of this round's block that were accepted
-    extra: list[int]  # the replacement or bonus token (one)
-    sources: list[TokenSource]  # of the kept tokens + extra
-    logprobs: list[float]  # of the kept tokens + extra
-    checked_logprobs: list[float] = field(default_factory=list)  # held-back tokens that passed (-> VERIFIED)
-    rollback: int | None = None  # output index at which held-back tokens are cut (the block is dropped)
 
 
 class Engine:
@@ -181,7 +146,7 @@ class Engine:
         target_logits = self._target_pass(escalated, blocks, target_only)
 
         t0 = time.perf_counter()
-        verdicts = self._verify(escalated, blocks, target_logits)
+        verdicts = verify_blocks(escalated, blocks, target_logits)
         self.stats.time_kernels_s += time.perf_counter() - t0
 
         for s in cascading:
@@ -209,7 +174,7 @@ class Engine:
         return min(s.policy.k, s.params.max_tokens - s.num_emitted, room)
 
     # ------------------------------------------------------------------ 1. draft
-    def _draft(self, seqs: list[Sequence]) -> dict[str, _Block]:
+    def _draft(self, seqs: list[Sequence]) -> dict[str, Block]:
         t0 = time.perf_counter()
         ks = [self._block_size(s) for s in seqs]
         rows = [s.row for s in seqs]
@@ -241,7 +206,7 @@ class Engine:
             self._stop_early(seqs, active, filtered, ks, j)
         self.stats.time_draft_s += time.perf_counter() - t0
         return {
-            s.request_id: _Block(tokens=drafted[i], logits=torch.stack(step_logits[i]))
+            s.request_id: Block(tokens=drafted[i], logits=torch.stack(step_logits[i]))
             for i, s in enumerate(seqs)
         }
 
@@ -268,7 +233,7 @@ class Engine:
             s.stats.target_tokens += n - prompt_part
 
     # ------------------------------------------------------------------ 2-3. confidence + trigger
-    def _trigger(self, seqs: list[Sequence], blocks: dict[str, _Block]) -> None:
+    def _trigger(self, seqs: list[Sequence], blocks: dict[str, Block]) -> None:
         all_logits = torch.cat([blocks[s.request_id].logits for s in seqs])  # [N, V]
         temps = torch.cat([torch.full((len(blocks[s.request_id].tokens),), s.params.temperature) for s in seqs])
         tokens = torch.tensor([t for s in seqs for t in blocks[s.request_id].tokens], dtype=torch.int64)
@@ -289,7 +254,7 @@ class Engine:
         other_t = ~((temps == 0.0) | (temps == 1.0))
         if other_t.any():
             idx = other_t.nonzero().squeeze(1)
-            logprobs[idx] = _logprob(all_logits[idx.to(all_logits.device)], tokens[idx]).cpu()
+            logprobs[idx] = natural_logprob(all_logits[idx.to(all_logits.device)], tokens[idx]).cpu()
         start = 0
         for s, n in zip(seqs, lens):
             blocks[s.request_id].logprobs = logprobs[start:start + n].tolist()
@@ -302,7 +267,7 @@ class Engine:
             max_prob=pad(conf.max_prob), margin=pad(conf.margin), entropy=pad(conf.entropy),
             token_logprob=pad(conf.token_logprob), valid=valid, drafted=torch.tensor(lens, dtype=torch.int64),
         )
-        for policy, members in _group_by_policy(range(B), [s.policy for s in seqs]).items():
+        for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             idx = torch.tensor(members)
             sub = BlockConfidence(*(getattr(block_conf, f.name)[idx] for f in fields(BlockConfidence)))
             keep, escalate = policy.trigger(sub)
@@ -313,7 +278,7 @@ class Engine:
 
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(
-        self, escalated: list[Sequence], blocks: dict[str, _Block], target_only: list[Sequence]
+        self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]
     ) -> dict[str, torch.Tensor]:
         """One ragged target pass; returns per request its logits [n, V]: held-back tokens + block
         positions + bonus for escalated sequences, one position for target-only sequences."""
@@ -346,126 +311,8 @@ class Engine:
         self.stats.time_target_s += time.perf_counter() - t0
         return out
 
-    # ------------------------------------------------------------------ 5. verify
-    def _verify(
-        self, seqs: list[Sequence], blocks: dict[str, _Block], target_logits: dict[str, torch.Tensor]
-    ) -> dict[str, _Verdict]:
-        """Deferral + acceptance for every escalated sequence."""
-        verified = [s for s in seqs if blocks[s.request_id].keep > 0]
-        stats: VerifyStats | None = None
-        q_logits = p_logits = toks = temps = logp_x = None
-        offsets, start = {}, 0
-        for s in verified:
-            offsets[s.request_id] = start
-            start += blocks[s.request_id].keep
-        if verified:
-            def rows(s: Sequence) -> torch.Tensor:
-                b = blocks[s.request_id]
-                return filter_logits(target_logits[s.request_id][b.pending:b.pending + b.keep], [s.params] * b.keep)
-
-            p_logits = torch.cat([rows(s) for s in verified])  # [R, V]
-            dev = p_logits.device
-            q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified]).to(dev)
-            toks = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
-            temps = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
-            seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.generator) for s in verified])
-            stats = verify_stats(q_logits, p_logits, toks.to(dev), temps.to(dev), seeds.to(dev))
-            logp_x = stats.logp_token.float().cpu().clone()  # natural log p(x) where T in {0, 1}
-            other_t = ~((temps == 0.0) | (temps == 1.0))
-            if other_t.any():
-                idx = other_t.nonzero().squeeze(1)
-                logp_x[idx] = _logprob(p_logits[idx.to(dev)], toks[idx]).cpu()
-        decisions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        dists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per request (pi, q) rows, distribution rules
-        for policy, members in _group_by_policy(verified, [s.policy for s in verified]).items():
-            idx = torch.tensor([i for s in members for i in range(offsets[s.request_id], offsets[s.request_id] + blocks[s.request_id].keep)])
-            idx_dev = idx.to(stats.q_token.device)
-            sub = _take(stats, idx_dev)
-            if policy.needs_distributions:
-                d = verify_distributions(q_logits[idx_dev], p_logits[idx_dev], toks[idx], temps[idx])
-                pi, delta = policy.target_distribution(d, sub)
-                accept = speculative_acceptance(pi, d.q, d.tokens)
-            else:
-                pi = None
-                delta = policy.deferral(sub).float()
-                accept = policy.acceptance(sub, delta.to(sub.q_token.device))
-            delta, accept = delta.float().cpu(), accept.float().cpu()
-            pos = 0
-            for s in members:
-                n = blocks[s.request_id].keep
-                decisions[s.request_id] = (delta[pos:pos + n], accept[pos:pos + n])
-                if pi is not None:
-                    dists[s.request_id] = (pi[pos:pos + n], d.q[pos:pos + n])
-                pos += n
-
-        result = {}
-        for s in seqs:
-            block = blocks[s.request_id]
-            checked: list[float] = []
-            if block.pending:
-                checked, rollback = self._check_pending(s, block, target_logits[s.request_id])
-                if rollback is not None:
-                    result[s.request_id] = rollback
-                    continue
-            n = block.keep
-            sources: list[TokenSource] = []
-            logprobs: list[float] = []
-            n_acc = 0
-            if n > 0:
-                delta, accept = decisions[s.request_id]
-                ok = (uniforms(n, s.generator) < accept).tolist()
-                n_acc = ok.index(False) if False in ok else n
-                off = offsets[s.request_id]
-                for j, d_j in enumerate(delta[:n_acc].tolist()):
-                    sources.append(TokenSource.VERIFIED if d_j > 0 else TokenSource.DRAFT)
-                    logprobs.append(float(logp_x[off + j]) if d_j > 0 else block.logprobs[j])
-            if n_acc < n:
-                row = offsets[s.request_id] + n_acc
-                if s.request_id in dists:
-                    pi, q = dists[s.request_id]
-                    res = residual_distribution(pi[n_acc:n_acc + 1], q[n_acc:n_acc + 1])[0].cpu()
-                    extra = int(torch.multinomial(res, 1, generator=s.generator)[0])
-                else:
-                    replacement = stats.target_token if s.policy.replace_from_target else stats.residual_token
-                    extra = int(replacement[row])
-                lp = _logprob(p_logits[row:row + 1], torch.tensor([extra]))
-                sources.append(TokenSource.TARGET)
-                s.stats.rejected_tokens += 1
-                s.stats.replaced_tokens += 1
-            else:
-                bonus_logits = filter_logits(target_logits[s.request_id][block.pending + n:block.pending + n + 1], [s.params])
-                extra = int(sample(bonus_logits, [s.params], [s.generator])[0])
-                lp = _logprob(bonus_logits, torch.tensor([extra]))
-                sources.append(TokenSource.BONUS)
-                s.stats.bonus_tokens += 1
-            s.stats.accepted_tokens += n_acc
-            result[s.request_id] = _Verdict(kept=n_acc, extra=[extra], sources=sources, logprobs=logprobs + [float(lp[0])],
-                                            checked_logprobs=checked)
-        return result
-
-    def _check_pending(self, s: Sequence, block: _Block, logits: torch.Tensor) -> tuple[list[float], _Verdict | None]:
-        """The target's check of held-back draft tokens (the first ``block.pending`` rows of its logits).
-        -> (natural log p of the tokens that passed, a rollback verdict at the first that failed or None)."""
-        n = block.pending
-        tokens = torch.tensor(s.output_ids[s.pending_from:], dtype=torch.int64)
-        rows = filter_logits(logits[:n], [s.params] * n)
-        natural = _logprob(rows, tokens).cpu()
-        t = s.params.temperature
-        rule = natural if t in (0.0, 1.0) else _logprob(rows / t, tokens).cpu()
-        ok = s.policy.check_pending(rule).tolist()
-        passed = ok.index(False) if False in ok else n
-        s.stats.accepted_tokens += passed
-        if passed == n:
-            return natural.tolist(), None
-        extra = int(sample(rows[passed:passed + 1], [s.params], [s.generator])[0])
-        s.stats.rejected_tokens += 1
-        s.stats.replaced_tokens += 1
-        lp = float(_logprob(rows[passed:passed + 1], torch.tensor([extra]))[0])
-        return [], _Verdict(kept=0, extra=[extra], sources=[TokenSource.TARGET], logprobs=[lp],
-                            checked_logprobs=natural[:passed].tolist(), rollback=s.pending_from + passed)
-
     # ------------------------------------------------------------------ 6. commit
-    def _commit_cascade(self, s: Sequence, block: _Block, verdict: _Verdict | None) -> None:
+    def _commit_cascade(self, s: Sequence, block: Block, verdict: Verdict | None) -> None:
         if verdict is None:  # not escalated: the kept block is emitted as drafted
             kept = block.keep
             if s.policy.checks_pending and kept and s.pending_from is None:
@@ -492,7 +339,7 @@ class Engine:
     def _commit_target_only(self, s: Sequence, logits: torch.Tensor) -> None:
         filtered = filter_logits(logits[-1:], [s.params])
         tok = int(sample(filtered, [s.params], [s.generator])[0])
-        self._append(s, [tok], [TokenSource.TARGET], [float(_logprob(filtered, torch.tensor([tok]))[0])])
+        self._append(s, [tok], [TokenSource.TARGET], [float(natural_logprob(filtered, torch.tensor([tok]))[0])])
 
     def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float]) -> None:
         """Emit tokens one by one, applying EOS, max_tokens and stop strings."""
@@ -566,23 +413,6 @@ class Engine:
 def _drafts(s: Sequence) -> bool:
     """Does this sequence's next round start with the draft? (A routed request-level one no longer does.)"""
     return s.policy.uses_draft and not s.routed_to_target
-
-
-def _logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Natural (T = 1) log-softmax of logits [N, V] at tokens [N] -> [N] float32."""
-    tokens = tokens.to(logits.device).view(-1, 1)
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens).squeeze(1)
-
-
-def _group_by_policy(items, policies: Seq[Policy]) -> dict[Policy, list]:
-    groups: dict[Policy, list] = {}
-    for item, policy in zip(items, policies):
-        groups.setdefault(policy, []).append(item)
-    return groups
-
-
-def _take(v: VerifyStats, idx: torch.Tensor) -> VerifyStats:
-    return type(v)(**{f.name: getattr(v, f.name)[idx] for f in fields(v)})
 
 
 def _first_stop(text: str, stops: Seq[str]) -> int | None:

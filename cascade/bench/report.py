@@ -155,7 +155,7 @@ def budget_table(dataset: str, families: dict[str, list[Point]], refs: dict[str,
                f"{_fmt(real.target_fraction, True)} | {_fmt(real.scored_fraction, True)} | {_fmt(real.relative_cost)} | "
                f"{_fmt(real.tokens_per_s)} (draft-only {_fmt(real.ref_draft_tokens_per_s)}, target-only "
                f"{_fmt(real.ref_target_tokens_per_s)}) |" if real else "– | – | – | – | – |"))
-    lines += ["", f"Same sweeps on the *scored* axis (budget on target_scored_fraction: catch-up not counted):", "",
+    lines += ["", "Same sweeps on the *scored* axis (budget on target_scored_fraction: catch-up not counted):", "",
               "| policy | " + " | ".join(f"gap @ {int(100 * b)} %" for b in BUDGETS) + " | AUC | config @ 20 % | its target frac (with catch-up) |",
               "|" + "---|" * (len(BUDGETS) + 4)]
     for fam, pts in sorted(families.items()):
