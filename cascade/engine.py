@@ -33,8 +33,9 @@ has checked them (they may be rolled back). A finished request reports everythin
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 from typing import Sequence as Seq
 
 import torch
@@ -90,7 +91,17 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> None:
         """Queue a request. Raises ValueError naming the field for an empty or too long prompt, or a
-        policy the engine cannot run."""
+        policy the engine cannot run (see ``check_request``)."""
+        prompt_ids = self.check_request(prompt_ids, params, policy)
+        gen = make_generator(params.seed, "cpu")
+        seq = Sequence(request_id, prompt_ids, params, policy, gen)
+        if policy.request_level:
+            seq.pending_from = 0  # nothing is reported until the request-level decision
+        self.scheduler.add(seq)
+
+    def check_request(self, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> list[int]:
+        """Validate a request without queueing it (reads no mutable state, so any thread may call it).
+        Returns the prompt as a list of ints; raises ValueError naming the field."""
         if policy.benchmark_only:
             raise ValueError(f"policy: {policy.name} is benchmark-only (the benchmark harness derives it from the "
                              "draft-only and target-only runs); the engine cannot run it")
@@ -104,11 +115,7 @@ class Engine:
             raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         if policy.k > self.config.max_draft_block:
             raise ValueError(f"k: {policy.k} exceeds the engine's max_draft_block={self.config.max_draft_block}")
-        gen = make_generator(params.seed, "cpu")
-        seq = Sequence(request_id, prompt_ids, params, policy, gen)
-        if policy.request_level:
-            seq.pending_from = 0  # nothing is reported until the request-level decision
-        self.scheduler.add(seq)
+        return prompt_ids
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its rows are freed at once. Returns False if it is unknown or done."""
@@ -125,11 +132,14 @@ class Engine:
         return self.scheduler.has_work()
 
     # ------------------------------------------------------------------ the round
-    def step(self) -> list[RequestOutput]:
-        """Run one round for every running sequence; return the new output of each."""
+    def step(self, only: Collection[str] | None = None) -> list[RequestOutput]:
+        """Run one round for every running sequence (or only those whose request ids are in ``only``);
+        return the new output of each. An exception leaves the round half done: use ``step_isolating``
+        where other requests must go on."""
         t_start = time.perf_counter()
         self.scheduler.admit()
-        running = [s for s in self.scheduler.running.values() if not s.finished]
+        running = [s for s in self.scheduler.running.values()
+                   if not s.finished and (only is None or s.request_id in only)]
         for s in running:
             if self._block_size(s) <= 0:
                 self._finish(s, "length")
@@ -166,6 +176,35 @@ class Engine:
         self.stats.rounds += 1
         self.stats.time_total_s += elapsed
         return outputs
+
+    def step_isolating(self) -> tuple[list[RequestOutput], dict[str, Exception]]:
+        """``step()``, but an exception fails only the request that raised it.
+
+        The batched round is tried first. If it raises, every running sequence is restored to its state
+        before the round (tokens, cache lengths, stats, RNG state), then the round is rerun one sequence at
+        a time; a sequence that raises alone is restored, finished with reason ``"error"`` and its rows
+        freed. Returns the outputs (the failed requests' final ones included) and the exception of each
+        failed request. Costs nothing extra while no round fails (a snapshot of a few lists per sequence)."""
+        self.scheduler.admit()
+        snapshot = {s.request_id: _SequenceState.of(s) for s in self.scheduler.running.values() if not s.finished}
+        try:
+            return self.step(), {}
+        except Exception:  # noqa: BLE001 -- isolated below, sequence by sequence
+            for rid, state in snapshot.items():
+                state.restore(self.scheduler.running[rid], self.draft, self.target)
+        outputs: list[RequestOutput] = []
+        failed: dict[str, Exception] = {}
+        for rid, state in snapshot.items():
+            try:
+                outputs += self.step(only={rid})
+            except Exception as exc:  # noqa: BLE001 -- this request fails, the others go on
+                seq = self.scheduler.running[rid]
+                state.restore(seq, self.draft, self.target)
+                seq.finished, seq.finish_reason = True, "error"
+                failed[rid] = exc
+                outputs.append(self._output(seq))
+                self._release(seq)
+        return outputs, failed
 
     def _block_size(self, s: Sequence) -> int:
         """Tokens to draft this round: the policy's k, capped by max_tokens and by cache room (the
@@ -408,6 +447,38 @@ class Engine:
             new_logprobs=s.token_logprobs[start:ready], text=text, finished=s.finished,
             finish_reason=s.finish_reason, stats=s.stats,
         )
+
+
+@dataclass
+class _SequenceState:
+    """What a round may change in a sequence, saved before it so that a failed round can be undone."""
+
+    tokens: list[int]
+    sources: list[TokenSource]
+    token_logprobs: list[float]
+    scalars: dict
+    stats: RequestStats
+    rng_state: torch.Tensor
+
+    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "text", "finished",
+                "finish_reason", "emitted_reported")
+
+    @classmethod
+    def of(cls, s: Sequence) -> "_SequenceState":
+        return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
+                   {name: getattr(s, name) for name in cls._SCALARS}, dataclasses.replace(s.stats),
+                   s.generator.get_state())
+
+    def restore(self, s: Sequence, draft: ModelRunner, target: ModelRunner) -> None:
+        s.tokens, s.sources, s.token_logprobs = list(self.tokens), list(self.sources), list(self.token_logprobs)
+        for name, value in self.scalars.items():
+            setattr(s, name, value)
+        s.stats = dataclasses.replace(self.stats)
+        s.generator.set_state(self.rng_state)
+        if s.row >= 0:  # the caches may hold positions written by the failed round: cut them (a length update)
+            for runner, length in ((draft, s.draft_len), (target, s.target_len)):
+                if runner.lengths([s.row])[0] > length:
+                    runner.truncate([s.row], [length])
 
 
 def _drafts(s: Sequence) -> bool:

@@ -1,0 +1,37 @@
+"""The OpenAI-compatible server (``cascade serve``): ``protocol`` (wire format), ``routes`` (FastAPI app),
+``serving`` (the engine thread and its asyncio bridge), ``metrics`` (Prometheus collectors).
+
+    from cascade.server import create_app
+    app = create_app(Cascade.from_pretrained(), default_policy="chow(alpha=0.2)")
+
+``run_server`` serves an app with uvicorn until interrupted; importing this package starts nothing.
+"""
+
+from __future__ import annotations
+
+from cascade.library import Cascade
+from cascade.policies import Policy, parse_policy
+
+
+def create_app(cascade: Cascade, *, default_policy: str | Policy = "speculative", served_name: str = "cascade",
+               max_queue: int = 64, default_max_tokens: int = 256, drain_timeout_s: float = 30.0):
+    """A FastAPI app serving ``cascade``; its engine thread starts with the app (lifespan) and drains at
+    shutdown. ``app.state.engine_loop`` and ``app.state.metrics`` give tests and embedders access."""
+    from cascade.server.metrics import ServerMetrics
+    from cascade.server.routes import ServerConfig, build_app
+    from cascade.server.serving import EngineLoop
+
+    metrics = ServerMetrics()
+    loop = EngineLoop(cascade, max_queue=max_queue, metrics=metrics)
+    config = ServerConfig(served_name=served_name, default_policy=parse_policy(default_policy),
+                          default_max_tokens=default_max_tokens, drain_timeout_s=drain_timeout_s)
+    app = build_app(loop, config, metrics)
+    app.state.engine_loop, app.state.metrics = loop, metrics
+    return app
+
+
+def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until SIGINT / SIGTERM; uvicorn then runs the app's shutdown, which drains the engine."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)

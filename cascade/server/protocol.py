@@ -1,0 +1,307 @@
+"""The OpenAI wire format: request bodies (pydantic), their translation into engine inputs, response and
+stream-chunk bodies, and the error shape. No HTTP framework and no engine here.
+
+Request fields follow OpenAI's API. Fields we cannot honour are refused with a 400 naming the field rather
+than silently ignored when they would change the answer (``echo``, ``suffix``, ``best_of > n``, non-zero
+``presence_penalty`` / ``frequency_penalty``, ``logit_bias``, ``top_logprobs > 0``: the engine keeps the
+log-prob of the chosen token only, not the top alternatives); fields that do not change the answer
+(``user``, ``metadata``, ...) are accepted and ignored.
+
+The extra body field ``cascade`` picks the policy of one request: ``{"policy": "chow", "alpha": 0.2}``, or
+only parameters (``{"alpha": 0.2}``) to adjust the policy the model name chose. Model names: the served
+name (``cascade`` by default) runs the server's default policy; ``cascade:<policy>`` runs another one,
+written as ``cascade generate --policy`` takes it (``cascade:chow:0.2``, ``cascade:chow(alpha=0.2,k=4)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cascade.config import SamplingParams
+from cascade.metrics import RequestStats
+from cascade.policies import Policy, make_policy, parse_policy
+
+MAX_N = 16  # choices per request (each is one engine request)
+MAX_STOP = 4  # stop strings, as OpenAI
+
+
+class InvalidRequest(Exception):
+    """A request the server refuses: the HTTP status, OpenAI's error ``type`` / ``code``, and the field."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_value_error(exc: ValueError, default_param: str | None = None) -> InvalidRequest:
+    """A library ValueError (whose message starts with the field name, ``"max_tokens must be ..."`` or
+    ``"prompt: ..."``) as a 400 naming that field."""
+    message = str(exc)
+    head = message.split(" ", 1)[0].rstrip(":")
+    param = head if head.replace("_", "").replace(".", "").isalnum() and head.islower() else default_param
+    return InvalidRequest(message, param=param)
+
+
+# ---------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields that do not change the answer are ignored
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # an extension many OpenAI-compatible servers accept
+    seed: int | None = Field(None, ge=0)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    cascade: dict[str, Any] | None = None  # {"policy": name, **parameters} (see the module docstring)
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name}: not supported (only 0 is accepted)", param=name)
+        if self.logit_bias:
+            raise InvalidRequest("logit_bias: not supported", param="logit_bias")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise InvalidRequest(f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise InvalidRequest("stop: stop strings must not be empty", param="stop")
+        return tuple(stops)
+
+    def include_usage_in_stream(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def sampling_params(self, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
+        """One SamplingParams per choice. With a seed, choice i uses seed + i (so n > 1 with a seed gives
+        n different, reproducible samples)."""
+        self.check_unsupported()
+        stop = self.stop_strings()
+        try:
+            return [SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=self.temperature,
+                                   top_p=self.top_p, top_k=self.top_k,
+                                   seed=None if self.seed is None else self.seed + i, stop=stop)
+                    for i in range(self.n)]
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def conversation(self) -> list[dict]:
+        if not self.messages:
+            raise InvalidRequest("messages: must hold at least one message", param="messages")
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
+        if self.top_logprobs:
+            raise InvalidRequest("top_logprobs: not supported (the engine keeps the chosen token's log-prob only; "
+                                 "use logprobs=true with top_logprobs=0)", param="top_logprobs")
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, default_max_tokens)
+
+
+class CompletionRequest(_Body):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: a string, a list of strings, a token-id list or a list of them."""
+        p = self.prompt
+        if isinstance(p, str):
+            batch: list = [p]
+        elif p and all(isinstance(t, int) for t in p):
+            batch = [list(p)]
+        else:
+            batch = list(p)
+        if not batch or any(len(x) == 0 for x in batch):
+            raise InvalidRequest("prompt: must not be empty", param="prompt")
+        return batch
+
+    def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
+        if self.echo:
+            raise InvalidRequest("echo: not supported", param="echo")
+        if self.suffix:
+            raise InvalidRequest("suffix: not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequest("best_of: only best_of == n is supported", param="best_of")
+        return self.sampling_params(self.max_tokens, default_max_tokens)
+
+
+# ---------------------------------------------------------------------- policy
+def resolve_policy(model: str, options: dict[str, Any] | None, *, served_name: str, default: Policy) -> Policy:
+    """The policy of a request, from its model name and its ``cascade`` field (see the module docstring)."""
+    if model == served_name:
+        policy = default
+    elif model.startswith(served_name + ":"):
+        try:
+            policy = parse_policy(model[len(served_name) + 1:])
+        except ValueError as exc:
+            raise InvalidRequest(f"model: {exc}", param="model", status=404, code="model_not_found") from None
+    else:
+        raise InvalidRequest(f"model: the model {model!r} does not exist; this server serves {served_name!r} and "
+                             f"'{served_name}:<policy>' (see /v1/models)", param="model", status=404,
+                             code="model_not_found")
+    if options:
+        params = dict(options)
+        name = params.pop("policy", None)
+        try:
+            if name is not None:
+                policy = parse_policy(name) if not params else make_policy(str(name), **params)
+            elif params:
+                known = {f.name for f in dataclasses.fields(policy)}
+                unknown = sorted(set(params) - known)
+                if unknown:
+                    raise ValueError(f"policy {policy.name!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
+                policy = dataclasses.replace(policy, **params)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"cascade: {exc}", param="cascade") from None
+    if policy.benchmark_only:
+        raise InvalidRequest(f"cascade: policy {policy.name!r} is benchmark-only; the server cannot run it",
+                             param="cascade")
+    return policy
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    """The engine's finish reason in OpenAI's words ("stop" | "length")."""
+    if engine_reason is None:
+        return None
+    return "length" if engine_reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, stats: list[RequestStats], policy: Policy) -> dict:
+    """OpenAI's usage fields plus the cascade stats of the request (summed over its choices)."""
+    total = RequestStats()
+    for s in stats:
+        total.add(s)
+    completion = total.emitted_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "cascade": {
+            "policy": policy.describe(),
+            "draft_tokens": total.draft_tokens,
+            "target_tokens": total.target_tokens,
+            "target_scored_tokens": total.target_scored_tokens,
+            "escalations": total.escalations,
+            "accepted_tokens": total.accepted_tokens,
+            "rejected_tokens": total.rejected_tokens,
+            "bonus_tokens": total.bonus_tokens,
+            "mean_acceptance_length": total.mean_acceptance_length,
+            "acceptance_rate": (total.accepted_tokens / (total.accepted_tokens + total.rejected_tokens)
+                                if total.accepted_tokens + total.rejected_tokens else None),
+            "target_token_fraction": total.target_token_fraction,
+            "routed_to_target": total.routed_to_target,
+        },
+    }
+
+
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs)]}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int = 0) -> dict:
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, choices: list[dict], usage_body: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_body}
+
+
+def completion_response(rid: str, model: str, choices: list[dict], usage_body: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_body}
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_body: dict | None = None) -> dict:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return body
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict], usage_body: dict | None = None) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return body
+
+
+class TextDelta:
+    """The part of a growing output text that is safe to stream.
+
+    Held back until the request finishes or the text moves past them: a trailing U+FFFD (an unfinished
+    multi-byte character: the next token completes it) and a suffix that could begin a stop string (the
+    engine would cut it). So the concatenated stream equals the non-streamed text."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops, self.sent = stops, ""
+
+    def __call__(self, text: str, finished: bool) -> str:
+        if not text.startswith(self.sent):  # never expected; resend nothing already sent
+            return ""
+        safe = len(text)
+        if not finished:
+            while safe > len(self.sent) and text[safe - 1] == "\ufffd":
+                safe -= 1
+            end, hold = safe, 0
+            for stop in self.stops:
+                hold = max([hold] + [n for n in range(1, min(len(stop) - 1, end) + 1) if text[end - n:end] == stop[:n]])
+            safe = end - hold
+        safe = max(safe, len(self.sent))
+        delta, self.sent = text[len(self.sent):safe], text[:safe]
+        return delta

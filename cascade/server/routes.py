@@ -1,0 +1,299 @@
+"""The FastAPI app: OpenAI-compatible routes over an ``EngineLoop``.
+
+``/v1/chat/completions`` and ``/v1/completions`` (plain JSON or SSE with ``stream=true``, ending with
+``data: [DONE]``), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus text format).
+
+Every refusal has OpenAI's error shape (``cascade.server.protocol.error_body``) with the offending field in
+``param``: 400 for malformed JSON, bad or out-of-range fields and too long prompts, 404 for an unknown
+model, 429 with ``Retry-After`` when rows and queue are full, 503 while shutting down. A request that fails
+inside a round answers 500 (or ends its stream with an error event); the others go on. A client that
+disconnects, streaming or not, has its requests cancelled and their cache rows freed at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cascade.engine import RequestOutput
+from cascade.policies import Policy, policy_names
+from cascade.policies.base import _REGISTRY
+from cascade.server import protocol as P
+from cascade.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from cascade.server.serving import EngineLoop, Handle, QueueFull, RequestFailed, ServerStopping
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the routes need besides the engine loop."""
+
+    served_name: str = "cascade"
+    default_policy: Policy | None = None  # None: speculative
+    default_max_tokens: int = 256  # when a request gives no max_tokens
+    drain_timeout_s: float = 30.0
+
+
+def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) -> FastAPI:
+    """The app; its lifespan starts the engine thread and, at shutdown, drains it."""
+    from cascade.policies import parse_policy
+
+    default_policy = config.default_policy or parse_policy("speculative")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(loop.stop, drain=True, timeout_s=config.drain_timeout_s)
+
+    app = FastAPI(title="cascade", lifespan=lifespan)
+
+    def refuse(exc: P.InvalidRequest, headers: dict | None = None) -> JSONResponse:
+        metrics.refused(exc.status)
+        return JSONResponse(P.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
+                            status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return refuse(_validation_error(exc))
+
+    @app.exception_handler(P.InvalidRequest)
+    async def _invalid(request: Request, exc: P.InvalidRequest) -> JSONResponse:
+        return refuse(exc)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        return refuse(P.InvalidRequest(str(exc), status=429, type="rate_limit_error", code="queue_full"),
+                      headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(ServerStopping)
+    async def _stopping(request: Request, exc: ServerStopping) -> JSONResponse:
+        return refuse(P.InvalidRequest(str(exc), status=503, type="server_error", code="shutting_down"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not loop.alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok", "in_flight": loop.in_flight()})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        created = int(time.time())
+        names = [config.served_name] + [f"{config.served_name}:{n}" for n in policy_names()
+                                        if not _REGISTRY[n].benchmark_only]
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "cascade"} for n in names]})
+
+    def policy_of(body: P._Body) -> Policy:
+        return P.resolve_policy(body.model, body.cascade, served_name=config.served_name, default=default_policy)
+
+    def submit(prompt_ids: list[list[int]], params_per_choice, policy: Policy) -> list[Handle]:
+        pairs = [(ids, params) for ids in prompt_ids for params in params_per_choice]
+        try:
+            return loop.submit(pairs, policy)
+        except ValueError as exc:
+            raise P.from_value_error(exc, default_param="prompt") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatCompletionRequest, request: Request):
+        policy = policy_of(body)
+        params = body.engine_params(config.default_max_tokens)
+        conversation = body.conversation()
+        try:
+            prompt_ids = loop.encode(conversation)
+        except ValueError as exc:
+            raise P.from_value_error(exc, default_param="messages") from None
+        try:
+            handles = submit([prompt_ids], params, policy)
+        except P.InvalidRequest as exc:
+            if exc.param == "prompt":
+                exc.param = "messages"
+            raise
+        return await respond(request, handles, policy, body, chat=True, prompt_tokens=len(prompt_ids))
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        policy = policy_of(body)
+        params = body.engine_params(config.default_max_tokens)
+        try:
+            prompt_ids = [loop.encode(p) for p in body.prompts()]
+        except ValueError as exc:
+            raise P.from_value_error(exc, default_param="prompt") from None
+        handles = submit(prompt_ids, params, policy)
+        return await respond(request, handles, policy, body, chat=False,
+                             prompt_tokens=sum(len(p) for p in prompt_ids))
+
+    async def respond(request: Request, handles: list[Handle], policy: Policy, body, *, chat: bool, prompt_tokens: int):
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        token_text = _token_texts(loop)
+        if body.stream:
+            events = _stream(request, loop, handles, policy, body, rid=rid, chat=chat, prompt_tokens=prompt_tokens,
+                             want_logprobs=want_logprobs, token_text=token_text)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finals = await _collect(request, loop, handles)
+        if finals is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        failed = [f for f in finals if isinstance(f, RequestFailed)]
+        if failed:
+            metrics.refused(500)
+            return JSONResponse(P.error_body(f"the request failed inside the engine: {failed[0].error}",
+                                             type="server_error", code="engine_error"), status_code=500)
+        choices = []
+        for i, (out, tokens, lps) in enumerate(finals):
+            choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
+            texts = token_text(tokens) if want_logprobs else []
+            if chat:
+                choice["message"] = {"role": "assistant", "content": out.text}
+                choice["logprobs"] = P.chat_logprobs(texts, lps) if want_logprobs else None
+            else:
+                choice["text"] = out.text
+                choice["logprobs"] = P.completion_logprobs(texts, lps) if want_logprobs else None
+            choices.append(choice)
+        usage = P.usage(prompt_tokens, [out.stats for out, _, _ in finals], policy)
+        make = P.chat_response if chat else P.completion_response
+        return JSONResponse(make(rid, body.model, choices, usage))
+
+    return app
+
+
+def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[str]]:
+    tokenizer = loop.cascade.tokenizer
+
+    def texts(ids: list[int]) -> list[str]:
+        if tokenizer is None:
+            return [str(t) for t in ids]
+        return [tokenizer.decode([t]) for t in ids]
+
+    return texts
+
+
+def _validation_error(exc: RequestValidationError) -> P.InvalidRequest:
+    """Pydantic's first error as a 400 naming the field (``messages.0.role``), or malformed JSON."""
+    errors = exc.errors()
+    if not errors:
+        return P.InvalidRequest("invalid request body")
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return P.InvalidRequest(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # drop pydantic's union-branch names (e.g. 'str', 'list[int]') so the param is the field path
+    loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "function-after")]
+    param = ".".join(loc) or None
+    if err.get("type") == "model_attributes_type" or (not loc and err.get("type") in ("dict_type", "model_type")):
+        return P.InvalidRequest("the request body must be a JSON object", param=None)
+    return P.InvalidRequest(f"{param or 'body'}: {err.get('msg')}", param=param)
+
+
+async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
+    """Wait for every handle's final event. -> [(final output, token ids, logprobs) | RequestFailed], or
+    None if the client disconnected (its requests are then cancelled)."""
+    results = []
+    try:
+        for h in handles:
+            tokens: list[int] = []
+            lps: list[float] = []
+            while True:
+                try:
+                    event = await asyncio.wait_for(h.events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        loop.cancel(handles)
+                        return None
+                    continue
+                if isinstance(event, RequestFailed):
+                    results.append(event)
+                    break
+                tokens += event.new_token_ids
+                lps += event.new_logprobs
+                if event.finished:
+                    results.append((event, tokens, lps))
+                    break
+    except asyncio.CancelledError:
+        loop.cancel(handles)
+        raise
+    return results
+
+
+async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], policy: Policy, body, *, rid: str,
+                  chat: bool, prompt_tokens: int, want_logprobs: bool,
+                  token_text: Callable[[list[int]], list[str]]) -> AsyncIterator[str]:
+    """SSE events: chunks as rounds produce tokens (choices interleaved), a final chunk per choice with its
+    finish reason, an optional usage chunk, then ``[DONE]``. Cancelled (client gone) -> requests aborted."""
+    created = int(time.time())
+    make = P.chat_chunk if chat else P.completion_chunk
+    stops = handles[0].params.stop
+    deltas = [P.TextDelta(stops) for _ in handles]
+    finals: dict[int, RequestOutput] = {}
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Handle) -> None:
+        while True:
+            event = await h.events.get()
+            await merged.put((i, event))
+            if isinstance(event, RequestFailed) or event.finished:
+                return
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        if chat:
+            yield sse(make(rid, body.model, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}
+                                                       for i in range(len(handles))]))
+        done = 0
+        while done < len(handles):
+            i, event = await merged.get()
+            if isinstance(event, RequestFailed):
+                done += 1
+                yield sse(P.error_body(f"the request failed inside the engine: {event.error}", type="server_error",
+                                       code="engine_error"))
+                continue
+            text = deltas[i](event.text, event.finished)
+            lp = None
+            if want_logprobs and event.new_token_ids:
+                texts = token_text(event.new_token_ids)
+                lp = (P.chat_logprobs(texts, event.new_logprobs) if chat
+                      else P.completion_logprobs(texts, event.new_logprobs, offset=len(deltas[i].sent) - len(text)))
+            if text or lp is not None:
+                choice = {"index": i, "logprobs": lp, "finish_reason": None}
+                if chat:
+                    choice["delta"] = {"content": text}
+                else:
+                    choice["text"] = text
+                yield sse(make(rid, body.model, created, [choice]))
+            if event.finished:
+                done += 1
+                finals[i] = event
+                last = {"index": i, "logprobs": None, "finish_reason": P.finish_reason(event.finish_reason)}
+                if chat:
+                    last["delta"] = {}
+                else:
+                    last["text"] = ""
+                yield sse(make(rid, body.model, created, [last]))
+        if body.include_usage_in_stream():
+            usage = P.usage(prompt_tokens, [finals[i].stats for i in sorted(finals)], policy)
+            yield sse(make(rid, body.model, created, [], usage))
+        yield "data: [DONE]\n\n"
+    finally:  # normal end, or the client went away (the generator is closed / cancelled)
+        for t in pumps:
+            t.cancel()
+        loop.cancel([h for i, h in enumerate(handles) if i not in finals])
