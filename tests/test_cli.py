@@ -7,7 +7,7 @@ import pytest
 from cascade.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["generate", "fetch-models", "bench", "calibrate"])
+@pytest.mark.parametrize("command", ["generate", "serve", "fetch-models", "bench", "calibrate"])
 def test_help_lists_every_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -24,7 +24,7 @@ def test_help_lists_every_option(command, capsys):
 def test_top_level_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert all(c in out for c in ("generate", "fetch-models", "bench", "calibrate"))
+    assert all(c in out for c in ("generate", "serve", "fetch-models", "bench", "calibrate"))
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -37,6 +37,10 @@ def test_top_level_help(capsys):
     (["calibrate", "--policy", "speculative", "--budget", "0.2"], "--policy"),
     (["calibrate", "--policy", "chow", "--budget", "-1"], "--budget"),
     (["calibrate", "--policy", "chow", "--budget", "0.2", "--dataset", "nope"], "dataset"),
+    (["serve", "--policy", "nope"], "unknown policy"),
+    (["serve", "--policy", "chow", "--calibration", "x.json"], "--policy and --calibration"),
+    (["serve", "--calibration", "/nonexistent/calibration.json"], "--calibration"),
+    (["serve", "--max-rows", "0"], "--max-rows"),
 ])
 def test_bad_input_exits_2_with_message(argv, needle, capsys):
     assert main(argv) == 2

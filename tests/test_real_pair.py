@@ -99,6 +99,59 @@ def test_cli_calibrate_prints_a_usable_policy(tmp_path):
     assert result["test"]["n"] == 2 and "chosen: chow(" in out.stdout
 
 
+def test_cli_serve_answers_the_openai_client(tmp_path):
+    """`cascade serve` on the default pair, started from a calibration file, answers the real openai client;
+    SIGTERM drains and exits cleanly."""
+    import json
+    import signal
+    import socket
+
+    import httpx2
+    import openai
+
+    _pair_dirs()
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"policy": "chow(alpha=0.3)", "budget": 0.2}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--port", str(port), "--calibration",
+                             str(cal), "--max-rows", "2", "--max-len", "512", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx2.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        messages = [{"role": "user", "content": "What is 2 + 2? Answer with the number."}]
+        r = client.chat.completions.create(model="cascade", messages=messages, max_tokens=8, temperature=0)
+        assert "4" in r.choices[0].message.content
+        assert r.usage.model_extra["cascade"]["policy"].startswith("chow(") and r.usage.prompt_tokens > 10
+        chunks = client.chat.completions.create(model="cascade", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+        comp = client.completions.create(model="cascade:speculative", prompt="def add(a, b):\n    return",
+                                         max_tokens=6, temperature=0)
+        assert "a + b" in comp.choices[0].text
+        assert "cascade_tokens_total" in httpx2.get(url + "/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+
+
 # The tests below share one loaded pair; they come after the subprocess tests above so that two copies of
 # the pair (about 10 GB each in fp32) are never in memory at once.
 @pytest.fixture(scope="module")

@@ -4,10 +4,7 @@ what the client would refuse to, or to drop a stream half way)."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import json
-import re
 import socket
 import threading
 import time

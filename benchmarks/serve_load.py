@@ -1,0 +1,302 @@
+"""Serving load benchmark: the real `cascade serve` driven by the real `openai` client on 127.0.0.1.
+
+For each policy (target-only, speculative, chow by default) and each concurrency (1, 4, 16), a fixed set
+of chat requests (greedy, streamed, bounded in count and time) is sent by that many concurrent clients.
+Per level: throughput (completion tokens / wall time of the level), latency p50 / p95, time to first token
+p50 / p95, target_token_fraction and failed requests. Ratios printed and saved beside the absolute
+figures, all measured in the same run: throughput at concurrency c / concurrency 1 per policy, and each
+policy / target-only at each concurrency.
+
+By default the script starts `cascade serve` itself (default pair, --max-rows = the highest concurrency, so
+every client holds a row) on a free port of 127.0.0.1, and stops it at the end; `--url` drives a server
+that is already running instead. Writes CSV, a PNG (throughput and latency vs concurrency) and machine info
+to benchmarks/results/.
+
+    .venv/bin/python benchmarks/serve_load.py                      # default pair, CPU: about 15 minutes
+    .venv/bin/python benchmarks/serve_load.py --quick              # 2 levels, few tokens: a smoke test
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --policies chow:0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from machine import machine_info
+
+PROMPTS = [
+    "Write a Python function `is_palindrome(s)` that ignores case and non-alphanumeric characters.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Think step by step.",
+    "Write a Python function `fizzbuzz(n)` returning the list of FizzBuzz strings from 1 to n.",
+    "Write a Python function that counts the words in a string and returns a dict of counts.",
+    "A train travels 60 miles per hour for 3 hours, then 40 miles per hour for 2 hours. How far does it "
+    "travel in total? Think step by step.",
+    "Write a Python function `flatten(xs)` that flattens an arbitrarily nested list.",
+    "Write a Python class `Stack` with push, pop, peek and is_empty methods.",
+    "Write a Python function that returns the n-th prime number.",
+    "Write a Python function `rle(s)` that run-length encodes a string.",
+    "A baker makes 24 muffins and sells 3/4 of them. How many muffins are left? Think step by step.",
+    "Write a Python function that checks whether two strings are anagrams.",
+    "Write a Python function `chunks(xs, n)` that splits a list into chunks of size n.",
+    "Write a Python function that converts a Roman numeral to an integer.",
+    "Tom has 5 boxes with 12 apples each. He gives away 17 apples. How many are left? Think step by step.",
+    "Write a Python function that returns the longest common prefix of a list of strings.",
+]
+
+
+@dataclass
+class Level:
+    """The figures of one (policy, concurrency) level."""
+
+    policy: str
+    concurrency: int
+    requests: int
+    failed: int
+    completion_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    target_token_fraction: float
+    speedup_vs_concurrency_1: float = 0.0
+    ratio_vs_target_only: float = 0.0
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
+    return xs[i]
+
+
+def one_request(client, model: str, prompt: str, max_tokens: int, policy: str) -> dict:
+    """One streamed chat request -> latency, time to first token, completion tokens, cascade usage."""
+    t0 = time.perf_counter()
+    ttft = None
+    usage = None
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"cascade": {"policy": policy}})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+            ttft = time.perf_counter() - t0
+        if chunk.usage is not None:
+            usage = chunk.usage
+    latency = time.perf_counter() - t0
+    extra = usage.model_extra.get("cascade", {}) if usage is not None else {}
+    return {"latency": latency, "ttft": ttft if ttft is not None else latency,
+            "tokens": usage.completion_tokens if usage is not None else 0,
+            "target_tokens": extra.get("target_tokens", 0)}
+
+
+def run_level(client, model: str, policy: str, concurrency: int, n_requests: int, max_tokens: int,
+              time_limit_s: float) -> Level:
+    """n_requests requests by `concurrency` clients; requests not started within time_limit_s are skipped."""
+    results, failed = [], 0
+    t0 = time.perf_counter()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
+
+    def worker(prompt: str):
+        if time.perf_counter() - t0 > time_limit_s:
+            return None
+        return one_request(client, model, prompt, max_tokens, policy)
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(worker, p) for p in prompts]):
+            try:
+                r = fut.result()
+            except Exception as exc:  # noqa: BLE001 -- a failed request is counted, not fatal
+                print(f"    request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            if r is not None:
+                results.append(r)
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    return Level(policy=policy, concurrency=concurrency, requests=len(results), failed=failed,
+                 completion_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall if wall else 0.0,
+                 latency_p50_s=percentile([r["latency"] for r in results], 0.5),
+                 latency_p95_s=percentile([r["latency"] for r in results], 0.95),
+                 ttft_p50_s=percentile([r["ttft"] for r in results], 0.5),
+                 ttft_p95_s=percentile([r["ttft"] for r in results], 0.95),
+                 target_token_fraction=sum(r["target_tokens"] for r in results) / tokens if tokens else 0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cascade.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-rows", str(max(args.concurrency)), "--max-len", str(args.max_len), "--log-level", "warning",
+           "--device", args.device]
+    for flag in ("draft", "target", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    print("starting:", " ".join(cmd), flush=True)
+    return subprocess.Popen(cmd)
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 900) -> None:
+    import httpx2
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx2.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except Exception:  # noqa: BLE001 -- not up yet
+            pass
+        time.sleep(1)
+    raise SystemExit(f"the server at {url} did not become healthy in {timeout_s:.0f} s")
+
+
+def plot(levels: list[Level], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for policy in dict.fromkeys(lv.policy for lv in levels):
+        rows = [lv for lv in levels if lv.policy == policy]
+        c = [lv.concurrency for lv in rows]
+        axes[0].plot(c, [lv.tokens_per_s for lv in rows], marker="o", label=policy)
+        axes[1].plot(c, [lv.latency_p50_s for lv in rows], marker="o", label=f"{policy} p50")
+        axes[1].plot(c, [lv.latency_p95_s for lv in rows], marker="x", linestyle="--", label=f"{policy} p95")
+        axes[2].plot(c, [lv.ttft_p50_s for lv in rows], marker="o", label=f"{policy} p50")
+    for ax, title, ylabel in zip(axes, ("throughput", "request latency", "time to first token"),
+                                 ("completion tokens / s", "seconds", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("cascade serve under load (openai client, 127.0.0.1, greedy, streamed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="drive this running server instead of starting one (127.0.0.1 only)")
+    ap.add_argument("--policies", default="target-only,speculative,chow(alpha=0.3)",
+                    help="comma-free list separated by ';' or ',' of policies (default: target-only, speculative, chow(alpha=0.3))")
+    ap.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: 1,4,16)")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="requests per level (default: max(4, 2 x concurrency), at most 32)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
+    ap.add_argument("--time-limit", type=float, default=300.0,
+                    help="seconds per level after which no new request starts (default: 300)")
+    ap.add_argument("--max-len", type=int, default=1024, help="cache positions per row of the started server (default: 1024)")
+    ap.add_argument("--draft", default=None, help="draft model of the started server (default: the default pair)")
+    ap.add_argument("--target", default=None, help="target model of the started server (default: the default pair)")
+    ap.add_argument("--device", default="cpu", help="device of the started server (default: cpu)")
+    ap.add_argument("--dtype", default=None, help="dtype of the started server (default: per device)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 2 requests x 8 tokens")
+    ap.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
+    ap.add_argument("--tag", default="serve_load", help="file name stem of the outputs (default: serve_load)")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.quick:
+        args.concurrency, args.max_tokens, args.requests = [1, 4], 8, 4
+    policies = _split_policies(args.policies)
+    if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+        raise SystemExit("--url: this benchmark drives a server on 127.0.0.1 only")
+
+    import openai
+
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(args, port)
+    try:
+        wait_ready(url, proc)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        one_request(client, "cascade", PROMPTS[0], 4, "target-only")  # warm-up
+        levels: list[Level] = []
+        for policy in policies:
+            for c in args.concurrency:
+                n = args.requests or min(32, max(4, 2 * c))
+                print(f"  {policy} @ concurrency {c}: {n} requests ...", flush=True)
+                lv = run_level(client, "cascade", policy, c, n, args.max_tokens, args.time_limit)
+                levels.append(lv)
+                print(f"    {lv.tokens_per_s:.2f} tok/s, latency p50 {lv.latency_p50_s:.1f} s, "
+                      f"ttft p50 {lv.ttft_p50_s:.2f} s, failed {lv.failed}", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+    base = {lv.policy: lv for lv in levels if lv.concurrency == min(args.concurrency)}
+    target = {lv.concurrency: lv for lv in levels if lv.policy == "target-only"}
+    for lv in levels:
+        b = base.get(lv.policy)
+        lv.speedup_vs_concurrency_1 = lv.tokens_per_s / b.tokens_per_s if b and b.tokens_per_s else 0.0
+        t = target.get(lv.concurrency)
+        lv.ratio_vs_target_only = lv.tokens_per_s / t.tokens_per_s if t and t.tokens_per_s else 0.0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{args.tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(levels[0])))
+        w.writeheader()
+        for lv in levels:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(lv).items()})
+    plot(levels, out / f"{args.tag}.png")
+    info = machine_info()
+    info.update({"max_tokens": args.max_tokens, "concurrency": args.concurrency, "policies": policies,
+                 "server": url if args.url else "started by the benchmark"})
+    (out / f"{args.tag}_machine.json").write_text(json.dumps(info, indent=1))
+
+    print(f"\n| policy | concurrency | tok/s | × concurrency {min(args.concurrency)} | × target-only | "
+          "latency p50 / p95 s | ttft p50 / p95 s | target frac | failed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lv in levels:
+        print(f"| {lv.policy} | {lv.concurrency} | {lv.tokens_per_s:.2f} | {lv.speedup_vs_concurrency_1:.2f} | "
+              f"{lv.ratio_vs_target_only:.2f} | {lv.latency_p50_s:.1f} / {lv.latency_p95_s:.1f} | "
+              f"{lv.ttft_p50_s:.2f} / {lv.ttft_p95_s:.2f} | {lv.target_token_fraction:.2f} | {lv.failed} |")
+    print(f"\nwrote {out / (args.tag + '.csv')}, .png and _machine.json")
+    return 1 if any(lv.failed for lv in levels) else 0
+
+
+def _split_policies(text: str) -> list[str]:
+    """Split on ';' or on commas outside parentheses: 'target-only,chow(alpha=0.3, k=4)'."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch in ",;" and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return [p for p in parts if p]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
