@@ -12,6 +12,7 @@ tokenizer's chat template), or token-id lists.
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
@@ -53,11 +54,10 @@ class Cascade:
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(tokenizer)
-        detok = None
-        if tokenizer is not None:
-            def detok(ids: list[int]) -> str:
-                return tokenizer.decode(ids, skip_special_tokens=True)
-        self.engine = Engine(draft, target, eos_token_ids=eos_token_ids, detokenize=detok, config=config)
+        # the server encodes on its event loop while the engine thread detokenizes: one lock serializes them
+        self._tokenizer_lock = threading.Lock()
+        self.engine = Engine(draft, target, eos_token_ids=eos_token_ids,
+                             detokenize=self.decode if tokenizer is not None else None, config=config)
         self._ids = itertools.count()
 
     @classmethod
@@ -85,18 +85,28 @@ class Cascade:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
-            return list(self._require_tokenizer().encode(prompt, add_special_tokens=False))
+            tokenizer = self._require_tokenizer()
+            with self._tokenizer_lock:
+                return list(tokenizer.encode(prompt, add_special_tokens=False))
         if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             for i, m in enumerate(prompt):
                 if "role" not in m or "content" not in m:
                     raise ValueError(f"messages[{i}]: needs 'role' and 'content'")
-            ids = self._require_tokenizer().apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            tokenizer = self._require_tokenizer()
+            with self._tokenizer_lock:
+                ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
         if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens skipped); safe to call from any thread."""
+        tokenizer = self._require_tokenizer()
+        with self._tokenizer_lock:
+            return tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

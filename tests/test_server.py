@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 
-from cascade import SamplingParams
+from cascade import Cascade, SamplingParams
 from cascade.policies import parse_policy
 from cascade.policies.base import _REGISTRY, register
 from cascade.policies.speculative_cascades import Chow
@@ -25,12 +25,10 @@ from test_engine import make_cascade
 from tiny_tokenizer import CharTokenizer
 
 
-def tiny_cascade(dirs, max_rows: int = 4):
-    c = make_cascade(dirs, max_rows=max_rows, max_len=256)
-    tok = CharTokenizer()
-    c.tokenizer = tok
-    c.engine.detokenize = lambda ids: tok.decode(ids)
-    return c
+def tiny_cascade(dirs, max_rows: int = 4) -> Cascade:
+    """The tiny random pair with the character tokenizer (text and chat prompts work as with a real pair)."""
+    plain = make_cascade(dirs, max_rows=max_rows, max_len=256)
+    return Cascade(plain.draft, plain.target, CharTokenizer(), eos_token_ids=[], config=plain.engine.config)
 
 
 @dataclass

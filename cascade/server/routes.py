@@ -174,12 +174,12 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
 
 
 def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[str]]:
-    tokenizer = loop.cascade.tokenizer
+    cascade = loop.cascade
 
     def texts(ids: list[int]) -> list[str]:
-        if tokenizer is None:
+        if cascade.tokenizer is None:
             return [str(t) for t in ids]
-        return [tokenizer.decode([t]) for t in ids]
+        return [cascade.decode([t]) for t in ids]
 
     return texts
 
