@@ -23,19 +23,7 @@ from pathlib import Path
 
 import torch
 from machine import machine_info
-
-PROMPTS = [
-    "Write a Python function `is_palindrome(s)` that ignores case and non-alphanumeric characters.",
-    "Write a Python function that merges two sorted lists into one sorted list.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May? Think step by step.",
-    "Write a Python function `fizzbuzz(n)` returning the list of FizzBuzz strings from 1 to n.",
-    "Write a Python function that counts the words in a string and returns a dict of counts.",
-    "A train travels 60 miles per hour for 3 hours, then 40 miles per hour for 2 hours. How far does it "
-    "travel in total? Think step by step.",
-    "Write a Python function `flatten(xs)` that flattens an arbitrarily nested list.",
-    "Write a Python class `Stack` with push, pop, peek and is_empty methods.",
-]
+from prompts import PROMPTS
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
