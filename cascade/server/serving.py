@@ -146,6 +146,19 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        try:
+            self._serve_rounds()
+        except BaseException:  # a bug in the loop itself: fail what is in flight rather than hang it
+            log.exception("the engine loop stopped")
+            with self._lock:
+                self._stopping = True
+                handles = list(self._handles.values()) + self._inbox
+                self._inbox = []
+            for h in handles:
+                self._deliver(h, RequestFailed(h.request_id, "the engine loop stopped"), status="error")
+            raise
+
+    def _serve_rounds(self) -> None:
         while True:
             with self._lock:
                 while not (self._inbox or self._cancel or self.engine.has_work() or self._stopping):
