@@ -155,16 +155,19 @@ def plot(levels: list[Level], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for policy in dict.fromkeys(lv.policy for lv in levels):
+    levels_seen = sorted({lv.concurrency for lv in levels})
+    for n, policy in enumerate(dict.fromkeys(lv.policy for lv in levels)):
         rows = [lv for lv in levels if lv.policy == policy]
-        c = [lv.concurrency for lv in rows]
-        axes[0].plot(c, [lv.tokens_per_s for lv in rows], marker="o", label=policy)
-        axes[1].plot(c, [lv.latency_p50_s for lv in rows], marker="o", label=f"{policy} p50")
-        axes[1].plot(c, [lv.latency_p95_s for lv in rows], marker="x", linestyle="--", label=f"{policy} p95")
-        axes[2].plot(c, [lv.ttft_p50_s for lv in rows], marker="o", label=f"{policy} p50")
+        c, color = [lv.concurrency for lv in rows], f"C{n}"
+        axes[0].plot(c, [lv.tokens_per_s for lv in rows], marker="o", color=color, label=policy)
+        axes[1].plot(c, [lv.latency_p50_s for lv in rows], marker="o", color=color, label=f"{policy} p50")
+        axes[1].plot(c, [lv.latency_p95_s for lv in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
+        axes[2].plot(c, [lv.ttft_p50_s for lv in rows], marker="o", color=color, label=f"{policy} p50")
+        axes[2].plot(c, [lv.ttft_p95_s for lv in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
     for ax, title, ylabel in zip(axes, ("throughput", "request latency", "time to first token"),
                                  ("completion tokens / s", "seconds", "seconds")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels_seen, [str(c) for c in levels_seen])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -195,7 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 2 requests x 8 tokens")
     ap.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     ap.add_argument("--tag", default="serve_load", help="file name stem of the outputs (default: serve_load)")
+    ap.add_argument("--replot", default=None, metavar="CSV", help="only redraw the PNG of an earlier run's CSV")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            types = {name: t for name, t in Level.__annotations__.items()}
+            rows = [Level(**{k: (int(v) if types[k] == "int" else float(v) if types[k] == "float" else v)
+                             for k, v in r.items()}) for r in csv.DictReader(f)]
+        plot(rows, Path(args.replot).with_suffix(".png"))
+        print(f"wrote {Path(args.replot).with_suffix('.png')}")
+        return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.quick:
         args.concurrency, args.max_tokens, args.requests = [1, 4], 8, 4
