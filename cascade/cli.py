@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send prompts as raw text instead of through the chat template")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--draft", default=None, help="draft model: a local HF checkpoint dir or a known name (default: the default pair)")
-    g.add_argument("--target", default=None, help="target model: a local HF checkpoint dir or a known name (default: the default pair)")
+    add_target_args(g)
     g.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bf16 on CUDA; on CPU fp32 unless the CPU has fast bf16)")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per request: prompt + answer (default: 2048)")
     v.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none (default: 256)")
     v.add_argument("--draft", default=None, help="draft model: a local HF checkpoint dir or a known name (default: the default pair)")
-    v.add_argument("--target", default=None, help="target model: a local HF checkpoint dir or a known name (default: the default pair)")
+    add_target_args(v)
     v.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: cpu)")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bf16 on CUDA; on CPU fp32 unless the CPU has fast bf16)")
@@ -239,6 +239,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """--target and the options of a target served by vLLM (shared by generate and serve)."""
+    p.add_argument("--target", default=None,
+                   help="target model: a local HF checkpoint dir or a known name (default: the default pair); "
+                        "'vllm:<dir or name>' loads it into an in-process vLLM engine instead (needs the vllm extra); "
+                        "with --target-url it is only read for its config.json (cost accounting)")
+    p.add_argument("--target-url", default=None, metavar="URL",
+                   help="use the target served by a running vLLM OpenAI server at URL (e.g. http://gpu-box:8000); "
+                        "the draft stays local and only escalated spans travel")
+    p.add_argument("--target-model", default=None, help="with --target-url: the served model name (default: the server's first)")
+    p.add_argument("--on-target-error", default="fail", choices=["fail", "draft-only"],
+                   help="when the vLLM target cannot be reached: fail the affected requests (HTTP 503), or keep "
+                        "their drafted tokens unverified and go on draft-only (default: fail)")
+    p.add_argument("--target-timeout", type=float, default=30.0, help="with --target-url: seconds per HTTP call (default: 30)")
+    p.add_argument("--target-retries", type=int, default=2, help="with --target-url: retries after a failed call (default: 2)")
+    p.add_argument("--target-cooldown", type=float, default=5.0,
+                   help="with --target-url: after a call fails every try, seconds during which the target is treated "
+                        "as down without calling it (default: 5)")
+    p.add_argument("--target-logprobs", type=int, default=20,
+                   help="vLLM target: top-k log-probs per position; the target acts as its top-k truncation, exact "
+                        "for greedy speculative/chow (default: 20, vLLM's max_logprobs)")
+    p.add_argument("--vllm-memory-fraction", type=float, default=None,
+                   help="'vllm:' target: share of GPU memory (of RAM on vLLM's CPU backend) vLLM reserves (default: vLLM's)")
+    p.add_argument("--vllm-tensor-parallel", type=int, default=1, help="'vllm:' target: GPUs to split the target over (default: 1)")
+
+
+def target_kwargs(args: argparse.Namespace) -> dict:
+    """Cascade.from_pretrained keyword arguments for the target options of ``add_target_args``."""
+    uses_vllm = args.target_url is not None or (args.target or "").startswith("vllm:")
+    if not uses_vllm:
+        return {}
+    from cascade.models.vllm import RemotePolicy, VLLMTargetOptions
+
+    remote = RemotePolicy(timeout_s=args.target_timeout, retries=args.target_retries, cooldown_s=args.target_cooldown)
+    options = VLLMTargetOptions(served_model=args.target_model, logprobs=args.target_logprobs, remote=remote,
+                                memory_fraction=args.vllm_memory_fraction,
+                                tensor_parallel_size=args.vllm_tensor_parallel)
+    return {"target_url": args.target_url, "vllm_options": options, "on_target_error": args.on_target_error}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.text import Text
@@ -253,7 +294,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with console.status("loading the draft and target models"):
         cascade = Cascade.from_pretrained(args.draft, args.target, device=args.device, dtype=args.dtype,
-                                          max_len=args.max_len, max_rows=max(1, len(prompts) if args.batch else 1))
+                                          max_len=args.max_len, max_rows=max(1, len(prompts) if args.batch else 1),
+                                          **target_kwargs(args))
     console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · draft dtype {getattr(cascade.draft, 'dtype', '?')} · "
                   f"policy {policy.describe()}[/dim]")
 
@@ -320,7 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'port' else 1}")
     t0 = time.perf_counter()
     cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, max_len=args.max_len,
-                                      device=args.device, dtype=args.dtype)
+                                      device=args.device, dtype=args.dtype, **target_kwargs(args))
     print(f"loaded the pair in {time.perf_counter() - t0:.0f} s; default policy {policy.describe()}; "
           f"serving on http://{args.host}:{args.port}/v1", flush=True)
     app = create_app(cascade, default_policy=policy, served_name=args.served_model_name, max_queue=args.max_queue,

@@ -55,8 +55,11 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" or "cuda[:n]"
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None picks per device (see models.llama)
     max_draft_block: int = 16  # largest k a policy may ask for
+    on_target_error: str = "fail"  # a TargetUnavailable target pass: "fail" its requests, or go "draft-only"
 
     def __post_init__(self) -> None:
+        if self.on_target_error not in ("fail", "draft-only"):
+            raise ValueError(f"on_target_error must be 'fail' or 'draft-only', got {self.on_target_error!r}")
         if self.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
         if self.max_len < 8:

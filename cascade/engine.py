@@ -44,8 +44,8 @@ from cascade.acceptance import Block, Verdict, group_by_policy, natural_logprob,
 from cascade.confidence import confidence_stats
 from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
-from cascade.models.base import ModelRunner
-from cascade.policies import BlockConfidence, Policy
+from cascade.models.base import ModelRunner, TargetUnavailable
+from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.sampling import filter_logits, make_generator, sample
 from cascade.scheduler import Scheduler, Sequence
 
@@ -154,6 +154,10 @@ class Engine:
             self.stats.time_kernels_s += time.perf_counter() - t0
         escalated = [s for s in cascading if blocks[s.request_id].escalate]
         target_logits = self._target_pass(escalated, blocks, target_only)
+        if target_logits is None:  # the target is unavailable and on_target_error is "draft-only"
+            target_logits = {}
+            self._degrade_to_draft(escalated, blocks, target_only)
+            escalated, target_only = [], []
 
         t0 = time.perf_counter()
         verdicts = verify_blocks(escalated, blocks, target_logits)
@@ -318,9 +322,12 @@ class Engine:
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(
         self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor] | None:
         """One ragged target pass; returns per request its logits [n, V]: held-back tokens + block
-        positions + bonus for escalated sequences, one position for target-only sequences."""
+        positions + bonus for escalated sequences, one position for target-only sequences.
+
+        A target that raises ``TargetUnavailable`` leaves every sequence as it was; the error propagates
+        when ``on_target_error == "fail"``, else None is returned and the caller degrades the round."""
         members = escalated + target_only
         if not members:
             return {}
@@ -329,26 +336,47 @@ class Engine:
         for s in members:
             blk = blocks[s.request_id] if _drafts(s) else None
             block = blk.tokens[: blk.keep] if blk is not None else []
+            pending = 0
             if blk is not None and s.policy.checks_pending and s.pending_from is not None:
-                blk.pending = s.num_emitted - s.pending_from  # all lie past target_len, inside the catch-up
-            catch_up = s.tokens[s.target_len:]
-            self._count_positions(s, s.target_len, len(catch_up), draft=False)
-            s.stats.target_tokens += len(block)
-            spans.append(catch_up + block)
-            num_logits.append((blk.pending if blk is not None else 0) + len(block) + 1)
-            s.stats.target_scored_tokens += num_logits[-1]
-            s.target_len += len(spans[-1])
+                pending = s.num_emitted - s.pending_from  # all lie past target_len, inside the catch-up
+            spans.append(s.tokens[s.target_len:] + block)
+            num_logits.append(pending + len(block) + 1)
+        try:
+            logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
+        except TargetUnavailable:
+            self.stats.time_target_s += time.perf_counter() - t0
+            for s in members:
+                s.stats.target_errors += 1
+            if self.config.on_target_error == "fail":
+                raise
+            return None
+        out, start = {}, 0
+        for s, span, n in zip(members, spans, num_logits):
+            blk = blocks[s.request_id] if _drafts(s) else None
+            if blk is not None and s.policy.checks_pending and s.pending_from is not None:
+                blk.pending = n - 1 - blk.keep
+            catch_up = len(span) - (blk.keep if blk is not None else 0)
+            self._count_positions(s, s.target_len, catch_up, draft=False)
+            s.stats.target_tokens += len(span) - catch_up
+            s.stats.target_scored_tokens += n
+            s.target_len += len(span)
             if blk is not None:
                 s.stats.escalations += 1
             else:
                 s.stats.target_only_steps += 1
-        logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
-        out, start = {}, 0
-        for s, n in zip(members, num_logits):
             out[s.request_id] = logits[start:start + n]
             start += n
         self.stats.time_target_s += time.perf_counter() - t0
         return out
+
+    def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:
+        """on_target_error == "draft-only": escalated blocks are kept as drafted (unverified), and
+        sequences that only the target was decoding switch to the draft for the rest of the request."""
+        for s in escalated:
+            blocks[s.request_id].escalate = False
+        fallback = make_policy("draft-only")
+        for s in target_only:
+            s.policy, s.routed_to_target, s.pending_from = fallback, False, None
 
     # ------------------------------------------------------------------ 6. commit
     def _commit_cascade(self, s: Sequence, block: Block, verdict: Verdict | None) -> None:

@@ -11,17 +11,21 @@ tokenizer's chat template), or token-id lists.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from cascade.config import EngineConfig, SamplingParams
 from cascade.engine import Engine, RequestOutput
 from cascade.metrics import RequestStats, TokenSource
 from cascade.models.base import ModelRunner
 from cascade.policies import Policy, parse_policy
+
+if TYPE_CHECKING:
+    from cascade.models.vllm import VLLMTargetOptions
 
 Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
 Prompt = Union[str, Sequence[Message], Sequence[int]]
@@ -63,20 +67,47 @@ class Cascade:
     @classmethod
     def from_pretrained(cls, draft: str | Path | None = None, target: str | Path | None = None, *,
                         max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
-                        max_draft_block: int = 16) -> "Cascade":
+                        max_draft_block: int = 16, target_url: str | None = None,
+                        vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail") -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
-        default pair from the cache (``cascade fetch-models`` puts it there)."""
+        default pair from the cache (``cascade fetch-models`` puts it there).
+
+        The target can live in vLLM instead (``cascade.models.vllm``): ``target="vllm:<dir or name>"`` loads
+        it into an in-process vLLM engine, ``target_url="http://host:port"`` reaches a running ``vllm serve``
+        (then ``target``, if given, is only read for its config.json, for cost accounting).
+        ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
+        "draft-only" (its escalations are kept as drafted)."""
         from cascade.models.llama import LlamaRunner
         from cascade.weights import DEFAULT_PAIR, resolve_model
 
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
-                              max_draft_block=max_draft_block)
+                              max_draft_block=max_draft_block, on_target_error=on_target_error)
         draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
-        target_dir = resolve_model(target if target is not None else DEFAULT_PAIR[1].name)
         draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
-        target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
+        in_vllm = target is not None and str(target).startswith("vllm:")
+        target_name = str(target).removeprefix("vllm:") if target is not None else None
+        if target_url is None or target_name is not None:
+            target_dir = resolve_model(target_name if target_name is not None else DEFAULT_PAIR[1].name)
+        else:
+            target_dir = None
+        if target_url is not None or in_vllm:
+            from cascade.models.vllm import VLLMTargetOptions, in_process_target, remote_target
+
+            options = vllm_options or VLLMTargetOptions()
+            if target_url is not None:
+                if options.config_dir is None and target_dir is not None:
+                    options = dataclasses.replace(options, config_dir=str(target_dir))
+                target_runner = remote_target(target_url, vocab_size=draft_runner.vocab_size, max_rows=max_rows,
+                                              max_len=max_len, options=options)
+            else:
+                target_runner = in_process_target(target_dir, max_rows=max_rows, max_len=max_len,
+                                                  dtype=dtype or "auto", options=options)
+        else:
+            target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         tokenizer = load_tokenizer(draft_dir)
-        eos = set(_eos_ids(tokenizer)) | generation_config_eos(draft_dir) | generation_config_eos(target_dir)
+        eos = set(_eos_ids(tokenizer)) | generation_config_eos(draft_dir)
+        if target_dir is not None:
+            eos |= generation_config_eos(target_dir)
         return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config)
 
     # ------------------------------------------------------------------ prompts

@@ -56,6 +56,7 @@ class RequestStats:
     replaced_tokens: int = 0  # tokens sampled from the residual / target at a rejection
     target_only_steps: int = 0
     routed_to_target: int = 0  # request-level policies: 1 if the draft's answer was discarded for the target's
+    target_errors: int = 0  # target passes that failed (TargetUnavailable) and fell back to the draft's tokens
     wall_time_s: float = 0.0
 
     @property

@@ -15,6 +15,11 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 
+class TargetUnavailable(RuntimeError):
+    """A remote target could not be reached (down, timing out, out of retries). The engine fails the
+    requests of that target pass or degrades them to draft-only, as ``EngineConfig.on_target_error`` says."""
+
+
 @runtime_checkable
 class ModelRunner(Protocol):
     vocab_size: int  # logits width V

@@ -31,7 +31,22 @@ def create_app(cascade: Cascade, *, default_policy: str | Policy = "speculative"
 
 
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until SIGINT / SIGTERM; uvicorn then runs the app's shutdown, which drains the engine."""
+    """Serve until SIGINT / SIGTERM; uvicorn then runs the app's shutdown, which drains the engine, and
+    the process exits with status 0.
+
+    uvicorn re-raises the captured signal once it has shut down, which would end the process "killed by
+    SIGTERM" (status 143) even after a clean drain; the handlers installed here (in the process that
+    serves, for its lifetime) turn that re-raised signal into a normal exit."""
+    import signal
+    import threading
+
     import uvicorn
 
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_cleanly)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)

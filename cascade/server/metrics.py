@@ -8,6 +8,7 @@ Metric names (all prefixed ``cascade_``):
   ``verified`` (draft tokens the target accepted), ``target`` (replacements and target-only steps),
   ``bonus``.
 - ``escalations_total``; ``acceptance_length`` (histogram): tokens emitted per escalation.
+- ``target_errors_total``: target passes that failed (a vLLM target down or timing out), per request.
 - ``target_token_fraction`` (histogram, per finished request); ``request_seconds``, ``time_to_first_token_seconds``.
 - ``round_seconds`` (histogram): one engine round.
 - ``queue_depth``, ``active_rows``, ``kv_rows_free`` (gauges).
@@ -38,6 +39,8 @@ class ServerMetrics:
         self.requests = Counter("cascade_requests", "Finished requests by status", ["status"], registry=r)
         self.tokens = Counter("cascade_tokens", "Emitted tokens by the model that decided them", ["source"], registry=r)
         self.escalations = Counter("cascade_escalations", "Target passes that verified a drafted block", registry=r)
+        self.target_errors = Counter("cascade_target_errors", "Target passes that failed (target unreachable), "
+                                     "per request they affected", registry=r)
         self.acceptance_length = Histogram("cascade_acceptance_length", "Tokens emitted per escalation",
                                            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 17), registry=r)
         self.target_token_fraction = Histogram(

@@ -240,6 +240,7 @@ def usage(prompt_tokens: int, stats: list[RequestStats], policy: Policy) -> dict
                                 if total.accepted_tokens + total.rejected_tokens else None),
             "target_token_fraction": total.target_token_fraction,
             "routed_to_target": total.routed_to_target,
+            "target_errors": total.target_errors,  # target passes that failed; the draft's tokens stood in
         },
     }
 

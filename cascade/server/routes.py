@@ -152,9 +152,9 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
             return Response(status_code=499)
         failed = [f for f in finals if isinstance(f, RequestFailed)]
         if failed:
-            metrics.refused(500)
-            return JSONResponse(P.error_body(f"the request failed inside the engine: {failed[0].error}",
-                                             type="server_error", code="engine_error"), status_code=500)
+            metrics.refused(failed[0].status)
+            return JSONResponse(P.error_body(failed[0].error, type="server_error", code=failed[0].code),
+                                status_code=failed[0].status)
         choices = []
         for i, (out, tokens, lps) in enumerate(finals):
             choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
@@ -264,8 +264,7 @@ async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], pol
             i, event = await merged.get()
             if isinstance(event, RequestFailed):
                 done += 1
-                yield sse(P.error_body(f"the request failed inside the engine: {event.error}", type="server_error",
-                                       code="engine_error"))
+                yield sse(P.error_body(event.error, type="server_error", code=event.code))
                 continue
             text = deltas[i](event.text, event.finished)
             lp = None

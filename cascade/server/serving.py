@@ -25,6 +25,7 @@ from cascade.config import SamplingParams
 from cascade.engine import RequestOutput
 from cascade.library import Cascade, Prompt
 from cascade.metrics import RequestStats
+from cascade.models.base import TargetUnavailable
 from cascade.policies import Policy
 
 log = logging.getLogger("cascade.server")
@@ -48,6 +49,15 @@ class RequestFailed:
 
     request_id: str
     error: str
+    status: int = 500  # HTTP status a non-streamed request answers with
+    code: str = "engine_error"  # OpenAI error code
+
+    @classmethod
+    def of(cls, request_id: str, exc: Exception) -> "RequestFailed":
+        """The failure event for an exception raised in a request's round; an unreachable target is a 503."""
+        if isinstance(exc, TargetUnavailable):
+            return cls(request_id, f"the target model is unavailable: {exc}", 503, "target_unavailable")
+        return cls(request_id, f"the request failed inside the engine: {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -77,7 +87,7 @@ class EngineLoop:
         self._inbox: list[Handle] = []
         self._cancel: set[str] = set()
         self._handles: dict[str, Handle] = {}  # every request in flight (inbox + engine)
-        self._last_stats: dict[str, tuple[int, int]] = {}  # per request: (escalations, decided) after the last round
+        self._last_stats: dict[str, tuple[int, int, int]] = {}  # per request: (escalations, decided, target errors) so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -155,7 +165,7 @@ class EngineLoop:
                 handles = list(self._handles.values()) + self._inbox
                 self._inbox = []
             for h in handles:
-                self._deliver(h, RequestFailed(h.request_id, "the engine loop stopped"), status="error")
+                self._deliver(h, RequestFailed(h.request_id, "the request failed: the engine loop stopped"), status="error")
             raise
 
     def _serve_rounds(self) -> None:
@@ -170,16 +180,16 @@ class EngineLoop:
                 cancel |= {h.request_id for h in inbox} | set(self._handles)
             for h in inbox:
                 if h.request_id in cancel:
-                    self._deliver(h, RequestFailed(h.request_id, "cancelled"), status="aborted")
+                    self._deliver(h, RequestFailed(h.request_id, "the request was cancelled"), status="aborted")
                     continue
                 try:
                     self.engine.add_request(h.request_id, h.prompt_ids, h.params, h.policy)
                 except Exception as exc:  # noqa: BLE001 -- checked at submit; a failure here fails this request only
-                    self._deliver(h, RequestFailed(h.request_id, f"{type(exc).__name__}: {exc}"), status="error")
+                    self._deliver(h, RequestFailed.of(h.request_id, exc), status="error")
             for rid in cancel:
                 h = self._handles.get(rid)
                 if h is not None and self.engine.abort(rid):
-                    self._deliver(h, RequestFailed(rid, "cancelled"), status="aborted")
+                    self._deliver(h, RequestFailed(rid, "the request was cancelled"), status="aborted")
             self._update_gauges()
             if not self.engine.has_work():
                 if stopping:
@@ -192,7 +202,7 @@ class EngineLoop:
                 log.exception("engine round failed outside any one request")
                 for rid, h in list(self._handles.items()):
                     self.engine.abort(rid)
-                    self._deliver(h, RequestFailed(rid, "internal error in the engine round"), status="error")
+                    self._deliver(h, RequestFailed(rid, "the request failed: internal error in the engine round"), status="error")
                 continue
             elapsed = time.perf_counter() - t0
             self.round_seconds_avg = 0.9 * self.round_seconds_avg + 0.1 * elapsed
@@ -205,7 +215,9 @@ class EngineLoop:
                 if out.request_id in failed:
                     exc = failed[out.request_id]
                     log.error("request %s failed: %s: %s", out.request_id, type(exc).__name__, exc)
-                    self._deliver(h, RequestFailed(out.request_id, f"{type(exc).__name__}: {exc}"), status="error")
+                    if isinstance(exc, TargetUnavailable) and self.metrics is not None:
+                        self.metrics.target_errors.inc()
+                    self._deliver(h, RequestFailed.of(out.request_id, exc), status="error")
                     continue
                 self._observe(out)
                 self._deliver(h, out, status="ok" if out.finished else None)
@@ -235,10 +247,12 @@ class EngineLoop:
         self.metrics.count_tokens(out.new_sources)
         s: RequestStats = out.stats
         decided = s.accepted_tokens + s.bonus_tokens + s.replaced_tokens
-        esc0, dec0 = self._last_stats.get(out.request_id, (0, 0))
+        esc0, dec0, err0 = self._last_stats.get(out.request_id, (0, 0, 0))
         if s.escalations > esc0:
             self.metrics.escalated(s.escalations - esc0, (decided - dec0) / (s.escalations - esc0))
-        self._last_stats[out.request_id] = (s.escalations, decided)
+        if s.target_errors > err0:
+            self.metrics.target_errors.inc(s.target_errors - err0)
+        self._last_stats[out.request_id] = (s.escalations, decided, s.target_errors)
 
     def _update_gauges(self) -> None:
         if self.metrics is None:

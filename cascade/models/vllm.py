@@ -1,0 +1,402 @@
+"""A target runner served by vLLM: an in-process ``vllm.LLM`` engine or a remote vLLM OpenAI server.
+
+The draft and its confidence kernel stay local; only the target's verification passes go to vLLM. vLLM
+keeps no per-row state we can address, so this runner keeps each row's token ids itself and, for every
+``forward_span``, sends the row's whole sequence (prefix + span) as a prompt with ``max_tokens=1``:
+
+- ``prompt_logprobs=k`` gives, at every prompt position, the top-k log-probs of the next token plus the
+  log-prob of the token actually there (the draft's token);
+- the one generated step (``logprobs=k``, temperature 0) gives the distribution after the last token
+  (the bonus position).
+
+Prefix caching keeps the prefix from being recomputed. vLLM 0.32 turns prefix-cache *reads* off for any
+request with ``prompt_logprobs`` (``SamplingParams.skip_reading_prefix_cache`` defaults to True then,
+since cached positions return no log-probs). We only need the log-probs of the last ``n`` positions, so
+the in-process path sets it back to False and checks that every position it needs came back; a row whose
+needed positions were served from the cache (it happens when the same tokens were verified before, after
+a rollback) is asked again with the cache read off. The OpenAI server does not expose that field, so on
+the **remote** path the server recomputes the whole prefix on every verification: correct, but each
+escalation costs a prefill of the full sequence there.
+
+Exactness: the runner returns float32 logits ``[n, V]`` that hold vLLM's log-probs at the top-k ids (plus
+the draft token's id) and ``-inf`` elsewhere, i.e. the target's distribution truncated to its top-k and
+renormalised (``topk_to_logits``). What that means per policy:
+
+- greedy requests (temperature 0) under ``target-only``, ``speculative``, ``chow``, ``chow-cut`` and
+  ``quantile``: **exact**. They need argmax p (always in the top-k) and nothing else of p.
+- greedy ``bild`` (rollback on log p(x)), ``diff``/``opt``/``token-v*`` (max p, p(x), TV(p, q)): the
+  deferral statistics read the renormalised p, so max p and p(x) are inflated by 1 / (top-k mass) and
+  TV(p, q) misses the tail: decisions near the threshold can flip. ``benchmarks/vllm_topk_error.py``
+  measures how often on the real pair.
+- sampled requests (temperature > 0): the target acts as its own top-k truncation (as with top-k
+  sampling at k); residual draws never pick a token outside the top-k.
+
+Failures: a remote call is retried with backoff and, once out of tries, raises ``TargetUnavailable``;
+the engine fails the requests or degrades them to draft-only as ``EngineConfig.on_target_error`` says.
+After a failure the remote backend refuses calls at once for ``cooldown_s`` (a circuit breaker), so a
+down target costs one timeout, not one per round.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+
+from cascade.models.base import TargetUnavailable
+
+DEFAULT_LOGPROBS = 20  # vLLM's default max_logprobs; raise it on the vLLM side for a larger k
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@dataclass
+class ScoredPositions:
+    """Top-k log-probs of the next token at the last ``n`` positions of one prompt, in order: entry j
+    is the distribution after token ``L - n + j`` (so the last entry is the one after the whole prompt)."""
+
+    ids: list[list[int]]  # [n][<= k + 1] token ids
+    logprobs: list[list[float]]  # [n][<= k + 1] natural log-probs, same order as ids
+    cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache
+
+
+class ScoringBackend(Protocol):
+    """Where the target's log-probs come from."""
+
+    max_len: int  # longest sequence the backend accepts
+
+    def score(self, prompts: Sequence[Sequence[int]], last_n: Sequence[int], k: int) -> list[ScoredPositions]:
+        """For each prompt, the top-k log-probs of its last ``last_n[i]`` positions. Raises
+        ``TargetUnavailable`` when the target cannot be reached."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def topk_to_logits(scored: Sequence[ScoredPositions], vocab_size: int) -> torch.Tensor:
+    """Dense float32 logits ``[sum(n_i), V]``: the given log-probs at their ids, ``-inf`` elsewhere
+    (softmax of a row is the top-k truncation of p, renormalised)."""
+    n = sum(len(s.ids) for s in scored)
+    out = torch.full((n, vocab_size), float("-inf"), dtype=torch.float32)
+    r = 0
+    for s in scored:
+        for ids, lps in zip(s.ids, s.logprobs):
+            out[r, torch.tensor(ids, dtype=torch.int64)] = torch.tensor(lps, dtype=torch.float32)
+            r += 1
+    return out
+
+
+def truncate_to_topk(logits: torch.Tensor, k: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """What the vLLM runner would return for full ``logits [n, V]``: the top-k log-probs (plus the
+    log-prob of ``tokens [n]`` where given, as vLLM's prompt log-probs include the actual token) and
+    ``-inf`` elsewhere. Used to measure the top-k approximation against an in-process runner."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = torch.zeros_like(logp, dtype=torch.bool)
+    keep.scatter_(1, logp.topk(min(k, logp.shape[-1]), dim=-1).indices, True)
+    if tokens is not None:
+        keep.scatter_(1, tokens.view(-1, 1).to(torch.int64), True)
+    return torch.where(keep, logp, torch.full_like(logp, float("-inf")))
+
+
+def _entries(d) -> tuple[list[int], list[float]]:
+    """Token ids and log-probs of one position's ``{id: Logprob}`` dict (in-process or JSON form)."""
+    ids, lps = [], []
+    for tok, lp in d.items():
+        ids.append(int(tok.split(":")[-1]) if isinstance(tok, str) else int(tok))
+        lps.append(float(lp["logprob"] if isinstance(lp, dict) else getattr(lp, "logprob", lp)))
+    return ids, [lp if lp == lp else float("-inf") for lp in lps]  # NaN never reaches the logits
+
+
+def _tail(prompt_logprobs, sample_logprobs, n: int) -> ScoredPositions | None:
+    """The last n positions from vLLM's prompt log-probs (positions 1..L-1, cached ones missing) and the
+    generated step's log-probs; None when a needed position is missing (served from the prefix cache)."""
+    needed = n - 1
+    prompt_part = list(prompt_logprobs or [])[-needed:] if needed > 0 else []
+    if len(prompt_part) < needed or any(p is None for p in prompt_part):
+        return None
+    rows = [_entries(p) for p in prompt_part] + [_entries(sample_logprobs)]
+    return ScoredPositions(ids=[r[0] for r in rows], logprobs=[r[1] for r in rows])
+
+
+# ------------------------------------------------------------------------------------------ in-process
+class InProcessVLLM:
+    """A ``vllm.LLM`` engine in this process (its engine core may run in a child process)."""
+
+    def __init__(self, model: str | Path, *, max_len: int = 2048, dtype: str = "auto", max_logprobs: int = DEFAULT_LOGPROBS,
+                 tensor_parallel_size: int = 1, memory_fraction: float | None = None, max_num_seqs: int = 64,
+                 enforce_eager: bool = False, seed: int = 0, **engine_args) -> None:
+        from vllm import LLM  # the optional dependency: imported only when this backend is built
+
+        kwargs = dict(model=str(model), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_len,
+                      enable_prefix_caching=True, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
+                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed)
+        if memory_fraction is not None:
+            kwargs["gpu_memory_utilization"] = memory_fraction  # on vLLM's CPU backend: the share of RAM it reserves
+        kwargs.update(engine_args)
+        self.llm = LLM(**kwargs)
+        self.max_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.recomputed_rows = 0  # rows asked again with the prefix-cache read off
+
+    def _params(self, k: int, read_cache: bool):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, prompt_logprobs=k, detokenize=False,
+                              skip_reading_prefix_cache=not read_cache)
+
+    def score(self, prompts: Sequence[Sequence[int]], last_n: Sequence[int], k: int) -> list[ScoredPositions]:
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outs = self.llm.generate(inputs, self._params(k, read_cache=True), use_tqdm=False)
+        result: list[ScoredPositions | None] = []
+        for out, n in zip(outs, last_n):
+            scored = _tail(out.prompt_logprobs, out.outputs[0].logprobs[0], n)
+            if scored is not None:
+                scored.cached_tokens = int(out.num_cached_tokens or 0)
+            result.append(scored)
+        missing = [i for i, r in enumerate(result) if r is None]
+        if missing:  # needed positions came from the prefix cache: ask again without reading it
+            self.recomputed_rows += len(missing)
+            again = self.llm.generate([inputs[i] for i in missing], self._params(k, read_cache=False), use_tqdm=False)
+            for i, out in zip(missing, again):
+                result[i] = _tail(out.prompt_logprobs, out.outputs[0].logprobs[0], last_n[i])
+                if result[i] is None:
+                    raise RuntimeError("vLLM returned fewer prompt log-probs than the prompt has positions")
+        return result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        shutdown = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- remote
+@dataclass(frozen=True)
+class RemotePolicy:
+    """How the remote path waits, retries and backs off."""
+
+    timeout_s: float = 30.0  # per HTTP call (connect + read)
+    retries: int = 2  # extra tries after the first failure
+    backoff_s: float = 0.25  # sleep before retry i: backoff_s * 2**i
+    cooldown_s: float = 5.0  # after the last try fails, refuse calls at once for this long
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"target_timeout must be > 0 seconds, got {self.timeout_s!r}")
+        if self.retries < 0:
+            raise ValueError(f"target_retries must be >= 0, got {self.retries!r}")
+        if self.backoff_s < 0 or self.cooldown_s < 0:
+            raise ValueError("backoff and cooldown must be >= 0 seconds")
+
+
+class RemoteVLLM:
+    """A vLLM OpenAI-compatible server (``vllm serve``) reached over HTTP; one POST per target pass (the
+    batch's prompts go as one ``/v1/completions`` request, which the server batches)."""
+
+    def __init__(self, url: str, *, model: str | None = None, policy: RemotePolicy = RemotePolicy(),
+                 api_key: str | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"target_url: must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.policy = policy
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.calls = 0  # HTTP calls made (retries included)
+        self.failures = 0  # target passes that ended in TargetUnavailable
+        info = self._model_info(model)
+        self.model = info["id"]
+        self.max_len = int(info.get("max_model_len") or 2048)
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method="GET" if body is None else "POST")
+        self.calls += 1
+        with urllib.request.urlopen(req, timeout=self.policy.timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        """One call with retries; raises TargetUnavailable when out of tries or inside the cooldown."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                raise TargetUnavailable(f"target {self.url} is marked down (cooling down after a failure)")
+        last: Exception | None = None
+        for attempt in range(self.policy.retries + 1):
+            if attempt:
+                time.sleep(self.policy.backoff_s * 2 ** (attempt - 1))
+            try:
+                return self._request(path, body)
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:500]
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    raise ValueError(f"target {self.url} refused the request (HTTP {exc.code}): {detail}") from exc
+                last = exc
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, json.JSONDecodeError) as exc:
+                last = exc
+        with self._lock:
+            self._down_until = time.monotonic() + self.policy.cooldown_s
+            self.failures += 1
+        raise TargetUnavailable(f"target {self.url} failed after {self.policy.retries + 1} tries: {last!r}") from last
+
+    def _model_info(self, model: str | None) -> dict:
+        models = self._call("/v1/models").get("data") or []
+        if not models:
+            raise ValueError(f"target_url: {self.url} serves no model")
+        if model is None:
+            return models[0]
+        for m in models:
+            if m.get("id") == model:
+                return m
+        raise ValueError(f"target_model: {model!r} is not served by {self.url} (it serves {[m.get('id') for m in models]})")
+
+    def score(self, prompts: Sequence[Sequence[int]], last_n: Sequence[int], k: int) -> list[ScoredPositions]:
+        body = {"model": self.model, "prompt": [list(p) for p in prompts], "max_tokens": 1, "temperature": 0.0,
+                "logprobs": k, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
+        choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise TargetUnavailable(f"target {self.url} answered {len(choices)} choices for {len(prompts)} prompts")
+        result = []
+        for c, n in zip(choices, last_n):
+            top = (c.get("logprobs") or {}).get("top_logprobs") or [None]
+            scored = _tail(c.get("prompt_logprobs"), top[0] or {}, n)
+            if scored is None:
+                raise TargetUnavailable(f"target {self.url} returned too few prompt log-probs")
+            result.append(scored)
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------- runner
+class VLLMRunner:
+    """``ModelRunner`` whose forward passes are scored by a ``ScoringBackend``; rows are token-id lists
+    kept here (rollback is a list cut, nothing is sent)."""
+
+    def __init__(self, backend: ScoringBackend, *, vocab_size: int, num_params: int, max_rows: int = 8,
+                 max_len: int | None = None, logprobs: int = DEFAULT_LOGPROBS) -> None:
+        if logprobs < 1:
+            raise ValueError(f"target_logprobs: must be >= 1, got {logprobs}")
+        self.backend = backend
+        self.vocab_size = int(vocab_size)
+        self.num_params = int(num_params)
+        self.max_rows = int(max_rows)
+        self.max_len = min(int(max_len or backend.max_len), int(backend.max_len))
+        self.logprobs = int(logprobs)
+        self.device = torch.device("cpu")
+        self._rows: list[list[int]] = [[] for _ in range(self.max_rows)]
+        self.calls = 0  # backend.score calls (one per target pass)
+        self.time_s = 0.0  # wall time inside backend.score
+
+    def lengths(self, rows: Sequence[int]) -> list[int]:
+        return [len(self._rows[r]) for r in rows]
+
+    def forward_span(self, rows: Sequence[int], spans: Sequence[Sequence[int]],
+                     num_logits: Sequence[int] | None = None) -> torch.Tensor:
+        if len(rows) != len(spans):
+            raise ValueError(f"rows ({len(rows)}) and spans ({len(spans)}) differ in length")
+        ns = [len(s) for s in spans] if num_logits is None else [int(n) for n in num_logits]
+        prompts = []
+        for r, span, n in zip(rows, spans, ns):
+            if not span:
+                raise ValueError(f"row {r}: empty span")
+            seq = self._rows[r] + [int(t) for t in span]
+            if len(seq) > self.max_len:
+                raise ValueError(f"row {r}: {len(seq)} tokens exceed max_len={self.max_len}")
+            if not 1 <= n <= len(seq):
+                raise ValueError(f"row {r}: num_logits {n} outside [1, {len(seq)}]")
+            prompts.append(seq)
+        t0 = time.perf_counter()
+        scored = self.backend.score(prompts, ns, self.logprobs)  # may raise TargetUnavailable: rows unchanged
+        self.time_s += time.perf_counter() - t0
+        self.calls += 1
+        for r, seq in zip(rows, prompts):
+            self._rows[r] = seq
+        return topk_to_logits(scored, self.vocab_size)
+
+    def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.forward_span(rows.tolist(), [[int(i)] for i in ids.tolist()])
+
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        for r, n in zip(rows, lengths):
+            if n > len(self._rows[r]):
+                raise ValueError(f"row {r}: cannot truncate to {n} > length {len(self._rows[r])}")
+            del self._rows[r][n:]
+
+    def free(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self._rows[r] = []
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def count_params(config: dict) -> int:
+    """Parameter count of a Llama/Qwen2-family ``config.json`` (for FLOP accounting), without weights."""
+    from cascade.models.loading import DecoderConfig
+
+    c = DecoderConfig.from_dict(config)
+    attn = c.hidden_size * c.head_dim * (c.num_heads * 2 + c.num_kv_heads * 2)
+    attn += c.head_dim * (c.num_heads + 2 * c.num_kv_heads) * c.qkv_bias + c.hidden_size * c.o_bias
+    mlp = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
+    layer = attn + mlp + 2 * c.hidden_size
+    embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_layers * layer + embed + c.hidden_size
+
+
+@dataclass(frozen=True)
+class VLLMTargetOptions:
+    """How a vLLM target is reached and configured (``cascade serve --target vllm:DIR`` / ``--target-url``)."""
+
+    served_model: str | None = None  # remote: the model name on the server (default: the first it serves)
+    config_dir: str | None = None  # remote: a local dir with the served model's config.json (FLOP accounting)
+    logprobs: int = DEFAULT_LOGPROBS  # top-k log-probs per position (vLLM's max_logprobs caps it, default 20)
+    remote: RemotePolicy = RemotePolicy()  # remote: timeouts, retries, cooldown
+    memory_fraction: float | None = None  # in-process: vLLM's gpu_memory_utilization (share of RAM on CPU)
+    tensor_parallel_size: int = 1  # in-process: GPUs the target is split over
+    engine_args: Mapping[str, Any] = field(default_factory=dict)  # in-process: more vllm.LLM keyword args
+
+    def __post_init__(self) -> None:
+        if self.logprobs < 1:
+            raise ValueError(f"target_logprobs: must be >= 1, got {self.logprobs}")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"vllm_memory_fraction: must be in (0, 1], got {self.memory_fraction}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel: must be >= 1, got {self.tensor_parallel_size}")
+
+
+def in_process_target(model_dir: str | Path, *, max_rows: int = 8, max_len: int = 2048, dtype: str = "auto",
+                      options: VLLMTargetOptions = VLLMTargetOptions()) -> VLLMRunner:
+    """A ``VLLMRunner`` over an in-process vLLM engine loading the checkpoint in ``model_dir``."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    backend = InProcessVLLM(model_dir, max_len=max_len, dtype=dtype, max_logprobs=max(options.logprobs, DEFAULT_LOGPROBS),
+                            max_num_seqs=max(max_rows, 1), tensor_parallel_size=options.tensor_parallel_size,
+                            memory_fraction=options.memory_fraction, **dict(options.engine_args))
+    return VLLMRunner(backend, vocab_size=backend.vocab_size, num_params=count_params(config), max_rows=max_rows,
+                      max_len=max_len, logprobs=options.logprobs)
+
+
+def remote_target(url: str, *, vocab_size: int, max_rows: int = 8, max_len: int = 2048,
+                  options: VLLMTargetOptions = VLLMTargetOptions()) -> VLLMRunner:
+    """A ``VLLMRunner`` over a remote vLLM server. ``vocab_size`` is the draft's (the pair shares it);
+    ``options.config_dir`` (a local copy of the served model's config.json) gives the parameter count for
+    cost accounting, else it is 0 and ``relative_cost`` reads 0."""
+    backend = RemoteVLLM(url, model=options.served_model, policy=options.remote)
+    params = count_params(json.loads((Path(options.config_dir) / "config.json").read_text())) if options.config_dir else 0
+    return VLLMRunner(backend, vocab_size=vocab_size, num_params=params, max_rows=max_rows, max_len=max_len,
+                      logprobs=options.logprobs)
+
+
+__all__ = ["VLLMRunner", "InProcessVLLM", "RemoteVLLM", "RemotePolicy", "ScoredPositions", "TargetUnavailable",
+           "topk_to_logits", "truncate_to_topk", "count_params", "in_process_target", "remote_target",
+           "VLLMTargetOptions", "DEFAULT_LOGPROBS"]
