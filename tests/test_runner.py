@@ -91,7 +91,7 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_parity_with_transformers(saved, kind, impl):
     model, path = saved(kind)
-    runner = LlamaRunner.from_pretrained(path, max_rows=4, max_len=48, linear_impl=impl)
+    runner = LlamaRunner.from_pretrained(path, max_rows=4, max_len=48, linear_impl=impl, dtype="float32")
     assert isinstance(runner, ModelRunner)
     assert runner.num_params == sum(p.numel() for p in model.parameters())
     assert runner.dtype == torch.float32 and runner.vocab_size == VOCAB
@@ -156,7 +156,7 @@ def test_sharded_checkpoint(saved, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    runner = LlamaRunner.from_pretrained(tmp_path, max_rows=1, max_len=16)
+    runner = LlamaRunner.from_pretrained(tmp_path, max_rows=1, max_len=16, dtype="float32")
     seq = [1, 5, 7, 11]
     assert maxdiff(runner.forward_span([0], [seq]), hf_logits(model, seq)) < TOL
 
@@ -168,6 +168,8 @@ def qwen(saved):
 
 
 def fresh(path, **kw) -> LlamaRunner:
+    """An fp32 runner (the default dtype is bf16 on CPUs with fast bf16; these tests compare against fp32)."""
+    kw.setdefault("dtype", "float32")
     return LlamaRunner.from_pretrained(path, max_rows=kw.pop("max_rows", 4), max_len=kw.pop("max_len", 40), **kw)
 
 

@@ -305,12 +305,30 @@ def test_client_disconnect_mid_stream_frees_rows(server):
     assert r.usage.completion_tokens == 5
 
 
-def test_non_streaming_client_disconnect_frees_rows(server):
-    body = {"model": "cascade:target-only", "messages": MESSAGES, "max_tokens": 220, "temperature": 0}
-    with pytest.raises(httpx2.TimeoutException):
+class _Slow(Chow):
+    """A policy whose every round takes 50 ms more: a request that is still running when its client leaves,
+    however fast the machine."""
+
+    def trigger(self, conf):
+        time.sleep(0.05)
+        return super().trigger(conf)
+
+
+@pytest.fixture
+def slow_policy():
+    register("test-slow")(_Slow)
+    yield "test-slow"
+    _REGISTRY.pop("test-slow", None)
+
+
+def test_non_streaming_client_disconnect_frees_rows(server, slow_policy):
+    body = {"model": "cascade", "messages": MESSAGES, "max_tokens": 200, "temperature": 0,
+            "cascade": {"policy": slow_policy, "k": 1}}
+    with pytest.raises(httpx2.TimeoutException):  # 200 rounds of >= 50 ms: the client leaves long before
         httpx2.post(server.url + CHAT, json=body, timeout=0.5)
     m = wait_idle(server)
     assert m["cascade_kv_rows_free"] == 4
+    assert m['cascade_requests_total{status="aborted"}'] >= 1
 
 
 class _Explodes(Chow):
