@@ -51,7 +51,7 @@ def start_vllm_server(target_dir: Path, max_len: int, memory_fraction: float) ->
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target_dir),
            "--served-model-name", "target", "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init",
            "--max-model-len", str(max_len), "--dtype", "float32", "--enable-prefix-caching",
-           "--gpu-memory-utilization", str(memory_fraction)]
+           "--gpu-memory-utilization", str(memory_fraction), "--block-size", "32"]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "vllm_target_server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +111,7 @@ def run_vllm_alone(target_dir: Path, draft_dir: Path | None, prompts_ids, max_to
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=str(target_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=max_len,
-                  gpu_memory_utilization=memory_fraction, enable_prefix_caching=True, seed=0)
+                  gpu_memory_utilization=memory_fraction, enable_prefix_caching=True, seed=0, block_size=32)
     name = "vllm target-only"
     if draft_dir is not None:
         kwargs["speculative_config"] = {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 5}
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                          "vllm-alone (vLLM target-only and vLLM speculative decoding)")
     ap.add_argument("--memory-fraction", type=float, default=0.45,
                     help="vLLM's gpu_memory_utilization (on its CPU backend: share of RAM for weights + KV)")
+    ap.add_argument("--spec-memory-fraction", type=float, default=0.75,
+                    help="the same for vLLM's own speculative decoding (target + draft + compile workspace)")
     ap.add_argument("--max-len", type=int, default=1024, help="cache positions per sequence")
     ap.add_argument("--reps", type=int, default=10, help="repetitions of the escalation-cost measurement")
     ap.add_argument("--draft", default=None, help="draft checkpoint dir (default: the default pair)")
@@ -223,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=120)
+    errors = {}
     if "vllm-alone" in paths:
-        for batch in batch_sizes:
-            for d in (None, draft_dir):
-                row, outs = run_vllm_alone(target_dir, d, prompts_ids, args.max_tokens, eos, batch, args.max_len,
-                                           args.memory_fraction, progress)
+        for d in (None, draft_dir):
+            for batch in batch_sizes:
+                fraction = args.memory_fraction if d is None else args.spec_memory_fraction
+                try:
+                    row, outs = run_vllm_alone(target_dir, d, prompts_ids, args.max_tokens, eos, batch, args.max_len,
+                                               fraction, progress)
+                except Exception as exc:  # noqa: BLE001 -- recorded in the machine JSON; the other rows stand
+                    errors[f"vllm alone {'speculative' if d else 'target-only'} b{batch}"] = f"{type(exc).__name__}: {exc}"
+                    console.print(f"[red]vLLM alone failed: {exc}[/red]")
+                    continue
                 rows.append(row)
                 outputs[("vllm alone", row["policy"], batch)] = outs
                 console.print(f"{row['policy']:>36} b{batch}: {row['tok_per_s']:.3f} tok/s")
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = {**machine_info(), "dtype": "float32", "prompts": args.prompts, "max_tokens": args.max_tokens,
             "escalation_cost": {"prefix_tokens": len(prefix), "span_tokens": len(span), "reps": args.reps, **overhead},
-            "greedy_equal": equal, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "greedy_equal": equal, "errors": errors, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
     fields = ["system", "target", "policy", "batch", "tokens", "wall_s", "tok_per_s", "x_in_process_target_only",
               "target_token_fraction", "mean_acceptance_length", "relative_cost"]
     with open(out / f"{args.tag}.csv", "w", newline="") as fh:

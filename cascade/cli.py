@@ -246,9 +246,10 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="target model: a local HF checkpoint dir or a known name (default: the default pair); "
                         "'vllm:<dir or name>' loads it into an in-process vLLM engine instead (needs the vllm extra); "
                         "with --target-url it is only read for its config.json (cost accounting)")
-    p.add_argument("--target-url", default=None, metavar="URL",
+    p.add_argument("--target-url", default=None, metavar="URL", action="append",
                    help="use the target served by a running vLLM OpenAI server at URL (e.g. http://gpu-box:8000); "
-                        "the draft stays local and only escalated spans travel")
+                        "the draft stays local and only escalated spans travel. Repeat it for replicas: target passes "
+                        "go round-robin, and a replica that fails is skipped while the others serve")
     p.add_argument("--target-model", default=None, help="with --target-url: the served model name (default: the server's first)")
     p.add_argument("--on-target-error", default="fail", choices=["fail", "draft-only"],
                    help="when the vLLM target cannot be reached: fail the affected requests (HTTP 503), or keep "
@@ -388,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {"generate": cmd_generate, "serve": cmd_serve, "fetch-models": cmd_fetch_models, "bench": cmd_bench,
                 "calibrate": cmd_calibrate}
+    from cascade.models.base import TargetUnavailable
     from cascade.weights import ModelFetchError
 
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, ModelFetchError) as exc:
+    except (ValueError, FileNotFoundError, ModelFetchError, TargetUnavailable) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -67,14 +67,15 @@ class Cascade:
     @classmethod
     def from_pretrained(cls, draft: str | Path | None = None, target: str | Path | None = None, *,
                         max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
-                        max_draft_block: int = 16, target_url: str | None = None,
+                        max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
                         vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail") -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
         default pair from the cache (``cascade fetch-models`` puts it there).
 
         The target can live in vLLM instead (``cascade.models.vllm``): ``target="vllm:<dir or name>"`` loads
         it into an in-process vLLM engine, ``target_url="http://host:port"`` reaches a running ``vllm serve``
-        (then ``target``, if given, is only read for its config.json, for cost accounting).
+        (a list of URLs: replicas, used round-robin with failover; ``target``, if given, is then only read
+        for its config.json, for cost accounting).
         ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
         "draft-only" (its escalations are kept as drafted)."""
         from cascade.models.llama import LlamaRunner

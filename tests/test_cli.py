@@ -41,7 +41,18 @@ def test_top_level_help(capsys):
     (["serve", "--policy", "chow", "--calibration", "x.json"], "--policy and --calibration"),
     (["serve", "--calibration", "/nonexistent/calibration.json"], "--calibration"),
     (["serve", "--max-rows", "0"], "--max-rows"),
+    (["serve", "--target-url", "http://x", "--vllm-memory-fraction", "2"], "vllm_memory_fraction"),
+    (["serve", "--target-url", "http://x", "--target-timeout", "0"], "target_timeout"),
+    (["serve", "--target-url", "http://x", "--target-logprobs", "0"], "target_logprobs"),
 ])
 def test_bad_input_exits_2_with_message(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_serve_with_an_unreachable_target_url_exits_2(tiny_pair_dirs, capsys):
+    argv = ["serve", "--draft", str(tiny_pair_dirs[0]), "--target-url", "http://127.0.0.1:9", "--target-timeout", "2",
+            "--target-retries", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "failed after 1 tries" in err

@@ -194,13 +194,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, {"choices": choices})
 
 
-@pytest.fixture()
-def fake_vllm():
+def _start_fake():
     handler = type("H", (_Handler,), {"mode": "ok", "posts": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    return server, f"http://127.0.0.1:{server.server_address[1]}", handler
+
+
+@pytest.fixture()
+def fake_vllm():
+    server, url, handler = _start_fake()
+    yield url, handler
     server.shutdown()
+
+
+@pytest.fixture()
+def two_replicas():
+    servers = [_start_fake() for _ in range(2)]
+    yield [(url, handler) for _, url, handler in servers]
+    for server, _, _ in servers:
+        server.shutdown()
+
+
+def test_replicas_share_passes_and_fail_over(two_replicas):
+    (url_a, a), (url_b, b) = two_replicas
+    backend = RemoteVLLM([url_a, url_b], policy=RemotePolicy(timeout_s=5, retries=2, backoff_s=0.0, cooldown_s=60))
+    for _ in range(4):
+        backend.score([[1, 2]], [1], 2)
+    assert (a.posts, b.posts) == (2, 2)  # round-robin
+    a.mode = "error500"
+    for _ in range(4):  # every pass still succeeds: a fails once, then is skipped during its cooldown
+        [scored] = backend.score([[1, 2, 3]], [2], 2)
+        assert scored.ids[-1] == [7, 9]
+    assert a.posts == 3 and b.posts == 6
+    b.mode = "error500"
+    with pytest.raises(TargetUnavailable):
+        backend.score([[1, 2]], [1], 2)
+    with pytest.raises(TargetUnavailable, match="marked down"):
+        backend.score([[1, 2]], [1], 2)
 
 
 def test_remote_client_parses_the_openai_answer(fake_vllm):

@@ -139,6 +139,10 @@ class InProcessVLLM:
                       max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed)
         if memory_fraction is not None:
             kwargs["gpu_memory_utilization"] = memory_fraction  # on vLLM's CPU backend: the share of RAM it reserves
+        if not torch.cuda.is_available():
+            # vLLM's CPU backend caches prefixes in 128-token blocks: a shorter sequence would never hit the
+            # cache and every verification would recompute it. 32 is the smallest size it runs well with.
+            kwargs["block_size"] = 32
         kwargs.update(engine_args)
         self.llm = LLM(**kwargs)
         self.max_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -198,55 +202,94 @@ class RemotePolicy:
 
 
 class RemoteVLLM:
-    """A vLLM OpenAI-compatible server (``vllm serve``) reached over HTTP; one POST per target pass (the
-    batch's prompts go as one ``/v1/completions`` request, which the server batches)."""
+    """One or more vLLM OpenAI-compatible servers (``vllm serve``, e.g. replicas of a tensor-parallel target)
+    reached over HTTP. One POST per target pass: the batch's prompts go as one ``/v1/completions`` request,
+    which the server batches. Passes go round-robin over the replicas; a try that fails moves to the next
+    healthy replica, and a replica that failed is skipped for ``cooldown_s``."""
 
-    def __init__(self, url: str, *, model: str | None = None, policy: RemotePolicy = RemotePolicy(),
+    def __init__(self, url: str | Sequence[str], *, model: str | None = None, policy: RemotePolicy = RemotePolicy(),
                  api_key: str | None = None) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"target_url: must start with http:// or https://, got {url!r}")
-        self.url = url.rstrip("/").removesuffix("/v1")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("target_url: give at least one URL")
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"target_url: must start with http:// or https://, got {u!r}")
+        self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
+        self.url = ", ".join(self.urls)  # for messages
         self.policy = policy
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self._down_until = 0.0
+        self._down_until = [0.0] * len(self.urls)
+        self._next = 0
         self._lock = threading.Lock()
         self.calls = 0  # HTTP calls made (retries included)
         self.failures = 0  # target passes that ended in TargetUnavailable
+        self.passes_per_replica = [0] * len(self.urls)  # successful calls per replica
         info = self._model_info(model)
         self.model = info["id"]
         self.max_len = int(info.get("max_model_len") or 2048)
 
-    def _request(self, path: str, body: dict | None = None) -> dict:
+    def _request(self, i: int, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method="GET" if body is None else "POST")
+        req = urllib.request.Request(self.urls[i] + path, data=data, headers=self.headers,
+                                     method="GET" if body is None else "POST")
         self.calls += 1
         with urllib.request.urlopen(req, timeout=self.policy.timeout_s) as resp:
             return json.loads(resp.read())
 
-    def _call(self, path: str, body: dict | None = None) -> dict:
-        """One call with retries; raises TargetUnavailable when out of tries or inside the cooldown."""
+    def _pick(self, failed: set[int]) -> int | None:
+        """The next replica round-robin that is not cooling down, preferring ones not failed in this call."""
         with self._lock:
-            if time.monotonic() < self._down_until:
-                raise TargetUnavailable(f"target {self.url} is marked down (cooling down after a failure)")
+            now = time.monotonic()
+            order = [(self._next + j) % len(self.urls) for j in range(len(self.urls))]
+            healthy = [i for i in order if now >= self._down_until[i]]
+            fresh = [i for i in healthy if i not in failed]
+            choice = (fresh or healthy or [None])[0]
+            if choice is not None:
+                self._next = (choice + 1) % len(self.urls)
+            return choice
+
+    def _mark_down(self, replicas: set[int]) -> None:
+        with self._lock:
+            for i in replicas:
+                self._down_until[i] = time.monotonic() + self.policy.cooldown_s
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        """One call with retries over the replicas; raises TargetUnavailable when out of tries or when every
+        replica is cooling down after a failure."""
         last: Exception | None = None
+        failed: set[int] = set()
+        tries = 0
         for attempt in range(self.policy.retries + 1):
+            i = self._pick(failed)
+            if i is None:
+                break
+            tries += 1
             if attempt:
                 time.sleep(self.policy.backoff_s * 2 ** (attempt - 1))
             try:
-                return self._request(path, body)
+                out = self._request(i, path, body)
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:500]
                 if 400 <= exc.code < 500 and exc.code not in (408, 429):
-                    raise ValueError(f"target {self.url} refused the request (HTTP {exc.code}): {detail}") from exc
+                    raise ValueError(f"target {self.urls[i]} refused the request (HTTP {exc.code}): {detail}") from exc
                 last = exc
+                failed.add(i)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, json.JSONDecodeError) as exc:
                 last = exc
+                failed.add(i)
+            else:
+                self._mark_down(failed)  # the replicas that failed on the way are skipped for a while
+                self.passes_per_replica[i] += 1
+                return out
+        self._mark_down(failed)
         with self._lock:
-            self._down_until = time.monotonic() + self.policy.cooldown_s
             self.failures += 1
-        raise TargetUnavailable(f"target {self.url} failed after {self.policy.retries + 1} tries: {last!r}") from last
+        if last is None:
+            raise TargetUnavailable(f"target {self.url} is marked down (cooling down after a failure)")
+        raise TargetUnavailable(f"target {self.url} failed after {tries} tries: {last!r}") from last
 
     def _model_info(self, model: str | None) -> dict:
         models = self._call("/v1/models").get("data") or []
@@ -386,7 +429,7 @@ def in_process_target(model_dir: str | Path, *, max_rows: int = 8, max_len: int 
                       max_len=max_len, logprobs=options.logprobs)
 
 
-def remote_target(url: str, *, vocab_size: int, max_rows: int = 8, max_len: int = 2048,
+def remote_target(url: str | Sequence[str], *, vocab_size: int, max_rows: int = 8, max_len: int = 2048,
                   options: VLLMTargetOptions = VLLMTargetOptions()) -> VLLMRunner:
     """A ``VLLMRunner`` over a remote vLLM server. ``vocab_size`` is the draft's (the pair shares it);
     ``options.config_dir`` (a local copy of the served model's config.json) gives the parameter count for
