@@ -122,6 +122,21 @@ def test_in_process_vllm_reads_the_prefix_cache(vllm_pair, in_process):
     in_process.free([0])
 
 
+def test_in_process_vllm_never_reads_cached_positions(vllm_pair, in_process):
+    """vLLM returns garbage log-probs at prefix-cached positions; a re-verification of tokens that are all
+    in the cache must be recomputed and give the same values as the first, uncached one."""
+    row = list(range(2, 62)) * 2  # 120 tokens: three full 32-token blocks once cached
+    backend = in_process.backend
+    first = backend.score([row], [50], 5)[0]
+    before = backend.recomputed_rows
+    second = backend.score([row], [50], 5)[0]
+    assert backend.recomputed_rows == before + 1
+    assert second.ids == first.ids
+    for a, b in zip(first.logprobs, second.logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert all(0 <= t < 64 for ids in second.ids for t in ids)
+
+
 # ---------------------------------------------------------------------------------------------- remote
 @pytest.mark.parametrize("policy", ["speculative", "chow(alpha=0.3)"])
 def test_remote_vllm_greedy_equals_the_in_process_runner(vllm_pair, vllm_server, policy):

@@ -11,10 +11,10 @@ keeps no per-row state we can address, so this runner keeps each row's token ids
 
 Prefix caching keeps the prefix from being recomputed. vLLM 0.32 turns prefix-cache *reads* off for any
 request with ``prompt_logprobs`` (``SamplingParams.skip_reading_prefix_cache`` defaults to True then,
-since cached positions return no log-probs). We only need the log-probs of the last ``n`` positions, so
-the in-process path sets it back to False and checks that every position it needs came back; a row whose
-needed positions were served from the cache (it happens when the same tokens were verified before, after
-a rollback) is asked again with the cache read off. The OpenAI server does not expose that field, so on
+since cached positions get no real log-probs: their entries hold uninitialised memory). We only need the
+log-probs of the last ``n`` positions, so the in-process path sets it back to False and uses an entry only
+past ``num_cached_tokens``; a row whose needed positions were served from the cache (it happens when the
+same tokens were verified before, after a rollback) is asked again with the cache read off. The OpenAI server does not expose that field, so on
 the **remote** path the server recomputes the whole prefix on every verification: correct, but each
 escalation costs a prefill of the full sequence there.
 
@@ -114,15 +114,24 @@ def _entries(d) -> tuple[list[int], list[float]]:
     return ids, [lp if lp == lp else float("-inf") for lp in lps]  # NaN never reaches the logits
 
 
-def _tail(prompt_logprobs, sample_logprobs, n: int) -> ScoredPositions | None:
-    """The last n positions from vLLM's prompt log-probs (positions 1..L-1, cached ones missing) and the
-    generated step's log-probs; None when a needed position is missing (served from the prefix cache)."""
+def _tail(prompt_logprobs, sample_logprobs, n: int, cached_tokens: int = 0) -> ScoredPositions | None:
+    """The last n positions from vLLM's prompt log-probs (entry j: token j given tokens < j) and the
+    generated step's log-probs; None when a needed entry was not computed.
+
+    With a prefix-cache hit of c tokens, vLLM 0.32 still returns one entry per prompt token, but entries
+    1..c hold uninitialised memory (seen: token id 1801395808); only entries > c are real. So an entry is
+    used only if its index is > ``cached_tokens`` (and not None)."""
     needed = n - 1
-    prompt_part = list(prompt_logprobs or [])[-needed:] if needed > 0 else []
-    if len(prompt_part) < needed or any(p is None for p in prompt_part):
-        return None
+    entries = list(prompt_logprobs or [])
+    if needed > 0:
+        first = len(entries) - needed
+        if first <= cached_tokens or first < 1 or any(p is None for p in entries[first:]):
+            return None
+        prompt_part = entries[first:]
+    else:
+        prompt_part = []
     rows = [_entries(p) for p in prompt_part] + [_entries(sample_logprobs)]
-    return ScoredPositions(ids=[r[0] for r in rows], logprobs=[r[1] for r in rows])
+    return ScoredPositions(ids=[r[0] for r in rows], logprobs=[r[1] for r in rows], cached_tokens=cached_tokens)
 
 
 # ------------------------------------------------------------------------------------------ in-process
@@ -162,10 +171,7 @@ class InProcessVLLM:
         outs = self.llm.generate(inputs, self._params(k, read_cache=True), use_tqdm=False)
         result: list[ScoredPositions | None] = []
         for out, n in zip(outs, last_n):
-            scored = _tail(out.prompt_logprobs, out.outputs[0].logprobs[0], n)
-            if scored is not None:
-                scored.cached_tokens = int(out.num_cached_tokens or 0)
-            result.append(scored)
+            result.append(_tail(out.prompt_logprobs, out.outputs[0].logprobs[0], n, int(out.num_cached_tokens or 0)))
         missing = [i for i, r in enumerate(result) if r is None]
         if missing:  # needed positions came from the prefix cache: ask again without reading it
             self.recomputed_rows += len(missing)
