@@ -69,29 +69,20 @@ def start_vllm_server(target_dir: Path, max_len: int, memory_fraction: float) ->
             time.sleep(2)
 
 
-def escalation_cost(runner_forward, prefix: list[int], span: list[int], reps: int) -> float:
-    """Median seconds of ``runner_forward(span)`` over ``reps`` calls (after one warm-up call)."""
+def verify_cost(runner, prefix: list[int], span: list[int], reps: int) -> float:
+    """Median seconds of one escalation's verification over ``reps`` calls (after one warm-up call): the
+    row holds ``prefix``; ``span`` (the last emitted token + k drafted ones) is scored at every position,
+    then rolled back."""
+    runner.free([0])
+    runner.forward_span([0], [prefix], num_logits=[1])
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        runner_forward(span)
+        runner.forward_span([0], [span], num_logits=[len(span)])
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first call warms caches
-
-
-def verify_cost(runner, prefix: list[int], span: list[int], reps: int) -> float:
-    """Median seconds of one escalation's verification: the row holds ``prefix``; ``span`` (the last
-    emitted token + k drafted ones) is scored at every position, then rolled back."""
-    runner.free([0])
-    runner.forward_span([0], [prefix], num_logits=[1])
-
-    def forward(s):
-        runner.forward_span([0], [s], num_logits=[len(s)])
         runner.truncate([0], [len(prefix)])
-
-    cost = escalation_cost(forward, prefix, span, reps)
     runner.free([0])
-    return cost
+    return statistics.median(times[1:])  # the first call warms caches
 
 
 def http_round_trip(url: str, reps: int) -> float:

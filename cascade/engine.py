@@ -332,15 +332,16 @@ class Engine:
         if not members:
             return {}
         t0 = time.perf_counter()
-        spans, num_logits = [], []
-        for s in members:
-            blk = blocks[s.request_id] if _drafts(s) else None
+        blks = [blocks[s.request_id] if _drafts(s) else None for s in members]
+        spans, num_logits, pendings = [], [], []
+        for s, blk in zip(members, blks):
             block = blk.tokens[: blk.keep] if blk is not None else []
-            pending = 0
+            pending = None  # held-back tokens the target checks this pass (all lie inside the catch-up)
             if blk is not None and s.policy.checks_pending and s.pending_from is not None:
-                pending = s.num_emitted - s.pending_from  # all lie past target_len, inside the catch-up
+                pending = s.num_emitted - s.pending_from
             spans.append(s.tokens[s.target_len:] + block)
-            num_logits.append(pending + len(block) + 1)
+            num_logits.append((pending or 0) + len(block) + 1)
+            pendings.append(pending)
         try:
             logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
         except TargetUnavailable:
@@ -351,10 +352,9 @@ class Engine:
                 raise
             return None
         out, start = {}, 0
-        for s, span, n in zip(members, spans, num_logits):
-            blk = blocks[s.request_id] if _drafts(s) else None
-            if blk is not None and s.policy.checks_pending and s.pending_from is not None:
-                blk.pending = n - 1 - blk.keep
+        for s, blk, span, n, pending in zip(members, blks, spans, num_logits, pendings):
+            if pending is not None:
+                blk.pending = pending
             catch_up = len(span) - (blk.keep if blk is not None else 0)
             self._count_positions(s, s.target_len, catch_up, draft=False)
             s.stats.target_tokens += len(span) - catch_up
