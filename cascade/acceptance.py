@@ -4,8 +4,9 @@ Owns the per-round ``Block`` (what a sequence drafted and what its trigger kept)
 verification decided), and ``verify_blocks``: one fused ``verify_stats`` call over every escalated position
 of the batch, each policy's deferral rule and acceptance test on its own rows (or, for rules that need
 them, the full distributions ``pi`` and ``q``), then per sequence the accepted prefix, the replacement
-token (residual or target sample) at the first rejection or the bonus token after a fully accepted block,
-and the check of held-back draft tokens for ``checks_pending`` policies (BiLD's rollback).
+token (residual or target sample) at the first rejection or the bonus token after a fully accepted block
+(none after a block that ends the request: its last token is an EOS, a stop string's end or the
+max_tokens-th token, so a bonus would be dropped anyway and its position is not scored).
 
 It reads sequences and their generators but changes no cache: the engine commits the verdicts.
 """
@@ -31,9 +32,14 @@ class Block:
     tokens: list[int]  # drafted tokens d_1..d_k
     logits: torch.Tensor  # [k, V] float32, filtered draft logits the tokens were drawn from
     logprobs: list[float] = field(default_factory=list)  # natural log q(d_j)
+    final: bool = False  # the last drafted token ends the request (EOS, stop string, max_tokens)
     keep: int = 0  # block length chosen by the trigger
     escalate: bool = False
-    pending: int = 0  # held-back draft tokens the target pass also scores (checks_pending policies)
+
+    @property
+    def ends_request(self) -> bool:
+        """The kept block ends the request if all of it is accepted (no bonus token follows it)."""
+        return self.final and self.keep == len(self.tokens)
 
 
 @dataclass
@@ -41,11 +47,9 @@ class Verdict:
     """What verification decided for one escalated sequence."""
 
     kept: int  # draft tokens of this round's block that were accepted
-    extra: list[int]  # the replacement or bonus token (one)
+    extra: list[int]  # the replacement or bonus token (one; none after a block that ends the request)
     sources: list[TokenSource]  # of the kept tokens + extra
     logprobs: list[float]  # of the kept tokens + extra
-    checked_logprobs: list[float] = field(default_factory=list)  # held-back tokens that passed (-> VERIFIED)
-    rollback: int | None = None  # output index at which held-back tokens are cut (the block is dropped)
 
 
 def verify_blocks(
@@ -64,7 +68,7 @@ def verify_blocks(
     if verified:
         def rows(s: Sequence) -> torch.Tensor:
             b = blocks[s.request_id]
-            return filter_logits(target_logits[s.request_id][b.pending:b.pending + b.keep], [s.params] * b.keep)
+            return filter_logits(target_logits[s.request_id][: b.keep], [s.params] * b.keep)
 
         p_logits = torch.cat([rows(s) for s in verified])  # [R, V]
         dev = p_logits.device
@@ -104,12 +108,6 @@ def verify_blocks(
     result = {}
     for s in seqs:
         block = blocks[s.request_id]
-        checked: list[float] = []
-        if block.pending:
-            checked, rollback = _check_pending(s, block, target_logits[s.request_id])
-            if rollback is not None:
-                result[s.request_id] = rollback
-                continue
         n = block.keep
         sources: list[TokenSource] = []
         logprobs: list[float] = []
@@ -135,38 +133,19 @@ def verify_blocks(
             sources.append(TokenSource.TARGET)
             s.stats.rejected_tokens += 1
             s.stats.replaced_tokens += 1
+        elif block.ends_request:  # everything kept and the request ends with it: no bonus
+            s.stats.accepted_tokens += n_acc
+            result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs)
+            continue
         else:
-            bonus_logits = filter_logits(target_logits[s.request_id][block.pending + n:block.pending + n + 1], [s.params])
+            bonus_logits = filter_logits(target_logits[s.request_id][n:n + 1], [s.params])
             extra = int(sample(bonus_logits, [s.params], [s.generator])[0])
             lp = natural_logprob(bonus_logits, torch.tensor([extra]))
             sources.append(TokenSource.BONUS)
             s.stats.bonus_tokens += 1
         s.stats.accepted_tokens += n_acc
-        result[s.request_id] = Verdict(kept=n_acc, extra=[extra], sources=sources, logprobs=logprobs + [float(lp[0])],
-                                        checked_logprobs=checked)
+        result[s.request_id] = Verdict(kept=n_acc, extra=[extra], sources=sources, logprobs=logprobs + [float(lp[0])])
     return result
-
-def _check_pending(s: Sequence, block: Block, logits: torch.Tensor) -> tuple[list[float], Verdict | None]:
-    """The target's check of held-back draft tokens (the first ``block.pending`` rows of its logits).
-    -> (natural log p of the tokens that passed, a rollback verdict at the first that failed or None)."""
-    n = block.pending
-    tokens = torch.tensor(s.output_ids[s.pending_from:], dtype=torch.int64)
-    rows = filter_logits(logits[:n], [s.params] * n)
-    natural = natural_logprob(rows, tokens).cpu()
-    t = s.params.temperature
-    rule = natural if t in (0.0, 1.0) else natural_logprob(rows / t, tokens).cpu()
-    ok = s.policy.check_pending(rule).tolist()
-    passed = ok.index(False) if False in ok else n
-    s.stats.accepted_tokens += passed
-    if passed == n:
-        return natural.tolist(), None
-    extra = int(sample(rows[passed:passed + 1], [s.params], [s.generator])[0])
-    s.stats.rejected_tokens += 1
-    s.stats.replaced_tokens += 1
-    lp = float(natural_logprob(rows[passed:passed + 1], torch.tensor([extra]))[0])
-    return [], Verdict(kept=0, extra=[extra], sources=[TokenSource.TARGET], logprobs=[lp],
-                        checked_logprobs=natural[:passed].tolist(), rollback=s.pending_from + passed)
-
 
 def natural_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Natural (T = 1) log-softmax of logits [N, V] at tokens [N] -> [N] float32."""

@@ -4,13 +4,14 @@ One ``Engine.step()``:
 1. admits waiting requests into free cache rows;
 2. drafts up to ``k`` tokens for every sequence whose policy uses the draft: one ragged draft pass feeds
    each sequence's pending tokens (the prompt on its first round, else the last one or two emitted
-   tokens), then one batched ``decode`` per further position (a policy may stop a sequence's drafting
-   early, BiLD's fallback);
+   tokens), then one batched ``decode`` per further position; a drafted EOS or a drafted token that
+   completes a stop string ends the sequence's block (nothing past the end of the answer is drafted,
+   triggered on or verified), and a policy may stop drafting early (BiLD's fallback);
 3. computes the draft's confidence over all drafted positions in one call;
 4. lets each policy's trigger decide, per sequence, the block to keep and whether to escalate it;
 5. runs ONE ragged target pass over every escalated sequence (catch-up + block, logits for the block
-   positions and the bonus position, plus held-back draft tokens a policy re-checks) and every
-   target-only sequence (its pending tokens);
+   positions and the bonus position; no bonus position after a kept block that ends the request) and
+   every target-only sequence (its pending tokens);
 6. computes the fused verify statistics of all escalated positions in one call, applies each policy's
    deferral rule and acceptance test (or, for rules that need them, the full distributions: see
    ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token
@@ -25,9 +26,8 @@ without a filter it is the model's own log-prob). DRAFT tokens get the draft's l
 stats' ``token_logprob`` at T in {0, 1}, recomputed for other temperatures); VERIFIED ones the target's
 log p(x); TARGET / BONUS / target-only tokens the target's log-prob of the token drawn.
 
-Held-back output: tokens emitted from ``Sequence.pending_from`` on are not reported yet (empty deltas):
-a request-level policy's answer until it is decided, and BiLD's unverified draft tokens until the target
-has checked them (they may be rolled back). A finished request reports everything.
+Held-back output: tokens emitted from ``Sequence.pending_from`` on are not reported yet (empty deltas): a
+request-level policy's answer until it is decided. A finished request reports everything.
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ class Engine:
         logits = self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs))  # [B, V]
         drafted: list[list[int]] = [[] for _ in seqs]
         step_logits: list[list[torch.Tensor]] = [[] for _ in seqs]
+        ends = [False] * len(seqs)  # the block's last token ends the request (EOS / stop string)
         active = list(range(len(seqs)))
         for j in range(max(ks)):
             if j > 0:
@@ -246,12 +247,30 @@ class Engine:
             for a, i in enumerate(active):
                 drafted[i].append(toks[a])
                 step_logits[i].append(filtered[a])
+                if self._ends_request(seqs[i], seqs[i].output_ids + drafted[i]):
+                    ks[i], ends[i] = j + 1, True  # nothing past the end is drafted, triggered on or scored
             self._stop_early(seqs, active, filtered, ks, j)
         self.stats.time_draft_s += time.perf_counter() - t0
         return {
-            s.request_id: Block(tokens=drafted[i], logits=torch.stack(step_logits[i]))
+            s.request_id: Block(tokens=drafted[i], logits=torch.stack(step_logits[i]),
+                                final=ends[i] or len(drafted[i]) >= s.params.max_tokens - s.num_emitted)
             for i, s in enumerate(seqs)
         }
+
+    def _ends_request(self, s: Sequence, output_ids: list[int]) -> bool:
+        """Does the last of these output tokens end the request: an EOS, or the completion of a stop string?"""
+        if output_ids[-1] in self.eos_token_ids and not s.params.ignore_eos:
+            return True
+        return self._completes_stop(s, output_ids)
+
+    def _completes_stop(self, s: Sequence, output_ids: list[int]) -> bool:
+        """Does the text of ``output_ids`` hold a stop string? Only the last few tokens are decoded: earlier
+        ones were checked when they were emitted, so a new occurrence must end within the tail."""
+        if not s.params.stop or self.detokenize is None:
+            return False
+        tail = output_ids[-(2 * max(map(len, s.params.stop)) + 8):]
+        text = self.detokenize(tail)
+        return any(stop in text for stop in s.params.stop)
 
     def _stop_early(self, seqs: list[Sequence], active: list[int], filtered: torch.Tensor, ks: list[int], j: int) -> None:
         """Ask policies with ``stops_drafting`` whether to stop after the token just drafted (step j)."""
@@ -263,7 +282,7 @@ class Engine:
         for m, a in enumerate(ask):
             stop = seqs[active[a]].policy.stop_drafting(max_prob[m:m + 1])
             if stop is not None and bool(stop[0]):
-                ks[active[a]] = j + 1
+                ks[active[a]] = min(ks[active[a]], j + 1)
 
     def _count_positions(self, s: Sequence, start: int, n: int, *, draft: bool) -> None:
         """Count n positions from `start` as prefill (inside the prompt) or generated-region work."""
@@ -323,8 +342,9 @@ class Engine:
     def _target_pass(
         self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]
     ) -> dict[str, torch.Tensor] | None:
-        """One ragged target pass; returns per request its logits [n, V]: held-back tokens + block
-        positions + bonus for escalated sequences, one position for target-only sequences.
+        """One ragged target pass; returns per request its logits [n, V]: the block positions + the bonus
+        position for escalated sequences (no bonus position after a kept block that ends the request), one
+        position for target-only sequences.
 
         A target that raises ``TargetUnavailable`` leaves every sequence as it was; the error propagates
         when ``on_target_error == "fail"``, else None is returned and the caller degrades the round."""
@@ -333,15 +353,17 @@ class Engine:
             return {}
         t0 = time.perf_counter()
         blks = [blocks[s.request_id] if _drafts(s) else None for s in members]
-        spans, num_logits, pendings = [], [], []
+        spans, num_logits, fed = [], [], []
         for s, blk in zip(members, blks):
             block = blk.tokens[: blk.keep] if blk is not None else []
-            pending = None  # held-back tokens the target checks this pass (all lie inside the catch-up)
-            if blk is not None and s.policy.checks_pending and s.pending_from is not None:
-                pending = s.num_emitted - s.pending_from
+            if blk is not None and blk.ends_request:
+                # its last token ends the answer: nothing is predicted after it, so it is not fed and no
+                # bonus position is scored (the catch-up is never empty: the target lags by at least the
+                # previous round's last token)
+                block = block[:-1]
             spans.append(s.tokens[s.target_len:] + block)
-            num_logits.append((pending or 0) + len(block) + 1)
-            pendings.append(pending)
+            num_logits.append(len(block) + 1)  # logits at each fed block position and the one before it
+            fed.append(len(block))
         try:
             logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
         except TargetUnavailable:
@@ -352,10 +374,8 @@ class Engine:
                 raise
             return None
         out, start = {}, 0
-        for s, blk, span, n, pending in zip(members, blks, spans, num_logits, pendings):
-            if pending is not None:
-                blk.pending = pending
-            catch_up = len(span) - (blk.keep if blk is not None else 0)
+        for s, blk, span, n, n_block in zip(members, blks, spans, num_logits, fed):
+            catch_up = len(span) - n_block
             self._count_positions(s, s.target_len, catch_up, draft=False)
             s.stats.target_tokens += len(span) - catch_up
             s.stats.target_scored_tokens += n
@@ -382,21 +402,13 @@ class Engine:
     def _commit_cascade(self, s: Sequence, block: Block, verdict: Verdict | None) -> None:
         if verdict is None:  # not escalated: the kept block is emitted as drafted
             kept = block.keep
-            if s.policy.checks_pending and kept and s.pending_from is None:
-                s.pending_from = s.num_emitted  # held back until the target's next pass checks it
             new, sources, logprobs = block.tokens[:kept], [TokenSource.DRAFT] * kept, block.logprobs[:kept]
         else:
-            if verdict.checked_logprobs:  # held-back tokens the target checked and kept
-                s.mark_verified(s.pending_from, verdict.checked_logprobs)
-            if verdict.rollback is not None:  # cut the held-back tokens from the first rejected one
-                s.cut_output(verdict.rollback)
-            if s.policy.checks_pending:
-                s.pending_from = None
             kept = verdict.kept
             new = block.tokens[:kept] + verdict.extra
             sources, logprobs = verdict.sources, verdict.logprobs
-            self.target.truncate([s.row], [len(s.tokens) + kept])
-            s.target_len = len(s.tokens) + kept
+            s.target_len = min(s.target_len, len(s.tokens) + kept)  # (a block that ends the request was fed
+            self.target.truncate([s.row], [s.target_len])            #  without its last token)
         end = len(s.tokens) + kept
         if s.draft_len > end:
             self.draft.truncate([s.row], [end])
@@ -409,7 +421,9 @@ class Engine:
         self._append(s, [tok], [TokenSource.TARGET], [float(natural_logprob(filtered, torch.tensor([tok]))[0])])
 
     def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float]) -> None:
-        """Emit tokens one by one, applying EOS, max_tokens and stop strings."""
+        """Emit tokens one by one, applying EOS, stop strings and max_tokens. Nothing after the token
+        that ends the request is kept: not in the tokens, the log-probs or the counts. The token that
+        completes a stop string is kept (its text is cut at the stop string)."""
         for tok, src, lp in zip(new, sources, logprobs):
             if tok in self.eos_token_ids and not s.params.ignore_eos:
                 self._finish(s, "stop")
@@ -418,13 +432,16 @@ class Engine:
             s.sources.append(src)
             s.token_logprobs.append(lp)
             s.stats.emitted_tokens += 1
+            if self._completes_stop(s, s.output_ids):
+                self._finish(s, "stop")
+                break
             if s.num_emitted >= s.params.max_tokens:
                 self._finish(s, "length")
                 break
         if self.detokenize is not None:
             s.text = self.detokenize(s.output_ids)
             cut = _first_stop(s.text, s.params.stop)
-            if cut is not None:
+            if cut is not None:  # (found above already, unless a stop string spans more than the tail)
                 s.text = s.text[:cut]
                 self._finish(s, "stop")
 

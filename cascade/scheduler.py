@@ -37,7 +37,7 @@ class Sequence:
     token_logprobs: list[float] = field(default_factory=list)  # one per emitted token: natural log-prob
     #   under the model that decided it (see Engine)
     pending_from: int | None = None  # emitted tokens from this index on are held back (not yet reported):
-    #   a request-level policy's undecided answer, or BiLD's draft tokens awaiting the target's check
+    #   a request-level policy's undecided answer
     routed_to_target: bool = False  # request-level policy: the draft's answer was discarded, target decodes
     draft_len: int = 0
     target_len: int = 0
@@ -69,12 +69,6 @@ class Sequence:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
         self.stats.emitted_tokens -= self.num_emitted - keep
         del self.tokens[len(self.prompt_ids) + keep:], self.sources[keep:], self.token_logprobs[keep:]
-
-    def mark_verified(self, start: int, logprobs: list[float]) -> None:
-        """Relabel emitted tokens from ``start`` on as VERIFIED, with the target's log-probs."""
-        end = start + len(logprobs)
-        self.sources[start:end] = [TokenSource.VERIFIED] * len(logprobs)
-        self.token_logprobs[start:end] = logprobs
 
 
 class Scheduler:

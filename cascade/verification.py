@@ -26,11 +26,13 @@ class VerifyStats:
     p_token: torch.Tensor  # [R] float32, p(x): target sampling-distribution prob of x
     max_q: torch.Tensor  # [R] float32, max prob of q (rule statistic)
     max_p: torch.Tensor  # [R] float32, max prob of p (rule statistic)
-    tv: torch.Tensor  # [R] float32, total variation sum_v max(0, p(v) - q(v)) (rule statistic)
+    tv: torch.Tensor  # [R] float32, total variation sum_v max(0, p(v) - q(v)) between the SAMPLING
+    #   distributions (the authors' notebook's convention): 1[x != argmax p] on greedy rows
     logp_token: torch.Tensor  # [R] float32, log p(x): target log-softmax at x at the rule temperature
     #   (T = 1 on greedy rows: the natural log-prob, not log of the one-hot p_token; -inf at a -inf logit)
     residual_token: torch.Tensor  # [R] int64, a sample from norm(max(0, p - q))
     target_token: torch.Tensor  # [R] int64, a sample from p
+    token: torch.Tensor  # [R] int64, the draft token x itself
 
 
 def verify_stats(
@@ -42,8 +44,9 @@ def verify_stats(
     *,
     backend: str = "auto",
 ) -> VerifyStats:
-    """Fused verify statistics; rule statistics use softmax(logits / T) (T = 1 on greedy rows), the
-    sampling quantities use the sampling distributions (one-hot at the argmax on greedy rows)."""
+    """Fused verify statistics; rule statistics (max q, max p, log p(x)) use softmax(logits / T) (T = 1 on
+    greedy rows), the sampling quantities and TV use the sampling distributions (one-hot at the argmax on
+    greedy rows)."""
     for name, t in (("draft_logits", draft_logits), ("target_logits", target_logits)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be [R, V], got shape {tuple(t.shape)}")
@@ -69,4 +72,9 @@ def verify_stats(
         from cascade.kernels.verify import verify_triton as run
     else:
         from cascade.kernels.verify import verify_reference as run
-    return VerifyStats(**run(draft_logits, target_logits, draft_tokens, temp, inv_t, noise_seed))
+    out = run(draft_logits, target_logits, draft_tokens, temp, inv_t, noise_seed)
+    # The kernel's tv is between the rule distributions (T = 1 on greedy rows). OPT reads TV between the
+    # sampling distributions (google-research's notebook): on a greedy row those are one-hots at argmax q
+    # (= x) and argmax p, so TV = 1 - p(x) there; sampled rows already agree.
+    out["tv"] = torch.where(temp > 0, out["tv"], 1.0 - out["p_token"].float())
+    return VerifyStats(**out, token=draft_tokens)

@@ -95,10 +95,15 @@ def test_chow_escalates_fewer_tokens_as_alpha_grows(cascade):
     assert fractions[0] > 0.5 and fractions[-1] == 0.0
 
 
-def test_bild_without_fallback_is_draft_only(cascade):
-    params = SamplingParams(max_tokens=16)
-    assert ids(cascade.generate(PROMPTS, params, policy="bild(fallback=0.0)")) == ids(
+def test_bild_without_fallback_hands_over_every_k_tokens(cascade):
+    params = SamplingParams(max_tokens=15)
+    # k longer than the answer: the hand-over never comes, and without a fallback that is the draft alone
+    assert ids(cascade.generate(PROMPTS, params, policy="bild(fallback=0.0, k=16)")) == ids(
         cascade.generate(PROMPTS, params, policy="draft-only"))
+    # k = 4: the target checks every 4 draft tokens and adds one (15 tokens: 3 blocks of 4 + 1 bonus)
+    for r in cascade.generate(PROMPTS, params, policy="bild(fallback=0.0, rollback=inf, k=4)"):
+        assert r.stats.escalations == 3 and r.stats.bonus_tokens == 3
+        assert r.token_sources[:5] == [TokenSource.VERIFIED] * 4 + [TokenSource.BONUS]
 
 
 def test_bild_escalates_at_low_confidence(cascade):

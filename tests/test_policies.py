@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,14 @@ class FakeVerify:
     max_p: torch.Tensor
     tv: torch.Tensor
     logp_token: torch.Tensor
+    token: torch.Tensor | None = None  # the draft token x (default: token 0 everywhere)
+    target_token: torch.Tensor | None = None  # the target's draw (default: -1, never equal to x)
+
+    def __post_init__(self) -> None:
+        if self.token is None:
+            object.__setattr__(self, "token", torch.zeros(self.q_token.shape, dtype=torch.int64))
+        if self.target_token is None:
+            object.__setattr__(self, "target_token", torch.full(self.q_token.shape, -1, dtype=torch.int64))
 
 
 def conf(max_probs: list[list[float]]) -> BlockConfidence:
@@ -71,7 +80,7 @@ def test_describe_round_trips_unusual_values(pol):
     ("chow( alpha = 0.25 , k = 3 )", Chow(alpha=0.25, k=3)),
     ("bild(fallback=0.4,rollback=2)", make_policy("bild", fallback=0.4, rollback=2)),
     ("diff:0.3", make_policy("diff", alpha=0.3)),
-    ("opt:0.3:4", make_policy("opt", alpha=0.3, k=4)),
+    ("opt:0.3:0.9:4", make_policy("opt", alpha=0.3, trigger_below=0.9, k=4)),
     ("token-v2(alpha=0.05)", make_policy("token-v2", alpha=0.05)),
     ("quantile:-2:0.25", make_policy("quantile", tau=-2.0, quantile=0.25)),
     ("quantile(tau=-inf)", make_policy("quantile", tau=-math.inf)),
@@ -143,10 +152,17 @@ def test_bild_trigger_cuts_at_first_low_confidence_position():
     pol = make_policy("bild", fallback=0.5, rollback=1.0)
     keep, esc = pol.trigger(conf([[0.9, 0.4, 0.9, 0.2], [0.9, 0.8], [0.3, 0.9]]))
     assert keep.tolist() == [1, 2, 0] and esc.tolist() == [True, False, True]
+    # hand-over after k = num_small_iters draft tokens even without a fallback (the authors' schedule_iters)
+    pol = make_policy("bild", fallback=0.5, rollback=1.0, k=2)
+    keep, esc = pol.trigger(conf([[0.9, 0.8], [0.9]]))
+    assert keep.tolist() == [2, 1] and esc.tolist() == [True, False]
 
 
 def test_bild_rollback_on_target_cross_entropy():
     pol = make_policy("bild", fallback=0.5, rollback=1.0)  # reject where -log p(x) > 1, i.e. p(x) < e^-1 = 0.368
     v = verify(q=[0.9, 0.9, 0.9], p=[0.5, 0.3, 0.37])
     assert pol.acceptance(v, pol.deferral(v)).tolist() == [1.0, 0.0, 1.0]
+    # no rollback where the target's replacement is the draft token itself (authors' code)
+    v = dataclasses.replace(v, token=torch.tensor([4, 5, 6]), target_token=torch.tensor([1, 5, 2]))
+    assert pol.acceptance(v, pol.deferral(v)).tolist() == [1.0, 1.0, 1.0]
     assert type(pol).replace_from_target and not type(make_policy("chow")).replace_from_target

@@ -78,9 +78,15 @@ def test_chow_style_triggers_on_hand_made_confidence():
                            margin=torch.zeros(3, 3), entropy=torch.zeros(3, 3), token_logprob=torch.zeros(3, 3),
                            valid=torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool),
                            drafted=torch.tensor([2, 3, 1]))
-    for pol in (Chow(alpha=0.1), Diff(alpha=0.1), Opt(alpha=0.1), TokenV1(alpha=0.1), TokenV2(alpha=0.1), TokenV3(alpha=0.1)):
+    rules = (Diff, Opt, TokenV1, TokenV2, TokenV3)
+    for pol in (Chow(alpha=0.1),) + tuple(cls(alpha=0.7, trigger_below=0.9) for cls in rules):
         keep, esc = pol.trigger(conf)  # escalate where some valid max q < 0.9 (padding zeros never count)
         assert keep.tolist() == [2, 3, 1] and esc.tolist() == [False, True, False], pol
+    for cls in rules:  # the rules' trigger has its own parameter: their alpha does not move it
+        for alpha in (0.0, 0.5, 1.0):
+            assert cls(alpha=alpha, trigger_below=0.9).trigger(conf)[1].tolist() == [False, True, False]
+        # the default (trigger_below = 1) verifies every block, the paper's lossy speculative cascade
+        assert cls(alpha=1.0).trigger(conf)[1].tolist() == [True, True, True]
     keep, esc = make_policy("quantile").trigger(conf)
     assert keep.tolist() == [2, 3, 1] and esc.tolist() == [False, False, False]
 
@@ -206,11 +212,11 @@ def test_bild_trigger_stop_and_rollback_by_hand():
     assert pol.stop_drafting(torch.tensor([0.49, 0.5, 0.9])).tolist() == [True, False, False]
     # rollback where -log p(x) > 1 nat, i.e. p(x) < 1/e = 0.3679
     logp = torch.tensor([0.5, 0.36, 0.37, 0.0]).log()
-    assert pol.check_pending(logp).tolist() == [True, False, True, False]
     v = Stats(q_token=torch.ones(4), p_token=torch.ones(4), max_q=torch.ones(4), max_p=torch.ones(4),
               tv=torch.zeros(4), logp_token=logp)
     assert pol.acceptance(v, pol.deferral(v)).tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert BiLD(rollback=math.inf).check_pending(logp).tolist() == [True] * 4  # inf never rolls back
+    inf = BiLD(rollback=math.inf)  # inf never rolls back
+    assert inf.acceptance(v, inf.deferral(v)).tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize("values, level, expected", [

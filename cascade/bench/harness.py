@@ -42,6 +42,8 @@ class BenchConfig:
     batch_size: int = 8  # engine rows for real runs
     record_target_path: bool = False  # also teacher-force the target's answers (more exact replay, 2x recording)
     max_len: int = 2048
+    dtype: str = "float32"  # both models' dtype in real runs and recording: fp32 by default, where the
+    #   teacher-forced pass and the incremental decode round alike, so replay and lossless hold (README)
     draft: str | None = None  # model dirs or names (default pair when None)
     target: str | None = None
     out_dir: Path = Path("benchmarks/results")
@@ -67,7 +69,8 @@ class Bench:
         self.cfg, self.say = cfg, say
         self.draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
         self.target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
-        self.pair_fp = model_fingerprint(self.draft_dir) + "-" + model_fingerprint(self.target_dir)
+        # the dtype is part of every cached generation's key: bf16 and fp32 runs answer differently
+        self.pair_fp = f"{model_fingerprint(self.draft_dir)}-{model_fingerprint(self.target_dir)}-{cfg.dtype}"
         self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
         self.draft_params = read_config(self.draft_dir).num_params
         self.target_params = read_config(self.target_dir).num_params
@@ -82,7 +85,7 @@ class Bench:
 
             t0 = time.perf_counter()
             self._cascade = Cascade.from_pretrained(self.draft_dir, self.target_dir, max_rows=self.cfg.batch_size,
-                                                    max_len=self.cfg.max_len)
+                                                    max_len=self.cfg.max_len, dtype=self.cfg.dtype)
             self.say(f"loaded the pair in {time.perf_counter() - t0:.0f} s (draft {self.draft_dir.name}, target {self.target_dir.name})")
         return self._cascade
 

@@ -16,8 +16,8 @@ recorded answer's token. When it would emit a different token the real run leave
 How a replayed figure is labelled (``RunRecord.mode``):
 
 - ``replay-exact``: no divergence on the draft-only answer: the real run's output is the draft-only
-  answer, so quality is the draft's, exactly; costs are the walk's (exact up to the last block, where the
-  engine may draft a few positions past EOS).
+  answer, so quality is the draft's, exactly; costs are the walk's, exactly (the engine's block ends at a
+  drafted EOS or stop string, as the walk's does at the end of the path).
 - ``replay-target-path``: diverges from the draft's answer but never from the target-only answer: the
   output is the target's, quality exact; costs come from the walk on the target's answer, whose trigger
   read the draft's confidence on the target's prefix (an approximation after a draft/target mismatch).
@@ -43,7 +43,7 @@ from cascade.policies import BlockConfidence, Policy
 if TYPE_CHECKING:
     from cascade.bench.runs import RunRecord
 
-REPLAY_VERSION = 1
+REPLAY_VERSION = 2  # 2: TV between the sampling distributions (one-hot on greedy rows)
 
 
 @dataclass
@@ -140,7 +140,7 @@ def _verify_rows(path: PathStats, lo: int, hi: int):
         q_token=torch.ones(hi - lo), p_token=(x == pa).float(),
         max_q=torch.tensor(path.q_max[lo:hi]), max_p=torch.tensor(path.p_max[lo:hi]),
         tv=torch.tensor(path.tv[lo:hi]), logp_token=torch.tensor(path.logp_x[lo:hi]),
-        residual_token=pa, target_token=pa,
+        residual_token=pa, target_token=pa, token=x,
     )
 
 
@@ -162,10 +162,11 @@ def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
 
 def simulate(policy: Policy, path: PathStats) -> WalkResult:
     """Walk ``path`` in the engine's greedy rounds under ``policy`` (see the module docstring), including
-    early stops of drafting (``stops_drafting``) and the check of held-back tokens (``checks_pending``)."""
+    early stops of drafting (``stops_drafting``) and the last block, which ends the request (the path's
+    end: its EOS, the token that completed a stop string, or the max_tokens-th token) and so has no bonus
+    position."""
     L = len(path)
     pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
-    pending_from: int | None = None  # first held-back token (checks_pending policies)
     draft_tokens = target_tokens = scored = escalations = 0
     diverged: int | None = None
     resolved = 0
@@ -191,23 +192,13 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
         if not (bool(esc[0]) or keep == 0):
             for j in range(pos, pos + keep):
                 emit(j, path.q_argmax[j])
-            if policy.checks_pending and keep and pending_from is None:
-                pending_from = pos
             pending_draft = 1 if keep == n else 0
             pos += keep
             continue
+        ends_request = keep == n and pos + n == L
         escalations += 1
-        target_tokens += (pos - target_len) + keep
-        scored += (pos - pending_from if pending_from is not None else 0) + keep + 1
-        if pending_from is not None:
-            held = torch.tensor(path.logp_x[pending_from:pos])  # on the recorded answer, x is the held token
-            ok = policy.check_pending(held).tolist()
-            start, pending_from = pending_from, None
-            if False in ok:  # roll back to the first failing held-back token; the target decides it
-                j = start + ok.index(False)
-                emit(j, path.p_argmax[j])
-                target_len, pending_draft, pos = j, 1, j + 1
-                continue
+        target_tokens += (pos - target_len) + keep - (1 if ends_request else 0)  # the last token is not fed
+        scored += keep + (0 if ends_request else 1)
         accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep)) if keep else torch.zeros(0, dtype=torch.bool)
         ok = accept.tolist()
         n_acc = ok.index(False) if False in ok else keep

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from cascade.bench.datasets import Problem
     from cascade.library import Cascade
 
-CACHE_VERSION = 1  # bump when a change in the engine changes what a cached generation would be
+CACHE_VERSION = 2  # 2: blocks end at a drafted EOS / stop string, tokens past a stop trimmed, BiLD hand-over. Bump when a change in the engine changes what a cached generation would be
 
 
 @dataclass

@@ -11,7 +11,9 @@ engine calls, each on whole tensors for all sequences that share the policy:
   against ``pi = (1 - delta) q + delta p``, i.e. ``min(1, pi(x) / q(x))``. At the first rejection the
   engine emits ``v.residual_token`` (a draw from ``norm(max(0, pi - q))``, which equals
   ``norm(max(0, p - q))`` for every delta > 0), or ``v.target_token`` (a draw from ``p``) for policies
-  with ``replace_from_target``; after a fully accepted escalated block it emits a bonus token from ``p``.
+  with ``replace_from_target``; after a fully accepted escalated block it emits a bonus token from ``p``
+  (a free target token: the pass computed ``p`` there anyway), except after a block that ends the request
+  (EOS, a stop string or max_tokens), where no bonus position is scored at all.
 
 Extension point for rules that are not of the delta-mixture form (``needs_distributions = True``): the
 engine builds ``VerifyDistributions`` (the full ``[R, V]`` draft / target distributions of the verified
@@ -116,8 +118,6 @@ class Policy:
     replace_from_target: ClassVar[bool] = False  # at a rejection, draw from p instead of the residual
     needs_distributions: ClassVar[bool] = False  # True: the engine calls target_distribution (see module doc)
     stops_drafting: ClassVar[bool] = False  # True: the engine asks stop_drafting after every drafted token
-    checks_pending: ClassVar[bool] = False  # True: draft tokens emitted without the target are held back and
-    #   checked with check_pending at the next target pass (BiLD's rollback window)
     request_level: ClassVar[bool] = False  # True: the draft answers alone, route_to_target decides at the end
     benchmark_only: ClassVar[bool] = False  # True: the engine refuses it (the benchmark harness derives it)
     k: int = DEFAULT_K  # draft block length
@@ -155,11 +155,7 @@ class Policy:
         delta = self.deferral(v).float().to(d.q.device)
         return (1.0 - delta)[:, None] * d.q + delta[:, None] * d.p, delta
 
-    # -- pending tokens (checks_pending) and request-level routing ---------------------------------
-    def check_pending(self, logp_token: torch.Tensor) -> torch.Tensor:
-        """logp_token [N] (target log-prob at the rule temperature of held-back draft tokens) -> keep [N] bool."""
-        return torch.ones_like(logp_token, dtype=torch.bool)
-
+    # -- request-level routing ---------------------------------------------------------------------
     def route_to_target(self, token_logprobs: Sequence[float]) -> bool:
         """Request-level policies: given the draft's finished answer's token log-probs, answer again with
         the target?"""

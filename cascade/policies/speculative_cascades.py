@@ -7,10 +7,26 @@ A speculative cascade verifies a drafted block against a target distribution ``p
 ``diff`` and ``opt`` defer whole positions (``pi = (1 - delta) q + delta p``); ``token-v1..v3`` defer per
 token and need the full distributions (``needs_distributions``).
 
-Notation, per verified position: ``max q`` / ``max p`` are the largest probabilities of the rule
-distributions (``softmax(logits / T)``, ``T = 1`` on greedy rows), ``TV(p, q) = sum_v max(0, p(v) - q(v))``.
-Every rule here shares Chow's trigger: a block is escalated when any drafted position has
-``max q < 1 - alpha``; non-escalated positions are emitted as drafted, i.e. with ``delta = 0``.
+Notation, per verified position, following the authors' notebook (``speculative_cascades_gemma.ipynb``
+in google-research, ``sample_next_token``): ``max q`` / ``max p`` and the token rules' sets ``A`` read the
+T = 1 probabilities ``softmax(logits)`` (the notebook's ``probs_*_unscaled``); ``TV(p, q) =
+sum_v max(0, p(v) - q(v))`` is taken between the *sampling* distributions (``softmax(logits / T)``, the
+one-hot at the argmax on greedy rows, so a greedy TV is 1[argmax p != argmax q]), and so are ``pi``, the
+acceptance ratio and the residual.
+
+Trigger and rule are separate. The notebook runs the large model at every step and applies the rule
+there ("lossy speculative verification"); an engine that wants to skip the target needs a draft-only
+test first. ``chow`` / ``chow-cut`` use their own threshold for both (exact: a block the trigger leaves
+alone has ``delta = 0`` everywhere). ``diff``, ``opt`` and ``token-v1..v3`` take a separate ``trigger``:
+a block is escalated when any drafted position has ``max q < trigger``; ``trigger = 1`` (the default)
+escalates every block, the paper's setting. Positions of a block that is not escalated are emitted as
+drafted, i.e. with ``delta = 0``.
+
+The bonus token: after an escalated block whose every token was kept, the engine emits one token drawn
+from ``p`` at the next position, whatever the rule would say there. The target computed that
+distribution in the same pass, so the token is free; it is the target's prediction, so it can only move
+the output towards the target. It does make the output depend on ``k`` (the bonus lands at a different
+position for a different block length); the notebook drafts one token per step and has no bonus.
 """
 
 from __future__ import annotations
@@ -28,13 +44,22 @@ from cascade.policies.base import (
     register,
 )
 
+
+def chow_trigger(conf: BlockConfidence, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the whole block; escalate it if any drafted position has max q < threshold (every block for a
+    threshold >= 1)."""
+    low = (conf.max_prob < threshold) & conf.valid
+    escalate = low.any(dim=1) | torch.full_like(conf.drafted, threshold >= 1.0, dtype=torch.bool)
+    return conf.drafted.clone(), escalate
+
 if TYPE_CHECKING:
     from cascade.verification import VerifyStats
 
 
 @dataclass(frozen=True)
 class _ChowTriggered(Policy):
-    """Shared parameter and trigger: escalate a block if any drafted position has max q < 1 - alpha."""
+    """Chow's parameter, for trigger and rule alike: escalate a block if any drafted position has
+    max q < 1 - alpha."""
 
     alpha: float = 0.1  # 0.1: escalate blocks with a position below 90 % draft confidence
 
@@ -43,8 +68,24 @@ class _ChowTriggered(Policy):
         check_unit("alpha", self.alpha)
 
     def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
-        low = (conf.max_prob < 1.0 - self.alpha) & conf.valid
-        return conf.drafted.clone(), low.any(dim=1)
+        return chow_trigger(conf, 1.0 - self.alpha)
+
+
+@dataclass(frozen=True)
+class _RuleWithTrigger(Policy):
+    """A rule parameter ``alpha`` and its own draft-only ``trigger`` (escalate a block when any drafted
+    max q < trigger; 1 = verify every block, the paper's lossy speculative cascade)."""
+
+    alpha: float = 0.1  # the rule's own threshold (see each rule)
+    trigger_below: float = 1.0  # escalate a block when a drafted max q is below this; 1 = every block
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_unit("alpha", self.alpha)
+        check_unit("trigger_below", self.trigger_below)
+
+    def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
+        return chow_trigger(conf, self.trigger_below)
 
 
 @register("chow")
@@ -66,16 +107,18 @@ class Chow(_ChowTriggered):
 @register("chow-cut")
 @dataclass(frozen=True)
 class ChowCut(_ChowTriggered):
-    """Chow's rule with the cheapest trigger for it (ours): drafting stops at the first token with
-    max q < 1 - alpha, the block is cut just before it and escalated, and the target decides that one
-    position (it is the escalation's bonus position). Nothing else is scored.
+    """Chow's rule one position at a time, with the cheapest trigger for it (ours): drafting stops at the
+    first token with max q < 1 - alpha, the block is cut just before it and escalated, and the target
+    decides that one position (it is the escalation's bonus position, a draw from p). Nothing else is
+    scored.
 
-    Why this is still Chow's rule: every kept position has max q >= 1 - alpha, i.e. delta = 0, so the plain
-    ``chow`` accepts it as drafted without looking at p; at the first unconfident position delta = 1, so
-    ``chow`` emits a token distributed as p there (greedy: argmax p), and that is what the bonus draw from p
-    is. The positions after it are drafted again from the same prefix in the next round. So the output
-    (greedy: token for token; sampled: in distribution) is Chow's, and the target scores one position per
-    unconfident token instead of k + 1 per escalated block. The draft also stops drafting past that token.
+    What it outputs: at every position, given the prefix, a token distributed as Chow's pi there (q where
+    max q >= 1 - alpha, p where not): the confident positions are the draft's own draws, the unconfident
+    ones the target's. That is the authors' notebook's Chow cascade (one draft token per step, no bonus)
+    exactly. It is NOT token for token the engine's ``chow(k)``: that one also emits a free bonus token
+    from p after each escalated block whose tokens were all kept, at a position the draft may have been
+    confident about (see the module docstring), so its output depends on k and chow-cut's does not.
+    The target scores one position per unconfident token instead of k + 1 per escalated block.
     alpha = 1 never escalates; alpha = 0 sends every uncertain token to the target."""
 
     stops_drafting: ClassVar[bool] = True
@@ -95,14 +138,14 @@ class ChowCut(_ChowTriggered):
 
 @register("diff")
 @dataclass(frozen=True)
-class Diff(_ChowTriggered):
+class Diff(_RuleWithTrigger):
     """The "Diff" rule of Speculative Cascades: defer where the target is more confident than the draft
     by more than alpha.
 
-    deferral: delta = 1[max q < max p - alpha] per verified position.
-    trigger: Chow's, any drafted max q < 1 - alpha. It is an exact pre-filter, not a proxy: max p <= 1, so
-    max q >= 1 - alpha implies max q >= max p - alpha, i.e. delta = 0 at every position of a block the
-    trigger leaves alone; skipping the target there changes nothing in the output distribution."""
+    deferral: delta = 1[max q < max p - alpha] per verified position (T = 1 max probs).
+    trigger: any drafted max q < ``trigger_below`` (1: every block, the paper's setting). With
+    trigger_below <= 1 - alpha it is an exact pre-filter: max p <= 1, so max q >= 1 - alpha implies
+    delta = 0 at every position of a block the trigger leaves alone."""
 
     def deferral(self, v: "VerifyStats") -> torch.Tensor:
         return (v.max_q < v.max_p - self.alpha).float()
@@ -110,22 +153,25 @@ class Diff(_ChowTriggered):
 
 @register("opt")
 @dataclass(frozen=True)
-class Opt(_ChowTriggered):
+class Opt(_RuleWithTrigger):
     """The "OPT" rule of Speculative Cascades: the paper's plug-in approximation of its optimal deferral
     rule for speculative cascades, which charges a deferral by the rejection rate it causes.
 
     deferral: delta = 1[max q < max p - alpha * TV(p, q)] per verified position (alpha: the cost of a
     rejection relative to the quality gain; alpha = 0 reduces to "defer whenever the target is more
     confident").
-    trigger: Chow's, any drafted max q < 1 - alpha. For this rule it is only a proxy: a block whose draft
-    confidence clears 1 - alpha can still have delta = 1 at a position where max p - alpha * TV > max q."""
+    TV is between the sampling distributions, as in the authors' notebook: on a greedy row it is
+    1[argmax p != argmax q], so greedy OPT defers exactly where Diff does whenever the models disagree
+    (where they agree the choice of delta does not change the output).
+    trigger: any drafted max q < ``trigger_below`` (1: every block, the paper's setting); a proxy for this
+    rule at any value below 1."""
 
     def deferral(self, v: "VerifyStats") -> torch.Tensor:
         return (v.max_q < v.max_p - self.alpha * v.tv).float()
 
 
 @dataclass(frozen=True)
-class _TokenSpecific(_ChowTriggered):
+class _TokenSpecific(_RuleWithTrigger):
     """Token-specific speculative cascade (the paper's token-level deferral).
 
     Instead of deferring a whole position, the rule defers individual tokens: an accepted set ``A`` of
@@ -138,8 +184,9 @@ class _TokenSpecific(_ChowTriggered):
     a draw from norm(max(0, pi - q)). ``A`` is computed from the rule distributions (T = 1 on greedy rows),
     ``pi`` from the sampling distributions (one-hot on greedy rows, so a greedy row keeps x if x is in A
     and otherwise emits argmax p unless x is argmax p).
-    trigger: Chow's, any drafted max q < 1 - alpha; a proxy for these rules (x can fall outside A at a
-    confident position). Kept tokens are labelled DRAFT when x is in A and VERIFIED otherwise."""
+    trigger: any drafted max q < ``trigger_below`` (1: every block, the paper's setting); below 1 a proxy
+    for these rules (x can fall outside A at a confident position). Kept tokens are labelled DRAFT when
+    x is in A and VERIFIED otherwise."""
 
     needs_distributions: ClassVar[bool] = True
 
