@@ -139,13 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the problem sample (default: 0)")
     b.add_argument("--policies", default=None,
                    help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
+    b.add_argument("--dev-fraction", type=float, default=0.5,
+                   help="share of each dataset's problems in the dev split, where every policy's parameter is chosen; "
+                        "the rest is the test split the figures are reported on (default: 0.5)")
+    b.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals (default: 2000)")
     b.add_argument("--real-budget", type=float, default=0.2,
-                   help="target-token budget at which each policy is also run for real (default: 0.2; negative: skip)")
-    b.add_argument("--real-axis", choices=["target", "scored"], default="target",
-                   help="axis of --real-budget: target = target_token_fraction (catch-up counted, FLOPs), scored = "
-                        "target_scored_fraction (positions the target scored a token at) (default: target)")
-    b.add_argument("--real-limit", type=int, default=5,
-                   help="problems per dataset for those real runs, the first of the sample (default: 5; 0 = all)")
+                   help="budget at which each policy's dev choice is also run for real (default: 0.2; negative: skip)")
+    b.add_argument("--real-axis", choices=["target", "passes", "scored", "time"], default="target",
+                   help="axis of --real-budget: target = target FLOPs (positions incl. catch-up), passes = target passes "
+                        "per token, scored = positions that decided a token, time = modelled time (default: target)")
+    b.add_argument("--real-limit", type=int, default=40,
+                   help="test problems per dataset for those real runs, the first of the test split (default: 40; 0 = all)")
+    b.add_argument("--cost-file", default=None, metavar="CSV",
+                   help="benchmarks/runner_cost.py CSV whose per-pass costs give the modelled-time axis "
+                        "(default: the committed CPU figures)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="both models' dtype (default: float32: teacher-forced and incremental passes then agree, so "
+                        "replay is exact and lossless is token-exact)")
     b.add_argument("--batch-size", type=int, default=8, help="engine rows (concurrent requests) in real runs (default: 8)")
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     b.add_argument("--tag", default="bench", help="output file stem (default: bench)")
@@ -189,12 +199,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cascade.bench.harness import BenchConfig, run_bench
-    from cascade.bench.sweeps import GRIDS
+    from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL
 
     families = BenchConfig.families
     if args.policies:
         families = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-        known = set(GRIDS) | {"quantile"}
+        known = set(GRIDS) | set(REQUEST_LEVEL)
         bad = [f for f in families if f not in known]
         if bad:
             raise ValueError(f"--policies: unknown {bad}; choose from {', '.join(sorted(known))}")
@@ -205,7 +215,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--dataset-limit {item!r} must be written NAME=N")
         limits[name.strip()] = int(value) or None
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
-                        dataset_limits=limits, real_axis={"target": "target_fraction", "scored": "scored_fraction"}[args.real_axis],
+                        dataset_limits=limits, dev_fraction=args.dev_fraction, bootstrap=args.bootstrap,
+                        real_axis={"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
+                                   "time": "modelled_time"}[args.real_axis],
+                        cost_file=Path(args.cost_file) if args.cost_file else None, dtype=args.dtype,
                         real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
     md = run_bench(cfg)

@@ -11,7 +11,7 @@ import pytest
 
 from cascade.bench.calibrate import choose_config, sweep_points
 from cascade.bench.replay import PathStats
-from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, plot, write_csv
+from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, plot_frontier, write_csv
 from cascade.bench.runs import RunRecord
 from cascade.policies import parse_policy
 from cascade.bench.sweeps import draft_logprob_quantile, oracle_records, quantile_records, quantile_taus
@@ -113,15 +113,16 @@ def test_quantile_and_oracle_are_derived_exactly():
     assert draft_logprob_quantile(dpaths[0], 0.0) == pytest.approx(math.log(min(dpaths[0].q_max)))
     taus = quantile_taus(dpaths, level)
     assert taus[0] == -math.inf and taus[-1] == math.inf and taus == sorted(taus)
+    assert recs == quantile_records(draft, target, dpaths, level, math.log(0.7), "quantile")
     oracle = oracle_records(draft, target)
     assert [o.target_tokens > 0 for o in oracle] == hard and all(o.correct == 1.0 for o in oracle)
 
 
 def test_outputs_are_written(tmp_path):
-    refs = {"draft-only": P(0.4, 0.0, family="draft-only"), "target-only": P(0.6, 1.0, cost=1.0, family="target-only"),
-            "oracle": P(0.62, 0.3, family="oracle")}
+    from test_bench_frontier import make_frontier
+
     fams = {"chow": [P(0.45, 0.05, family="chow"), P(0.55, 0.3, family="chow")]}
     write_csv(fams["chow"], tmp_path / "b.csv")
-    plot(["d"], {"d": fams}, {"d": refs}, {"d": [P(0.5, 0.2, family="chow")]}, tmp_path / "b.png", "t")
+    plot_frontier({"d": make_frontier()}, ["a"], tmp_path / "b.png", "t")
     assert (tmp_path / "b.csv").read_text().count("\n") == 3
     assert (tmp_path / "b.png").stat().st_size > 10_000

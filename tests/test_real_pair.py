@@ -76,8 +76,10 @@ def test_cli_bench_end_to_end_on_a_task_file(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     md = (out_dir / "t.md").read_text()
     assert "jsonl:tiny_tasks" in md and "chow" in md and "draft-only" in md and "oracle" in md
+    assert "test split (n = 2" in md and "passes_per_token" in md and "modelled_time" in md
     csv_text = (out_dir / "t.csv").read_text()
-    assert csv_text.count("\n") > 10 and ",replay," in csv_text and ",real," in csv_text
+    assert csv_text.count("\n") > 10 and ",replay-dev," in csv_text and ",replay-test," in csv_text
+    assert ",derived-test," in csv_text and ",real," in csv_text
     assert (out_dir / "t.png").stat().st_size > 10_000
 
 

@@ -246,16 +246,20 @@ def select(problems: Sequence[Problem], n: int | None, seed: int = 0) -> list[Pr
     return [problems[i] for i in chosen]
 
 
-def split(problems: Sequence[Problem], dev_fraction: float = 0.5, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """A disjoint, seeded dev / test split: ``round(dev_fraction * len)`` problems go to dev. Both sides keep
-    the dataset's original order. Raises ValueError if either side would be empty."""
+def split_indices(n: int, dev_fraction: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A disjoint, seeded dev / test split of ``range(n)``: ``round(dev_fraction * n)`` indices go to dev.
+    Both sides are sorted. Raises ValueError (naming dev_fraction) if either side would be empty."""
     if not 0.0 < dev_fraction < 1.0:
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction!r}")
-    n_dev = round(dev_fraction * len(problems))
-    if n_dev == 0 or n_dev == len(problems):
-        raise ValueError(f"dev_fraction={dev_fraction} of {len(problems)} problems leaves an empty "
+    n_dev = round(dev_fraction * n)
+    if n_dev == 0 or n_dev == n:
+        raise ValueError(f"dev_fraction={dev_fraction} of {n} problems leaves an empty "
                          f"{'dev' if n_dev == 0 else 'test'} side")
-    dev_idx = set(_permutation(len(problems), seed)[:n_dev])
-    dev = [p for i, p in enumerate(problems) if i in dev_idx]
-    test = [p for i, p in enumerate(problems) if i not in dev_idx]
-    return dev, test
+    dev = set(_permutation(n, seed)[:n_dev])
+    return sorted(dev), [i for i in range(n) if i not in dev]
+
+
+def split(problems: Sequence[Problem], dev_fraction: float = 0.5, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """``split_indices`` applied to a list of problems (both sides keep the dataset's original order)."""
+    dev_idx, test_idx = split_indices(len(problems), dev_fraction, seed)
+    return [problems[i] for i in dev_idx], [problems[i] for i in test_idx]

@@ -20,11 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cascade.bench.report import Point, aggregate, best_within, budget_table, plot, write_csv
+from cascade.bench.costs import PassCosts
+from cascade.bench.datasets import split_indices
+from cascade.bench.frontier import Frontier, frontier_markdown, pct
+from cascade.bench.report import Point, aggregate, plot_frontier, write_csv
 from cascade.bench.replay import PathStats, path_key, record_path, replay_record
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
-from cascade.bench.sweeps import (QUANTILE_LEVELS, TOKEN_LEVEL, grid_policies, oracle_records, quantile_config,
-                                  quantile_records, quantile_taus)
+from cascade.bench.sweeps import (GRIDS, QUANTILE_LEVELS, REQUEST_LEVEL, TOKEN_LEVEL, grid_policies, oracle_records,
+                                  quantile_config, quantile_records, quantile_spec_records, quantile_taus)
+from cascade.policies import make_policy
 
 
 @dataclass
@@ -35,12 +39,14 @@ class BenchConfig:
     limit: int | None = 20  # problems per dataset (a seeded sample, see datasets.select); None: all
     dataset_limits: dict = field(default_factory=dict)  # per-dataset overrides of ``limit``
     seed: int = 0  # subset seed
-    families: tuple[str, ...] = TOKEN_LEVEL + ("quantile",)  # policies to sweep (baselines always run)
-    real_budget: float | None = 0.2  # run each policy for real at its calibrated config for this budget
-    real_axis: str = "target_fraction"  # the budget's axis: "target_fraction" (catch-up counted) or "scored_fraction"
-    real_limit: int | None = 5  # problems per dataset for those real runs, the first of the sample (None: all)
+    families: tuple[str, ...] = TOKEN_LEVEL + REQUEST_LEVEL  # policies to sweep (baselines always run)
+    dev_fraction: float = 0.5  # share of each dataset's problems in the dev split (parameters are chosen there)
+    bootstrap: int = 2000  # bootstrap resamples for the test-split intervals
+    real_budget: float | None = 0.2  # run each policy for real at its dev-chosen config for this budget
+    real_axis: str = "target_fraction"  # the budget's axis (one of cascade.bench.frontier.AXES)
+    real_limit: int | None = 40  # test problems per dataset for those real runs, the first of the split (None: all)
     batch_size: int = 8  # engine rows for real runs
-    record_target_path: bool = False  # also teacher-force the target's answers (more exact replay, 2x recording)
+    cost_file: Path | None = None  # runner_cost CSV for the modelled-time axis (default: costs.DEFAULT_COST_FILE)
     max_len: int = 2048
     dtype: str = "float32"  # both models' dtype in real runs and recording: fp32 by default, where the
     #   teacher-forced pass and the incremental decode round alike, so replay and lossless hold (README)
@@ -55,6 +61,7 @@ class BenchConfig:
 @dataclass
 class DatasetResult:
     points: list[Point] = field(default_factory=list)
+    frontier: Frontier | None = None
     checks: list[dict] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)  # one row per real-run request (the per-request CSV)
 
@@ -74,6 +81,7 @@ class Bench:
         self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
         self.draft_params = read_config(self.draft_dir).num_params
         self.target_params = read_config(self.target_dir).num_params
+        self.costs = _load_costs(cfg.cost_file, say)
         self._cascade = None
         self.runner = PolicyRunner(lambda: self.cascade, self.cache, self.pair_fp)
 
@@ -131,60 +139,87 @@ class Bench:
             })
 
     def point(self, ds: str, family: str, config: str, source: str, records, target_only) -> Point:
-        return aggregate(ds, family, config, source, records, target_only, self.draft_params, self.target_params)
+        return aggregate(ds, family, config, source, records, target_only, self.draft_params, self.target_params,
+                         self.costs)
 
     # ------------------------------------------------------------------ one dataset
+    def sweeps(self, ds: str, problems, draft, target, dpaths, tpaths, dev_idx) -> dict[str, list[tuple[str, list[RunRecord]]]]:
+        """family -> [(config, one record per problem)] for every configuration of every swept family:
+        token-level families replayed, request-level ones derived (their taus from the dev split alone)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        runs: dict[str, list[tuple[str, list[RunRecord]]]] = {}
+        fams = [f for f in cfg.families if f not in REQUEST_LEVEL]
+        bar = tqdm(total=sum(len(GRIDS[f]) for f in fams), desc=f"{ds} replay sweeps", unit="config",
+                   disable=not cfg.progress)
+        for fam in fams:
+            runs[fam] = []
+            for pol in grid_policies(fam):
+                runs[fam].append((pol.describe(), [replay_record(pol, p, dp, tp, d.correct, t.correct)
+                                                   for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]))
+                bar.update(1)
+        bar.close()
+        spec = make_policy("speculative")
+        spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
+        dev_paths = [dpaths[i] for i in dev_idx]
+        for fam in (f for f in cfg.families if f in REQUEST_LEVEL):
+            runs[fam] = []
+            for level in QUANTILE_LEVELS:
+                for tau in quantile_taus(dev_paths, level):
+                    config = quantile_config(tau, level)
+                    if fam == "quantile":
+                        recs = quantile_records(draft, target, dpaths, level, tau, config)
+                    else:
+                        config = "quantile-spec" + config[len("quantile"):]
+                        recs = quantile_spec_records(draft, spec_on_target, dpaths, level, tau, config)
+                    runs[fam].append((config, recs))
+        return runs
+
     def dataset(self, ds: str, problems) -> DatasetResult:
         cfg = self.cfg
         res = DatasetResult()
-        self.say(f"[{ds}] {len(problems)} problems: baselines")
+        dev_idx, test_idx = split_indices(len(problems), cfg.dev_fraction, cfg.seed)
+        self.say(f"[{ds}] {len(problems)} problems (dev {len(dev_idx)}, test {len(test_idx)}): baselines")
         draft = self.run("draft-only", problems, f"{ds} draft-only")
         target = self.run("target-only", problems, f"{ds} target-only")
         dpaths = self.paths(problems, draft, "draft")
-        tpaths = self.paths(problems, target, "target") if cfg.record_target_path else [None] * len(problems)
+        tpaths = self.paths(problems, target, "target")
         self._request_rows(res, draft, target)
         self._request_rows(res, target, target)
-        res.points += [self.point(ds, "draft-only", "draft-only", "real", draft, target),
-                       self.point(ds, "target-only", "target-only", "real", target, target),
-                       self.point(ds, "oracle", "oracle", "derived", oracle_records(draft, target), target)]
-        replayed: dict[str, list[tuple[str, list[RunRecord]]]] = {}
-        for fam in cfg.families:
-            if fam == "quantile":
-                continue
-            runs = []
-            for pol in grid_policies(fam):
-                recs = [replay_record(pol, p, dp, tp, d.correct, t.correct)
-                        for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]
-                runs.append((pol.describe(), recs))
-                res.points.append(self.point(ds, fam, pol.describe(), "replay", recs, target))
-            replayed[fam] = runs
-        if "quantile" in cfg.families:
-            runs = []
-            for level in QUANTILE_LEVELS:
-                for tau in quantile_taus(dpaths, level):
-                    config = quantile_config(tau, level)
-                    recs = quantile_records(draft, target, dpaths, level, tau, config)
-                    runs.append((config, recs))  # derived exactly; checked against a real run like the replays
-                    res.points.append(self.point(ds, "quantile", config, "derived", recs, target))
-            replayed["quantile"] = runs
+        runs = self.sweeps(ds, problems, draft, target, dpaths, tpaths, dev_idx)
+        runs_with_refs = {**runs, "oracle": [("oracle", oracle_records(draft, target))]}
+        res.frontier = Frontier(ds, runs_with_refs, draft, target, dev_idx, test_idx,
+                                lambda *a: self.point(ds, *a), reps=cfg.bootstrap, seed=cfg.seed)
+        for fam, configs in runs_with_refs.items():
+            source = "derived" if fam in REQUEST_LEVEL + ("oracle",) else "replay"
+            for config, recs in configs:
+                for split_name, idx in (("dev", dev_idx), ("test", test_idx)):
+                    pt = self.point(ds, fam, config, f"{source}-{split_name}", [recs[i] for i in idx], [target[i] for i in idx])
+                    res.points.append(pt)
+        for name, recs in (("draft-only", draft), ("target-only", target)):
+            for split_name, idx in (("dev", dev_idx), ("test", test_idx)):
+                res.points.append(self.point(ds, name, name, f"real-{split_name}", [recs[i] for i in idx], [target[i] for i in idx]))
         if cfg.real_budget is not None:
-            self._real_at_budget(ds, problems, res, replayed, draft, target)
+            self._real_at_budget(ds, problems, res, runs, draft, target, test_idx)
         return res
 
-    def _real_at_budget(self, ds, problems, res: DatasetResult, replayed, draft, target) -> None:
+    def _real_at_budget(self, ds, problems, res: DatasetResult, runs, draft, target, test_idx) -> None:
+        """Real runs of each family's dev choice at ``real_budget`` on the first ``real_limit`` test problems,
+        with draft-only and target-only timed on the same problems right before (same machine state)."""
         cfg = self.cfg
-        floor = next(p for p in res.points if p.family == "draft-only")
-        sub = problems[: cfg.real_limit] if cfg.real_limit else problems
-        idx = list(range(len(sub)))
-        timed = {}  # the baselines' throughput on the same problems, measured now (same machine state)
+        idx = test_idx[: cfg.real_limit] if cfg.real_limit else list(test_idx)
+        sub = [problems[i] for i in idx]
+        timed = {}
         for name in ("draft-only", "target-only"):
             recs, _ = self.runner.run(name, sub, progress=cfg.progress, label=f"{ds} {name} (timing)", fresh=True)
             timed[name] = sum(r.emitted_tokens for r in recs) / max(1e-9, sum(r.time_share_s for r in recs))
         for fam in cfg.families:
-            pts = [p for p in res.points if p.family == fam]
-            chosen = best_within(pts, cfg.real_budget, floor, cfg.real_axis)
-            if chosen is floor:
-                self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} ({cfg.real_axis}) beats draft-only; real run skipped")
+            if fam == "quantile-spec":  # a composition of two engines' runs: derived only
+                continue
+            chosen = res.frontier.select(fam, cfg.real_axis, cfg.real_budget)
+            if chosen.config == "draft-only":
+                self.say(f"  {fam}: no configuration within {cfg.real_budget:.0%} ({cfg.real_axis}) on dev; real run skipped")
                 continue
             recs = self.run(chosen.config, sub, f"{ds} {chosen.config} (real)")
             self._request_rows(res, recs, [target[i] for i in idx])
@@ -193,9 +228,9 @@ class Bench:
             pt.ref_target_quality = sum(target[i].correct for i in idx) / len(idx)
             pt.ref_draft_tokens_per_s, pt.ref_target_tokens_per_s = timed["draft-only"], timed["target-only"]
             res.points.append(pt)
-            rep = dict(replayed.get(fam, [])).get(chosen.config)
+            rep = dict(runs.get(fam, [])).get(chosen.config)
             if rep is not None:
-                res.checks.append(replay_check(ds, chosen.config, rep[: len(sub)], recs))
+                res.checks.append(replay_check(ds, chosen.config, [rep[i] for i in idx], recs))
 
 
 def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequence[RunRecord]) -> dict:
@@ -216,6 +251,18 @@ def replay_check(ds: str, config: str, replayed: Sequence[RunRecord], real: Sequ
         "modes": {m: n for m in ("replay-exact", "replay-target-path", "replay-estimate", "derived")
                   if (n := sum(1 for a in replayed if a.mode == m))},
     }
+
+
+def _load_costs(path: Path | None, say: Callable[[str], None]) -> PassCosts | None:
+    from cascade.bench.costs import DEFAULT_COST_FILE
+
+    try:
+        return PassCosts.from_runner_cost_csv(path or DEFAULT_COST_FILE)
+    except (OSError, ValueError, KeyError) as exc:
+        if path is not None:
+            raise ValueError(f"cost_file: {exc}") from exc
+        say(f"(no modelled-time axis: {exc})")
+        return None
 
 
 def git_commit() -> str:
@@ -240,10 +287,11 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
         name = probs[0].dataset if probs else spec  # "humaneval", "gsm8k", "jsonl:<stem>"
         results[name] = bench.dataset(name, probs)
     elapsed = time.perf_counter() - t0
-    return write_outputs(cfg, results, elapsed, commit)
+    return write_outputs(cfg, results, elapsed, commit, bench.costs.source if bench.costs else "none")
 
 
-def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, commit: str) -> Path:
+def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, commit: str,
+                  costs_source: str = "none") -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [p for r in results.values() for p in r.points]
@@ -256,32 +304,48 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    datasets = list(results)
-    families, refs, real = {}, {}, {}
-    for ds, r in results.items():
-        refs[ds] = {p.family: p for p in r.points if p.family in ("draft-only", "target-only", "oracle")}
-        families[ds] = {}
-        for p in r.points:
-            if p.source in ("replay", "derived") and p.family not in refs[ds]:
-                families[ds].setdefault(p.family, []).append(p)
-        real[ds] = [p for p in r.points if p.source == "real" and p.family not in refs[ds]]
-    plot(datasets, families, refs, real, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
     from cascade.machine import machine_info
 
     machine = machine_info()
-    sizes = ", ".join(f"{ds} {next(p.n for p in r.points if p.family == 'draft-only')}" for ds, r in results.items())
-    head = (f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · seeded subsets "
-            f"(seed {cfg.seed}): {sizes} problems · real runs at budget {cfg.real_budget} on the first "
-            f"{cfg.real_limit or 'all'} problems of each · batch {cfg.batch_size} · greedy")
+    frontiers = {ds: r.frontier for ds, r in results.items() if r.frontier is not None}
+    families = [f for f in cfg.families] + ["oracle"]
+    plot_frontier(frontiers, families, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
+    sizes = ", ".join(f"{ds} {len(fr.dev_idx) + len(fr.test_idx)}" for ds, fr in frontiers.items())
+    head = (f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · seeded samples "
+            f"(seed {cfg.seed}): {sizes} problems, split dev / test {cfg.dev_fraction:.0%} / {1 - cfg.dev_fraction:.0%} · "
+            f"{cfg.dtype} · batch {cfg.batch_size} · greedy · {cfg.bootstrap} bootstrap resamples")
     lines = [f"# cascade bench: {cfg.tag}", "", head, ""]
     if machine:
         lines += [f"machine: `{json.dumps(machine)}`", ""]
-    lines += ["Gap recovered at a budget = best replayed configuration within that target_token_fraction "
-              "(replay figures are labelled; see `cascade/bench/replay.py`). The (real) columns are REAL runs of "
-              f"the configuration the replay chose for the {cfg.real_budget} budget on the `{cfg.real_axis}` axis.", ""]
-    for ds in datasets:
-        real_at = {p.family: p for p in real[ds]}
-        lines.append(budget_table(ds, families[ds], refs[ds], real_at))
+    lines += ["Every policy's parameter is chosen on the dev split (best dev quality within the budget on the "
+              "axis) and reported on the test split. Token-level figures come from replaying the engine's round "
+              "on teacher-forced statistics (`cascade/bench/replay.py`); request-level ones are derived exactly "
+              "from the baseline runs. `quantile-spec` is quantile routing whose target answer is decoded by "
+              "lossless speculative decoding with the same draft. The modelled-time axis uses per-pass costs "
+              f"from `{costs_source}`.", ""]
+    selections = []
+    for ds, fr in frontiers.items():
+        md, sel = frontier_markdown(fr, families)
+        lines.append(md)
+        selections += [{"dataset": ds, "family": s.family, "axis": s.axis, "budget": s.budget, "config": s.config,
+                        "dev_quality": s.dev.quality, "dev_cost": getattr(s.dev, s.axis), "test_quality": s.test.quality,
+                        "test_quality_ci": s.quality_ci, "test_cost": getattr(s.test, s.axis), "gap": s.gap,
+                        "gap_ci": s.gap_ci, "test_target_fraction": s.test.target_fraction,
+                        "test_passes_per_token": s.test.passes_per_token, "test_modelled_time": s.test.modelled_time}
+                       for s in sel]
+    (out / f"{cfg.tag}_selections.json").write_text(json.dumps(selections, indent=1, default=float))
+    real = [p for r in results.values() for p in r.points if p.source == "real"]
+    if real:
+        lines += [f"## Real runs of each policy's dev choice at {cfg.real_budget} on `{cfg.real_axis}` "
+                  f"(the first {cfg.real_limit or 'all'} test problems)", "",
+                  "| dataset | config | n | quality (gap vs the same problems) | target frac | passes / token | scored frac | tok/s (draft-only, target-only, same problems) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in real:
+            lines.append(f"| {p.dataset} | `{p.config}` | {p.n} | {100 * p.quality:.1f} % (gap {pct(p.gap)}) | "
+                         f"{p.target_fraction:.3f} | {p.passes_per_token:.3f} | {p.scored_fraction:.3f} | "
+                         f"{p.tokens_per_s or float('nan'):.2f} ({p.ref_draft_tokens_per_s or float('nan'):.2f}, "
+                         f"{p.ref_target_tokens_per_s or float('nan'):.2f}) |")
+        lines.append("")
     checks = [c for r in results.values() for c in r.checks]
     if checks:
         lines += ["## Replay vs real runs (same configuration, same problems)", "",

@@ -51,6 +51,7 @@ class RunRecord:
     target_prefill_tokens: int
     escalations: int
     target_scored_tokens: int | None = None  # None in records of runs without catch-up (see ``scored``)
+    target_passes: int | None = None  # sequential target forward calls: escalations + target-only steps
     mode: str = "real"  # "real" | "replay-exact" | "replay-target-path" | "replay-estimate" | "derived"
     text: str = ""
     finish_reason: str | None = None
@@ -65,6 +66,12 @@ class RunRecord:
         without the counter come from draft-only / target-only runs (or combinations of them), where every
         target position scored one."""
         return self.target_tokens if self.target_scored_tokens is None else self.target_scored_tokens
+
+    @property
+    def passes(self) -> int:
+        """Sequential target forward calls (records without the counter: escalations; a target-only run's
+        records always carry it)."""
+        return self.escalations if self.target_passes is None else self.target_passes
 
     def flops(self, draft_params: int, target_params: int) -> float:
         return 2.0 * (draft_params * (self.draft_tokens + self.draft_prefill_tokens)
@@ -225,7 +232,8 @@ def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids:
         correct=1.0 if s.correct else 0.0, emitted_tokens=st.emitted_tokens, prompt_tokens=st.prompt_tokens,
         draft_tokens=st.draft_tokens, draft_prefill_tokens=st.draft_prefill_tokens,
         target_tokens=st.target_tokens, target_prefill_tokens=st.target_prefill_tokens,
-        escalations=st.escalations, target_scored_tokens=st.target_scored_tokens, mode="real", text=out.text, finish_reason=out.finish_reason,
+        escalations=st.escalations, target_scored_tokens=st.target_scored_tokens,
+        target_passes=st.escalations + st.target_only_steps, mode="real", text=out.text, finish_reason=out.finish_reason,
         score_detail=s.detail, time_share_s=share, wall_time_s=st.wall_time_s,
         extra={"accepted_tokens": st.accepted_tokens, "bonus_tokens": st.bonus_tokens,
                "replaced_tokens": st.replaced_tokens, "token_ids": list(token_ids)},

@@ -1,8 +1,12 @@
 """The parameter grids the harness sweeps, per policy family, and the request-level points it derives
-exactly from the two baseline runs (``quantile`` and ``oracle``).
+exactly from the baseline runs (``quantile``, ``quantile-spec`` and ``oracle``).
 
 A grid lists parameter dicts for ``make_policy``; together they span each policy from "never escalate"
-to "escalate almost everything", so every target-token budget has a calibrated choice.
+to "escalate almost everything", so every budget has a calibrated choice. Resolution is the same for
+every family: ``RESOLUTION`` values of each policy's main threshold (for ``quantile``, taus at that many
+quantiles of its own score over the dev split, not every midpoint of the observed scores, which fitted
+~300 configurations in-sample). Two-parameter families cross it with a short second axis: the rules'
+draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), quantile's level.
 """
 
 from __future__ import annotations
@@ -16,21 +20,21 @@ from cascade.policies import Policy, make_policy
 from cascade.policies.routing import linear_quantile
 
 ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+RESOLUTION = len(ALPHAS)  # values of each family's main threshold
+TRIGGERS = (0.5, 0.8, 0.9, 0.99, 1.0)  # the rules' draft-only trigger; 1 = verify every block (the paper's)
+FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
     "speculative": [{}],
     "chow": [{"alpha": a} for a in ALPHAS],
     "chow-cut": [{"alpha": a} for a in ALPHAS],
-    "diff": [{"alpha": a} for a in ALPHAS],
-    "opt": [{"alpha": a} for a in ALPHAS],
-    "token-v1": [{"alpha": a} for a in ALPHAS],
-    "token-v2": [{"alpha": a} for a in ALPHAS],
-    "token-v3": [{"alpha": a} for a in ALPHAS],
-    "bild": [{"fallback": f, "rollback": r} for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-             for r in (1.0, 2.0, 3.0, 5.0)],
+    **{rule: [{"alpha": a, "trigger_below": t} for a in ALPHAS for t in TRIGGERS]
+       for rule in ("diff", "opt", "token-v1", "token-v2", "token-v3")},
+    "bild": [{"fallback": f, "rollback": r, "k": k} for f in FALLBACKS for r in (2.0, 5.0) for k in (5, 10, 16)],
 }
 TOKEN_LEVEL = tuple(GRIDS)  # replayed families
 QUANTILE_LEVELS = (0.0, 0.05, 0.1, 0.25, 0.5)  # which quantile of the draft's token log-probs
+REQUEST_LEVEL = ("quantile", "quantile-spec")  # derived exactly from the baselines (and the target's path)
 
 
 def grid_policies(family: str) -> list[Policy]:
@@ -62,18 +66,41 @@ def quantile_records(draft: Sequence[RunRecord], target: Sequence[RunRecord], pa
                 emitted_tokens=t.emitted_tokens, prompt_tokens=d.prompt_tokens,
                 draft_tokens=d.draft_tokens, draft_prefill_tokens=d.draft_prefill_tokens,
                 target_tokens=t.target_tokens, target_prefill_tokens=t.target_prefill_tokens,
-                escalations=0, target_scored_tokens=t.scored, mode="derived",
+                escalations=0, target_scored_tokens=t.scored, target_passes=t.passes, mode="derived",
                 time_share_s=d.time_share_s + t.time_share_s))
         else:
             out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
     return out
 
 
-def quantile_taus(paths: Sequence[PathStats], level: float) -> list[float]:
-    """Thresholds between every pair of observed statistics, plus both ends (never / always)."""
-    stats = sorted({draft_logprob_quantile(p, level) for p in paths})
-    mids = [(a + b) / 2 for a, b in zip(stats, stats[1:])]
-    return [-math.inf] + mids + [math.inf]
+def quantile_taus(paths: Sequence[PathStats], level: float, resolution: int = RESOLUTION) -> list[float]:
+    """``resolution`` thresholds at evenly spaced quantiles of the score over ``paths`` (pass the dev split's),
+    plus both ends (never / always route)."""
+    stats = [draft_logprob_quantile(p, level) for p in paths]
+    inner = sorted({linear_quantile(stats, (i + 0.5) / resolution) for i in range(resolution)})
+    return [-math.inf] + inner + [math.inf]
+
+
+def quantile_spec_records(draft: Sequence[RunRecord], spec_on_target: Sequence[RunRecord],
+                          paths: Sequence[PathStats], level: float, tau: float, config: str) -> list[RunRecord]:
+    """The request-level router at its strongest: ``quantile`` whose target answer is decoded by lossless
+    ``speculative`` decoding with the same draft (a router in front of an engine with speculative
+    decoding). ``spec_on_target`` are speculative's records on each problem (replayed on the target's
+    recorded answer, whose output it is); a routed request pays the draft's answer plus those."""
+    out = []
+    for d, s, path in zip(draft, spec_on_target, paths):
+        if draft_logprob_quantile(path, level) < tau:
+            out.append(RunRecord(
+                dataset=d.dataset, problem_id=d.problem_id, policy=config, correct=s.correct,
+                emitted_tokens=s.emitted_tokens, prompt_tokens=d.prompt_tokens,
+                draft_tokens=d.draft_tokens + s.draft_tokens,
+                draft_prefill_tokens=d.draft_prefill_tokens + s.draft_prefill_tokens,
+                target_tokens=s.target_tokens, target_prefill_tokens=s.target_prefill_tokens,
+                escalations=s.escalations, target_scored_tokens=s.scored, target_passes=s.passes,
+                mode="derived" if s.mode in ("derived", "replay-exact", "replay-target-path") else s.mode))
+        else:
+            out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
+    return out
 
 
 def oracle_records(draft: Sequence[RunRecord], target: Sequence[RunRecord]) -> list[RunRecord]:

@@ -1,0 +1,110 @@
+"""The honest frontier on synthetic records whose answers are known by hand: parameters are chosen on the
+dev split only, figures are the test split's, intervals contain the point estimate and shrink with n,
+significance is paired, an undefined gap is said so, and the cost axes (passes, modelled time) count what
+they claim."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cascade.bench.costs import PassCosts
+from cascade.bench.frontier import Frontier, frontier_markdown
+from cascade.bench.report import aggregate
+from cascade.bench.runs import RunRecord
+from cascade.bench.sweeps import quantile_taus
+
+from test_bench_report import _synthetic
+
+
+def rec(i, correct, target_tokens, passes, policy, emitted=10):
+    return RunRecord(dataset="d", problem_id=str(i), policy=policy, correct=float(correct), emitted_tokens=emitted,
+                     prompt_tokens=5, draft_tokens=0 if policy == "target-only" else emitted, draft_prefill_tokens=5,
+                     target_tokens=target_tokens, target_prefill_tokens=5 if target_tokens else 0, escalations=passes,
+                     target_passes=passes)
+
+
+def make_frontier(n=40, seed=0):
+    """Draft right on even problems, target right everywhere. Family "a": config "cheap" fixes half the odd
+    problems of the DEV split at 10 % target tokens and none of the test split (an overfit config), "fair"
+    fixes every odd problem at 20 % everywhere. Family "b" has "fair" alone."""
+    dev_idx = [i for i in range(n) if (i // 2) % 2 == 0]
+    test_idx = [i for i in range(n) if (i // 2) % 2 == 1]
+    draft = [rec(i, i % 2 == 0, 0, 0, "draft-only") for i in range(n)]
+    target = [rec(i, 1, 10, 11, "target-only") for i in range(n)]
+    cheap = [rec(i, (i % 2 == 0) or i % 8 == 1, 1, 1, "cheap") for i in range(n)]
+    fair = [rec(i, 1, 2, 1, "fair") for i in range(n)]
+    runs = {"a": [("cheap", cheap), ("fair", fair)], "b": [("fair", fair)]}
+    fr = Frontier("d", runs, draft, target, dev_idx, test_idx,
+                  lambda fam, cfg, src, recs, tgt: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=500, seed=seed)
+    return fr
+
+
+def test_selection_is_made_on_dev_and_reported_on_test():
+    fr = make_frontier()
+    s = fr.select("a", "target_fraction", 0.15)
+    assert s.config == "cheap" and s.dev.quality == 0.75  # the dev split cannot tell it overfits ...
+    assert s.test.quality == 0.5 and s.gap == pytest.approx(0.0)  # ... the test split can
+    s = fr.select("a", "target_fraction", 0.25)
+    assert s.config == "fair" and s.test.quality == 1.0 and s.gap == pytest.approx(1.0)
+    assert fr.select("a", "target_fraction", 0.05).config == "draft-only"  # nothing fits: the draft alone
+    lo, hi = s.quality_ci
+    assert lo <= s.test.quality <= hi
+
+
+def test_intervals_and_paired_significance():
+    fr = make_frontier(n=200)
+    cheap, fair = fr.select("a", "target_fraction", 0.15), fr.select("a", "target_fraction", 0.25)
+    d, (lo, hi) = fr.paired_difference(fair, cheap)
+    assert d == pytest.approx(0.5) and lo > 0  # significant
+    d, (lo, hi) = fr.paired_difference(fair, fair)
+    assert d == 0 and lo == hi == 0
+    assert cheap.gap_ci == (0.0, 0.0)  # on test it is the draft itself, in every resample
+    lo, hi = cheap.quality_ci
+    assert lo < 0.5 < hi
+    small = make_frontier(n=40).select("a", "target_fraction", 0.15).quality_ci
+    assert (small[1] - small[0]) > (hi - lo)  # fewer test problems, wider interval
+
+
+def test_passes_axis_and_markdown():
+    fr = make_frontier()
+    s = fr.select("a", "passes_per_token", 0.15)  # fair: 1 pass per 10 tokens
+    assert s.test.passes_per_token == pytest.approx(0.1)
+    md, sels = frontier_markdown(fr, ["a", "b"])
+    assert "test split (n = 20" in md and "passes_per_token" in md and "significant" in md
+    assert len(sels) == 4 * 3 * 2
+
+
+def test_undefined_gap_is_said_not_dashed():
+    n = 20
+    draft = [rec(i, i % 2, 0, 0, "draft-only") for i in range(n)]
+    target = [rec(i, (i + 1) % 2, 10, 11, "target-only") for i in range(n)]  # same mean quality
+    fr = Frontier("d", {"a": [("x", draft)]}, draft, target, list(range(0, n, 2)), list(range(1, n, 2)),
+                  lambda fam, cfg, src, recs, tgt: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=100)
+    fr.target_test[:] = fr.draft_test  # force equal test means
+    s = fr.select("a", "target_fraction", 0.2)
+    assert s.gap is None and s.gap_ci is None
+    md, _ = frontier_markdown(fr, ["a"])
+    assert "undefined" in md
+
+
+def test_modelled_time_from_runner_cost_figures(tmp_path):
+    path = tmp_path / "rc.csv"
+    rows = ["machine,model,device,dtype,linear_impl,decode,batch,context,op,tokens_per_row,ms_median"]
+    for model, step, pos in (("0.5b", 10.0, 1.0), ("1.5b", 30.0, 2.0)):
+        for n in (1, 2, 5):
+            rows.append(f"m,{model},cpu,float32,onednn,eager,1,300,{'step' if n == 1 else 'span'},{n},{step + (n - 1) * pos}")
+    path.write_text("\n".join(rows) + "\n")
+    c = PassCosts.from_runner_cost_csv(path)
+    assert (c.draft_step_ms, c.draft_position_ms, c.target_step_ms, c.target_position_ms) == pytest.approx((10, 1, 30, 2))
+    r = rec(0, 1, target_tokens=12, passes=2, policy="x")  # 12 + 5 prompt positions in 2 passes, 10 draft steps
+    assert c.record_ms(r) == pytest.approx(10 * 10 + 5 * 1 + 2 * 30 + 15 * 2)
+
+
+def test_quantile_taus_have_the_common_resolution():
+    _, _, _, dpaths, _ = _synthetic(300, seed=4)
+    taus = quantile_taus(dpaths, 0.0)
+    assert taus[0] == -math.inf and taus[-1] == math.inf and taus == sorted(taus)
+    assert len(taus) <= 17 + 2  # not one per observed score (300 answers)
