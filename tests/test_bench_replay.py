@@ -74,6 +74,43 @@ def test_exact_replay_equals_real_run_counts(twin, name, params):
         assert rep.target_prefill_tokens == r.stats.target_prefill_tokens
 
 
+def _letters(ids):
+    return "".join(chr(65 + int(i) % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def twin_endings(tiny_pair_dirs, twin):
+    """Twins whose answers end by EOS / by a stop string mid-answer (a token / text taken from the plain
+    answers), next to the plain twin whose answers end by max_tokens."""
+    plain = twin.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy="draft-only")
+    eos = plain[0].token_ids[8]
+    stop = _letters(plain[1].token_ids[6:8])
+    dirs = (tiny_pair_dirs[0], tiny_pair_dirs[0])
+    return {"max_tokens": (twin, ()), "eos": (make_cascade(dirs, eos=[eos]), ()),
+            "stop": (make_cascade(dirs, detokenize=_letters), (stop,))}
+
+
+@pytest.mark.parametrize("ending", ["eos", "stop"])
+@pytest.mark.parametrize("name,params", POLICIES)
+def test_exact_replay_equals_real_run_at_eos_and_stop_strings(twin_endings, ending, name, params):
+    """Answers that end by EOS or a stop string mid-block: the engine's block ends there, and so does the
+    replay's walk; every counter agrees, and the tokens past the end are neither emitted nor counted."""
+    c, stop = twin_endings[ending]
+    sp = SamplingParams(max_tokens=MAX_TOKENS, stop=stop)
+    draft = c.generate(PROMPTS, sp, policy="draft-only")
+    assert any(r.finish_reason == "stop" and len(r.token_ids) < MAX_TOKENS for r in draft)
+    policy = make_policy(name, **params)
+    real = c.generate(PROMPTS, sp, policy=policy)
+    for i, (d, r) in enumerate(zip(draft, real)):
+        path = record_path(c.draft, c.target, d.prompt_token_ids, d.token_ids, ended_on_eos=d.finish_reason == "stop"
+                           and ending == "eos", eos_token_ids=c.engine.eos_token_ids, path_model="draft")
+        rep = replay_record(policy, _problem(i), path, None, 1.0, 1.0)
+        assert rep.mode == "replay-exact" and r.token_ids == d.token_ids and r.finish_reason == d.finish_reason
+        assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
+            r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens,
+            r.stats.escalations), (policy.describe(), ending, i)
+
+
 def test_replay_modes_agree_with_real_runs_on_a_random_pair(pair):
     draft, target, dpaths, tpaths = _paths(pair, PROMPTS)
     seen = {"replay-exact": 0, "replay-target-path": 0, "replay-estimate": 0}
