@@ -2,12 +2,13 @@
 
 Counting rules (DESIGN.md, "Cost accounting"):
 - ``draft_tokens``: positions the draft decoded in blocks (discarded ones included).
-- ``target_tokens``: generated-region positions a target pass processed: catch-up + block + the bonus
-  position, or one position per target-only step. Prompt positions are counted apart, in
+- ``target_tokens``: generated-region positions a target pass processed: catch-up + block (the bonus
+  token's logits come from the block's last position; a block that ends the request is fed without its
+  last token), or one position per target-only step. Target passes = ``escalations + target_only_steps``. Prompt positions are counted apart, in
   ``*_prefill_tokens``, so that ``target_token_fraction`` measures escalation, not prompt length.
 - ``target_token_fraction`` = target_tokens / emitted tokens.
-- ``target_scored_tokens``: of those, the positions whose target logits decided something: held-back
-  tokens checked + block positions + the bonus / replacement position per escalation, one per target-only
+- ``target_scored_tokens``: the target positions whose logits decided something: the block positions +
+  the bonus position per escalation (none after a block that ends the request), one per target-only
   step. The rest of ``target_tokens`` is catch-up: draft tokens emitted without the target, which it must
   still read into its KV cache before it can verify the next block. Catch-up costs FLOPs (so it is in
   ``target_tokens`` and ``relative_cost``) but on a GPU it runs as a parallel prefill and adds little

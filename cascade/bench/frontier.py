@@ -32,6 +32,7 @@ import numpy as np
 
 from cascade.bench.report import Point, gap_recovered
 from cascade.bench.runs import RunRecord
+from cascade.bench.scoring import NO_CODE
 
 AXES = {
     "target_fraction": "target FLOPs (positions incl. catch-up) / target-only",
@@ -153,6 +154,12 @@ def frontier_markdown(fr: Frontier, families: Sequence[str], budgets: Sequence[f
     lines = [f"### {fr.dataset}: test split (n = {n_test}; parameters chosen on the dev split, n = {n_dev})", "",
              f"draft-only {pct(qd)}{ci(fr.reference_ci(fr.draft_test))} · target-only {pct(qt)}"
              f"{ci(fr.reference_ci(fr.target_test))} (95 % bootstrap intervals)", ""]
+    no_code = {name: sum(1 for r in recs if r.score_detail == NO_CODE) for name, recs in
+               (("draft-only", fr.draft), ("target-only", fr.target))}
+    if any(no_code.values()):
+        n_all = len(fr.draft)
+        lines += ["Answers with no runnable code (prose, or an empty answer; scored as failures): "
+                  + ", ".join(f"{name} {k} of {n_all}" for name, k in no_code.items()) + ".", ""]
     if math.isclose(qd, qt):
         lines += ["**Draft-only and target-only score the same on this test split: the gap recovered is undefined, "
                   "so no gap is reported; read the quality columns.**", ""]

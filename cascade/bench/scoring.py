@@ -34,6 +34,7 @@ DEFAULT_TIMEOUT_S = 10.0  # per code sample, inside the harness
 SANDBOX_GRACE_S = 10.0  # extra wall time for the sandbox interpreter before it is killed
 SANDBOX = Path(__file__).with_name("sandbox.py")
 MEMORY_BYTES = 2 * 1024**3
+NO_CODE = "no code found"  # the detail of an answer with no runnable code (counted in the bench report)
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,13 @@ def score_code(problem: Problem, text: str, timeout: float = DEFAULT_TIMEOUT_S) 
     harness_problem = {k: ref[k] for k in ("task_id", "prompt", "test", "entry_point")}
     if problem.completion and "```" not in text:  # a raw continuation of the prompt: exactly what the harness expects
         if not text.strip():
-            return Score(False, "no code found")
+            return Score(False, NO_CODE)
         return run_sandboxed(harness_problem, text, timeout)
+    instruction = ref.get("style") == "instruction"
     code = extract_code(text, ref["entry_point"])
-    if not code.strip():
-        return Score(False, "no code found")
-    return run_sandboxed(harness_problem, completion_for(code, ref["entry_point"]), timeout)
+    if not code.strip() or (instruction and "```" not in text and not _defines(code, ref["entry_point"])):
+        return Score(False, NO_CODE)  # prose, or nothing: no runnable code in the answer
+    return run_sandboxed(harness_problem, code + "\n" if instruction else completion_for(code, ref["entry_point"]), timeout)
 
 
 # ---------------------------------------------------------------- final numbers
