@@ -20,6 +20,7 @@ import torch
 
 from cascade.metrics import TokenSource
 from cascade.policies import Policy, residual_distribution, speculative_acceptance, verify_distributions
+from cascade.round import accepted_counts
 from cascade.sampling import filter_logits, noise_seeds, sample, uniforms
 from cascade.scheduler import Sequence
 from cascade.verification import VerifyStats, verify_stats
@@ -105,17 +106,21 @@ def verify_blocks(
                 dists[s.request_id] = (pi[pos:pos + n], d.q[pos:pos + n])
             pos += n
 
+    accepted: dict[str, int] = {}  # the accepted prefix of each verified block: one call over the flat rows
+    if verified:
+        keeps = torch.tensor([blocks[s.request_id].keep for s in verified])
+        u = torch.cat([uniforms(blocks[s.request_id].keep, s.generator) for s in verified])
+        counts = accepted_counts(torch.cat([decisions[s.request_id][1] for s in verified]), u, keeps)
+        accepted = {s.request_id: int(c) for s, c in zip(verified, counts.tolist())}
     result = {}
     for s in seqs:
         block = blocks[s.request_id]
         n = block.keep
         sources: list[TokenSource] = []
         logprobs: list[float] = []
-        n_acc = 0
+        n_acc = accepted.get(s.request_id, 0)
         if n > 0:
-            delta, accept = decisions[s.request_id]
-            ok = (uniforms(n, s.generator) < accept).tolist()
-            n_acc = ok.index(False) if False in ok else n
+            delta = decisions[s.request_id][0]
             off = offsets[s.request_id]
             for j, d_j in enumerate(delta[:n_acc].tolist()):
                 sources.append(TokenSource.VERIFIED if d_j > 0 else TokenSource.DRAFT)

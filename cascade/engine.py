@@ -46,6 +46,7 @@ from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
+from cascade.round import settle_trigger, target_layout
 from cascade.sampling import filter_logits, make_generator, sample
 from cascade.scheduler import Scheduler, Sequence
 
@@ -332,11 +333,9 @@ class Engine:
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             idx = torch.tensor(members)
             sub = BlockConfidence(*(getattr(block_conf, f.name)[idx] for f in fields(BlockConfidence)))
-            keep, escalate = policy.trigger(sub)
+            keep, escalate = settle_trigger(*policy.trigger(sub), sub.drafted)
             for m, kp, esc in zip(members, keep.tolist(), escalate.tolist()):
-                block = blocks[seqs[m].request_id]
-                block.keep = max(0, min(int(kp), len(block.tokens)))
-                block.escalate = bool(esc) or block.keep == 0  # an empty kept block must let the target decide
+                blocks[seqs[m].request_id].keep, blocks[seqs[m].request_id].escalate = int(kp), bool(esc)
 
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(
@@ -353,17 +352,12 @@ class Engine:
             return {}
         t0 = time.perf_counter()
         blks = [blocks[s.request_id] if _drafts(s) else None for s in members]
-        spans, num_logits, fed = [], [], []
-        for s, blk in zip(members, blks):
-            block = blk.tokens[: blk.keep] if blk is not None else []
-            if blk is not None and blk.ends_request:
-                # its last token ends the answer: nothing is predicted after it, so it is not fed and no
-                # bonus position is scored (the catch-up is never empty: the target lags by at least the
-                # previous round's last token)
-                block = block[:-1]
-            spans.append(s.tokens[s.target_len:] + block)
-            num_logits.append(len(block) + 1)  # logits at each fed block position and the one before it
-            fed.append(len(block))
+        # a block that ends the request is fed without its last token and has no bonus position (its catch-up
+        # is never empty: the target lags by at least the previous round's last token); target-only: 0 and 1
+        fed, num_logits = (t.tolist() for t in target_layout(
+            torch.tensor([blk.keep if blk is not None else 0 for blk in blks]),
+            torch.tensor([blk is not None and blk.ends_request for blk in blks])))
+        spans = [s.tokens[s.target_len:] + (blk.tokens[:n] if blk is not None else []) for s, blk, n in zip(members, blks, fed)]
         try:
             logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
         except TargetUnavailable:

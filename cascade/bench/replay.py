@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 
 from cascade.policies import BlockConfidence, Policy
+from cascade.round import accepted_counts, settle_trigger, target_layout
 
 if TYPE_CHECKING:
     from cascade.bench.runs import RunRecord
@@ -154,10 +155,8 @@ def _block_confidence(path: PathStats, lo: int, hi: int) -> BlockConfidence:
 
 
 def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
-    """-> accept [R] bool for greedy rows, through the policy's own rule (the engine's decision at u < p
-    for an acceptance probability that is 0 or 1 on greedy rows)."""
-    delta = policy.deferral(v).float()
-    return policy.acceptance(v, delta).float() >= 1.0 - 1e-6
+    """-> accept [R] acceptance probabilities of greedy rows through the policy's own rule (0 or 1 there)."""
+    return policy.acceptance(v, policy.deferral(v).float()).float()
 
 
 def simulate(policy: Policy, path: PathStats) -> WalkResult:
@@ -187,21 +186,24 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
                     n = j + 1
                     break
         draft_tokens += pending_draft + n - 1
-        keep, esc = policy.trigger(_block_confidence(path, pos, pos + n))
-        keep = max(0, min(int(keep[0]), n))
-        if not (bool(esc[0]) or keep == 0):
+        conf = _block_confidence(path, pos, pos + n)
+        keep_t, esc_t = settle_trigger(*policy.trigger(conf), conf.drafted)
+        keep = int(keep_t[0])
+        if not bool(esc_t[0]):
             for j in range(pos, pos + keep):
                 emit(j, path.q_argmax[j])
             pending_draft = 1 if keep == n else 0
             pos += keep
             continue
-        ends_request = keep == n and pos + n == L
+        ends_request = keep == n and pos + n == L  # the path's end: its EOS, stop string or max_tokens-th token
+        fed, num_logits = target_layout(keep_t, torch.tensor([ends_request]))
         escalations += 1
-        target_tokens += (pos - target_len) + keep - (1 if ends_request else 0)  # the last token is not fed
-        scored += keep + (0 if ends_request else 1)
-        accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep)) if keep else torch.zeros(0, dtype=torch.bool)
-        ok = accept.tolist()
-        n_acc = ok.index(False) if False in ok else keep
+        target_tokens += (pos - target_len) + int(fed[0])
+        scored += int(num_logits[0])
+        n_acc = 0
+        if keep:
+            accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep))
+            n_acc = int(accepted_counts(accept, torch.full_like(accept, 0.5), keep_t)[0])
         for j in range(pos, pos + n_acc):
             emit(j, path.q_argmax[j])
         extra = pos + n_acc

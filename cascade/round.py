@@ -1,0 +1,55 @@
+"""The bookkeeping of one round, defined once: pure functions over flat ragged tensors that the engine
+(``cascade.engine``, ``cascade.acceptance``) and the benchmark's replay (``cascade.bench.replay``) both
+call, so a budget calibrated by replay is the budget the engine spends.
+
+Layout (as vLLM v1's rejection sampler lays out a batch): ``B`` sequences, each with a block of
+``keep[b]`` verified positions; their per-position values are concatenated into flat ``[R]`` tensors,
+``R = sum(keep)``, sequence ``b`` owning rows ``offsets[b] .. offsets[b] + keep[b]``.
+
+- ``settle_trigger``: what a trigger's answer means (a kept block is clamped to what was drafted; an
+  empty kept block must be escalated, the target decides its position);
+- ``target_layout``: what one escalation feeds the target and scores (a block that ends the request is
+  fed without its last token, and has no bonus position);
+- ``accepted_counts``: per sequence, the accepted prefix of its block (the first rejection ends it).
+
+Both callers count positions from these: the target processes catch-up + ``fed`` positions and scores
+``num_logits`` of them; the draft processes its pending tokens and one decode step per further token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def settle_trigger(keep: torch.Tensor, escalate: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B], escalate [B] bool (a trigger's answer), drafted [B] -> (keep [B] in [0, drafted],
+    escalate [B]): a sequence whose kept block is empty is escalated."""
+    keep = torch.minimum(keep.clamp_min(0), drafted)
+    return keep, escalate | (keep == 0)
+
+
+def target_layout(keep: torch.Tensor, ends_request: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B], ends_request [B] bool (the kept block's last token ends the request) -> (fed [B]: block
+    tokens fed to the target after the catch-up, num_logits [B]: target positions scored = logits at the
+    position before the block and at each fed block token; the last one is the bonus position unless the
+    block ends the request)."""
+    fed = keep - ends_request.long()
+    return fed, fed + 1
+
+
+def accepted_counts(accept: torch.Tensor, uniforms: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """accept [R] acceptance probabilities, uniforms [R] (one draw per row), keep [B] rows per sequence ->
+    [B] int64: accepted rows before each sequence's first rejection (row j is accepted iff u_j < accept_j;
+    on greedy rows accept is 0 or 1, so any u in (0, 1) decides the same)."""
+    keep = keep.long()
+    B = keep.numel()
+    if B == 0:
+        return keep.clone()
+    rejected = uniforms.float() >= accept.float()
+    owner = torch.repeat_interleave(torch.arange(B), keep)  # [R] sequence of each row
+    starts = torch.cumsum(keep, 0) - keep
+    local = torch.arange(rejected.numel()) - starts[owner]  # [R] row index within its block
+    first = keep.clone()
+    if rejected.any():
+        first = first.scatter_reduce(0, owner[rejected], local[rejected], reduce="amin")
+    return first
