@@ -278,13 +278,17 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-memory-fraction", type=float, default=None,
                    help="'vllm:' target: share of GPU memory (of RAM on vLLM's CPU backend) vLLM reserves (default: vLLM's)")
     p.add_argument("--vllm-tensor-parallel", type=int, default=1, help="'vllm:' target: GPUs to split the target over (default: 1)")
+    p.add_argument("--exact-verify", action="store_true",
+                   help="verify through the same target calls target-only decoding makes (the prompt alone, then one "
+                        "token per call): greedy speculative == target-only token for token in any dtype at batch 1, "
+                        "at the cost of a sequential verification (in-process target only)")
 
 
 def target_kwargs(args: argparse.Namespace) -> dict:
     """Cascade.from_pretrained keyword arguments for the target options of ``add_target_args``."""
     uses_vllm = args.target_url is not None or (args.target or "").startswith("vllm:")
     if not uses_vllm:
-        return {}
+        return {"exact_verify": args.exact_verify}
     from cascade.models.vllm import RemotePolicy, VLLMTargetOptions
 
     remote = RemotePolicy(timeout_s=args.target_timeout, retries=args.target_retries, cooldown_s=args.target_cooldown)

@@ -359,7 +359,10 @@ class Engine:
             torch.tensor([blk is not None and blk.ends_request for blk in blks])))
         spans = [s.tokens[s.target_len:] + (blk.tokens[:n] if blk is not None else []) for s, blk, n in zip(members, blks, fed)]
         try:
-            logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
+            if self.config.exact_verify:
+                logits = self._target_stepwise(members, spans, num_logits)
+            else:
+                logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
         except TargetUnavailable:
             self.stats.time_target_s += time.perf_counter() - t0
             for s in members:
@@ -382,6 +385,37 @@ class Engine:
             start += n
         self.stats.time_target_s += time.perf_counter() - t0
         return out
+
+    def _target_stepwise(self, members: list[Sequence], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
+        """``forward_span`` of the target pass, computed the way target-only decoding computes it: a prompt
+        in a call of its own (as a target-only request's first round), then one token per call. A 1-row
+        decode and a k-row verify reduce in different orders, so in bf16 they part at near-ties; this path
+        makes the verify pass's arithmetic the decode's, hence ``speculative`` greedy == ``target-only``
+        greedy token for token at batch 1 in any dtype (at batch > 1 each call mixes the escalated rows,
+        so it is exact where the runner's per-row results do not depend on the other rows of a call).
+        The cost: a block is verified in as many sequential target calls as it has tokens.
+        Returns logits [sum(num_logits), V] in ``forward_span``'s layout."""
+        rows = [s.row for s in members]
+        picked: list[list[torch.Tensor]] = [[] for _ in members]
+        pos = [0] * len(members)
+        for i, s in enumerate(members):
+            if s.target_len == 0:  # the prompt, alone, as target-only's first round feeds it
+                n = len(s.prompt_ids)
+                logits = self.target.forward_span([rows[i]], [spans[i][:n]], num_logits=[1])
+                if n > len(spans[i]) - num_logits[i]:
+                    picked[i].append(logits[0])
+                pos[i] = n
+        while True:
+            active = [i for i in range(len(members)) if pos[i] < len(spans[i])]
+            if not active:
+                break
+            logits = self.target.forward_span([rows[i] for i in active], [[spans[i][pos[i]]] for i in active],
+                                              num_logits=[1] * len(active))
+            for a, i in enumerate(active):
+                pos[i] += 1
+                if pos[i] > len(spans[i]) - num_logits[i]:
+                    picked[i].append(logits[a])
+        return torch.cat([torch.stack(p) for p in picked])
 
     def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:
         """on_target_error == "draft-only": escalated blocks are kept as drafted (unverified), and

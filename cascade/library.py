@@ -68,7 +68,8 @@ class Cascade:
     def from_pretrained(cls, draft: str | Path | None = None, target: str | Path | None = None, *,
                         max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
                         max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
-                        vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail") -> "Cascade":
+                        vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail",
+                        exact_verify: bool = False) -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
         default pair from the cache (``cascade fetch-models`` puts it there).
 
@@ -77,12 +78,14 @@ class Cascade:
         (a list of URLs: replicas, used round-robin with failover; ``target``, if given, is then only read
         for its config.json, for cost accounting).
         ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
-        "draft-only" (its escalations are kept as drafted)."""
+        "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through the target-only
+        decoding calls, so lossless policies are token-exact in any dtype (``EngineConfig``)."""
         from cascade.models.llama import LlamaRunner
         from cascade.weights import DEFAULT_PAIR, resolve_model
 
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
-                              max_draft_block=max_draft_block, on_target_error=on_target_error)
+                              max_draft_block=max_draft_block, on_target_error=on_target_error,
+                              exact_verify=exact_verify)
         draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
         draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         in_vllm = target is not None and str(target).startswith("vllm:")

@@ -263,3 +263,26 @@ def test_bad_arguments_name_the_field(cascade, bad, field):
     with pytest.raises(ValueError, match=field):
         bad(cascade)
     assert cascade.engine.scheduler.num_free_rows == cascade.engine.max_rows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_verify_makes_speculative_token_exact_in_any_dtype(tiny_pair_dirs, dtype):
+    """exact_verify feeds the target the way target-only decoding does (the prompt alone, then a token
+    per call), so greedy speculative equals target-only token for token at batch 1, bf16 included, and
+    the position counters stay those of the one-pass verification."""
+    def build(exact):
+        d, t = (LlamaRunner.from_pretrained(p, max_rows=4, max_len=128, device="cpu", dtype=dtype) for p in tiny_pair_dirs)
+        return Cascade(d, t, None, config=EngineConfig(max_rows=4, max_len=128, exact_verify=exact))
+
+    exact, plain = build(True), build(False)
+    params = SamplingParams(max_tokens=20)
+    for prompt in PROMPTS:
+        target = exact.generate([prompt], params, policy="target-only")[0].token_ids
+        assert target == plain.generate([prompt], params, policy="target-only")[0].token_ids
+        for k in (1, 3, 5):
+            r = exact.generate([prompt], params, policy=make_policy("speculative", k=k))[0]
+            assert r.token_ids == target, (prompt, k)
+            p = plain.generate([prompt], params, policy=make_policy("speculative", k=k))[0]
+            assert (r.stats.target_tokens, r.stats.target_scored_tokens) == (p.stats.target_tokens, p.stats.target_scored_tokens) \
+                or r.token_ids != p.token_ids
+    assert exact.engine.scheduler.num_free_rows == 4
