@@ -131,25 +131,37 @@ class WalkResult:
     resolved_to_target: int  # of those, positions where the walk emitted the target's token
 
 
+def _tensors(path: PathStats) -> dict[str, torch.Tensor]:
+    """The path's per-position lists as tensors, built once per path (a sweep walks it hundreds of times)."""
+    cached = path.__dict__.get("_tensors")
+    if cached is None:
+        x = torch.tensor(path.q_argmax, dtype=torch.int64)
+        pa = torch.tensor(path.p_argmax, dtype=torch.int64)
+        q = torch.tensor(path.q_max)
+        cached = {"x": x, "pa": pa, "agree": (x == pa).float(), "q_max": q, "q_log": q.clamp_min(1e-30).log(),
+                  "q_margin": torch.tensor(path.q_margin), "q_entropy": torch.tensor(path.q_entropy),
+                  "p_max": torch.tensor(path.p_max), "tv": torch.tensor(path.tv), "logp_x": torch.tensor(path.logp_x)}
+        path.__dict__["_tensors"] = cached
+    return cached
+
+
 def _verify_rows(path: PathStats, lo: int, hi: int):
     """VerifyStats of greedy rows lo..hi-1 (q/p sampling distributions are one-hot at their argmax)."""
     from cascade.verification import VerifyStats
 
-    x = torch.tensor(path.q_argmax[lo:hi], dtype=torch.int64)
-    pa = torch.tensor(path.p_argmax[lo:hi], dtype=torch.int64)
+    t = _tensors(path)
     return VerifyStats(
-        q_token=torch.ones(hi - lo), p_token=(x == pa).float(),
-        max_q=torch.tensor(path.q_max[lo:hi]), max_p=torch.tensor(path.p_max[lo:hi]),
-        tv=torch.tensor(path.tv[lo:hi]), logp_token=torch.tensor(path.logp_x[lo:hi]),
-        residual_token=pa, target_token=pa, token=x,
+        q_token=torch.ones(hi - lo), p_token=t["agree"][lo:hi], max_q=t["q_max"][lo:hi], max_p=t["p_max"][lo:hi],
+        tv=t["tv"][lo:hi], logp_token=t["logp_x"][lo:hi], residual_token=t["pa"][lo:hi], target_token=t["pa"][lo:hi],
+        token=t["x"][lo:hi],
     )
 
 
 def _block_confidence(path: PathStats, lo: int, hi: int) -> BlockConfidence:
-    q = torch.tensor(path.q_max[lo:hi]).unsqueeze(0)
+    t = _tensors(path)
     return BlockConfidence(
-        max_prob=q, margin=torch.tensor(path.q_margin[lo:hi]).unsqueeze(0),
-        entropy=torch.tensor(path.q_entropy[lo:hi]).unsqueeze(0), token_logprob=q.clamp_min(1e-30).log(),
+        max_prob=t["q_max"][lo:hi].unsqueeze(0), margin=t["q_margin"][lo:hi].unsqueeze(0),
+        entropy=t["q_entropy"][lo:hi].unsqueeze(0), token_logprob=t["q_log"][lo:hi].unsqueeze(0),
         valid=torch.ones(1, hi - lo, dtype=torch.bool), drafted=torch.tensor([hi - lo]),
     )
 
