@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "split: real runs of that configuration and of both baselines. Prints the chosen "
                                    "policy string for `cascade generate --policy` and writes a JSON summary.")
     c.add_argument("--policy", required=True, help="policy family to calibrate, e.g. chow, opt, token-v2, bild, quantile")
-    c.add_argument("--budget", type=float, required=True, help="target-token budget: max target_token_fraction, e.g. 0.2")
+    c.add_argument("--budget", type=float, required=True, help="budget on --axis, e.g. 0.2")
+    c.add_argument("--axis", choices=["target", "passes", "scored", "time"], default="target",
+                   help="the budget's cost axis: target = target FLOPs (positions incl. catch-up per emitted token), "
+                        "passes = target passes per token, scored = positions that decided a token, time = modelled "
+                        "time / target-only (default: target)")
     c.add_argument("--dataset", default="gsm8k", metavar="NAME|PATH", help="humaneval, gsm8k or a JSONL task file (default: gsm8k)")
     c.add_argument("--limit", type=int, default=40, help="problems in dev + test, a seeded sample (default: 40; 0 = all)")
     c.add_argument("--dev-fraction", type=float, default=0.5, help="share of the problems in the dev split (default: 0.5)")
@@ -183,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+AXIS_NAMES = {"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
+              "time": "modelled_time"}  # --real-axis / --axis -> cascade.bench.frontier.AXES
 
 
 def _bench_config(args: argparse.Namespace, **overrides):
@@ -216,8 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         limits[name.strip()] = int(value) or None
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
                         dataset_limits=limits, dev_fraction=args.dev_fraction, bootstrap=args.bootstrap,
-                        real_axis={"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
-                                   "time": "modelled_time"}[args.real_axis],
+                        real_axis=AXIS_NAMES[args.real_axis],
                         cost_file=Path(args.cost_file) if args.cost_file else None, dtype=args.dtype,
                         real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
@@ -243,7 +250,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
     problems = select(load_dataset(args.dataset), args.limit or None, args.seed)
     bench = Bench(_bench_config(args))
-    cal = calibrate(bench, args.policy, args.budget, args.dataset, problems, args.dev_fraction, args.seed)
+    cal = calibrate(bench, args.policy, args.budget, args.dataset, problems, args.dev_fraction, args.seed,
+                    axis=AXIS_NAMES[args.axis])
     stem = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".gz")) else args.dataset
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{args.policy}-{stem}.json"
     write_calibration(cal, out)

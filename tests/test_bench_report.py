@@ -126,3 +126,14 @@ def test_outputs_are_written(tmp_path):
     plot_frontier({"d": make_frontier()}, ["a"], tmp_path / "b.png", "t")
     assert (tmp_path / "b.csv").read_text().count("\n") == 3
     assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.2])
+def test_bild_calibrates_on_the_passes_axis(budget):
+    """BiLD verifies every token it keeps (the target checks every k tokens), so on target FLOPs it is never
+    cheap; on target passes per token (the memory-bound regime it was designed for) it is."""
+    dev = _synthetic(80, seed=1)
+    pts = sweep_points("bild", "syn", *dev, draft_params=1, target_params=3)
+    assert min(p.target_fraction for p in pts) > 0.5
+    chosen = choose_config(pts, budget, "passes_per_token")
+    assert chosen.passes_per_token <= budget + 1e-9 and chosen.quality > 0.7 + 1e-9

@@ -16,47 +16,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cascade.bench.replay import PathStats, replay_record
+from cascade.bench.replay import PathStats
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
-from cascade.bench.sweeps import QUANTILE_LEVELS, grid_policies, quantile_config, quantile_records, quantile_taus
+from cascade.bench.sweeps import REQUEST_LEVEL, sweep_records
 
 
-def choose_config(points: Sequence[Point], budget: float) -> Point:
-    """The best point within ``budget``; ValueError (naming ``budget``) when none fits."""
+def choose_config(points: Sequence[Point], budget: float, axis: str = "target_fraction") -> Point:
+    """The best point within ``budget`` on ``axis`` (a ``frontier.AXES`` name), ties to the cheaper;
+    ValueError (naming ``budget``) when none fits."""
     if not 0.0 <= budget:
         raise ValueError(f"budget must be >= 0, got {budget!r}")
-    fits = [p for p in points if p.target_fraction <= budget + 1e-9]
+    fits = [p for p in points if getattr(p, axis) <= budget + 1e-9]
     if not fits:
-        cheapest = min(points, key=lambda p: p.target_fraction)
-        raise ValueError(f"budget {budget:.3f}: no configuration fits; the cheapest uses {cheapest.target_fraction:.3f} "
-                         f"({cheapest.config})")
-    return max(fits, key=lambda p: (p.quality, -p.target_fraction))
+        cheapest = min(points, key=lambda p: getattr(p, axis))
+        raise ValueError(f"budget {budget:.3f}: no configuration fits on {axis}; the cheapest uses "
+                         f"{getattr(cheapest, axis):.3f} ({cheapest.config})")
+    return max(fits, key=lambda p: (p.quality, -getattr(p, axis)))
 
 
 def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord], target: Sequence[RunRecord],
                  dpaths: Sequence[PathStats], tpaths: Sequence[PathStats], draft_params: int,
-                 target_params: int) -> list[Point]:
-    """One replayed (token-level) or derived (``quantile``) point per grid configuration."""
-    points = []
-    if family == "quantile":
-        for level in QUANTILE_LEVELS:
-            for tau in quantile_taus(dpaths, level):
-                config = quantile_config(tau, level)
-                recs = quantile_records(draft, target, dpaths, level, tau, config)
-                points.append(aggregate(dataset, family, config, "derived", recs, target, draft_params, target_params))
-        return points
-    for pol in grid_policies(family):
-        recs = [replay_record(pol, p, dp, tp, d.correct, t.correct)
-                for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]
-        points.append(aggregate(dataset, family, pol.describe(), "replay", recs, target, draft_params, target_params))
-    return points
+                 target_params: int, costs=None) -> list[Point]:
+    """One replayed (token-level) or derived (request-level) point per grid configuration, the same
+    records ``cascade bench`` sweeps (``sweeps.sweep_records``)."""
+    runs = sweep_records([family], problems, draft, target, dpaths, tpaths, dpaths)[family]
+    source = "derived" if family in REQUEST_LEVEL else "replay"
+    return [aggregate(dataset, family, config, source, recs, target, draft_params, target_params, costs)
+            for config, recs in runs]
 
 
 @dataclass
 class Calibration:
     policy: str  # the chosen configuration, a policy string for --policy
     budget: float
+    axis: str  # the budget's cost axis (cascade.bench.frontier.AXES)
     dev: Point  # replayed on the dev split
     test: Point  # real run on the test split
     test_draft: Point
@@ -64,16 +58,18 @@ class Calibration:
 
     def summary(self) -> dict:
         gap = gap_recovered(self.test.quality, self.test_draft.quality, self.test_target.quality)
-        return {"policy": self.policy, "budget": self.budget,
+        cost = lambda p: getattr(p, self.axis)  # noqa: E731
+        return {"policy": self.policy, "budget": self.budget, "axis": self.axis,
                 "dev": {"n": self.dev.n, "quality": self.dev.quality, "target_fraction": self.dev.target_fraction, "source": self.dev.source},
                 "test": {"n": self.test.n, "quality": self.test.quality, "target_fraction": self.test.target_fraction,
                          "relative_cost": self.test.relative_cost, "tokens_per_s": self.test.tokens_per_s, "gap_recovered": gap,
                          "draft_only_quality": self.test_draft.quality, "target_only_quality": self.test_target.quality},
-                "meets_budget_on_test": self.test.target_fraction <= self.budget + 1e-9}
+                "dev_cost": cost(self.dev), "test_cost": cost(self.test),
+                "meets_budget_on_test": cost(self.test) <= self.budget + 1e-9}
 
 
 def calibrate(bench, family: str, budget: float, dataset: str, problems, dev_fraction: float = 0.5,
-              seed: int = 0) -> Calibration:
+              seed: int = 0, axis: str = "target_fraction") -> Calibration:
     """Dev split: baselines + replay sweep → choice. Test split: real runs of the choice and baselines."""
     from cascade.bench.datasets import split
 
@@ -83,14 +79,15 @@ def calibrate(bench, family: str, budget: float, dataset: str, problems, dev_fra
     d_target = bench.run("target-only", dev, "dev target-only")
     dpaths = bench.paths(dev, d_draft, "draft")
     tpaths = bench.paths(dev, d_target, "target")
-    points = sweep_points(family, dataset, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params, bench.target_params)
-    chosen = choose_config(points, budget)
+    points = sweep_points(family, dataset, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params, bench.target_params,
+                          bench.costs)
+    chosen = choose_config(points, budget, axis)
     bench.say(f"[calibrate] dev choice: {chosen.config} (replayed: quality {chosen.quality:.3f}, target fraction {chosen.target_fraction:.3f})")
     t_draft = bench.run("draft-only", test, "test draft-only")
     t_target = bench.run("target-only", test, "test target-only")
     t_real = bench.run(chosen.config, test, f"test {chosen.config}")
     pt = lambda recs, src, cfg: aggregate(dataset, family, cfg, src, recs, t_target, bench.draft_params, bench.target_params)  # noqa: E731
-    return Calibration(policy=chosen.config, budget=budget, dev=chosen, test=pt(t_real, "real", chosen.config),
+    return Calibration(policy=chosen.config, budget=budget, axis=axis, dev=chosen, test=pt(t_real, "real", chosen.config),
                        test_draft=pt(t_draft, "real", "draft-only"), test_target=pt(t_target, "real", "target-only"))
 
 

@@ -26,9 +26,7 @@ from cascade.bench.frontier import Frontier, frontier_markdown, pct
 from cascade.bench.report import Point, aggregate, plot_frontier, write_csv
 from cascade.bench.replay import PathStats, path_key, record_path, replay_record
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
-from cascade.bench.sweeps import (GRIDS, QUANTILE_LEVELS, REQUEST_LEVEL, TOKEN_LEVEL, grid_policies, oracle_records,
-                                  quantile_config, quantile_records, quantile_spec_records, quantile_taus)
-from cascade.policies import make_policy
+from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, oracle_records, sweep_records
 
 
 @dataclass
@@ -144,36 +142,16 @@ class Bench:
 
     # ------------------------------------------------------------------ one dataset
     def sweeps(self, ds: str, problems, draft, target, dpaths, tpaths, dev_idx) -> dict[str, list[tuple[str, list[RunRecord]]]]:
-        """family -> [(config, one record per problem)] for every configuration of every swept family:
-        token-level families replayed, request-level ones derived (their taus from the dev split alone)."""
+        """``sweeps.sweep_records`` for the configured families, with a progress bar; quantile's taus come
+        from the dev split alone."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        runs: dict[str, list[tuple[str, list[RunRecord]]]] = {}
-        fams = [f for f in cfg.families if f not in REQUEST_LEVEL]
-        bar = tqdm(total=sum(len(GRIDS[f]) for f in fams), desc=f"{ds} replay sweeps", unit="config",
-                   disable=not cfg.progress)
-        for fam in fams:
-            runs[fam] = []
-            for pol in grid_policies(fam):
-                runs[fam].append((pol.describe(), [replay_record(pol, p, dp, tp, d.correct, t.correct)
-                                                   for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]))
-                bar.update(1)
+        fams = list(self.cfg.families)
+        bar = tqdm(total=sum(len(GRIDS.get(f, ())) for f in fams), desc=f"{ds} replay sweeps", unit="config",
+                   disable=not self.cfg.progress)
+        runs = sweep_records(fams, problems, draft, target, dpaths, tpaths, [dpaths[i] for i in dev_idx],
+                             on_config=lambda: bar.update(1))
         bar.close()
-        spec = make_policy("speculative")
-        spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
-        dev_paths = [dpaths[i] for i in dev_idx]
-        for fam in (f for f in cfg.families if f in REQUEST_LEVEL):
-            runs[fam] = []
-            for level in QUANTILE_LEVELS:
-                for tau in quantile_taus(dev_paths, level):
-                    config = quantile_config(tau, level)
-                    if fam == "quantile":
-                        recs = quantile_records(draft, target, dpaths, level, tau, config)
-                    else:
-                        config = "quantile-spec" + config[len("quantile"):]
-                        recs = quantile_spec_records(draft, spec_on_target, dpaths, level, tau, config)
-                    runs[fam].append((config, recs))
         return runs
 
     def dataset(self, ds: str, problems) -> DatasetResult:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from cascade.bench.replay import PathStats
+from cascade.bench.replay import PathStats, replay_record
 from cascade.bench.runs import RunRecord
 from cascade.policies import Policy, make_policy
 from cascade.policies.routing import linear_quantile
@@ -110,3 +110,37 @@ def oracle_records(draft: Sequence[RunRecord], target: Sequence[RunRecord]) -> l
         pick = t if (d.correct < 0.5 and t.correct >= 0.5) else d
         out.append(RunRecord(**{**pick.to_json(), "policy": "oracle", "mode": "derived"}))
     return out
+
+
+def sweep_records(families: Sequence[str], problems, draft: Sequence[RunRecord], target: Sequence[RunRecord],
+                  dpaths: Sequence[PathStats], tpaths: Sequence[PathStats | None], tau_paths: Sequence[PathStats],
+                  on_config=lambda: None) -> dict[str, list[tuple[str, list[RunRecord]]]]:
+    """family -> [(config, one record per problem)] for every configuration of each family: token-level
+    families replayed on the recorded answers, request-level ones derived exactly (``quantile``'s taus at
+    quantiles of its score over ``tau_paths``, the split it is calibrated on; ``quantile-spec`` needs the
+    target's recorded answers). ``on_config`` is called after each replayed configuration (progress)."""
+    runs: dict[str, list[tuple[str, list[RunRecord]]]] = {}
+    for fam in (f for f in families if f not in REQUEST_LEVEL):
+        runs[fam] = []
+        for pol in grid_policies(fam):
+            runs[fam].append((pol.describe(), [replay_record(pol, p, dp, tp, d.correct, t.correct)
+                                               for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]))
+            on_config()
+    spec_on_target = None
+    for fam in (f for f in families if f in REQUEST_LEVEL):
+        if fam == "quantile-spec" and spec_on_target is None:
+            if any(tp is None for tp in tpaths):
+                raise ValueError("quantile-spec needs the target's recorded answers (tpaths)")
+            spec = make_policy("speculative")
+            spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
+        runs[fam] = []
+        for level in QUANTILE_LEVELS:
+            for tau in quantile_taus(tau_paths, level):
+                config = quantile_config(tau, level)
+                if fam == "quantile":
+                    recs = quantile_records(draft, target, dpaths, level, tau, config)
+                else:
+                    config = "quantile-spec" + config[len("quantile"):]
+                    recs = quantile_spec_records(draft, spec_on_target, dpaths, level, tau, config)
+                runs[fam].append((config, recs))
+    return runs
