@@ -144,25 +144,27 @@ def plot_frontier(frontiers: dict, families: Sequence[str], path: Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cascade.bench.frontier import AXES, BUDGETS
+    from cascade.bench.frontier import AXES, AXIS_BUDGETS
 
     datasets = list(frontiers)
     fig, axes = plt.subplots(len(AXES), len(datasets), figsize=(6.5 * len(datasets), 4.2 * len(AXES)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     colors = {fam: cmap(i % 20) for i, fam in enumerate(families)}
-    grid = [i / 20 for i in range(21)]
     for j, ds in enumerate(datasets):
         fr = frontiers[ds]
         use_gap = not math.isclose(fr.draft_test.mean(), fr.target_test.mean())
         for i, axis in enumerate(AXES):
             ax = axes[i][j]
+            budgets = AXIS_BUDGETS[axis]
+            top = 1.5 if max(budgets) >= 1.0 else 1.0
+            grid = [top * k / 30 for k in range(31)]
             for fam in families:
                 if fam not in fr.runs:
                     continue
                 sel = [fr.select(fam, axis, b) for b in grid]
                 ys = [s.gap if use_gap else s.test.quality for s in sel]
                 ax.step(grid, [math.nan if y is None else y for y in ys], where="post", color=colors[fam], label=fam)
-                for b in BUDGETS:
+                for b in budgets:
                     s = fr.select(fam, axis, b)
                     y, band = (s.gap, s.gap_ci) if use_gap else (s.test.quality, s.quality_ci)
                     if y is not None and band is not None and not math.isnan(band[0]):
@@ -170,9 +172,9 @@ def plot_frontier(frontiers: dict, families: Sequence[str], path: Path, title: s
             ax.set_title(f"{ds} (test n = {len(fr.test_idx)}): budget on {axis}", fontsize=10)
             ax.set_xlabel(AXES[axis])
             ax.set_ylabel("gap recovered" if use_gap else "quality (gap undefined)")
-            ax.set_xlim(0, 1.0)
+            ax.set_xlim(0, top)
             ax.grid(alpha=0.3)
-            for b in BUDGETS:
+            for b in budgets:
                 ax.axvline(b, color="grey", lw=0.5, ls=":")
     axes[0][0].legend(fontsize=7, loc="upper left", ncol=2)
     fig.suptitle(title + "\nparameters chosen on the dev split at each budget; test-split figures; bars: 95 % bootstrap intervals",
