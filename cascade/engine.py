@@ -248,7 +248,7 @@ class Engine:
             for a, i in enumerate(active):
                 drafted[i].append(toks[a])
                 step_logits[i].append(filtered[a])
-                if self._ends_request(seqs[i], seqs[i].output_ids + drafted[i]):
+                if self._ends_request(seqs[i], drafted[i]):
                     ks[i], ends[i] = j + 1, True  # nothing past the end is drafted, triggered on or scored
             self._stop_early(seqs, active, filtered, ks, j)
         self.stats.time_draft_s += time.perf_counter() - t0
@@ -258,19 +258,21 @@ class Engine:
             for i, s in enumerate(seqs)
         }
 
-    def _ends_request(self, s: Sequence, output_ids: list[int]) -> bool:
-        """Does the last of these output tokens end the request: an EOS, or the completion of a stop string?"""
-        if output_ids[-1] in self.eos_token_ids and not s.params.ignore_eos:
+    def _ends_request(self, s: Sequence, drafted: list[int]) -> bool:
+        """Does the last drafted token end the request if kept: an EOS, or the completion of a stop string?"""
+        if drafted[-1] in self.eos_token_ids and not s.params.ignore_eos:
             return True
-        return self._completes_stop(s, output_ids)
+        return self._completes_stop(s, drafted)
 
-    def _completes_stop(self, s: Sequence, output_ids: list[int]) -> bool:
-        """Does the text of ``output_ids`` hold a stop string? Only the last few tokens are decoded: earlier
-        ones were checked when they were emitted, so a new occurrence must end within the tail."""
+    def _completes_stop(self, s: Sequence, extra: Seq[int] = ()) -> bool:
+        """Does the text of the output (followed by ``extra`` tokens) hold a stop string? Only the last few
+        tokens are decoded: earlier ones were checked when they were emitted, so a new occurrence must end
+        within the tail (a stop string of n characters spans at most n tokens, plus partial UTF-8)."""
         if not s.params.stop or self.detokenize is None:
             return False
-        tail = output_ids[-(2 * max(map(len, s.params.stop)) + 8):]
-        text = self.detokenize(tail)
+        width = 2 * max(map(len, s.params.stop)) + 8
+        start = max(len(s.prompt_ids), len(s.tokens) + len(extra) - width)
+        text = self.detokenize((s.tokens[start:] + list(extra))[-width:])
         return any(stop in text for stop in s.params.stop)
 
     def _stop_early(self, seqs: list[Sequence], active: list[int], filtered: torch.Tensor, ks: list[int], j: int) -> None:
@@ -460,7 +462,7 @@ class Engine:
             s.sources.append(src)
             s.token_logprobs.append(lp)
             s.stats.emitted_tokens += 1
-            if self._completes_stop(s, s.output_ids):
+            if self._completes_stop(s):
                 self._finish(s, "stop")
                 break
             if s.num_emitted >= s.params.max_tokens:
