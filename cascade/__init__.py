@@ -19,10 +19,14 @@ Vocabulary (used in code, docs and metrics):
   ``π = (1 - δ)·q + δ·p``.
 - **acceptance**: keep draft token ``x`` with probability ``min(1, π(x)/q(x))``; at the first rejection
   resample from ``norm(max(0, π - q))`` and drop the rest of the block; if all are accepted, a bonus
-  token comes from ``p``.
+  token comes from ``p`` (a free target token, whatever the rule says there; none after a block that
+  ends the request).
 - **policy**: trigger + deferral rule (+ ``k``); a registered name with parameters, e.g. ``chow(alpha=0.2)``.
 - **lossless**: a policy whose output distribution is exactly the target's (``speculative``: always
-  escalate, ``δ ≡ 1``); its greedy output equals target-only greedy output token for token.
+  escalate, ``δ ≡ 1``); its greedy output equals target-only greedy output token for token where the
+  verify pass and the decode step compute alike: with ``EngineConfig.exact_verify`` in any dtype at batch
+  1, and in practice in fp32; in bf16 a multi-row verify pass and a 1-row decode round differently and
+  part at near-ties (README, "Lossless").
 
 Public API: ``Cascade`` (load a pair, ``generate``), ``SamplingParams``, ``EngineConfig``, the policy
 registry (``make_policy``, ``parse_policy``, ``policy_names``) and ``load_pair``.
