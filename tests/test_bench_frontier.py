@@ -108,3 +108,26 @@ def test_quantile_taus_have_the_common_resolution():
     taus = quantile_taus(dpaths, 0.0)
     assert taus[0] == -math.inf and taus[-1] == math.inf and taus == sorted(taus)
     assert len(taus) <= 17 + 2  # not one per observed score (300 answers)
+
+
+def test_quantile_spec_pays_the_draft_answer_plus_a_speculative_target_answer():
+    """quantile routing in front of a speculative-decoding target: a routed request costs the draft's
+    answer plus speculative's run on the target's answer (its passes, not one per token)."""
+    from cascade.bench.replay import replay_record
+    from cascade.bench.sweeps import quantile_records, quantile_spec_records
+    from cascade.policies import make_policy
+
+    problems, draft, target, dpaths, tpaths = _synthetic(30, seed=5)
+    for t in target:
+        t.target_passes = t.emitted_tokens
+    spec = make_policy("speculative")
+    spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
+    plain = quantile_records(draft, target, dpaths, 0.0, math.log(0.7), "q")
+    fast = quantile_spec_records(draft, spec_on_target, dpaths, 0.0, math.log(0.7), "qs")
+    routed = [i for i, r in enumerate(plain) if r.target_tokens > 0]
+    assert routed and all(fast[i].correct == plain[i].correct for i in range(30))
+    for i in routed:
+        assert fast[i].passes < plain[i].passes  # a few verify passes instead of one per token
+        assert fast[i].draft_tokens == draft[i].draft_tokens + spec_on_target[i].draft_tokens
+    for i in set(range(30)) - set(routed):
+        assert fast[i].target_tokens == 0 and fast[i].draft_tokens == draft[i].draft_tokens
