@@ -114,7 +114,7 @@ def test_quantile_spec_pays_the_draft_answer_plus_a_speculative_target_answer():
     """quantile routing in front of a speculative-decoding target: a routed request costs the draft's
     answer plus speculative's run on the target's answer (its passes, not one per token)."""
     from cascade.bench.replay import replay_record
-    from cascade.bench.sweeps import quantile_records, quantile_spec_records
+    from cascade.bench.sweeps import quantile_records
     from cascade.policies import make_policy
 
     problems, draft, target, dpaths, tpaths = _synthetic(30, seed=5)
@@ -123,7 +123,7 @@ def test_quantile_spec_pays_the_draft_answer_plus_a_speculative_target_answer():
     spec = make_policy("speculative")
     spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
     plain = quantile_records(draft, target, dpaths, 0.0, math.log(0.7), "q")
-    fast = quantile_spec_records(draft, spec_on_target, dpaths, 0.0, math.log(0.7), "qs")
+    fast = quantile_records(draft, spec_on_target, dpaths, 0.0, math.log(0.7), "qs")
     routed = [i for i, r in enumerate(plain) if r.target_tokens > 0]
     assert routed and all(fast[i].correct == plain[i].correct for i in range(30))
     for i in routed:

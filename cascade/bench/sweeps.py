@@ -54,20 +54,25 @@ def quantile_config(tau: float, level: float) -> str:
     return make_policy("quantile", tau=float(tau), quantile=float(level)).describe()
 
 
-def quantile_records(draft: Sequence[RunRecord], target: Sequence[RunRecord], paths: Sequence[PathStats],
+def quantile_records(draft: Sequence[RunRecord], answer: Sequence[RunRecord], paths: Sequence[PathStats],
                      level: float, tau: float, config: str) -> list[RunRecord]:
-    """Request-level cascade, exactly from the baselines: answers whose log-prob quantile is below ``tau``
-    are answered again by the target from scratch (both runs' work counted)."""
+    """Request-level cascade, exactly from recorded runs: answers whose log-prob quantile is below ``tau``
+    are answered again from scratch by ``answer`` (both runs' work counted). ``answer`` = the target-only
+    records gives ``quantile``; speculative's records on the target's answer give ``quantile-spec``, the
+    router at its strongest: its target answer decoded by lossless speculative decoding with the same
+    draft, as a router in front of an engine with speculative decoding runs it."""
     out = []
-    for d, t, path in zip(draft, target, paths):
+    for d, a, path in zip(draft, answer, paths):
         if draft_logprob_quantile(path, level) < tau:
             out.append(RunRecord(
-                dataset=d.dataset, problem_id=d.problem_id, policy=config, correct=t.correct,
-                emitted_tokens=t.emitted_tokens, prompt_tokens=d.prompt_tokens,
-                draft_tokens=d.draft_tokens, draft_prefill_tokens=d.draft_prefill_tokens,
-                target_tokens=t.target_tokens, target_prefill_tokens=t.target_prefill_tokens,
-                escalations=0, target_scored_tokens=t.scored, target_passes=t.passes, mode="derived",
-                time_share_s=d.time_share_s + t.time_share_s))
+                dataset=d.dataset, problem_id=d.problem_id, policy=config, correct=a.correct,
+                emitted_tokens=a.emitted_tokens, prompt_tokens=d.prompt_tokens,
+                draft_tokens=d.draft_tokens + a.draft_tokens,
+                draft_prefill_tokens=d.draft_prefill_tokens + a.draft_prefill_tokens,
+                target_tokens=a.target_tokens, target_prefill_tokens=a.target_prefill_tokens,
+                escalations=a.escalations, target_scored_tokens=a.scored, target_passes=a.passes,
+                mode="replay-estimate" if a.mode == "replay-estimate" else "derived",
+                time_share_s=d.time_share_s + a.time_share_s))
         else:
             out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
     return out
@@ -79,28 +84,6 @@ def quantile_taus(paths: Sequence[PathStats], level: float, resolution: int = RE
     stats = [draft_logprob_quantile(p, level) for p in paths]
     inner = sorted({linear_quantile(stats, (i + 0.5) / resolution) for i in range(resolution)})
     return [-math.inf] + inner + [math.inf]
-
-
-def quantile_spec_records(draft: Sequence[RunRecord], spec_on_target: Sequence[RunRecord],
-                          paths: Sequence[PathStats], level: float, tau: float, config: str) -> list[RunRecord]:
-    """The request-level router at its strongest: ``quantile`` whose target answer is decoded by lossless
-    ``speculative`` decoding with the same draft (a router in front of an engine with speculative
-    decoding). ``spec_on_target`` are speculative's records on each problem (replayed on the target's
-    recorded answer, whose output it is); a routed request pays the draft's answer plus those."""
-    out = []
-    for d, s, path in zip(draft, spec_on_target, paths):
-        if draft_logprob_quantile(path, level) < tau:
-            out.append(RunRecord(
-                dataset=d.dataset, problem_id=d.problem_id, policy=config, correct=s.correct,
-                emitted_tokens=s.emitted_tokens, prompt_tokens=d.prompt_tokens,
-                draft_tokens=d.draft_tokens + s.draft_tokens,
-                draft_prefill_tokens=d.draft_prefill_tokens + s.draft_prefill_tokens,
-                target_tokens=s.target_tokens, target_prefill_tokens=s.target_prefill_tokens,
-                escalations=s.escalations, target_scored_tokens=s.scored, target_passes=s.passes,
-                mode="derived" if s.mode in ("derived", "replay-exact", "replay-target-path") else s.mode))
-        else:
-            out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
-    return out
 
 
 def oracle_records(draft: Sequence[RunRecord], target: Sequence[RunRecord]) -> list[RunRecord]:
@@ -137,10 +120,8 @@ def sweep_records(families: Sequence[str], problems, draft: Sequence[RunRecord],
         for level in QUANTILE_LEVELS:
             for tau in quantile_taus(tau_paths, level):
                 config = quantile_config(tau, level)
-                if fam == "quantile":
-                    recs = quantile_records(draft, target, dpaths, level, tau, config)
-                else:
+                if fam == "quantile-spec":
                     config = "quantile-spec" + config[len("quantile"):]
-                    recs = quantile_spec_records(draft, spec_on_target, dpaths, level, tau, config)
-                runs[fam].append((config, recs))
+                answer = target if fam == "quantile" else spec_on_target
+                runs[fam].append((config, quantile_records(draft, answer, dpaths, level, tau, config)))
     return runs
