@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per token, scored = positions that decided a token, time = modelled time (default: target)")
     b.add_argument("--real-limit", type=int, default=40,
                    help="test problems per dataset for those real runs, the first of the test split (default: 40; 0 = all)")
+    b.add_argument("--real-policies", default=None, metavar="A,B",
+                   help="comma-separated families to run for real at the budget (default: every swept family)")
     b.add_argument("--cost-file", default=None, metavar="CSV",
                    help="benchmarks/runner_cost.py CSV whose per-pass costs give the modelled-time axis "
                         "(default: the committed CPU figures)")
@@ -203,19 +205,23 @@ def _bench_config(args: argparse.Namespace, **overrides):
         cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress, **overrides)
 
 
+def _families(text: str, option: str) -> tuple[str, ...]:
+    from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL
+
+    families = tuple(p.strip() for p in text.split(",") if p.strip())
+    known = set(GRIDS) | set(REQUEST_LEVEL)
+    bad = [f for f in families if f not in known]
+    if bad:
+        raise ValueError(f"{option}: unknown {bad}; choose from {', '.join(sorted(known))}")
+    return families
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cascade.bench.harness import BenchConfig, run_bench
-    from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL
 
-    families = BenchConfig.families
-    if args.policies:
-        families = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-        known = set(GRIDS) | set(REQUEST_LEVEL)
-        bad = [f for f in families if f not in known]
-        if bad:
-            raise ValueError(f"--policies: unknown {bad}; choose from {', '.join(sorted(known))}")
+    families = _families(args.policies, "--policies") if args.policies else BenchConfig.families
     limits = {}
     for item in args.dataset_limit or []:
         name, sep, value = item.partition("=")
@@ -226,6 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         dataset_limits=limits, dev_fraction=args.dev_fraction, bootstrap=args.bootstrap,
                         real_axis=AXIS_NAMES[args.real_axis],
                         cost_file=Path(args.cost_file) if args.cost_file else None, dtype=args.dtype,
+                        real_families=_families(args.real_policies, "--real-policies") if args.real_policies else None,
                         real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, max_len=args.max_len, out_dir=Path(args.out), tag=args.tag)
     md = run_bench(cfg)

@@ -43,6 +43,7 @@ class BenchConfig:
     real_budget: float | None = 0.2  # run each policy for real at its dev-chosen config for this budget
     real_axis: str = "target_fraction"  # the budget's axis (one of cascade.bench.frontier.AXES)
     real_limit: int | None = 40  # test problems per dataset for those real runs, the first of the split (None: all)
+    real_families: tuple[str, ...] | None = None  # families run for real (None: every swept family)
     batch_size: int = 8  # engine rows for real runs
     cost_file: Path | None = None  # runner_cost CSV for the modelled-time axis (default: costs.DEFAULT_COST_FILE)
     max_len: int = 2048
@@ -192,7 +193,7 @@ class Bench:
         for name in ("draft-only", "target-only"):
             recs, _ = self.runner.run(name, sub, progress=cfg.progress, label=f"{ds} {name} (timing)", fresh=True)
             timed[name] = sum(r.emitted_tokens for r in recs) / max(1e-9, sum(r.time_share_s for r in recs))
-        for fam in cfg.families:
+        for fam in cfg.real_families or cfg.families:
             if fam == "quantile-spec":  # a composition of two engines' runs: derived only
                 continue
             chosen = res.frontier.select(fam, cfg.real_axis, cfg.real_budget)
