@@ -21,7 +21,9 @@ from cascade.policies.routing import linear_quantile
 
 ALPHAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 RESOLUTION = len(ALPHAS)  # values of each family's main threshold
-TRIGGERS = (0.5, 0.8, 0.9, 0.99, 1.0)  # the rules' draft-only trigger; 1 = verify every block (the paper's)
+# the rules' draft-only trigger, spanning Chow's own (1 - alpha for alpha in ALPHAS: escalate almost never ..
+# always) so that the rules reach every budget Chow reaches; 1 = verify every block (the paper's setting)
+TRIGGERS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
