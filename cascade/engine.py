@@ -33,7 +33,6 @@ request-level policy's answer until it is decided. A finished request reports ev
 from __future__ import annotations
 
 import time
-import dataclasses
 from dataclasses import dataclass, fields
 from typing import Callable, Collection, Iterable
 from typing import Sequence as Seq
@@ -48,7 +47,7 @@ from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.round import settle_trigger, target_layout
 from cascade.sampling import filter_logits, make_generator, sample
-from cascade.scheduler import Scheduler, Sequence
+from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 
 
 @dataclass
@@ -191,7 +190,7 @@ class Engine:
         freed. Returns the outputs (the failed requests' final ones included) and the exception of each
         failed request. Costs nothing extra while no round fails (a snapshot of a few lists per sequence)."""
         self.scheduler.admit()
-        snapshot = {s.request_id: _SequenceState.of(s) for s in self.scheduler.running.values() if not s.finished}
+        snapshot = {s.request_id: SequenceSnapshot.of(s) for s in self.scheduler.running.values() if not s.finished}
         try:
             return self.step(), {}
         except Exception:  # noqa: BLE001 -- isolated below, sequence by sequence
@@ -522,38 +521,6 @@ class Engine:
             new_logprobs=s.token_logprobs[start:ready], text=text, finished=s.finished,
             finish_reason=s.finish_reason, stats=s.stats,
         )
-
-
-@dataclass
-class _SequenceState:
-    """What a round may change in a sequence, saved before it so that a failed round can be undone."""
-
-    tokens: list[int]
-    sources: list[TokenSource]
-    token_logprobs: list[float]
-    scalars: dict
-    stats: RequestStats
-    rng_state: torch.Tensor
-
-    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "text", "finished",
-                "finish_reason", "emitted_reported")
-
-    @classmethod
-    def of(cls, s: Sequence) -> "_SequenceState":
-        return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
-                   {name: getattr(s, name) for name in cls._SCALARS}, dataclasses.replace(s.stats),
-                   s.generator.get_state())
-
-    def restore(self, s: Sequence, draft: ModelRunner, target: ModelRunner) -> None:
-        s.tokens, s.sources, s.token_logprobs = list(self.tokens), list(self.sources), list(self.token_logprobs)
-        for name, value in self.scalars.items():
-            setattr(s, name, value)
-        s.stats = dataclasses.replace(self.stats)
-        s.generator.set_state(self.rng_state)
-        if s.row >= 0:  # the caches may hold positions written by the failed round: cut them (a length update)
-            for runner, length in ((draft, s.draft_len), (target, s.target_len)):
-                if runner.lengths([s.row])[0] > length:
-                    runner.truncate([s.row], [length])
 
 
 def _drafts(s: Sequence) -> bool:

@@ -9,6 +9,7 @@ never holds cache rows past the round in which it ended.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +70,39 @@ class Sequence:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
         self.stats.emitted_tokens -= self.num_emitted - keep
         del self.tokens[len(self.prompt_ids) + keep:], self.sources[keep:], self.token_logprobs[keep:]
+
+
+@dataclass
+class SequenceSnapshot:
+    """What a round may change in a sequence, saved before it so that a failed round can be undone."""
+
+    tokens: list[int]
+    sources: list[TokenSource]
+    token_logprobs: list[float]
+    scalars: dict
+    stats: RequestStats
+    rng_state: torch.Tensor
+
+    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "text", "finished",
+                "finish_reason", "emitted_reported")
+
+    @classmethod
+    def of(cls, s: Sequence) -> "SequenceSnapshot":
+        return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
+                   {name: getattr(s, name) for name in cls._SCALARS}, dataclasses.replace(s.stats),
+                   s.generator.get_state())
+
+    def restore(self, s: Sequence, draft, target) -> None:
+        """Put ``s`` back as it was; cut cache rows the failed round wrote (``draft`` / ``target``: ModelRunners)."""
+        s.tokens, s.sources, s.token_logprobs = list(self.tokens), list(self.sources), list(self.token_logprobs)
+        for name, value in self.scalars.items():
+            setattr(s, name, value)
+        s.stats = dataclasses.replace(self.stats)
+        s.generator.set_state(self.rng_state)
+        if s.row >= 0:  # the caches may hold positions written by the failed round: cut them (a length update)
+            for runner, length in ((draft, s.draft_len), (target, s.target_len)):
+                if runner.lengths([s.row])[0] > length:
+                    runner.truncate([s.row], [length])
 
 
 class Scheduler:

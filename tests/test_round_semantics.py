@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cascade import SamplingParams, TokenSource
-from cascade.policies import make_policy, parse_policy
+from cascade.policies import parse_policy
 from cascade.verification import verify_stats
 
 from scripted_pair import chain, scripted_cascade

@@ -24,7 +24,7 @@ from cascade.bench.costs import PassCosts
 from cascade.bench.datasets import split_indices
 from cascade.bench.frontier import Frontier, frontier_markdown, pct
 from cascade.bench.report import Point, aggregate, plot_frontier, write_csv
-from cascade.bench.replay import PathStats, path_key, record_path, replay_record
+from cascade.bench.replay import PathStats, path_key, record_path
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
 from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, oracle_records, sweep_records
 
