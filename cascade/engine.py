@@ -163,8 +163,10 @@ class Engine:
         verdicts = verify_blocks(escalated, blocks, target_logits)
         self.stats.time_kernels_s += time.perf_counter() - t0
 
+        emitted_before = [s.num_emitted for s in cascading]
         for s in cascading:
             self._commit_cascade(s, blocks[s.request_id], verdicts.get(s.request_id))
+        self._update_windows(cascading, blocks, emitted_before)
         for s in target_only:
             self._commit_target_only(s, target_logits[s.request_id])
         for s in running:
@@ -330,6 +332,8 @@ class Engine:
         block_conf = BlockConfidence(
             max_prob=pad(conf.max_prob), margin=pad(conf.margin), entropy=pad(conf.entropy),
             token_logprob=pad(conf.token_logprob), valid=valid, drafted=torch.tensor(lens, dtype=torch.int64),
+            catch_up=torch.tensor([len(s.tokens) - max(s.target_len, len(s.prompt_ids)) for s in seqs], dtype=torch.int64),
+            window_left=torch.tensor([s.window_left for s in seqs], dtype=torch.float32),
         )
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             idx = torch.tensor(members)
@@ -337,6 +341,17 @@ class Engine:
             keep, escalate = settle_trigger(*policy.trigger(sub), sub.drafted)
             for m, kp, esc in zip(members, keep.tolist(), escalate.tolist()):
                 blocks[seqs[m].request_id].keep, blocks[seqs[m].request_id].escalate = int(kp), bool(esc)
+
+    def _update_windows(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
+        """Carry each windowed policy's state (``Policy.window_after``) to the next round."""
+        members = [i for i, s in enumerate(seqs) if s.policy.keeps_window]
+        for policy, group in group_by_policy(members, [seqs[i].policy for i in members]).items():
+            left = policy.window_after(
+                torch.tensor([seqs[i].window_left for i in group], dtype=torch.float32),
+                torch.tensor([blocks[seqs[i].request_id].escalate for i in group]),
+                torch.tensor([seqs[i].num_emitted - emitted_before[i] for i in group], dtype=torch.int64))
+            for i, w in zip(group, left.tolist()):
+                seqs[i].window_left = w
 
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(

@@ -42,6 +42,7 @@ class Sequence:
     routed_to_target: bool = False  # request-level policy: the draft's answer was discarded, target decodes
     draft_len: int = 0
     target_len: int = 0
+    window_left: float = 0.0  # tokens left in the policy's escalated window (``Policy.window_after``)
     text: str = ""  # detokenized output, cut at a stop string
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -83,7 +84,7 @@ class SequenceSnapshot:
     stats: RequestStats
     rng_state: torch.Tensor
 
-    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "text", "finished",
+    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text", "finished",
                 "finish_reason", "emitted_reported")
 
     @classmethod

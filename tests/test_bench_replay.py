@@ -21,6 +21,10 @@ POLICIES = [
     ("chow", {"alpha": 0.7}), ("chow", {"alpha": 1.0}), ("diff", {"alpha": 0.1}), ("opt", {"alpha": 0.1}),
     ("bild", {"fallback": 0.5, "rollback": 2.0}), ("bild", {"fallback": 0.9, "rollback": 0.5, "k": 4}),
     ("chow-cut", {"alpha": 0.3}), ("chow-cut", {"alpha": 0.05, "k": 3}), ("token-v1", {"alpha": 0.1}), ("token-v2", {"alpha": 0.2}), ("token-v3", {"alpha": 0.3}),
+    # (the tiny random pair's max q is ~0.12, 0.05 .. 0.3: these thresholds open some windows, not all)
+    ("handoff", {"trigger_below": 0.08, "window": 6.0, "k": 3}), ("handoff", {"trigger_below": 0.07, "window": float("inf")}),
+    ("handoff", {"trigger_below": 1.0, "price": 0.75, "window": 0.0}), ("handoff", {"trigger_below": 0.1, "price": 0.7, "window": 8.0}),
+    ("handoff-v3", {"alpha": 0.3, "trigger_below": 0.08, "window": 8.0, "k": 4}),
 ]
 
 

@@ -157,12 +157,13 @@ def _verify_rows(path: PathStats, lo: int, hi: int):
     )
 
 
-def _block_confidence(path: PathStats, lo: int, hi: int) -> BlockConfidence:
+def _block_confidence(path: PathStats, lo: int, hi: int, catch_up: int, window_left: float) -> BlockConfidence:
     t = _tensors(path)
     return BlockConfidence(
         max_prob=t["q_max"][lo:hi].unsqueeze(0), margin=t["q_margin"][lo:hi].unsqueeze(0),
         entropy=t["q_entropy"][lo:hi].unsqueeze(0), token_logprob=t["q_log"][lo:hi].unsqueeze(0),
         valid=torch.ones(1, hi - lo, dtype=torch.bool), drafted=torch.tensor([hi - lo]),
+        catch_up=torch.tensor([catch_up]), window_left=torch.tensor([window_left], dtype=torch.float32),
     )
 
 
@@ -178,6 +179,7 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
     position."""
     L = len(path)
     pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
+    window_left = 0.0  # the policy's state between rounds (``Policy.window_after``), as Sequence.window_left
     draft_tokens = target_tokens = scored = escalations = 0
     diverged: int | None = None
     resolved = 0
@@ -198,13 +200,20 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
                     n = j + 1
                     break
         draft_tokens += pending_draft + n - 1
-        conf = _block_confidence(path, pos, pos + n)
+        conf = _block_confidence(path, pos, pos + n, pos - target_len, window_left)
         keep_t, esc_t = settle_trigger(*policy.trigger(conf), conf.drafted)
         keep = int(keep_t[0])
+
+        def carry_window(emitted: int) -> float:
+            if not policy.keeps_window:
+                return 0.0
+            return float(policy.window_after(conf.window_left, esc_t, torch.tensor([emitted]))[0])
+
         if not bool(esc_t[0]):
             for j in range(pos, pos + keep):
                 emit(j, path.q_argmax[j])
             pending_draft = 1 if keep == n else 0
+            window_left = carry_window(keep)
             pos += keep
             continue
         ends_request = keep == n and pos + n == L  # the path's end: its EOS, stop string or max_tokens-th token
@@ -223,6 +232,7 @@ def simulate(policy: Policy, path: PathStats) -> WalkResult:
             emit(extra, path.p_argmax[extra])
         target_len = pos + n_acc
         pending_draft = 2 if n_acc == n else 1  # the draft cache lags by d_n and the extra token only after a whole block
+        window_left = carry_window(n_acc + (extra < L))
         pos = extra + 1
     disagreements = sum(1 for a, b in zip(path.q_argmax, path.p_argmax) if a != b)
     return WalkResult(draft_tokens, target_tokens, scored, escalations, diverged, disagreements, resolved)

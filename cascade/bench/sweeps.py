@@ -6,7 +6,8 @@ to "escalate almost everything", so every budget has a calibrated choice. Resolu
 every family: ``RESOLUTION`` values of each policy's main threshold (for ``quantile``, taus at that many
 quantiles of its own score over the dev split, not every midpoint of the observed scores, which fitted
 ~300 configurations in-sample). Two-parameter families cross it with a short second axis: the rules'
-draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), quantile's level.
+draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), handoff's window (its entry either
+Chow's threshold or the cost-aware price), quantile's level.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ RESOLUTION = len(ALPHAS)  # values of each family's main threshold
 # the rules' draft-only trigger, spanning Chow's own (1 - alpha for alpha in ALPHAS: escalate almost never ..
 # always) so that the rules reach every budget Chow reaches; 1 = verify every block (the paper's setting)
 TRIGGERS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+WINDOWS = (0.0, 16.0, 64.0, math.inf)  # handoff's window: the entry block alone .. to the end of the request
+PRICES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # handoff's cost-aware entry (expected errors per position paid)
 FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
@@ -33,6 +36,11 @@ GRIDS: dict[str, list[dict]] = {
     **{rule: [{"alpha": a, "trigger_below": t} for a in ALPHAS for t in TRIGGERS]
        for rule in ("diff", "opt", "token-v1", "token-v2", "token-v3")},
     "bild": [{"fallback": f, "rollback": r, "k": k} for f in FALLBACKS for r in (2.0, 5.0) for k in (5, 10, 16)],
+    # entry by Chow's threshold (price 0), or cost-aware (any block, expected errors >= price x positions paid)
+    "handoff": [{"trigger_below": round(1.0 - a, 4), "window": w} for a in ALPHAS for w in WINDOWS]
+               + [{"trigger_below": 1.0, "price": c, "window": w} for c in PRICES for w in WINDOWS],
+    "handoff-v3": [{"alpha": a, "trigger_below": t, "window": w} for a in ALPHAS for t in (0.3, 0.5, 0.7, 0.9, 1.0)
+                   for w in (16.0, math.inf)],
 }
 TOKEN_LEVEL = tuple(GRIDS)  # replayed families
 QUANTILE_LEVELS = (0.0, 0.05, 0.1, 0.25, 0.5)  # which quantile of the draft's token log-probs

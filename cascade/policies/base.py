@@ -6,6 +6,9 @@ engine calls, each on whole tensors for all sequences that share the policy:
 - ``trigger(conf) -> (block_len [B], escalate [B])``: the draft-only test over a drafted block;
 - ``stop_drafting(max_prob [B]) -> stop [B] | None``: optional, stops a sequence's drafting right after
   the current token (BiLD's fallback); the base policy never stops early;
+- ``window_after(window_left [B], escalated [B], emitted [B]) -> window_left [B]``: only for policies with
+  ``keeps_window`` (``handoff``): the state a policy carries from one round to the next, the tokens left
+  in the sequence's escalated window; the trigger reads it back as ``conf.window_left``;
 - ``deferral(v) -> delta [R]`` and ``acceptance(v, delta) -> accept_prob [R]`` from the fused verify
   statistics ``v`` (``cascade.verification.VerifyStats``) of escalated positions: speculative sampling
   against ``pi = (1 - delta) q + delta p``, i.e. ``min(1, pi(x) / q(x))``. At the first rejection the
@@ -55,6 +58,17 @@ class BlockConfidence:
     token_logprob: torch.Tensor  # [B, K] float32, log q of the drafted token
     valid: torch.Tensor  # [B, K] bool
     drafted: torch.Tensor  # [B] int64, tokens drafted per sequence
+    # the round's context (None where a caller has none, read as zeros):
+    catch_up: torch.Tensor | None = None  # [B] int64, generated tokens the target has not read yet (what an
+    #   escalation now pays before the block; the prompt's prefill is counted apart)
+    window_left: torch.Tensor | None = None  # [B] float32, tokens left in an escalated window (``window_after``)
+
+    def context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(catch_up [B] int64, window_left [B] float32), zeros where the caller gave none."""
+        B = self.drafted.shape[0]
+        catch_up = self.catch_up if self.catch_up is not None else torch.zeros(B, dtype=torch.int64)
+        window = self.window_left if self.window_left is not None else torch.zeros(B)
+        return catch_up, window
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class Policy:
     stops_drafting: ClassVar[bool] = False  # True: the engine asks stop_drafting after every drafted token
     request_level: ClassVar[bool] = False  # True: the draft answers alone, route_to_target decides at the end
     benchmark_only: ClassVar[bool] = False  # True: the engine refuses it (the benchmark harness derives it)
+    keeps_window: ClassVar[bool] = False  # True: the engine calls window_after after every round
     k: int = DEFAULT_K  # draft block length
 
     def __post_init__(self) -> None:
@@ -138,6 +153,11 @@ class Policy:
     def stop_drafting(self, max_prob: torch.Tensor) -> torch.Tensor | None:
         """max_prob [B] of the token just drafted -> stop [B] bool (stop drafting after it), or None."""
         return None
+
+    def window_after(self, window_left: torch.Tensor, escalated: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
+        """window_left [B] float32, escalated [B] bool (this round), emitted [B] int64 (tokens this round
+        emitted) -> the window left for the next round. Only called when ``keeps_window``."""
+        return torch.zeros_like(window_left)
 
     # -- deferral and acceptance ------------------------------------------------------------------
     def deferral(self, v: "VerifyStats") -> torch.Tensor:

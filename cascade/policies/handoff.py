@@ -1,0 +1,110 @@
+"""Hand-off: escalate once, then let the target verify a whole window of blocks, then hand back.
+
+Why (issue 13): a per-token trigger escalates in scattered places, and each late escalation makes the
+target catch up on everything the draft wrote since the target last ran. ``handoff`` pays that catch-up
+once per window instead of once per uncertain token: the first block with an uncertain position is
+escalated, and from then on every block is verified (speculative decoding with the same draft, lossless:
+``delta = 1``) until ``window`` tokens have been emitted; then the draft runs alone again and the next
+uncertain position opens a new window.
+
+The entry test has two knobs, one of them cost-aware:
+
+- ``trigger_below``: a block can open a window only if some drafted position has ``max q <
+  trigger_below`` (Chow's trigger; 1 = any block);
+- ``price``: ... and only if the block's expected draft errors, ``sum_j (1 - max q_j)`` over its drafted
+  positions, reach ``price`` times the target positions escalating now costs (``catch_up + drafted + 1``:
+  the tokens the target has not read yet, the block, the bonus position). The longer the target has been
+  away, the more evidence an escalation needs. ``price = 0`` is the plain threshold.
+
+``window`` counts emitted tokens from the start of the entry block; ``window = 0`` verifies the entry
+block alone (a cost-aware Chow trigger with lossless verification), ``window = inf`` keeps the request
+escalated to the end (speculative decoding from the first uncertain token on).
+
+``handoff-v3`` is the same hand-off with ``token-v3``'s lossy rule inside the window (Speculative
+Cascades' token-specific variant 3, ``alpha``): a drafted token the target finds within a factor
+``1 - alpha`` of its own top probability is kept, so a window accepts more of the draft.
+
+What the engine carries between rounds: ``Sequence.window_left``, read back by the trigger as
+``conf.window_left`` and updated by ``window_after``; ``conf.catch_up`` is computed per round. The replay
+(``cascade.bench.replay.simulate``) carries the same two values the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from cascade.policies.base import BlockConfidence, Policy, check_number, check_unit, register
+from cascade.policies.speculative_cascades import TokenV3
+
+
+def handoff_entry(conf: BlockConfidence, trigger_below: float, price: float) -> torch.Tensor:
+    """-> [B] bool: does this block open a window (see the module docstring)?"""
+    uncertain = ((conf.max_prob < trigger_below) & conf.valid).any(dim=1) | torch.full_like(
+        conf.drafted, trigger_below >= 1.0, dtype=torch.bool)
+    if price <= 0.0:
+        return uncertain
+    catch_up, _ = conf.context()
+    expected_errors = torch.where(conf.valid, 1.0 - conf.max_prob.float(), torch.zeros(())).sum(dim=1)  # [B]
+    paid = (catch_up + conf.drafted + 1).float()  # [B] target positions this escalation costs
+    return uncertain & (expected_errors >= price * paid)
+
+
+@dataclass(frozen=True)
+class _HandoffWindow:
+    """The hand-off trigger and window bookkeeping, shared by ``handoff`` and ``handoff-v3``. A mixin:
+    its fields come after the rule's own in each registered class."""
+
+    keeps_window: ClassVar[bool] = True
+
+    def _check_handoff(self) -> None:
+        check_unit("trigger_below", self.trigger_below)
+        check_number("price", self.price, low=0.0)
+        check_number("window", self.window, low=0.0)
+
+    def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
+        _, window_left = conf.context()
+        escalate = (window_left > 0) | handoff_entry(conf, self.trigger_below, self.price)
+        return conf.drafted.clone(), escalate
+
+    def window_after(self, window_left: torch.Tensor, escalated: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
+        """Inside a window: what is left of it after this round's tokens; an escalation outside one opens a
+        window of ``window`` tokens, the entry block's tokens counted; no escalation: no window."""
+        window_left = window_left.float()
+        start = torch.where(window_left > 0, window_left, torch.full_like(window_left, self.window))
+        left = (start - emitted.float()).clamp_min(0.0)
+        return torch.where(escalated, left, torch.zeros_like(window_left))
+
+
+@register("handoff")
+@dataclass(frozen=True)
+class Handoff(_HandoffWindow, Policy):
+    """Escalate at the first uncertain block (``trigger_below``, cost-aware with ``price``), then verify
+    every block losslessly (speculative decoding) for ``window`` tokens, then hand back to the draft. See
+    the module docstring."""
+
+    trigger_below: float = 0.5  # a block may open a window when a drafted max q is below this
+    price: float = 0.0  # cost-aware entry: expected draft errors >= price x target positions paid
+    window: float = 32.0  # emitted tokens per window (0: the entry block alone; inf: to the end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_handoff()
+
+
+@register("handoff-v3")
+@dataclass(frozen=True)
+class HandoffV3(_HandoffWindow, TokenV3):
+    """``handoff`` with ``token-v3``'s lossy rule (``alpha``) inside the window instead of lossless
+    verification. See the module docstring."""
+
+    trigger_below: float = 0.5
+    price: float = 0.0
+    window: float = 32.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_handoff()
+
