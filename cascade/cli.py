@@ -17,6 +17,7 @@ import sys
 import time
 
 from cascade.config import SamplingParams
+from cascade.defaults import default_policy
 from cascade.metrics import TokenSource
 from cascade.policies import parse_value, make_policy, parse_policy, policy_names
 
@@ -42,7 +43,7 @@ def _policy_from_args(args: argparse.Namespace):
             raise ValueError(f"--param {item!r} must be written name=value")
         key, value = item.split("=", 1)
         extra[key.strip()] = parse_value(value)
-    base = parse_policy(args.policy)
+    base = parse_policy(args.policy or default_policy())
     return make_policy(base.name, **{**_fields_of(base), **extra}) if extra else base
 
 
@@ -65,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "green = draft token verified by the target, yellow = target replaced a rejected "
                                    "draft token (or decoded alone), magenta = bonus token after a fully accepted block.")
     g.add_argument("prompts", nargs="*", help="prompts to answer (default: a few built-in prompts)")
-    g.add_argument("--policy", default="chow",
+    g.add_argument("--policy", default=None,
                    help=f"cascade policy: one of {', '.join(policy_names())}; may carry parameters, e.g. "
-                        "'chow(alpha=0.2)' or 'chow:0.2' (default: chow)")
+                        "'chow(alpha=0.2)' or 'chow:0.2' (default: the calibrated default shipped with the project, "
+                        "see `cascade calibrate --ship`)")
     g.add_argument("--alpha", type=float, default=None, help="chow's threshold: escalate where draft max-prob < 1 - alpha")
     g.add_argument("--k", type=int, default=None, help="draft block length (tokens proposed per round)")
     g.add_argument("--fallback", type=float, default=None, help="bild: stop drafting where draft max-prob < fallback")
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     v.add_argument("--policy", default=None,
-                   help="default policy for requests that name none, e.g. 'chow(alpha=0.2)' or 'chow:0.2' (default: chow)")
+                   help="default policy for requests that name none, e.g. 'chow(alpha=0.2)' or 'chow:0.2' (default: "
+                        "the calibrated default shipped with the project, see `cascade calibrate --ship`)")
     v.add_argument("--calibration", default=None, metavar="JSON",
                    help="use the policy chosen by `cascade calibrate` (its JSON summary) as the default policy")
     v.add_argument("--served-model-name", default="cascade", help="model name clients send (default: cascade)")
@@ -167,23 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per sequence (default: 2048)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    c = sub.add_parser("calibrate", help="pick a policy parameter that meets a target-token budget",
-                       description="On a dev split: baselines, replayed sweep of the policy's parameter, and the best "
-                                   "configuration whose target_token_fraction is within --budget. On the disjoint test "
-                                   "split: real runs of that configuration and of both baselines. Prints the chosen "
-                                   "policy string for `cascade generate --policy` and writes a JSON summary.")
-    c.add_argument("--policy", required=True, help="policy family to calibrate, e.g. chow, opt, token-v2, bild, quantile")
+    c = sub.add_parser("calibrate", help="pick the policy configuration that meets a budget on the dev splits",
+                       description="On the dev split of every --dataset: baselines and replayed sweeps of every family "
+                                   "in --policy; the choice is the configuration whose cost on --axis is within "
+                                   "--budget on every dataset with the highest mean dev gap recovered (draft-only -> "
+                                   "target-only). On the test splits: real runs of that configuration and of both "
+                                   "baselines. Prints the chosen policy string for `cascade generate --policy` and writes "
+                                   "a JSON summary; --ship makes it the project's default policy.")
+    c.add_argument("--policy", required=True, metavar="FAMILY[,FAMILY...]",
+                   help="policy families to choose among, e.g. chow or handoff,chow,token-v3,quantile")
     c.add_argument("--budget", type=float, required=True, help="budget on --axis, e.g. 0.2")
     c.add_argument("--axis", choices=["target", "passes", "scored", "time"], default="target",
                    help="the budget's cost axis: target = target FLOPs (positions incl. catch-up per emitted token), "
                         "passes = target passes per token, scored = positions that decided a token, time = modelled "
                         "time / target-only (default: target)")
-    c.add_argument("--dataset", default="gsm8k", metavar="NAME|PATH", help="humaneval, gsm8k or a JSONL task file (default: gsm8k)")
-    c.add_argument("--limit", type=int, default=40, help="problems in dev + test, a seeded sample (default: 40; 0 = all)")
+    c.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
+                   help="humaneval, gsm8k or a JSONL task file (repeatable: the choice must fit every dataset; "
+                        "default: gsm8k). MBPP is reserved for checking transfer: do not calibrate on it")
+    c.add_argument("--limit", type=int, default=40, help="problems per dataset in dev + test, a seeded sample (default: 40; 0 = all)")
+    c.add_argument("--dataset-limit", action="append", metavar="NAME=N", help="problems for one dataset, overriding --limit (repeatable)")
     c.add_argument("--dev-fraction", type=float, default=0.5, help="share of the problems in the dev split (default: 0.5)")
     c.add_argument("--seed", type=int, default=0, help="seed of the sample and the split (default: 0)")
+    c.add_argument("--test-limit", type=int, default=None,
+                   help="real test runs on the first N test problems per dataset (default: the whole test split; 0 = none)")
     c.add_argument("--batch-size", type=int, default=8, help="engine rows in real runs (default: 8)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both models' dtype (default: float32, as cascade bench)")
     c.add_argument("--out", default=None, help="JSON summary path (default: benchmarks/results/calibration-<policy>-<dataset>.json)")
+    c.add_argument("--ship", action="store_true",
+                   help="also write the summary as the project's default policy (cascade/calibrated_default.json), "
+                        "which generate, serve and the library use when no policy is given")
     c.add_argument("--cache-dir", default=None, help="generation cache (default: $CASCADE_HOME/bench-cache)")
     c.add_argument("--draft", default=None, help="draft model dir or name (default: the default pair)")
     c.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
@@ -222,12 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cascade.bench.harness import BenchConfig, run_bench
 
     families = _families(args.policies, "--policies") if args.policies else BenchConfig.families
-    limits = {}
-    for item in args.dataset_limit or []:
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"--dataset-limit {item!r} must be written NAME=N")
-        limits[name.strip()] = int(value) or None
+    limits = _dataset_limits(args.dataset_limit)
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
                         dataset_limits=limits, dev_fraction=args.dev_fraction, bootstrap=args.bootstrap,
                         real_axis=AXIS_NAMES[args.real_axis],
@@ -249,23 +259,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cascade.bench.datasets import load_dataset, select
     from cascade.bench.harness import Bench
     from cascade.bench.sweeps import GRIDS
+    from cascade.defaults import shipped_path
 
     tunable = {name for name, grid in GRIDS.items() if len(grid) > 1} | {"quantile"}
-    if args.policy not in tunable:
-        raise ValueError(f"--policy: {args.policy!r} has no parameter to calibrate; choose from {', '.join(sorted(tunable))}")
+    families = [f.strip() for f in args.policy.split(",") if f.strip()]
+    bad = [f for f in families if f not in tunable]
+    if not families or bad:
+        raise ValueError(f"--policy: {bad or args.policy!r} has no parameter to calibrate; choose from {', '.join(sorted(tunable))}")
     if args.budget < 0:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
-    problems = select(load_dataset(args.dataset), args.limit or None, args.seed)
-    bench = Bench(_bench_config(args))
-    cal = calibrate(bench, args.policy, args.budget, args.dataset, problems, args.dev_fraction, args.seed,
-                    axis=AXIS_NAMES[args.axis])
-    stem = Path(args.dataset).stem if args.dataset.endswith((".jsonl", ".gz")) else args.dataset
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{args.policy}-{stem}.json"
+    if args.test_limit is not None and args.test_limit < 0:
+        raise ValueError(f"--test-limit must be >= 0, got {args.test_limit}")
+    names = args.dataset or ["gsm8k"]
+    limits = _dataset_limits(args.dataset_limit)
+    datasets = {name: select(load_dataset(name), limits.get(name, args.limit or None), args.seed) for name in names}
+    bench = Bench(_bench_config(args, dtype=args.dtype))
+    cal = calibrate(bench, families, args.budget, datasets, args.dev_fraction, args.seed, axis=AXIS_NAMES[args.axis],
+                    test_limit=args.test_limit)
+    stem = "+".join(Path(n).stem if n.endswith((".jsonl", ".gz")) else n for n in names)
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{'+'.join(families)}-{stem}.json"
     write_calibration(cal, out)
     print(json.dumps(cal.summary(), indent=1))
     print(f"chosen: {cal.policy}\nuse it:  cascade generate --policy \"{cal.policy}\" \"...\"\nwrote {out}")
+    if args.ship:
+        write_calibration(cal, shipped_path())
+        print(f"shipped as the default policy: {shipped_path()}")
     return 0
 
+
+def _dataset_limits(items) -> dict:
+    """--dataset-limit NAME=N items -> {name: N or None (0 = all)}."""
+    limits = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--dataset-limit {item!r} must be written NAME=N")
+        limits[name.strip()] = int(value) or None
+    return limits
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -348,10 +378,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             console.print(_highlight(cascade, r, Text))
             s = r.stats
             rate = s.emitted_tokens / elapsed if elapsed > 0 else 0.0
+            by_draft = sum(1 for src in r.token_sources if src == TokenSource.DRAFT)
             console.print(
-                f"[dim]tokens {s.emitted_tokens} · draft {s.draft_tokens} · target {s.target_tokens} "
-                f"({s.target_token_fraction:.0%} of emitted) · escalations {s.escalations} · "
-                f"mean acceptance {s.mean_acceptance_length:.2f} · {rate:.2f} tok/s · finish {r.finish_reason}[/dim]"
+                f"[dim]tokens {s.emitted_tokens} · {by_draft} ({by_draft / max(1, s.emitted_tokens):.0%}) decided by the "
+                f"draft alone · target read {s.target_tokens} answer positions ({s.target_token_fraction:.0%} of what "
+                f"target-only reads) · escalations {s.escalations} · mean acceptance {s.mean_acceptance_length:.2f} · "
+                f"{rate:.2f} tok/s · finish {r.finish_reason}[/dim]"
             )
     console.print("[dim]legend: plain = draft · [green]green[/green] = verified by target · "
                   "[bold black on yellow]yellow[/bold black on yellow] = target replaced · "
@@ -383,7 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.policy and args.calibration:
         raise ValueError("--policy and --calibration: give one, not both")
-    policy = args.policy or "chow"
+    policy = args.policy or default_policy()
     if args.calibration:
         try:
             policy = json.loads(Path(args.calibration).read_text())["policy"]

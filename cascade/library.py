@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from cascade.config import EngineConfig, SamplingParams
+from cascade.defaults import default_policy
 from cascade.engine import Engine, RequestOutput
 from cascade.metrics import RequestStats, TokenSource
 from cascade.models.base import ModelRunner
@@ -150,10 +151,11 @@ class Cascade:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 policy: str | Policy = "speculative", *, progress: bool = False) -> list[GenerationResult]:
+                 policy: str | Policy | None = None, *, progress: bool = False) -> list[GenerationResult]:
         """Generate for one prompt or a batch; returns one result per prompt, in order.
 
-        ``policy`` is a name with parameters (``"chow(alpha=0.2)"``, ``"chow:0.2"``) or a Policy."""
+        ``policy`` is a name with parameters (``"chow(alpha=0.2)"``, ``"chow:0.2"``) or a Policy; None runs
+        the project's calibrated default (``cascade.defaults.default_policy``)."""
         batch = _as_batch(prompts)
         if not batch:
             raise ValueError("prompts: must not be empty")
@@ -162,7 +164,7 @@ class Cascade:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
         if len(plist) != len(batch):
             raise ValueError(f"params: {len(plist)} sampling params for {len(batch)} prompts")
-        pol = parse_policy(policy)
+        pol = parse_policy(default_policy() if policy is None else policy)
         encoded = [self.encode(p) for p in batch]
         ids = [f"gen-{next(self._ids)}" for _ in batch]
         finals: dict[str, RequestOutput] = {}
@@ -205,14 +207,14 @@ class Cascade:
         ]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               policy: str | Policy = "speculative") -> Iterator[RequestOutput]:
+               policy: str | Policy | None = None) -> Iterator[RequestOutput]:
         """Yield one RequestOutput per round for a single prompt (new tokens as they are decided).
 
         Held-back output comes later: a request-level policy (``quantile``) streams nothing while the draft
         answers; a kept draft answer arrives whole in the round it finished (an escalated request then
         streams the target's tokens), and BiLD's unchecked draft tokens arrive once the target has
         checked them or the request has ended."""
-        pol = parse_policy(policy)
+        pol = parse_policy(default_policy() if policy is None else policy)
         rid = f"gen-{next(self._ids)}"
         self.engine.add_request(rid, self.encode(prompt), params or SamplingParams(), pol)
         done = False

@@ -137,3 +137,36 @@ def test_bild_calibrates_on_the_passes_axis(budget):
     assert min(p.target_fraction for p in pts) > 0.5
     chosen = choose_config(pts, budget, "passes_per_token")
     assert chosen.passes_per_token <= budget + 1e-9 and chosen.quality > 0.7 + 1e-9
+
+
+def _pt(ds, config, quality, cost):
+    return Point(dataset=ds, family="f", config=config, source="replay-dev", n=10, quality=quality,
+                 target_fraction=cost, scored_fraction=cost, relative_cost=cost, passes_per_token=cost,
+                 modelled_time=cost, tokens_per_s=None, exact_share=1.0)
+
+
+def test_pooled_choice_fits_every_dataset_and_weighs_each_dataset_once():
+    from cascade.bench.calibrate import pooled_choice
+
+    floors = {"a": (0.4, 0.6), "b": (0.2, 0.8)}
+    per_family = {
+        # x: best on a (gap 1.0) but over budget on b; y: gaps 0.5 / 0.5; z: gaps 0.0 / 0.9 (mean 0.45)
+        "f": {"a": [_pt("a", "x", 0.6, 0.1), _pt("a", "y", 0.5, 0.2)], "b": [_pt("b", "x", 0.8, 0.5), _pt("b", "y", 0.5, 0.2)]},
+        "g": {"a": [_pt("a", "z", 0.4, 0.1)], "b": [_pt("b", "z", 0.74, 0.1)]},
+    }
+    assert pooled_choice(per_family, floors, 0.2, "target_fraction") == ("f", "y")
+    assert pooled_choice(per_family, floors, 0.1, "target_fraction") == ("g", "z")
+    with pytest.raises(ValueError, match="budget"):
+        pooled_choice(per_family, floors, 0.05, "target_fraction")
+
+
+def test_the_shipped_default_policy_parses_and_says_what_it_was_measured_on():
+    from cascade.defaults import default_calibration, default_policy
+
+    cal = default_calibration()
+    policy = parse_policy(default_policy())
+    if cal is None:  # a checkout without the shipped file falls back to lossless speculative decoding
+        assert policy.name == "speculative"
+    else:
+        assert policy.describe() == parse_policy(cal["policy"]).describe()
+        assert cal["budget"] >= 0 and cal["datasets"] and all("dev" in d for d in cal["datasets"])

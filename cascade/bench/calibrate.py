@@ -4,9 +4,11 @@ report what it really does on a disjoint test split.
 ``choose_config`` is the rule, on points (one per configuration): the highest quality among those whose
 ``target_token_fraction`` is within the budget, ties to the cheaper. ``sweep_points`` builds those points
 by replay from recorded answers (no model needed, so the rule is testable on synthetic statistics);
-``calibrate`` runs the whole procedure on the real pair: dev baselines + replay sweep → choice → real runs
-of the choice and both baselines on the test split. The chosen policy string goes straight to
-``cascade generate --policy`` (and the server's ``--policy``).
+``calibrate`` runs the whole procedure on the real pair, over one or several datasets and one or several
+policy families: dev baselines + replay sweeps → one choice for all datasets (``pooled_choice``) → real runs
+of the choice and both baselines on the test splits. The chosen policy string goes straight to
+``cascade generate --policy`` (and the server's ``--policy``); written with ``--ship`` it becomes the
+project's default policy (``cascade.defaults``).
 """
 
 from __future__ import annotations
@@ -47,50 +49,129 @@ def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord]
 
 
 @dataclass
+class DatasetCalibration:
+    """The chosen configuration on one dataset: replayed on its dev split, run for real on its test split."""
+
+    dataset: str
+    dev: Point
+    dev_draft: Point
+    dev_target: Point
+    test: Point | None  # None: no real test run (test_limit = 0)
+    test_draft: Point | None
+    test_target: Point | None
+
+    def summary(self, axis: str) -> dict:
+        out = {"dataset": self.dataset,
+               "dev": {"n": self.dev.n, "quality": self.dev.quality, "cost": getattr(self.dev, axis),
+                       "target_fraction": self.dev.target_fraction, "source": self.dev.source,
+                       "draft_only_quality": self.dev_draft.quality, "target_only_quality": self.dev_target.quality,
+                       "gap_recovered": gap_recovered(self.dev.quality, self.dev_draft.quality, self.dev_target.quality)}}
+        if self.test is not None:
+            out["test"] = {"n": self.test.n, "quality": self.test.quality, "cost": getattr(self.test, axis),
+                           "target_fraction": self.test.target_fraction, "relative_cost": self.test.relative_cost,
+                           "tokens_per_s": self.test.tokens_per_s,
+                           "gap_recovered": gap_recovered(self.test.quality, self.test_draft.quality, self.test_target.quality),
+                           "draft_only_quality": self.test_draft.quality, "target_only_quality": self.test_target.quality,
+                           "draft_only_tokens_per_s": self.test_draft.tokens_per_s,
+                           "target_only_tokens_per_s": self.test_target.tokens_per_s}
+        return out
+
+
+@dataclass
 class Calibration:
     policy: str  # the chosen configuration, a policy string for --policy
+    family: str
     budget: float
     axis: str  # the budget's cost axis (cascade.bench.frontier.AXES)
-    dev: Point  # replayed on the dev split
-    test: Point  # real run on the test split
-    test_draft: Point
-    test_target: Point
+    per_dataset: list[DatasetCalibration]
+    candidates: int  # configurations compared on the dev splits
 
     def summary(self) -> dict:
-        gap = gap_recovered(self.test.quality, self.test_draft.quality, self.test_target.quality)
-        cost = lambda p: getattr(p, self.axis)  # noqa: E731
-        return {"policy": self.policy, "budget": self.budget, "axis": self.axis,
-                "dev": {"n": self.dev.n, "quality": self.dev.quality, "target_fraction": self.dev.target_fraction, "source": self.dev.source},
-                "test": {"n": self.test.n, "quality": self.test.quality, "target_fraction": self.test.target_fraction,
-                         "relative_cost": self.test.relative_cost, "tokens_per_s": self.test.tokens_per_s, "gap_recovered": gap,
-                         "draft_only_quality": self.test_draft.quality, "target_only_quality": self.test_target.quality},
-                "dev_cost": cost(self.dev), "test_cost": cost(self.test),
-                "meets_budget_on_test": cost(self.test) <= self.budget + 1e-9}
+        """The JSON ``cascade calibrate`` writes (and ``cascade serve --calibration`` / the shipped default
+        read: the key every reader needs is ``policy``)."""
+        out = {"policy": self.policy, "family": self.family, "budget": self.budget, "axis": self.axis,
+               "chosen_on": "dev splits (every dataset's cost within the budget; the highest mean dev gap recovered)",
+               "candidates": self.candidates, "datasets": [d.summary(self.axis) for d in self.per_dataset]}
+        tested = [d for d in self.per_dataset if d.test is not None]
+        if tested:
+            out["meets_budget_on_test"] = all(getattr(d.test, self.axis) <= self.budget + 1e-9 for d in tested)
+        if len(self.per_dataset) == 1:  # the single-dataset shape earlier versions wrote
+            one = out["datasets"][0]
+            out["dev"] = one["dev"]
+            if "test" in one:
+                out["test"] = one["test"]
+        return out
 
 
-def calibrate(bench, family: str, budget: float, dataset: str, problems, dev_fraction: float = 0.5,
-              seed: int = 0, axis: str = "target_fraction") -> Calibration:
-    """Dev split: baselines + replay sweep → choice. Test split: real runs of the choice and baselines."""
+def pooled_choice(per_family: dict[str, dict[str, list[Point]]], floors: dict[str, tuple[float, float]],
+                  budget: float, axis: str) -> tuple[str, str]:
+    """(family, config) with every dataset's dev cost on ``axis`` within ``budget`` and the highest mean dev
+    gap recovered over the datasets (each dataset counts once, whatever its size; a dataset whose draft and
+    target score the same contributes its quality difference instead), ties to the cheaper.
+    ``per_family``: family -> dataset -> one point per configuration, in the same configuration order;
+    ``floors``: dataset -> (draft-only, target-only) dev quality. ValueError naming ``budget`` if none fits."""
+    best, best_key = None, None
+    for family, by_ds in per_family.items():
+        columns = list(by_ds.values())
+        for j in range(len(columns[0])):
+            pts = [col[j] for col in columns]
+            if any(getattr(p, axis) > budget + 1e-9 for p in pts):
+                continue
+            gains = []
+            for p in pts:
+                qd, qt = floors[p.dataset]
+                gains.append(p.quality - qd if abs(qt - qd) < 1e-12 else (p.quality - qd) / (qt - qd))
+            key = (sum(gains) / len(gains), -max(getattr(p, axis) for p in pts))
+            if best_key is None or key > best_key:
+                best, best_key = (family, pts[0].config), key
+    if best is None:
+        raise ValueError(f"budget {budget:.3f}: no configuration of {', '.join(per_family)} fits on {axis} on every dataset")
+    return best
+
+
+def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str, list], dev_fraction: float = 0.5,
+              seed: int = 0, axis: str = "target_fraction", test_limit: int | None = None) -> Calibration:
+    """Dev splits of every dataset: baselines + replay sweep of every family → one choice for all
+    (``pooled_choice``). Test splits: real runs of the choice and of both baselines on the first
+    ``test_limit`` test problems of each dataset (None: all; 0: none)."""
     from cascade.bench.datasets import split
 
-    dev, test = split(problems, dev_fraction, seed)
-    bench.say(f"[calibrate] {family} for budget {budget:.0%} on {dataset}: dev {len(dev)}, test {len(test)} problems")
-    d_draft = bench.run("draft-only", dev, "dev draft-only")
-    d_target = bench.run("target-only", dev, "dev target-only")
-    dpaths = bench.paths(dev, d_draft, "draft")
-    tpaths = bench.paths(dev, d_target, "target")
-    points = sweep_points(family, dataset, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params, bench.target_params,
-                          bench.costs)
-    chosen = choose_config(points, budget, axis)
-    bench.say(f"[calibrate] dev choice: {chosen.config} (replayed: quality {chosen.quality:.3f}, target fraction {chosen.target_fraction:.3f})")
-    t_draft = bench.run("draft-only", test, "test draft-only")
-    t_target = bench.run("target-only", test, "test target-only")
-    t_real = bench.run(chosen.config, test, f"test {chosen.config}")
-    pt = lambda recs, src, cfg: aggregate(dataset, family, cfg, src, recs, t_target, bench.draft_params, bench.target_params)  # noqa: E731
-    return Calibration(policy=chosen.config, budget=budget, axis=axis, dev=chosen, test=pt(t_real, "real", chosen.config),
-                       test_draft=pt(t_draft, "real", "draft-only"), test_target=pt(t_target, "real", "target-only"))
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget!r}")
+    per_family: dict[str, dict[str, list[Point]]] = {f: {} for f in families}
+    floors, dev_refs, splits = {}, {}, {}
+    for ds, problems in datasets.items():
+        dev, test = split(problems, dev_fraction, seed)
+        splits[ds] = (dev, test)
+        bench.say(f"[calibrate] {', '.join(families)} for budget {budget:.0%} ({axis}) on {ds}: dev {len(dev)}, test {len(test)} problems")
+        d_draft = bench.run("draft-only", dev, f"{ds} dev draft-only")
+        d_target = bench.run("target-only", dev, f"{ds} dev target-only")
+        dpaths = bench.paths(dev, d_draft, "draft")
+        tpaths = bench.paths(dev, d_target, "target")
+        for fam in families:
+            per_family[fam][ds] = sweep_points(fam, ds, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params,
+                                               bench.target_params, bench.costs)
+        ref = lambda recs, name: aggregate(ds, name, name, "real", recs, d_target, bench.draft_params,  # noqa: E731
+                                           bench.target_params, bench.costs)
+        dev_refs[ds] = (ref(d_draft, "draft-only"), ref(d_target, "target-only"))
+        floors[ds] = (dev_refs[ds][0].quality, dev_refs[ds][1].quality)
+    family, config = pooled_choice(per_family, floors, budget, axis)
+    bench.say(f"[calibrate] dev choice: {config}")
+    out = []
+    for ds, (dev, test) in splits.items():
+        dev_pt = next(p for p in per_family[family][ds] if p.config == config)
+        sub = test[:test_limit] if test_limit else test
+        t_real = t_draft = t_target = None
+        if test_limit != 0:
+            recs = {name: bench.run(name, sub, f"{ds} test {name}") for name in ("draft-only", "target-only", config)}
+            pt = lambda name, cfg: aggregate(ds, family, cfg, "real", recs[name], recs["target-only"],  # noqa: E731
+                                             bench.draft_params, bench.target_params, bench.costs)
+            t_real, t_draft, t_target = pt(config, config), pt("draft-only", "draft-only"), pt("target-only", "target-only")
+        out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
+    candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())
+    return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates)
 
 
 def write_calibration(cal: Calibration, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cal.summary(), indent=1))
+    path.write_text(json.dumps(cal.summary(), indent=1) + "\n")

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+from cascade.defaults import default_policy as shipped_default_policy
 from cascade.library import Cascade
 from cascade.policies import Policy, parse_policy
 
 
-def create_app(cascade: Cascade, *, default_policy: str | Policy = "speculative", served_name: str = "cascade",
+def create_app(cascade: Cascade, *, default_policy: str | Policy | None = None, served_name: str = "cascade",
                max_queue: int = 64, default_max_tokens: int = 256, drain_timeout_s: float = 30.0):
     """A FastAPI app serving ``cascade``; its engine thread starts with the app (lifespan) and drains at
     shutdown. ``app.state.engine_loop`` and ``app.state.metrics`` give tests and embedders access."""
@@ -23,6 +24,8 @@ def create_app(cascade: Cascade, *, default_policy: str | Policy = "speculative"
 
     metrics = ServerMetrics()
     loop = EngineLoop(cascade, max_queue=max_queue, metrics=metrics)
+    if default_policy is None:
+        default_policy = shipped_default_policy()
     config = ServerConfig(served_name=served_name, default_policy=parse_policy(default_policy),
                           default_max_tokens=default_max_tokens, drain_timeout_s=drain_timeout_s)
     app = build_app(loop, config, metrics)

@@ -1,0 +1,38 @@
+"""The project's default policy: the configuration ``cascade calibrate --ship`` chose on the dev splits of
+HumanEval and GSM8K for the default pair, shipped as ``cascade/calibrated_default.json`` beside this
+module. ``cascade generate``, ``cascade serve`` and ``Cascade.generate`` use it when no policy is given.
+
+Without the file (a checkout where it was deleted) the default is lossless ``speculative``: it never
+changes the target's greedy answer, so it is the one choice that needs no calibration. The file's figures
+(dev and test quality, cost on the budget's axis) say what the default was measured on; the README quotes
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+SHIPPED_FILE = "calibrated_default.json"
+UNCALIBRATED_DEFAULT = "speculative"
+
+
+def shipped_path() -> Path:
+    """Where the shipped calibration lives (``cascade calibrate --ship`` writes it)."""
+    return Path(str(resources.files("cascade").joinpath(SHIPPED_FILE)))
+
+
+def default_calibration() -> dict | None:
+    """The shipped calibration's summary, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads(shipped_path().read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("policy"), str) else None
+
+
+def default_policy() -> str:
+    """The policy string requests run when they name none."""
+    cal = default_calibration()
+    return cal["policy"] if cal is not None else UNCALIBRATED_DEFAULT
