@@ -203,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draft", default=None, help="draft model dir or name (default: the default pair)")
     c.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t = sub.add_parser("train-router", help="train the learned deferral router (policy `learned`) on the dev splits",
+                       description="Train a tiny MLP on the draft's confidence statistics to predict where the target's "
+                                   "greedy token differs from the draft's. Labels come free from teacher-forced target "
+                                   "passes over the draft's own answers on each dataset's dev split (cached, as cascade "
+                                   "bench records them); the test splits measure its AUC against the draft's max-prob. "
+                                   "The router is saved next to the draft model, where Cascade.from_pretrained, "
+                                   "cascade serve and cascade bench load it.")
+    t.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
+                   help="datasets whose dev splits train (repeatable; default: humaneval and gsm8k; never MBPP, reserved "
+                        "for checking transfer)")
+    t.add_argument("--limit", type=int, default=0, help="problems per dataset, a seeded sample (default: 0 = all)")
+    t.add_argument("--dataset-limit", action="append", metavar="NAME=N", help="problems for one dataset, overriding --limit (repeatable)")
+    t.add_argument("--dev-fraction", type=float, default=0.5, help="share of the problems in the dev split (default: 0.5)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sample, the split and the initialisation (default: 0)")
+    t.add_argument("--hidden", type=int, default=16, help="hidden units of the MLP (default: 16)")
+    t.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default: 400)")
+    t.add_argument("--out", default=None, help="router file (default: router.json in the draft model's directory)")
+    t.add_argument("--report", default="benchmarks/results/router.json", help="JSON report path (default: benchmarks/results/router.json)")
+    t.add_argument("--batch-size", type=int, default=8, help="engine rows for draft-only runs not in the cache (default: 8)")
+    t.add_argument("--cache-dir", default=None, help="generation cache (default: $CASCADE_HOME/bench-cache)")
+    t.add_argument("--draft", default=None, help="draft model dir or name (default: the default pair)")
+    t.add_argument("--target", default=None, help="target model dir or name (default: the default pair)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -284,6 +307,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.ship:
         write_calibration(cal, shipped_path())
         print(f"shipped as the default policy: {shipped_path()}")
+    return 0
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cascade.bench.datasets import load_dataset, select
+    from cascade.bench.harness import Bench
+    from cascade.bench.train_router import run_train_router
+
+    if args.hidden < 1 or args.steps < 1:
+        raise ValueError("--hidden and --steps must be >= 1")
+    names = args.dataset or ["humaneval", "gsm8k"]
+    if any("mbpp" in n.lower() for n in names):
+        raise ValueError("--dataset: MBPP is reserved for checking that calibration transfers; do not train on it")
+    limits = _dataset_limits(args.dataset_limit)
+    datasets = {name: select(load_dataset(name), limits.get(name, args.limit or None), args.seed) for name in names}
+    bench = Bench(_bench_config(args))
+    rep = run_train_router(bench, datasets, Path(args.out) if args.out else None, Path(args.report),
+                           args.dev_fraction, args.seed, args.hidden, args.steps)
+    print(json.dumps(rep.summary, indent=1))
+    print(f"wrote {rep.summary['router_file']} and {args.report}")
     return 0
 
 
@@ -452,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handlers = {"generate": cmd_generate, "serve": cmd_serve, "fetch-models": cmd_fetch_models, "bench": cmd_bench,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "train-router": cmd_train_router}
     from cascade.models.base import TargetUnavailable
     from cascade.weights import ModelFetchError
 

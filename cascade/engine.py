@@ -7,7 +7,8 @@ One ``Engine.step()``:
    tokens), then one batched ``decode`` per further position; a drafted EOS or a drafted token that
    completes a stop string ends the sequence's block (nothing past the end of the answer is drafted,
    triggered on or verified), and a policy may stop drafting early (BiLD's fallback);
-3. computes the draft's confidence over all drafted positions in one call;
+3. computes the draft's confidence over all drafted positions in one call (and, when a policy of the
+   batch reads it, the learned router's score of every position in one more: ``cascade.router``);
 4. lets each policy's trigger decide, per sequence, the block to keep and whether to escalate it;
 5. runs ONE ragged target pass over every escalated sequence (catch-up + block, logits for the block
    positions and the bonus position; no bonus position after a kept block that ends the request) and
@@ -45,6 +46,7 @@ from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
+from cascade.router import DeferralRouter
 from cascade.round import settle_trigger, target_layout
 from cascade.sampling import filter_logits, make_generator, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
@@ -75,6 +77,7 @@ class Engine:
         eos_token_ids: Iterable[int] = (),
         detokenize: Callable[[list[int]], str] | None = None,
         config: EngineConfig | None = None,
+        router: DeferralRouter | None = None,
     ) -> None:
         if draft.vocab_size != target.vocab_size:
             raise ValueError(f"draft vocab {draft.vocab_size} != target vocab {target.vocab_size}: the pair must share a tokenizer")
@@ -84,6 +87,7 @@ class Engine:
         self.max_len = min(draft.max_len, target.max_len)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
+        self.router = router.to(draft.device) if router is not None else None  # scores for ``uses_router`` policies
         self.scheduler = Scheduler(self.max_rows)
         self.stats = EngineStats()
         self._device = target.device
@@ -113,6 +117,9 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        if policy.uses_router and self.router is None:
+            raise ValueError(f"policy: {policy.name} needs a learned deferral router, and none is loaded (train one "
+                             "with `cascade train-router`; it is saved next to the draft model)")
         if policy.k > self.config.max_draft_block:
             raise ValueError(f"k: {policy.k} exceeds the engine's max_draft_block={self.config.max_draft_block}")
         return prompt_ids
@@ -334,10 +341,13 @@ class Engine:
             token_logprob=pad(conf.token_logprob), valid=valid, drafted=torch.tensor(lens, dtype=torch.int64),
             catch_up=torch.tensor([len(s.tokens) - max(s.target_len, len(s.prompt_ids)) for s in seqs], dtype=torch.int64),
             window_left=torch.tensor([s.window_left for s in seqs], dtype=torch.float32),
+            router=pad(self.router.score(conf.max_prob, conf.margin, conf.entropy, conf.token_logprob))
+            if self.router is not None and any(s.policy.uses_router for s in seqs) else None,
         )
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             idx = torch.tensor(members)
-            sub = BlockConfidence(*(getattr(block_conf, f.name)[idx] for f in fields(BlockConfidence)))
+            sub = BlockConfidence(*(None if getattr(block_conf, f.name) is None else getattr(block_conf, f.name)[idx]
+                                    for f in fields(BlockConfidence)))
             keep, escalate = settle_trigger(*policy.trigger(sub), sub.drafted)
             for m, kp, esc in zip(members, keep.tolist(), escalate.tolist()):
                 blocks[seqs[m].request_id].keep, blocks[seqs[m].request_id].escalate = int(kp), bool(esc)

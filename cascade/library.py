@@ -24,6 +24,7 @@ from cascade.engine import Engine, RequestOutput
 from cascade.metrics import RequestStats, TokenSource
 from cascade.models.base import ModelRunner
 from cascade.policies import Policy, parse_policy
+from cascade.router import DeferralRouter, load_router
 
 if TYPE_CHECKING:
     from cascade.models.vllm import VLLMTargetOptions
@@ -55,14 +56,16 @@ class Cascade:
     """A draft/target pair with its tokenizer and an engine that runs cascade rounds over them."""
 
     def __init__(self, draft: ModelRunner, target: ModelRunner, tokenizer: Any | None = None, *,
-                 eos_token_ids: Sequence[int] | None = None, config: EngineConfig | None = None) -> None:
+                 eos_token_ids: Sequence[int] | None = None, config: EngineConfig | None = None,
+                 router: "DeferralRouter | None" = None) -> None:
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(tokenizer)
         # the server encodes on its event loop while the engine thread detokenizes: one lock serializes them
         self._tokenizer_lock = threading.Lock()
         self.engine = Engine(draft, target, eos_token_ids=eos_token_ids,
-                             detokenize=self.decode if tokenizer is not None else None, config=config)
+                             detokenize=self.decode if tokenizer is not None else None, config=config,
+                             router=router)
         self._ids = itertools.count()
 
     @classmethod
@@ -113,7 +116,8 @@ class Cascade:
         eos = set(_eos_ids(tokenizer)) | generation_config_eos(draft_dir)
         if target_dir is not None:
             eos |= generation_config_eos(target_dir)
-        return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config)
+        router = load_router(draft_dir, device=draft_runner.device)  # the learned deferral router, if trained
+        return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:

@@ -24,9 +24,11 @@ from cascade.bench.costs import PassCosts
 from cascade.bench.datasets import split_indices
 from cascade.bench.frontier import Frontier, frontier_markdown, pct
 from cascade.bench.report import Point, aggregate, plot_frontier, write_csv
-from cascade.bench.replay import PathStats, path_key, record_path
+from cascade.bench.replay import PathStats, path_key, record_path, score_paths
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
 from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, oracle_records, sweep_records
+from cascade.policies import make_policy
+from cascade.router import ROUTER_FILE, load_router
 
 
 @dataclass
@@ -82,7 +84,9 @@ class Bench:
         self.target_params = read_config(self.target_dir).num_params
         self.costs = _load_costs(cfg.cost_file, say)
         self._cascade = None
-        self.runner = PolicyRunner(lambda: self.cascade, self.cache, self.pair_fp)
+        self.router = load_router(self.draft_dir)  # the learned deferral router, when one was trained
+        self.runner = PolicyRunner(lambda: self.cascade, self.cache, self.pair_fp,
+                                   router_fingerprint=self.router.info.get("fingerprint", "unnamed") if self.router else "none")
 
     @property
     def cascade(self):
@@ -148,6 +152,10 @@ class Bench:
         from tqdm.auto import tqdm
 
         fams = list(self.cfg.families)
+        if self.router is None and any(make_policy(f).uses_router for f in fams if f in GRIDS):
+            fams = [f for f in fams if f not in GRIDS or not make_policy(f).uses_router]
+            self.say(f"  no learned router next to the draft ({self.draft_dir / ROUTER_FILE}): `learned` not swept "
+                     "(train one with `cascade train-router`)")
         bar = tqdm(total=sum(len(GRIDS.get(f, ())) for f in fams), desc=f"{ds} replay sweeps", unit="config",
                    disable=not self.cfg.progress)
         runs = sweep_records(fams, problems, draft, target, dpaths, tpaths, [dpaths[i] for i in dev_idx],
@@ -164,6 +172,8 @@ class Bench:
         target = self.run("target-only", problems, f"{ds} target-only")
         dpaths = self.paths(problems, draft, "draft")
         tpaths = self.paths(problems, target, "target")
+        if self.router is not None:
+            score_paths(self.router, dpaths + tpaths)
         self._request_rows(res, draft, target)
         self._request_rows(res, target, target)
         runs = self.sweeps(ds, problems, draft, target, dpaths, tpaths, dev_idx)
@@ -195,6 +205,8 @@ class Bench:
             timed[name] = sum(r.emitted_tokens for r in recs) / max(1e-9, sum(r.time_share_s for r in recs))
         for fam in cfg.real_families or cfg.families:
             if fam == "quantile-spec":  # a composition of two engines' runs: derived only
+                continue
+            if fam not in res.frontier.runs:  # not swept (learned without a router)
                 continue
             chosen = res.frontier.select(fam, cfg.real_axis, cfg.real_budget)
             if chosen.config == "draft-only":

@@ -65,9 +65,13 @@ class PathStats:
     p_max: list[float]
     tv: list[float]
     logp_x: list[float]  # log p(x), the target's T = 1 log-prob of the draft's proposal
+    router_score: list[float] | None = None  # the learned router's P(target disagrees) per position, set by
+    #   ``score_paths`` (not recorded: it depends on the router, not on the pair)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("router_score")
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "PathStats":
@@ -113,6 +117,27 @@ def record_path(draft, target, prompt_ids: Sequence[int], answer_ids: Sequence[i
     )
 
 
+def path_features(path: PathStats) -> torch.Tensor:
+    """[L, F] router features of every position of a recorded answer (greedy: log q(x) = log max q)."""
+    from cascade.router import router_features
+
+    q = torch.tensor(path.q_max)
+    return router_features(q, torch.tensor(path.q_margin), torch.tensor(path.q_entropy), q.clamp_min(1e-30).log())
+
+
+def path_labels(path: PathStats) -> torch.Tensor:
+    """[L] 1 where the target's greedy token differs from the draft's (the router's training label)."""
+    return (torch.tensor(path.q_argmax) != torch.tensor(path.p_argmax)).long()
+
+
+def score_paths(router, paths: Iterable[PathStats]) -> None:
+    """Attach the router's score of every position to each path (``PathStats.router_score``), so replayed
+    ``learned`` policies read what the engine would."""
+    for path in paths:
+        path.router_score = torch.sigmoid(router.logits(path_features(path))).cpu().tolist()
+        path.__dict__.pop("_tensors", None)
+
+
 def path_key(pair_fingerprint: str, problem_key: str, path_model: str, answer_ids: Sequence[int]) -> str:
     blob = json.dumps([REPLAY_VERSION, pair_fingerprint, problem_key, path_model, list(answer_ids)])
     return "replay-" + hashlib.sha256(blob.encode()).hexdigest()
@@ -140,7 +165,8 @@ def _tensors(path: PathStats) -> dict[str, torch.Tensor]:
         q = torch.tensor(path.q_max)
         cached = {"x": x, "pa": pa, "agree": (x == pa).float(), "q_max": q, "q_log": q.clamp_min(1e-30).log(),
                   "q_margin": torch.tensor(path.q_margin), "q_entropy": torch.tensor(path.q_entropy),
-                  "p_max": torch.tensor(path.p_max), "tv": torch.tensor(path.tv), "logp_x": torch.tensor(path.logp_x)}
+                  "p_max": torch.tensor(path.p_max), "tv": torch.tensor(path.tv), "logp_x": torch.tensor(path.logp_x),
+                  "router": torch.tensor(path.router_score) if path.router_score is not None else None}
         path.__dict__["_tensors"] = cached
     return cached
 
@@ -164,6 +190,7 @@ def _block_confidence(path: PathStats, lo: int, hi: int, catch_up: int, window_l
         entropy=t["q_entropy"][lo:hi].unsqueeze(0), token_logprob=t["q_log"][lo:hi].unsqueeze(0),
         valid=torch.ones(1, hi - lo, dtype=torch.bool), drafted=torch.tensor([hi - lo]),
         catch_up=torch.tensor([catch_up]), window_left=torch.tensor([window_left], dtype=torch.float32),
+        router=t["router"][lo:hi].unsqueeze(0) if t["router"] is not None else None,
     )
 
 

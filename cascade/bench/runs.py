@@ -155,10 +155,12 @@ class RunStats:
 class PolicyRunner:
     """Runs policies over problems on a loaded ``Cascade``, scoring and caching every answer."""
 
-    def __init__(self, cascade: "Cascade | Callable[[], Cascade]", cache: RunCache, pair_fingerprint: str) -> None:
+    def __init__(self, cascade: "Cascade | Callable[[], Cascade]", cache: RunCache, pair_fingerprint: str,
+                 router_fingerprint: str = "none") -> None:
         self._cascade = cascade  # or a zero-argument function that loads it: called only on a cache miss
         self.cache = cache
         self.pair_fingerprint = pair_fingerprint
+        self.router_fingerprint = router_fingerprint  # part of the key of policies that read the router
 
     @property
     def cascade(self) -> "Cascade":
@@ -172,7 +174,8 @@ class PolicyRunner:
         from cascade.bench.scoring import score
 
         pol = parse_policy(policy)
-        keys = [run_key(self.pair_fingerprint, p, pol, sampling_for(p)) for p in problems]
+        fp = self.pair_fingerprint + (f"-router-{self.router_fingerprint}" if pol.uses_router else "")
+        keys = [run_key(fp, p, pol, sampling_for(p)) for p in problems]
         if pol.benchmark_only:
             raise ValueError(f"policy: {pol.name} is derived by the harness from the baseline runs, not run")
         records: dict[int, RunRecord] = {}

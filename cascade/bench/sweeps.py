@@ -39,6 +39,9 @@ GRIDS: dict[str, list[dict]] = {
     # entry by Chow's threshold (price 0), or cost-aware (any block, expected errors >= price x positions paid)
     "handoff": [{"trigger_below": round(1.0 - a, 4), "window": w} for a in ALPHAS for w in WINDOWS]
                + [{"trigger_below": 1.0, "price": c, "window": w} for c in PRICES for w in WINDOWS],
+    # the learned router's P(disagree) opens the window (threshold), or its expected disagreements per position paid
+    "learned": [{"threshold": a, "window": w} for a in ALPHAS for w in WINDOWS]
+               + [{"threshold": 0.0, "price": c, "window": w} for c in PRICES for w in WINDOWS],
     "handoff-v3": [{"alpha": a, "trigger_below": t, "window": w} for a in ALPHAS for t in (0.3, 0.5, 0.7, 0.9, 1.0)
                    for w in (16.0, math.inf)],
 }

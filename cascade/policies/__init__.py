@@ -3,7 +3,7 @@ each verified position, the distribution the draft token is verified against), b
 
 Modules: ``base`` (the Policy contract, registry, parsing, distribution-level speculative sampling),
 ``baselines`` (speculative, draft-only, target-only), ``speculative_cascades`` (chow, diff, opt,
-token-v1..v3), ``bild`` (bild), ``handoff`` (handoff, handoff-v3), ``routing`` (quantile, oracle). Add a policy by writing one class with
+token-v1..v3), ``bild`` (bild), ``handoff`` (handoff, handoff-v3), ``learned`` (learned), ``routing`` (quantile, oracle). Add a policy by writing one class with
 ``@register("name")``; ``make_policy`` / ``parse_policy`` turn a name and parameters (from the library,
 CLI or HTTP) into an instance, with ValueErrors that name the bad field.
 """
@@ -25,6 +25,7 @@ from cascade.policies.base import (
 from cascade.policies.baselines import DraftOnly, Speculative, TargetOnly
 from cascade.policies.bild import BiLD
 from cascade.policies.handoff import Handoff, HandoffV3
+from cascade.policies.learned import Learned
 from cascade.policies.routing import Oracle, Quantile, linear_quantile
 from cascade.policies.speculative_cascades import (
     Chow,
@@ -38,6 +39,6 @@ from cascade.policies.speculative_cascades import (
 __all__ = [
     "DEFAULT_K", "BlockConfidence", "Policy", "VerifyDistributions", "make_policy", "parse_policy", "parse_value",
     "policy_names", "register", "residual_distribution", "speculative_acceptance", "verify_distributions",
-    "Speculative", "DraftOnly", "TargetOnly", "Chow", "Diff", "Opt", "TokenV1", "TokenV2", "TokenV3", "BiLD", "Handoff", "HandoffV3",
+    "Speculative", "DraftOnly", "TargetOnly", "Chow", "Diff", "Opt", "TokenV1", "TokenV2", "TokenV3", "BiLD", "Handoff", "HandoffV3", "Learned",
     "Quantile", "Oracle", "linear_quantile",
 ]

@@ -62,6 +62,8 @@ class BlockConfidence:
     catch_up: torch.Tensor | None = None  # [B] int64, generated tokens the target has not read yet (what an
     #   escalation now pays before the block; the prompt's prefill is counted apart)
     window_left: torch.Tensor | None = None  # [B] float32, tokens left in an escalated window (``window_after``)
+    router: torch.Tensor | None = None  # [B, K] float32, the learned router's P(target disagrees) per drafted
+    #   position (``cascade.router``); given only to policies with ``uses_router``
 
     def context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(catch_up [B] int64, window_left [B] float32), zeros where the caller gave none."""
@@ -135,6 +137,7 @@ class Policy:
     request_level: ClassVar[bool] = False  # True: the draft answers alone, route_to_target decides at the end
     benchmark_only: ClassVar[bool] = False  # True: the engine refuses it (the benchmark harness derives it)
     keeps_window: ClassVar[bool] = False  # True: the engine calls window_after after every round
+    uses_router: ClassVar[bool] = False  # True: the trigger reads conf.router (the engine needs a router loaded)
     k: int = DEFAULT_K  # draft block length
 
     def __post_init__(self) -> None:

@@ -40,16 +40,23 @@ from cascade.policies.base import BlockConfidence, Policy, check_number, check_u
 from cascade.policies.speculative_cascades import TokenV3
 
 
+def worth_its_cost(conf: BlockConfidence, error_prob: torch.Tensor, price: float) -> torch.Tensor:
+    """-> [B] bool: the block's expected draft errors (``error_prob`` [B, K] summed over the drafted positions)
+    reach ``price`` times the target positions escalating it now costs (catch-up + block + bonus)."""
+    if price <= 0.0:
+        return torch.ones_like(conf.drafted, dtype=torch.bool)
+    catch_up, _ = conf.context()
+    expected_errors = torch.where(conf.valid, error_prob.float(), torch.zeros(())).sum(dim=1)  # [B]
+    paid = (catch_up + conf.drafted + 1).float()  # [B] target positions this escalation costs
+    return expected_errors >= price * paid
+
+
 def handoff_entry(conf: BlockConfidence, trigger_below: float, price: float) -> torch.Tensor:
-    """-> [B] bool: does this block open a window (see the module docstring)?"""
+    """-> [B] bool: does this block open a window (see the module docstring)? Error probability of a
+    position: 1 - max q."""
     uncertain = ((conf.max_prob < trigger_below) & conf.valid).any(dim=1) | torch.full_like(
         conf.drafted, trigger_below >= 1.0, dtype=torch.bool)
-    if price <= 0.0:
-        return uncertain
-    catch_up, _ = conf.context()
-    expected_errors = torch.where(conf.valid, 1.0 - conf.max_prob.float(), torch.zeros(())).sum(dim=1)  # [B]
-    paid = (catch_up + conf.drafted + 1).float()  # [B] target positions this escalation costs
-    return uncertain & (expected_errors >= price * paid)
+    return uncertain & worth_its_cost(conf, 1.0 - conf.max_prob.float(), price)
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,19 @@ class _HandoffWindow:
     keeps_window: ClassVar[bool] = True
 
     def _check_handoff(self) -> None:
-        check_unit("trigger_below", self.trigger_below)
+        if hasattr(self, "trigger_below"):
+            check_unit("trigger_below", self.trigger_below)
         check_number("price", self.price, low=0.0)
         check_number("window", self.window, low=0.0)
 
     def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
         _, window_left = conf.context()
-        escalate = (window_left > 0) | handoff_entry(conf, self.trigger_below, self.price)
+        escalate = (window_left > 0) | self.opens_window(conf)
         return conf.drafted.clone(), escalate
+
+    def opens_window(self, conf: BlockConfidence) -> torch.Tensor:
+        """-> [B] bool: the entry test (Chow's threshold and the cost-aware price by default)."""
+        return handoff_entry(conf, self.trigger_below, self.price)
 
     def window_after(self, window_left: torch.Tensor, escalated: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
         """Inside a window: what is left of it after this round's tokens; an escalation outside one opens a
