@@ -17,7 +17,8 @@ One ``Engine.step()``:
    deferral rule and acceptance test (or, for rules that need them, the full distributions: see
    ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token
    (``cascade.acceptance``);
-7. rolls both caches back to the accepted length (a length update), applies stop conditions and settles
+7. rolls both caches back to the accepted length (a length update), applies stop conditions, carries the
+   state of windowed policies to the next round (``handoff``'s window: ``Policy.window_after``) and settles
    request-level decisions.
 
 Per emitted token the engine records its source (``TokenSource``) and ``token_logprobs``: the natural
