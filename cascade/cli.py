@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
                    help="datasets whose dev splits train (repeatable; default: humaneval and gsm8k; never MBPP, reserved "
                         "for checking transfer)")
-    t.add_argument("--limit", type=int, default=0, help="problems per dataset, a seeded sample (default: 0 = all)")
+    t.add_argument("--limit", type=int, default=250,
+                   help="problems per dataset, a seeded sample (default: 250, the committed bench's samples: all 164 of "
+                        "HumanEval, 250 of GSM8K; 0 = all). Use the bench's sample and seed, so that its test splits stay unseen")
     t.add_argument("--dataset-limit", action="append", metavar="NAME=N", help="problems for one dataset, overriding --limit (repeatable)")
     t.add_argument("--dev-fraction", type=float, default=0.5, help="share of the problems in the dev split (default: 0.5)")
     t.add_argument("--seed", type=int, default=0, help="seed of the sample, the split and the initialisation (default: 0)")
