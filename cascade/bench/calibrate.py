@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cascade.bench.replay import PathStats
+from cascade.bench.replay import PathStats, score_paths
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
 from cascade.bench.sweeps import REQUEST_LEVEL, sweep_records
@@ -56,7 +56,7 @@ class DatasetCalibration:
     dev: Point
     dev_draft: Point
     dev_target: Point
-    test: Point | None  # None: no real test run (test_limit = 0)
+    test: Point  # the choice on the test split: real runs, or replayed when test_limit = 0 (``source`` says)
     test_draft: Point | None
     test_target: Point | None
 
@@ -67,7 +67,7 @@ class DatasetCalibration:
                        "draft_only_quality": self.dev_draft.quality, "target_only_quality": self.dev_target.quality,
                        "gap_recovered": gap_recovered(self.dev.quality, self.dev_draft.quality, self.dev_target.quality)}}
         if self.test is not None:
-            out["test"] = {"n": self.test.n, "quality": self.test.quality, "cost": getattr(self.test, axis),
+            out["test"] = {"source": self.test.source, "n": self.test.n, "quality": self.test.quality, "cost": getattr(self.test, axis),
                            "target_fraction": self.test.target_fraction, "relative_cost": self.test.relative_cost,
                            "tokens_per_s": self.test.tokens_per_s,
                            "gap_recovered": gap_recovered(self.test.quality, self.test_draft.quality, self.test_target.quality),
@@ -148,6 +148,8 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         d_target = bench.run("target-only", dev, f"{ds} dev target-only")
         dpaths = bench.paths(dev, d_draft, "draft")
         tpaths = bench.paths(dev, d_target, "target")
+        if getattr(bench, "router", None) is not None:  # learned reads the router's scores off the paths
+            score_paths(bench.router, dpaths + tpaths)
         for fam in families:
             per_family[fam][ds] = sweep_points(fam, ds, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params,
                                                bench.target_params, bench.costs)
@@ -161,15 +163,40 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
     for ds, (dev, test) in splits.items():
         dev_pt = next(p for p in per_family[family][ds] if p.config == config)
         sub = test[:test_limit] if test_limit else test
-        t_real = t_draft = t_target = None
+        recs = {name: bench.run(name, sub, f"{ds} test {name}") for name in ("draft-only", "target-only")}
         if test_limit != 0:
-            recs = {name: bench.run(name, sub, f"{ds} test {name}") for name in ("draft-only", "target-only", config)}
-            pt = lambda name, cfg: aggregate(ds, family, cfg, "real", recs[name], recs["target-only"],  # noqa: E731
-                                             bench.draft_params, bench.target_params, bench.costs)
-            t_real, t_draft, t_target = pt(config, config), pt("draft-only", "draft-only"), pt("target-only", "target-only")
+            recs[config] = bench.run(config, sub, f"{ds} test {config}")
+            source = "real"
+        else:  # no real runs: the chosen configuration replayed on the test split (labelled so)
+            tpaths = bench.paths(sub, recs["target-only"], "target")
+            dpaths = bench.paths(sub, recs["draft-only"], "draft")
+            recs[config] = sweep_one(family, config, sub, recs["draft-only"], recs["target-only"], dpaths, tpaths,
+                                     bench, dev_tau_paths=None)
+            source = "replay-test"
+        pt = lambda name, cfg, src: aggregate(ds, family, cfg, src, recs[name], recs["target-only"],  # noqa: E731
+                                              bench.draft_params, bench.target_params, bench.costs)
+        t_real, t_draft, t_target = pt(config, config, source), pt("draft-only", "draft-only", "real"), pt("target-only", "target-only", "real")
         out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
     candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())
     return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates)
+
+
+def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench, dev_tau_paths=None) -> list[RunRecord]:
+    """The records of one configuration of ``family`` on ``problems``: replayed (token-level) or derived
+    (request-level: the policy string carries its tau, so no tau grid is needed)."""
+    from cascade.bench.replay import replay_record
+    from cascade.bench.sweeps import quantile_records
+    from cascade.policies import parse_policy
+
+    if getattr(bench, "router", None) is not None:
+        score_paths(bench.router, list(dpaths) + list(tpaths))
+    if family == "quantile":
+        pol = parse_policy(config)
+        return quantile_records(draft, target, dpaths, pol.quantile, pol.tau, config)
+    if family in REQUEST_LEVEL:
+        raise ValueError(f"{family}: replay of one configuration is not supported; run it with a test limit")
+    pol = parse_policy(config)
+    return [replay_record(pol, p, dp, tp, d.correct, t.correct) for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]
 
 
 def write_calibration(cal: Calibration, path: Path) -> None:
