@@ -170,8 +170,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         else:  # no real runs: the chosen configuration replayed on the test split (labelled so)
             tpaths = bench.paths(sub, recs["target-only"], "target")
             dpaths = bench.paths(sub, recs["draft-only"], "draft")
-            recs[config] = sweep_one(family, config, sub, recs["draft-only"], recs["target-only"], dpaths, tpaths,
-                                     bench, dev_tau_paths=None)
+            recs[config] = sweep_one(family, config, sub, recs["draft-only"], recs["target-only"], dpaths, tpaths, bench)
             source = "replay-test"
         pt = lambda name, cfg, src: aggregate(ds, family, cfg, src, recs[name], recs["target-only"],  # noqa: E731
                                               bench.draft_params, bench.target_params, bench.costs)
@@ -181,7 +180,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
     return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates)
 
 
-def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench, dev_tau_paths=None) -> list[RunRecord]:
+def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench) -> list[RunRecord]:
     """The records of one configuration of ``family`` on ``problems``: replayed (token-level) or derived
     (request-level: the policy string carries its tau, so no tau grid is needed)."""
     from cascade.bench.replay import replay_record

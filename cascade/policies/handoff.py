@@ -67,8 +67,7 @@ class _HandoffWindow:
     keeps_window: ClassVar[bool] = True
 
     def _check_handoff(self) -> None:
-        if hasattr(self, "trigger_below"):
-            check_unit("trigger_below", self.trigger_below)
+        """The window's and the cost-aware entry's fields (each class checks its own entry threshold)."""
         check_number("price", self.price, low=0.0)
         check_number("window", self.window, low=0.0)
 
@@ -103,6 +102,7 @@ class Handoff(_HandoffWindow, Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_unit("trigger_below", self.trigger_below)
         self._check_handoff()
 
 
@@ -117,6 +117,6 @@ class HandoffV3(_HandoffWindow, TokenV3):
     window: float = 32.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # (TokenV3 checks alpha and trigger_below)
         self._check_handoff()
 
