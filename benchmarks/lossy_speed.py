@@ -66,7 +66,7 @@ def main() -> None:
 
     from cascade.bench.datasets import load_dataset, select, split_indices
     from cascade.bench.harness import Bench, BenchConfig
-    from cascade.bench.replay import replay_record
+    from cascade.bench.replay import ReplaySet
     from cascade.bench.report import aggregate
     from cascade.bench.runs import PolicyRunner, RunCache
     from cascade.policies import parse_policy
@@ -81,9 +81,9 @@ def main() -> None:
     dpaths, tpaths = bench.paths(problems, draft, "draft"), bench.paths(problems, target, "target")
     dev = lambda xs: [xs[i] for i in dev_idx]  # noqa: E731
     points = {}
+    replay = ReplaySet(dev(problems), dev(dpaths), dev(tpaths), [r.correct for r in dev(draft)], [r.correct for r in dev(target)])
     for family, config in candidates():
-        pol = parse_policy(config)
-        recs = [replay_record(pol, problems[i], dpaths[i], tpaths[i], draft[i].correct, target[i].correct) for i in dev_idx]
+        recs = replay.records(parse_policy(config))
         points[config] = aggregate("humaneval", family, config, "replay-dev", recs, dev(target), bench.draft_params,
                                    bench.target_params, bench.costs)
     floor = sum(r.correct for r in dev(target)) / len(dev_idx)

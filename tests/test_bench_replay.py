@@ -7,9 +7,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cascade import SamplingParams
-from cascade.bench.replay import PathStats, record_path, replay_record, simulate
+from cascade.bench.replay import PathStats, record_path, replay_records, simulate, simulate_paths
+from cascade.bench.sweeps import GRIDS, grid_policies
 from cascade.policies import make_policy
 
 from test_engine import make_cascade
@@ -68,8 +70,8 @@ def test_exact_replay_equals_real_run_counts(twin, name, params):
     draft, target, dpaths, tpaths = _paths(twin, PROMPTS)
     policy = make_policy(name, **params)
     real = twin.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy=policy)
-    for i, r in enumerate(real):
-        rep = replay_record(policy, _problem(i), dpaths[i], tpaths[i], 1.0, 1.0)
+    reps = replay_records(policy, [_problem(i) for i in range(len(PROMPTS))], dpaths, tpaths, [1.0] * 4, [1.0] * 4)
+    for i, (r, rep) in enumerate(zip(real, reps)):
         assert rep.mode == "replay-exact"
         assert r.token_ids == draft[i].token_ids
         assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
@@ -105,10 +107,10 @@ def test_exact_replay_equals_real_run_at_eos_and_stop_strings(twin_endings, endi
     assert any(r.finish_reason == "stop" and len(r.token_ids) < MAX_TOKENS for r in draft)
     policy = make_policy(name, **params)
     real = c.generate(PROMPTS, sp, policy=policy)
-    for i, (d, r) in enumerate(zip(draft, real)):
-        path = record_path(c.draft, c.target, d.prompt_token_ids, d.token_ids, ended_on_eos=d.finish_reason == "stop"
-                           and ending == "eos", eos_token_ids=c.engine.eos_token_ids, path_model="draft")
-        rep = replay_record(policy, _problem(i), path, None, 1.0, 1.0)
+    paths = [record_path(c.draft, c.target, d.prompt_token_ids, d.token_ids, ended_on_eos=d.finish_reason == "stop"
+                         and ending == "eos", eos_token_ids=c.engine.eos_token_ids, path_model="draft") for d in draft]
+    reps = replay_records(policy, [_problem(i) for i in range(len(PROMPTS))], paths, [None] * 4, [1.0] * 4, [1.0] * 4)
+    for i, (d, r, rep) in enumerate(zip(draft, real, reps)):
         assert rep.mode == "replay-exact" and r.token_ids == d.token_ids and r.finish_reason == d.finish_reason
         assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
             r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens,
@@ -121,8 +123,8 @@ def test_replay_modes_agree_with_real_runs_on_a_random_pair(pair):
     for name, params in POLICIES:
         policy = make_policy(name, **params)
         real = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy=policy)
-        for i, r in enumerate(real):
-            rep = replay_record(policy, _problem(i), dpaths[i], tpaths[i], 0.0, 1.0)
+        reps = replay_records(policy, [_problem(i) for i in range(len(PROMPTS))], dpaths, tpaths, [0.0] * 4, [1.0] * 4)
+        for i, (r, rep) in enumerate(zip(real, reps)):
             seen[rep.mode] += 1
             if rep.mode == "replay-exact":
                 assert r.token_ids == draft[i].token_ids
@@ -190,3 +192,35 @@ def test_chow_cut_is_per_position_chow_for_fewer_scored_positions(pair, alpha):
         assert r.token_ids == seq[len(prompt):]
     assert sum(r.stats.target_scored_tokens for r in cut) <= sum(r.stats.target_scored_tokens for r in chow)
     assert sum(r.stats.escalations for r in cut) > 0
+
+
+def _random_paths(n, seed):
+    """Hand-made paths of different lengths: confidences spread over (0, 1), the target disagreeing at
+    random, router scores attached (so ``learned`` walks too)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(1, 60, (1,), generator=g))
+        q = torch.rand(L, generator=g).pow(0.3)
+        agree = (torch.rand(L, generator=g) < q).tolist()
+        path = _path(q.tolist(), agree, torch.rand(L, generator=g).tolist())
+        if len(out) % 2:  # every other path is the target's answer (the draft's walk may leave it anywhere)
+            path.tokens = list(path.p_argmax)
+        path.router_score = torch.rand(L, generator=g).tolist()
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(GRIDS))
+def test_batched_walk_equals_walking_each_path_alone(family):
+    """The sweep walks all answers in lockstep; no path may see another's state (lengths, windows, early
+    stops and escalations all differ between rows)."""
+    paths = _random_paths(24, seed=len(family))
+    policies = grid_policies(family)
+    escalated = mixed = 0
+    for policy in policies[:: max(1, len(policies) // 10)]:
+        together = simulate_paths(policy, paths)
+        assert together == [simulate(policy, p) for p in paths], policy.describe()
+        escalated += sum(w.escalations for w in together)
+        mixed += len({w.diverged_at is None for w in together}) == 2  # some paths left, some kept their answer
+    assert escalated > 0 and mixed > 0

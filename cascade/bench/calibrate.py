@@ -183,7 +183,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
 def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench) -> list[RunRecord]:
     """The records of one configuration of ``family`` on ``problems``: replayed (token-level) or derived
     (request-level: the policy string carries its tau, so no tau grid is needed)."""
-    from cascade.bench.replay import replay_record
+    from cascade.bench.replay import replay_records
     from cascade.bench.sweeps import quantile_records
     from cascade.policies import parse_policy
 
@@ -195,7 +195,7 @@ def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths,
     if family in REQUEST_LEVEL:
         raise ValueError(f"{family}: replay of one configuration is not supported; run it with a test limit")
     pol = parse_policy(config)
-    return [replay_record(pol, p, dp, tp, d.correct, t.correct) for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]
+    return replay_records(pol, problems, dpaths, tpaths, [d.correct for d in draft], [t.correct for t in target])
 
 
 def write_calibration(cal: Calibration, path: Path) -> None:

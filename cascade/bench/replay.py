@@ -6,7 +6,7 @@ the target-only answer), both models read prompt + answer in one forward pass ea
 position we keep what the policies read in a greedy round: the draft's proposal ``x = argmax q`` and its
 confidence (max q, margin, entropy), the target's ``argmax p``, ``max p``, ``TV(p, q)`` and ``log p(x)``.
 
-Simulation (``simulate``) walks the recorded answer in the engine's rounds, calling the policy's own
+Simulation (``simulate_paths``, all answers in one batch) walks the recorded answer in the engine's rounds, calling the policy's own
 ``trigger`` / ``deferral`` / ``acceptance`` on those statistics, and counts draft and target positions the
 way the engine does (catch-up + block per escalation, prompt prefill apart). A greedy round's output is
 decided by these statistics alone, so the walk is the real run for as long as every token it emits is the
@@ -135,7 +135,6 @@ def score_paths(router, paths: Iterable[PathStats]) -> None:
     ``learned`` policies read what the engine would."""
     for path in paths:
         path.router_score = torch.sigmoid(router.logits(path_features(path))).cpu().tolist()
-        path.__dict__.pop("_tensors", None)
 
 
 def path_key(pair_fingerprint: str, problem_key: str, path_model: str, answer_ids: Sequence[int]) -> str:
@@ -156,42 +155,47 @@ class WalkResult:
     resolved_to_target: int  # of those, positions where the walk emitted the target's token
 
 
-def _tensors(path: PathStats) -> dict[str, torch.Tensor]:
-    """The path's per-position lists as tensors, built once per path (a sweep walks it hundreds of times)."""
-    cached = path.__dict__.get("_tensors")
-    if cached is None:
-        x = torch.tensor(path.q_argmax, dtype=torch.int64)
-        pa = torch.tensor(path.p_argmax, dtype=torch.int64)
-        q = torch.tensor(path.q_max)
-        cached = {"x": x, "pa": pa, "agree": (x == pa).float(), "q_max": q, "q_log": q.clamp_min(1e-30).log(),
-                  "q_margin": torch.tensor(path.q_margin), "q_entropy": torch.tensor(path.q_entropy),
-                  "p_max": torch.tensor(path.p_max), "tv": torch.tensor(path.tv), "logp_x": torch.tensor(path.logp_x),
-                  "router": torch.tensor(path.router_score) if path.router_score is not None else None}
-        path.__dict__["_tensors"] = cached
-    return cached
+_FIELDS = ("tokens", "q_argmax", "p_argmax", "q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x")
+_INT_FIELDS = ("tokens", "q_argmax", "p_argmax")
+MAX_BLOCK = 64  # the largest ``Policy.k``: a block read from any position stays inside a stacked row
 
 
-def _verify_rows(path: PathStats, lo: int, hi: int):
-    """VerifyStats of greedy rows lo..hi-1 (q/p sampling distributions are one-hot at their argmax)."""
-    from cascade.verification import VerifyStats
+class PathBatch:
+    """Recorded answers stacked once for batched walks: each field of ``PathStats`` as a flat
+    ``[N * width]`` tensor (row i holds path i, zeros past its end; ``width`` = longest path + room for
+    one more block), plus the walk's derived masks. A sweep builds it once and walks it per configuration."""
 
-    t = _tensors(path)
-    return VerifyStats(
-        q_token=torch.ones(hi - lo), p_token=t["agree"][lo:hi], max_q=t["q_max"][lo:hi], max_p=t["p_max"][lo:hi],
-        tv=t["tv"][lo:hi], logp_token=t["logp_x"][lo:hi], residual_token=t["pa"][lo:hi], target_token=t["pa"][lo:hi],
-        token=t["x"][lo:hi],
-    )
+    def __init__(self, paths: Sequence[PathStats]) -> None:
+        N = len(paths)
+        self.width = max((len(p) for p in paths), default=0) + MAX_BLOCK + 1
+        self.length = torch.tensor([len(p) for p in paths], dtype=torch.int64)  # [N]
+        scored = [p.router_score is not None for p in paths]
+        if any(scored) and not all(scored):
+            raise ValueError("paths: router scores on some paths only (score_paths scores them all)")
+        names = _FIELDS + (("router_score",) if paths and all(scored) else ())
+        self.flat: dict[str, torch.Tensor] = {}
+        for name in names:
+            t = torch.zeros(N, self.width, dtype=torch.int64 if name in _INT_FIELDS else torch.float32)
+            for i, p in enumerate(paths):
+                t[i, :len(p)] = torch.tensor(getattr(p, name), dtype=t.dtype)
+            self.flat[name] = t.reshape(-1)
+        x, pa, tokens = self.flat["q_argmax"], self.flat["p_argmax"], self.flat["tokens"]
+        self.flat.update(mis_x=x != tokens, mis_pa=pa != tokens, disagree=x != pa)
 
+    def __len__(self) -> int:
+        return self.length.numel()
 
-def _block_confidence(path: PathStats, lo: int, hi: int, catch_up: int, window_left: float) -> BlockConfidence:
-    t = _tensors(path)
-    return BlockConfidence(
-        max_prob=t["q_max"][lo:hi].unsqueeze(0), margin=t["q_margin"][lo:hi].unsqueeze(0),
-        entropy=t["q_entropy"][lo:hi].unsqueeze(0), token_logprob=t["q_log"][lo:hi].unsqueeze(0),
-        valid=torch.ones(1, hi - lo, dtype=torch.bool), drafted=torch.tensor([hi - lo]),
-        catch_up=torch.tensor([catch_up]), window_left=torch.tensor([window_left], dtype=torch.float32),
-        router=t["router"][lo:hi].unsqueeze(0) if t["router"] is not None else None,
-    )
+    @property
+    def has_router(self) -> bool:
+        return "router_score" in self.flat
+
+    def rows(self, idx: Sequence[int]) -> "PathBatch":
+        """The batch of paths ``idx`` (same width)."""
+        out = PathBatch.__new__(PathBatch)
+        index = torch.tensor(list(idx), dtype=torch.int64)
+        out.width, out.length = self.width, self.length[index]
+        out.flat = {k: v.view(-1, self.width)[index].reshape(-1) for k, v in self.flat.items()}
+        return out
 
 
 def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
@@ -199,89 +203,158 @@ def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
     return policy.acceptance(v, policy.deferral(v).float()).float()
 
 
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """mask [A, K] bool -> [A] index of the first True per row, K where there is none."""
+    K = mask.shape[1]
+    idx = torch.where(mask, torch.arange(K).expand_as(mask), torch.full_like(mask, K, dtype=torch.int64))
+    return idx.min(dim=1).values if K else torch.zeros(mask.shape[0], dtype=torch.int64)
+
+
+def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> list[WalkResult]:
+    """Walk every path in the engine's greedy rounds under ``policy``, all paths in lockstep as one batch
+    (see the module docstring): each iteration is one round of every unfinished path, the trigger over a
+    [A, k] block, acceptance over the flat rows of the escalated blocks, both through ``cascade.round``
+    as in the engine. Includes early stops of drafting (``stops_drafting``) and the last block, which ends
+    the request (the path's end: its EOS, the token that completed a stop string, or the max_tokens-th
+    token) and so has no bonus position. The paths are independent: walking them together or one at a
+    time gives the same results."""
+    from cascade.verification import VerifyStats
+
+    batch = paths if isinstance(paths, PathBatch) else PathBatch(paths)
+    N, k = len(batch), policy.k
+    if N == 0:
+        return []
+    L, width, flat_t, has_router = batch.length, batch.width, batch.flat, batch.has_router
+    pos = torch.zeros(N, dtype=torch.int64)  # round 1 feeds only the prompt (prefill, counted apart)
+    target_len = torch.zeros(N, dtype=torch.int64)
+    pending = torch.zeros(N, dtype=torch.int64)
+    window = torch.zeros(N)  # the policy's state between rounds (``Policy.window_after``), as Sequence.window_left
+    draft_tokens, target_tokens, scored, escalations, resolved = (torch.zeros(N, dtype=torch.int64) for _ in range(5))
+    diverged = torch.full((N,), -1, dtype=torch.int64)
+    ar = torch.arange(k)
+    while True:
+        act = (pos < L).nonzero().squeeze(1)  # [A] paths with a round left
+        if act.numel() == 0:
+            break
+        A, p, La = act.numel(), pos[act], L[act]
+        n = torch.clamp(La - p, max=k)  # [A] drafted this round
+        cols = p[:, None] + ar[None, :]  # [A, k] answer positions of the block
+        flat = act[:, None] * width + cols  # [A, k] the same positions in the flattened [N * width] tensors
+        g = {name: flat_t[name][flat] for name in ("q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x", "q_argmax",
+                                                   "p_argmax", "mis_x", "mis_pa", "disagree") + (("router_score",) if has_router else ())}
+        if policy.stops_drafting and k > 1:
+            stop = policy.stop_drafting(g["q_max"][:, : k - 1].reshape(-1))
+            if stop is not None:
+                stop = stop.view(A, k - 1) & (ar[None, : k - 1] < (n - 1)[:, None])
+                n = torch.minimum(n, _first_true(stop) + 1)
+        valid = ar[None, :] < n[:, None]  # [A, k]
+        draft_tokens[act] += pending[act] + n - 1
+        zero = torch.zeros(())
+        conf = BlockConfidence(
+            max_prob=torch.where(valid, g["q_max"], zero), margin=torch.where(valid, g["q_margin"], zero),
+            entropy=torch.where(valid, g["q_entropy"], zero),
+            token_logprob=torch.where(valid, g["q_max"].clamp_min(1e-30).log(), zero), valid=valid, drafted=n,
+            catch_up=p - target_len[act], window_left=window[act],
+            router=torch.where(valid, g["router_score"], zero) if has_router else None,
+        )
+        keep, esc = settle_trigger(*policy.trigger(conf), n)
+        ends_request = (keep == n) & (p + n == La)
+        fed, num_logits = target_layout(keep, ends_request)
+        escalations[act] += esc.long()
+        target_tokens[act] += torch.where(esc, p - target_len[act] + fed, 0)
+        scored[act] += torch.where(esc, num_logits, 0)
+        verified = torch.where(esc, keep, 0)  # [A] rows each path sends to acceptance
+        rows = ar[None, :] < verified[:, None]  # [A, k], row-major = the flat layout's order
+        n_acc = verified
+        if bool(rows.any()):
+            xa, paa = g["q_argmax"], g["p_argmax"]
+            v = VerifyStats(
+                q_token=torch.ones(int(rows.sum())), p_token=(xa == paa).float()[rows], max_q=g["q_max"][rows],
+                max_p=g["p_max"][rows], tv=g["tv"][rows], logp_token=g["logp_x"][rows], residual_token=paa[rows],
+                target_token=paa[rows], token=xa[rows])
+            accept = greedy_acceptance(policy, v)
+            n_acc = accepted_counts(accept, torch.full_like(accept, 0.5), verified)
+        drafted_out = torch.where(esc, n_acc, keep)  # [A] draft tokens emitted from the block's start
+        extra_at = p + n_acc  # an escalation's target token (replacement or bonus), if inside the path
+        has_extra = esc & (extra_at < La)
+        extra_flat = act * width + extra_at.clamp(max=width - 1)
+        # where the walk leaves the recorded answer, and which disagreements it resolved to the target
+        first_x = _first_true(g["mis_x"] & (ar[None, :] < drafted_out[:, None]))
+        extra_mis = has_extra & flat_t["mis_pa"][extra_flat]
+        here = torch.where(first_x < k, p + first_x, torch.where(extra_mis, extra_at, -1))
+        diverged[act] = torch.where((diverged[act] < 0) & (here >= 0), here, diverged[act])
+        resolved[act] += (has_extra & flat_t["disagree"][extra_flat]).long()
+        if policy.keeps_window:
+            emitted = torch.where(esc, n_acc + has_extra.long(), keep)
+            window[act] = policy.window_after(conf.window_left, esc, emitted).float()
+        # the draft cache lags by the block's last token after a whole kept block, and by d_n and the
+        # extra token after a whole accepted escalated block
+        pending[act] = torch.where(esc, torch.where(n_acc == n, 2, 1), torch.where(keep == n, 1, 0))
+        target_len[act] = torch.where(esc, p + n_acc, target_len[act])
+        pos[act] = torch.where(esc, extra_at + 1, p + keep)
+    disagreements = flat_t["disagree"].view(N, width).sum(1)  # zero past each path's end
+    return [WalkResult(int(draft_tokens[i]), int(target_tokens[i]), int(scored[i]), int(escalations[i]),
+                       None if int(diverged[i]) < 0 else int(diverged[i]), int(disagreements[i]), int(resolved[i]))
+            for i in range(N)]
+
+
 def simulate(policy: Policy, path: PathStats) -> WalkResult:
-    """Walk ``path`` in the engine's greedy rounds under ``policy`` (see the module docstring), including
-    early stops of drafting (``stops_drafting``) and the last block, which ends the request (the path's
-    end: its EOS, the token that completed a stop string, or the max_tokens-th token) and so has no bonus
-    position."""
-    L = len(path)
-    pos, target_len, pending_draft = 0, 0, 0  # round 1 feeds only the prompt (prefill, counted apart)
-    window_left = 0.0  # the policy's state between rounds (``Policy.window_after``), as Sequence.window_left
-    draft_tokens = target_tokens = scored = escalations = 0
-    diverged: int | None = None
-    resolved = 0
+    """One path's walk (``simulate_paths`` of a batch of one)."""
+    return simulate_paths(policy, [path])[0]
 
-    def emit(j: int, token: int) -> None:
-        nonlocal diverged, resolved
-        if path.q_argmax[j] != path.p_argmax[j] and token == path.p_argmax[j]:
-            resolved += 1
-        if diverged is None and token != path.tokens[j]:
-            diverged = j
 
-    while pos < L:
-        n = min(policy.k, L - pos)
-        if policy.stops_drafting:
-            for j in range(n - 1):
-                stop = policy.stop_drafting(torch.tensor([path.q_max[pos + j]]))
-                if stop is not None and bool(stop[0]):
-                    n = j + 1
-                    break
-        draft_tokens += pending_draft + n - 1
-        conf = _block_confidence(path, pos, pos + n, pos - target_len, window_left)
-        keep_t, esc_t = settle_trigger(*policy.trigger(conf), conf.drafted)
-        keep = int(keep_t[0])
+class ReplaySet:
+    """The recorded answers of a set of problems, stacked once (``PathBatch``), replayed under any number
+    of policies: ``records(policy)`` walks all draft answers in one batch, then the target answers of the
+    problems whose walk left the draft's. ``target_paths`` entries may be None (no target answer)."""
 
-        def carry_window(emitted: int) -> float:
-            if not policy.keeps_window:
-                return 0.0
-            return float(policy.window_after(conf.window_left, esc_t, torch.tensor([emitted]))[0])
+    def __init__(self, problems, draft_paths: Sequence[PathStats], target_paths: Sequence[PathStats | None],
+                 draft_correct: Sequence[float], target_correct: Sequence[float]) -> None:
+        if not len(problems) == len(draft_paths) == len(target_paths) == len(draft_correct) == len(target_correct):
+            raise ValueError("replay: problems, paths and correctness differ in length")
+        self.problems, self.draft_paths, self.target_paths = list(problems), list(draft_paths), list(target_paths)
+        self.draft_correct, self.target_correct = list(draft_correct), list(target_correct)
+        self._draft = PathBatch(self.draft_paths)
+        self._with_target = [i for i, tp in enumerate(self.target_paths) if tp is not None]
+        self._target_row = {i: r for r, i in enumerate(self._with_target)}
+        self._target = PathBatch([self.target_paths[i] for i in self._with_target])
 
-        if not bool(esc_t[0]):
-            for j in range(pos, pos + keep):
-                emit(j, path.q_argmax[j])
-            pending_draft = 1 if keep == n else 0
-            window_left = carry_window(keep)
-            pos += keep
-            continue
-        ends_request = keep == n and pos + n == L  # the path's end: its EOS, stop string or max_tokens-th token
-        fed, num_logits = target_layout(keep_t, torch.tensor([ends_request]))
-        escalations += 1
-        target_tokens += (pos - target_len) + int(fed[0])
-        scored += int(num_logits[0])
-        n_acc = 0
-        if keep:
-            accept = greedy_acceptance(policy, _verify_rows(path, pos, pos + keep))
-            n_acc = int(accepted_counts(accept, torch.full_like(accept, 0.5), keep_t)[0])
-        for j in range(pos, pos + n_acc):
-            emit(j, path.q_argmax[j])
-        extra = pos + n_acc
-        if extra < L:
-            emit(extra, path.p_argmax[extra])
-        target_len = pos + n_acc
-        pending_draft = 2 if n_acc == n else 1  # the draft cache lags by d_n and the extra token only after a whole block
-        window_left = carry_window(n_acc + (extra < L))
-        pos = extra + 1
-    disagreements = sum(1 for a, b in zip(path.q_argmax, path.p_argmax) if a != b)
-    return WalkResult(draft_tokens, target_tokens, scored, escalations, diverged, disagreements, resolved)
+    def records(self, policy: Policy) -> list["RunRecord"]:
+        on_draft = simulate_paths(policy, self._draft)
+        redo = [i for i, w in enumerate(on_draft) if w.diverged_at is not None and i in self._target_row]
+        on_target = dict(zip(redo, simulate_paths(policy, self._target.rows([self._target_row[i] for i in redo]))))
+        return [_record(policy, self.problems[i], self.draft_paths[i], self.target_paths[i], self.draft_correct[i],
+                        self.target_correct[i], on_draft[i], on_target.get(i)) for i in range(len(on_draft))]
+
+
+def replay_records(policy: Policy, problems, draft_paths: Sequence[PathStats],
+                   target_paths: Sequence[PathStats | None], draft_correct: Sequence[float],
+                   target_correct: Sequence[float]) -> list["RunRecord"]:
+    """``replay_record`` of every problem, the walks batched (``ReplaySet``; build one to replay many policies)."""
+    return ReplaySet(problems, draft_paths, target_paths, draft_correct, target_correct).records(policy)
 
 
 def replay_record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats | None,
                   draft_correct: float, target_correct: float) -> "RunRecord":
     """One replayed RunRecord for ``policy`` on ``problem`` from the recorded answers (the target's answer
     is optional: without it, a walk that leaves the draft's answer is always an estimate)."""
+    return replay_records(policy, [problem], [draft_path], [target_path], [draft_correct], [target_correct])[0]
+
+
+def _record(policy: Policy, problem, draft_path: PathStats, target_path: PathStats | None, draft_correct: float,
+            target_correct: float, on_draft: WalkResult, on_target: WalkResult | None) -> "RunRecord":
+    """The record of one problem from its walks (``on_target``: the walk on the target's answer, None where
+    the draft's walk never left the draft's answer or there is no target answer)."""
     from cascade.bench.runs import RunRecord
 
-    on_draft = simulate(policy, draft_path)
     if on_draft.diverged_at is None:
         walk, path, mode, correct = on_draft, draft_path, "replay-exact", draft_correct
+    elif on_target is not None and on_target.diverged_at is None:
+        walk, path, mode, correct = on_target, target_path, "replay-target-path", target_correct
     else:
-        on_target = simulate(policy, target_path) if target_path is not None else None
-        if on_target is not None and on_target.diverged_at is None:
-            walk, path, mode, correct = on_target, target_path, "replay-target-path", target_correct
-        else:
-            share = on_draft.resolved_to_target / max(1, on_draft.disagreements)
-            walk, path, mode = on_draft, draft_path, "replay-estimate"
-            correct = draft_correct + (target_correct - draft_correct) * share
+        share = on_draft.resolved_to_target / max(1, on_draft.disagreements)
+        walk, path, mode = on_draft, draft_path, "replay-estimate"
+        correct = draft_correct + (target_correct - draft_correct) * share
     return RunRecord(
         dataset=problem.dataset, problem_id=problem.problem_id, policy=policy.describe(), correct=float(correct),
         emitted_tokens=path.emitted, prompt_tokens=path.prompt_tokens, draft_tokens=walk.draft_tokens,

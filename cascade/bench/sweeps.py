@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from cascade.bench.replay import PathStats, replay_record
+from cascade.bench.replay import PathStats, ReplaySet
 from cascade.bench.runs import RunRecord
 from cascade.policies import Policy, make_policy
 from cascade.policies.routing import linear_quantile
@@ -116,11 +116,12 @@ def sweep_records(families: Sequence[str], problems, draft: Sequence[RunRecord],
     quantiles of its score over ``tau_paths``, the split it is calibrated on; ``quantile-spec`` needs the
     target's recorded answers). ``on_config`` is called after each replayed configuration (progress)."""
     runs: dict[str, list[tuple[str, list[RunRecord]]]] = {}
+    t_correct = [t.correct for t in target]
+    replay = ReplaySet(problems, dpaths, tpaths, [d.correct for d in draft], t_correct)
     for fam in (f for f in families if f not in REQUEST_LEVEL):
         runs[fam] = []
         for pol in grid_policies(fam):
-            runs[fam].append((pol.describe(), [replay_record(pol, p, dp, tp, d.correct, t.correct)
-                                               for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target)]))
+            runs[fam].append((pol.describe(), replay.records(pol)))
             on_config()
     spec_on_target = None
     for fam in (f for f in families if f in REQUEST_LEVEL):
@@ -128,7 +129,7 @@ def sweep_records(families: Sequence[str], problems, draft: Sequence[RunRecord],
             if any(tp is None for tp in tpaths):
                 raise ValueError("quantile-spec needs the target's recorded answers (tpaths)")
             spec = make_policy("speculative")
-            spec_on_target = [replay_record(spec, p, tp, None, t.correct, t.correct) for p, tp, t in zip(problems, tpaths, target)]
+            spec_on_target = ReplaySet(problems, tpaths, [None] * len(tpaths), t_correct, t_correct).records(spec)
         runs[fam] = []
         for level in QUANTILE_LEVELS:
             for tau in quantile_taus(tau_paths, level):
