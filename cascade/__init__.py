@@ -24,9 +24,9 @@ Vocabulary (used in code, docs and metrics):
 - **policy**: trigger + deferral rule (+ ``k``); a registered name with parameters, e.g. ``chow(alpha=0.2)``.
 - **lossless**: a policy whose output distribution is exactly the target's (``speculative``: always
   escalate, ``δ ≡ 1``); its greedy output equals target-only greedy output token for token where the
-  verify pass and the decode step compute alike: with ``EngineConfig.exact_verify`` in any dtype at batch
-  1, and in practice in fp32; in bf16 a multi-row verify pass and a 1-row decode round differently and
-  part at near-ties (README, "Lossless").
+  verify pass and the decode step compute alike: with ``EngineConfig.exact_verify`` (batch-invariant: equal
+  to batch-1 target-only) in any dtype at any batch, and in practice in fp32; in bf16 a multi-row verify
+  pass and a 1-row decode round differently and part at near-ties (README, "Lossless").
 
 Public API: ``Cascade`` (load a pair, ``generate``), ``SamplingParams``, ``EngineConfig``, the policy
 registry (``make_policy``, ``parse_policy``, ``policy_names``) and ``load_pair``.

@@ -372,9 +372,10 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="'vllm:' target: share of GPU memory (of RAM on vLLM's CPU backend) vLLM reserves (default: vLLM's)")
     p.add_argument("--vllm-tensor-parallel", type=int, default=1, help="'vllm:' target: GPUs to split the target over (default: 1)")
     p.add_argument("--exact-verify", action="store_true",
-                   help="verify through the same target calls target-only decoding makes (the prompt alone, then one "
-                        "token per call): greedy speculative == target-only token for token in any dtype at batch 1, "
-                        "at the cost of a sequential verification (in-process target only)")
+                   help="batch-invariant target: every target call is the one batch-1 target-only decoding makes (the "
+                        "prompt alone, then one token of one sequence per call): greedy speculative == batch-1 "
+                        "target-only token for token in any dtype at any batch, at the cost of a sequential "
+                        "verification (in-process target only)")
 
 
 def target_kwargs(args: argparse.Namespace) -> dict:

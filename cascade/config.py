@@ -56,9 +56,10 @@ class EngineConfig:
     dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None picks per device (see models.llama)
     max_draft_block: int = 16  # largest k a policy may ask for
     on_target_error: str = "fail"  # a TargetUnavailable target pass: "fail" its requests, or go "draft-only"
-    exact_verify: bool = False  # the target computes every position through the calls target-only decoding
-    #   makes (the prompt in a pass of its own, then one token per pass): greedy speculative == target-only
-    #   token for token in any dtype at batch 1, at the cost of a sequential verification (see Engine)
+    exact_verify: bool = False  # batch-invariant target: every position through the calls batch-1 target-only
+    #   decoding makes (the prompt in a pass of its own, then one token of one sequence per pass): greedy
+    #   speculative == batch-1 target-only token for token in any dtype at any batch, at the cost of a
+    #   sequential verification (see Engine._target_stepwise)
 
     def __post_init__(self) -> None:
         if self.on_target_error not in ("fail", "draft-only"):

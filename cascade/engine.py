@@ -414,13 +414,14 @@ class Engine:
         return out
 
     def _target_stepwise(self, members: list[Sequence], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
-        """``forward_span`` of the target pass, computed the way target-only decoding computes it: a prompt
-        in a call of its own (as a target-only request's first round), then one token per call. A 1-row
-        decode and a k-row verify reduce in different orders, so in bf16 they part at near-ties; this path
-        makes the verify pass's arithmetic the decode's, hence ``speculative`` greedy == ``target-only``
-        greedy token for token at batch 1 in any dtype (at batch > 1 each call mixes the escalated rows,
-        so it is exact where the runner's per-row results do not depend on the other rows of a call).
-        The cost: a block is verified in as many sequential target calls as it has tokens.
+        """``forward_span`` of the target pass, computed the way target-only decoding computes it at batch 1:
+        a prompt in a call of its own (as a target-only request's first round), then one token of one
+        sequence per call. A 1-row decode and a k-row verify reduce in different orders, and so do calls
+        whose row count differs (GEMM blocking depends on it), so in bf16 they part at near-ties; this path
+        makes every target position's arithmetic that of a batch-1 target-only decode, whatever else is in
+        the batch (batch-invariant), hence ``speculative`` greedy == batch-1 ``target-only`` greedy token
+        for token at any batch in any dtype (and so does ``target-only`` itself in this mode). The cost: a
+        block is verified in as many sequential target calls as it has tokens, one sequence at a time.
         Returns logits [sum(num_logits), V] in ``forward_span``'s layout."""
         rows = [s.row for s in members]
         picked: list[list[torch.Tensor]] = [[] for _ in members]
@@ -436,12 +437,11 @@ class Engine:
             active = [i for i in range(len(members)) if pos[i] < len(spans[i])]
             if not active:
                 break
-            logits = self.target.forward_span([rows[i] for i in active], [[spans[i][pos[i]]] for i in active],
-                                              num_logits=[1] * len(active))
-            for a, i in enumerate(active):
+            for i in active:  # one row per call: a row's result never depends on the others
+                logits = self.target.forward_span([rows[i]], [[spans[i][pos[i]]]], num_logits=[1])
                 pos[i] += 1
                 if pos[i] > len(spans[i]) - num_logits[i]:
-                    picked[i].append(logits[a])
+                    picked[i].append(logits[0])
         return torch.cat([torch.stack(p) for p in picked])
 
     def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:

@@ -82,8 +82,8 @@ class Cascade:
         (a list of URLs: replicas, used round-robin with failover; ``target``, if given, is then only read
         for its config.json, for cost accounting).
         ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
-        "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through the target-only
-        decoding calls, so lossless policies are token-exact in any dtype (``EngineConfig``)."""
+        "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through batch-1 target-only
+        decoding's calls, so lossless policies are token-exact in any dtype at any batch (``EngineConfig``)."""
         from cascade.models.llama import LlamaRunner
         from cascade.weights import DEFAULT_PAIR, resolve_model
 

@@ -286,3 +286,41 @@ def test_exact_verify_makes_speculative_token_exact_in_any_dtype(tiny_pair_dirs,
             assert (r.stats.target_tokens, r.stats.target_scored_tokens) == (p.stats.target_tokens, p.stats.target_scored_tokens) \
                 or r.token_ids != p.token_ids
     assert exact.engine.scheduler.num_free_rows == 4
+
+
+class _RowCountSensitive:
+    """A target whose logits for a row depend on how many rows share the call, as GEMM blocking makes them
+    do on real hardware (here exaggerated so that argmaxes move): the seam that lets the batch-invariance
+    test fail when rows are mixed into one call."""
+
+    def __init__(self, runner):
+        self._runner = runner
+        self._bias = torch.randn(runner.vocab_size, generator=torch.Generator().manual_seed(0)) * 4.0
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def forward_span(self, rows, spans, num_logits=None):
+        logits = self._runner.forward_span(rows, spans, num_logits=num_logits)
+        return logits + (len(rows) - 1) * self._bias.to(logits.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("row_count_sensitive", [False, True])
+def test_exact_verify_is_batch_invariant(tiny_pair_dirs, dtype, row_count_sensitive):
+    """With exact_verify every target call is a batch-1 target-only call, so greedy speculative on a batch
+    of prompts (each with its own acceptance pattern, escalating at different rounds) equals target-only on
+    each prompt alone, and target-only in this mode equals it too, even for a target whose per-row results
+    depend on the other rows of a call."""
+    d, t = (LlamaRunner.from_pretrained(p, max_rows=4, max_len=128, device="cpu", dtype=dtype) for p in tiny_pair_dirs)
+    if row_count_sensitive:
+        t = _RowCountSensitive(t)
+    c = Cascade(d, t, None, config=EngineConfig(max_rows=4, max_len=128, exact_verify=True))
+    params = SamplingParams(max_tokens=20)
+    alone = [c.generate([prompt], params, policy="target-only")[0].token_ids for prompt in PROMPTS]
+    assert [r.token_ids for r in c.generate(PROMPTS, params, policy="target-only")] == alone
+    for k in (2, 5):
+        together = c.generate(PROMPTS, params, policy=make_policy("speculative", k=k))
+        assert [r.token_ids for r in together] == alone, k
+        assert sum(r.stats.escalations for r in together) > len(PROMPTS)
+    assert c.engine.scheduler.num_free_rows == 4
