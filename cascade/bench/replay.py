@@ -205,9 +205,9 @@ def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
 
 def _first_true(mask: torch.Tensor) -> torch.Tensor:
     """mask [A, K] bool -> [A] index of the first True per row, K where there is none."""
-    K = mask.shape[1]
+    K = mask.shape[1]  # >= 1: callers pass a block (k >= 1) or its first k - 1 columns with k > 1
     idx = torch.where(mask, torch.arange(K).expand_as(mask), torch.full_like(mask, K, dtype=torch.int64))
-    return idx.min(dim=1).values if K else torch.zeros(mask.shape[0], dtype=torch.int64)
+    return idx.min(dim=1).values
 
 
 def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> list[WalkResult]:
