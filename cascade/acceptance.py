@@ -76,7 +76,7 @@ def verify_blocks(
         q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified]).to(dev)
         toks = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
         temps = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
-        seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.generator) for s in verified])
+        seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.rng.on(dev)) for s in verified])
         stats = verify_stats(q_logits, p_logits, toks.to(dev), temps.to(dev), seeds.to(dev))
         logp_x = stats.logp_token.float().cpu().clone()  # natural log p(x) where T in {0, 1}
         other_t = ~((temps == 0.0) | (temps == 1.0))
@@ -109,8 +109,9 @@ def verify_blocks(
     accepted: dict[str, int] = {}  # the accepted prefix of each verified block: one call over the flat rows
     if verified:
         keeps = torch.tensor([blocks[s.request_id].keep for s in verified])
-        u = torch.cat([uniforms(blocks[s.request_id].keep, s.generator) for s in verified])
-        counts = accepted_counts(torch.cat([decisions[s.request_id][1] for s in verified]), u, keeps)
+        accept = torch.cat([decisions[s.request_id][1] for s in verified])
+        u = torch.cat([uniforms(blocks[s.request_id].keep, s.rng.on(accept.device)) for s in verified])
+        counts = accepted_counts(accept, u, keeps)
         accepted = {s.request_id: int(c) for s, c in zip(verified, counts.tolist())}
     result = {}
     for s in seqs:
@@ -129,8 +130,8 @@ def verify_blocks(
             row = offsets[s.request_id] + n_acc
             if s.request_id in dists:
                 pi, q = dists[s.request_id]
-                res = residual_distribution(pi[n_acc:n_acc + 1], q[n_acc:n_acc + 1])[0].cpu()
-                extra = int(torch.multinomial(res, 1, generator=s.generator)[0])
+                res = residual_distribution(pi[n_acc:n_acc + 1], q[n_acc:n_acc + 1])[0]
+                extra = int(torch.multinomial(res, 1, generator=s.rng.on(res.device))[0])
             else:
                 replacement = stats.target_token if s.policy.replace_from_target else stats.residual_token
                 extra = int(replacement[row])
@@ -144,7 +145,7 @@ def verify_blocks(
             continue
         else:
             bonus_logits = filter_logits(target_logits[s.request_id][n:n + 1], [s.params])
-            extra = int(sample(bonus_logits, [s.params], [s.generator])[0])
+            extra = int(sample(bonus_logits, [s.params], [s.rng])[0])
             lp = natural_logprob(bonus_logits, torch.tensor([extra]))
             sources.append(TokenSource.BONUS)
             s.stats.bonus_tokens += 1

@@ -28,6 +28,12 @@ without a filter it is the model's own log-prob). DRAFT tokens get the draft's l
 stats' ``token_logprob`` at T in {0, 1}, recomputed for other temperatures); VERIFIED ones the target's
 log p(x); TARGET / BONUS / target-only tokens the target's log-prob of the token drawn.
 
+Vocabulary: the engine works on the tokenizer's vocabulary, ``vocab_size`` ids. Checkpoints of one
+tokenizer often pad their embedding matrices to different sizes (Qwen2.5 0.5B: 151,936 rows, 7B: 152,064,
+the tokenizer: 151,665 ids), so every logits row a runner returns is cut to its first ``vocab_size``
+columns (a view, no copy) before anything reads it: a padding row is never drafted, accepted, sampled or
+counted in a confidence statistic.
+
 Held-back output: tokens emitted from ``Sequence.pending_from`` on are not reported yet (empty deltas): a
 request-level policy's answer until it is decided. A finished request reports everything.
 """
@@ -49,7 +55,7 @@ from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.router import DeferralRouter
 from cascade.round import settle_trigger, target_layout
-from cascade.sampling import filter_logits, make_generator, sample
+from cascade.sampling import RequestRng, filter_logits, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 
 
@@ -79,9 +85,9 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
         config: EngineConfig | None = None,
         router: DeferralRouter | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        if draft.vocab_size != target.vocab_size:
-            raise ValueError(f"draft vocab {draft.vocab_size} != target vocab {target.vocab_size}: the pair must share a tokenizer")
+        self.vocab_size = shared_vocab_size(draft.vocab_size, target.vocab_size, vocab_size)
         self.draft, self.target = draft, target
         self.config = config or EngineConfig(max_rows=min(draft.max_rows, target.max_rows))
         self.max_rows = min(draft.max_rows, target.max_rows, self.config.max_rows)
@@ -98,8 +104,7 @@ class Engine:
         """Queue a request. Raises ValueError naming the field for an empty or too long prompt, or a
         policy the engine cannot run (see ``check_request``)."""
         prompt_ids = self.check_request(prompt_ids, params, policy)
-        gen = make_generator(params.seed, "cpu")
-        seq = Sequence(request_id, prompt_ids, params, policy, gen)
+        seq = Sequence(request_id, prompt_ids, params, policy, RequestRng(params.seed))
         if policy.request_level:
             seq.pending_from = 0  # nothing is reported until the request-level decision
         self.scheduler.add(seq)
@@ -115,9 +120,9 @@ class Engine:
             raise ValueError("prompt: must not be empty")
         if len(prompt_ids) > self.max_len - 2:
             raise ValueError(f"prompt: {len(prompt_ids)} tokens is longer than the cache allows (max_len={self.max_len}, at most {self.max_len - 2} prompt tokens)")
-        bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if policy.uses_router and self.router is None:
             raise ValueError(f"policy: {policy.name} needs a learned deferral router, and none is loaded (train one "
                              "with `cascade train-router`; it is saved next to the draft model)")
@@ -220,6 +225,10 @@ class Engine:
                 self._release(seq)
         return outputs, failed
 
+    def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """A runner's logits [n, V_runner] -> [n, vocab_size]: the tokenizer's ids only (a view)."""
+        return logits if logits.shape[-1] == self.vocab_size else logits[:, : self.vocab_size]
+
     def _block_size(self, s: Sequence) -> int:
         """Tokens to draft this round: the policy's k, capped by max_tokens and by cache room (the
         block, plus the replacement/bonus token, must fit in max_len)."""
@@ -235,7 +244,7 @@ class Engine:
         for s, span in zip(seqs, pending):
             self._count_positions(s, s.draft_len, len(span), draft=True)
             s.draft_len += len(span)
-        logits = self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs))  # [B, V]
+        logits = self._vocab(self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs)))  # [B, V]
         drafted: list[list[int]] = [[] for _ in seqs]
         step_logits: list[list[torch.Tensor]] = [[] for _ in seqs]
         ends = [False] * len(seqs)  # the block's last token ends the request (EOS / stop string)
@@ -247,13 +256,13 @@ class Engine:
                     break
                 row_t = torch.tensor([rows[i] for i in active], dtype=torch.int64, device=self.draft.device)
                 ids_t = torch.tensor([drafted[i][-1] for i in active], dtype=torch.int64, device=self.draft.device)
-                logits = self.draft.decode(row_t, ids_t)
+                logits = self._vocab(self.draft.decode(row_t, ids_t))
                 for i in active:
                     seqs[i].draft_len += 1
                     seqs[i].stats.draft_tokens += 1
             params = [seqs[i].params for i in active]
             filtered = filter_logits(logits, params)
-            toks = sample(filtered, params, [seqs[i].generator for i in active]).tolist()
+            toks = sample(filtered, params, [seqs[i].rng for i in active]).tolist()
             for a, i in enumerate(active):
                 drafted[i].append(toks[a])
                 step_logits[i].append(filtered[a])
@@ -390,6 +399,7 @@ class Engine:
                 logits = self._target_stepwise(members, spans, num_logits)
             else:
                 logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
+            logits = self._vocab(logits)
         except TargetUnavailable:
             self.stats.time_target_s += time.perf_counter() - t0
             for s in members:
@@ -472,7 +482,7 @@ class Engine:
 
     def _commit_target_only(self, s: Sequence, logits: torch.Tensor) -> None:
         filtered = filter_logits(logits[-1:], [s.params])
-        tok = int(sample(filtered, [s.params], [s.generator])[0])
+        tok = int(sample(filtered, [s.params], [s.rng])[0])
         self._append(s, [tok], [TokenSource.TARGET], [float(natural_logprob(filtered, torch.tensor([tok]))[0])])
 
     def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float]) -> None:
@@ -547,6 +557,21 @@ class Engine:
             new_logprobs=s.token_logprobs[start:ready], text=text, finished=s.finished,
             finish_reason=s.finish_reason, stats=s.stats,
         )
+
+
+def shared_vocab_size(draft_rows: int, target_rows: int, vocab_size: int | None) -> int:
+    """The vocabulary a pair cascades over: ``vocab_size`` (the shared tokenizer's, at most both runners'
+    logits widths), or the common width when none is given. A pair whose widths differ needs it: the engine
+    cannot tell padding rows from a different tokenizer."""
+    if vocab_size is None:
+        if draft_rows != target_rows:
+            raise ValueError(f"vocab_size: the draft has {draft_rows} logits rows and the target {target_rows}; pass the "
+                             "shared tokenizer's vocabulary size (len(tokenizer)) so the padding rows can be masked")
+        return draft_rows
+    if not 0 < vocab_size <= min(draft_rows, target_rows):
+        raise ValueError(f"vocab_size: {vocab_size} must be in [1, {min(draft_rows, target_rows)}] (the draft has "
+                         f"{draft_rows} logits rows, the target {target_rows}): the tokenizer does not fit the pair")
+    return vocab_size
 
 
 def _drafts(s: Sequence) -> bool:

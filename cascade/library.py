@@ -57,15 +57,20 @@ class Cascade:
 
     def __init__(self, draft: ModelRunner, target: ModelRunner, tokenizer: Any | None = None, *,
                  eos_token_ids: Sequence[int] | None = None, config: EngineConfig | None = None,
-                 router: "DeferralRouter | None" = None) -> None:
+                 router: "DeferralRouter | None" = None, vocab_size: int | None = None) -> None:
+        """``vocab_size``: the ids the pair cascades over (default: the tokenizer's length; see ``Engine``)."""
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(tokenizer)
         # the server encodes on its event loop while the engine thread detokenizes: one lock serializes them
         self._tokenizer_lock = threading.Lock()
+        # the engine works on the tokenizer's ids; the runners' padding rows above them are masked
+        vocab = vocab_size
+        if vocab is None and hasattr(tokenizer, "__len__"):
+            vocab = min(len(tokenizer), draft.vocab_size, target.vocab_size)
         self.engine = Engine(draft, target, eos_token_ids=eos_token_ids,
                              detokenize=self.decode if tokenizer is not None else None, config=config,
-                             router=router)
+                             router=router, vocab_size=vocab)
         self._ids = itertools.count()
 
     @classmethod
@@ -113,6 +118,8 @@ class Cascade:
         else:
             target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         tokenizer = load_tokenizer(draft_dir)
+        if target_dir is not None and has_tokenizer(target_dir):
+            check_same_tokenizer(tokenizer, load_tokenizer(target_dir))
         eos = set(_eos_ids(tokenizer)) | generation_config_eos(draft_dir)
         if target_dir is not None:
             eos |= generation_config_eos(target_dir)
@@ -238,6 +245,22 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def check_same_tokenizer(draft_tokenizer, target_tokenizer) -> None:
+    """Raise ValueError unless the two tokenizers map every token to the same id: a cascade compares the
+    draft's and the target's distributions id by id, so they must share one tokenizer (their checkpoints may
+    still pad the embedding matrices to different sizes)."""
+    a, b = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    if a == b:
+        return
+    only = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
+    raise ValueError(f"target: its tokenizer differs from the draft's ({len(a)} vs {len(b)} tokens; first differing "
+                     f"(token, id): {only}); a cascade needs a draft and a target that share one tokenizer")
 
 
 def _eos_ids(tokenizer) -> list[int]:

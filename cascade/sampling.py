@@ -1,4 +1,6 @@
-"""Per-request token sampling: top-k / top-p filtering, temperature, greedy, seeded generators.
+"""Per-request token sampling: top-k / top-p filtering, temperature, greedy, and each request's random
+streams (``RequestRng``: one seeded generator per device the request draws on, so a draw always uses a
+generator on the device of the tensor it draws from).
 
 The same filtering shapes both the draft's proposal ``q`` and the target's ``p`` (speculative
 acceptance is exact only when both are the distributions the request asked for). Filtering marks
@@ -8,6 +10,7 @@ kernels see exactly the logits the sampler drew from.
 
 from __future__ import annotations
 
+import secrets
 from typing import Sequence
 
 import torch
@@ -49,28 +52,79 @@ def _filter_row(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.where(torch.isinf(scaled), scaled, row)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Draw one token per row. logits: [B, V] filtered float32 logits -> [B] int64.
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence["RequestRng"]) -> torch.Tensor:
+    """Draw one token per row. logits: [B, V] filtered float32 logits -> [B] int64 (on logits' device).
 
     Greedy rows take the argmax (first index on ties); the others draw from softmax(logits / T) with
-    their own generator, so a request's draws do not depend on which other requests share the batch."""
+    their request's generator on logits' device, so a request's draws do not depend on which other
+    requests share the batch."""
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:
             continue
         probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        out[i] = torch.multinomial(probs, 1, generator=rngs[i].on(probs.device))[0]
     return out
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator: seeded when the request gives a seed, from fresh entropy otherwise."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+class RequestRng:
+    """A request's random streams: one ``torch.Generator`` per device it draws on, made on first use.
+
+    PyTorch draws on a CUDA tensor only with a CUDA generator (and on a CPU tensor only with a CPU one),
+    and the draft and the target may live on different devices, so each draw asks ``on(tensor.device)``.
+    Every stream is seeded from the request's seed (fresh entropy when it has none): the CPU stream with
+    the seed itself, every other device with the seed mixed with the device's name, so two devices never
+    share a stream (draft sampling and acceptance uniforms drawn from one sequence of numbers on two
+    GPUs would be correlated). Seeded output therefore depends on the request and the devices only, not on
+    the batch. ``get_state`` / ``set_state`` snapshot and restore every stream (a failed round is undone)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = int(seed) if seed is not None else secrets.randbits(63)
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device | str) -> torch.Generator:
+        """This request's generator on ``device`` (a tensor's ``.device``; "cuda" means the current one)."""
+        dev = _canonical(torch.device(device))
+        gen = self._gens.get(dev)
+        if gen is None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(self.seed if dev.type == "cpu" else _mix(self.seed, str(dev)))
+            self._gens[dev] = gen
+        return gen
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices this request has drawn on so far."""
+        return list(self._gens)
+
+    def get_state(self) -> dict[torch.device, torch.Tensor]:
+        return {dev: g.get_state() for dev, g in self._gens.items()}
+
+    def set_state(self, state: dict[torch.device, torch.Tensor]) -> None:
+        """Restore ``get_state``'s snapshot; a stream first used after it is dropped (it restarts fresh)."""
+        for dev in list(self._gens):
+            if dev in state:
+                self._gens[dev].set_state(state[dev])
+            else:
+                del self._gens[dev]
+
+
+def _canonical(dev: torch.device) -> torch.device:
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _mix(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, device name): splitmix64 over the seed xor a stable hash of the name."""
+    h = 0
+    for ch in name.encode():
+        h = (h * 1099511628211 + ch) & 0xFFFFFFFFFFFFFFFF
+    x = (seed ^ h) & 0xFFFFFFFFFFFFFFFF
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
 
 
 def uniforms(n: int, generator: torch.Generator) -> torch.Tensor:

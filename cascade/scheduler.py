@@ -18,6 +18,7 @@ import torch
 from cascade.config import SamplingParams
 from cascade.metrics import RequestStats, TokenSource
 from cascade.policies import Policy
+from cascade.sampling import RequestRng
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     policy: Policy
-    generator: torch.Generator
+    rng: RequestRng  # the request's random streams, one generator per device (``cascade.sampling``)
     row: int = -1
     tokens: list[int] = field(default_factory=list)
     sources: list[TokenSource] = field(default_factory=list)  # one per emitted token
@@ -82,7 +83,7 @@ class SequenceSnapshot:
     token_logprobs: list[float]
     scalars: dict
     stats: RequestStats
-    rng_state: torch.Tensor
+    rng_state: dict[torch.device, torch.Tensor]
 
     _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text", "finished",
                 "finish_reason", "emitted_reported")
@@ -91,7 +92,7 @@ class SequenceSnapshot:
     def of(cls, s: Sequence) -> "SequenceSnapshot":
         return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
                    {name: getattr(s, name) for name in cls._SCALARS}, dataclasses.replace(s.stats),
-                   s.generator.get_state())
+                   s.rng.get_state())
 
     def restore(self, s: Sequence, draft, target) -> None:
         """Put ``s`` back as it was; cut cache rows the failed round wrote (``draft`` / ``target``: ModelRunners)."""
@@ -99,7 +100,7 @@ class SequenceSnapshot:
         for name, value in self.scalars.items():
             setattr(s, name, value)
         s.stats = dataclasses.replace(self.stats)
-        s.generator.set_state(self.rng_state)
+        s.rng.set_state(self.rng_state)
         if s.row >= 0:  # the caches may hold positions written by the failed round: cut them (a length update)
             for runner, length in ((draft, s.draft_len), (target, s.target_len)):
                 if runner.lengths([s.row])[0] > length:

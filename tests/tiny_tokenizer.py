@@ -14,6 +14,9 @@ class CharTokenizer:
     def __init__(self) -> None:
         self._ids = {c: i for i, c in enumerate(SYMBOLS)}
 
+    def __len__(self) -> int:
+        return len(SYMBOLS)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self._ids.get(c, self._ids["?"]) for c in text.lower()]
 
