@@ -252,20 +252,66 @@ def test_partial_logits_and_integer_types(qwen):
     assert maxdiff(out, hf_logits(model, [1, 2, 9])[-1:]) < TOL
 
 
-def test_static_decode_step_matches_eager(qwen):
-    """The CUDA-graph step's math (static max_len attention, device lengths, scratch row) run eagerly."""
+def test_static_steps_match_eager(qwen, monkeypatch):
+    """The CUDA-graph path run uncaptured on CPU: padded (batch bucket, token bucket) static steps, the cache
+    attention over each row's own length, device lengths and the scratch row, against the eager runner on
+    the same calls: ragged verify-sized spans, decodes, rollbacks, a span longer than the largest bucket
+    (eager fallback), and a prompt that ends at max_len."""
     _, path = qwen
-    a, b = fresh(path), fresh(path)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a, b = fresh(path, cuda_graphs="uncaptured", graph_tokens=(2, 4)), fresh(path)
+    assert a.describe()["decode"] == "static" and b.describe()["decode"] == "eager"
+    calls = []
+    real = a._span_static
+    monkeypatch.setattr(a._graphs, "step", lambda *args: calls.append(tuple(args[1].shape)) or real(*args))
     for r in (a, b):
-        r.forward_span([1, 3], prompts)
-    for ids in ([10, 11], [12, 13]):
-        assert maxdiff(a.decode_static([3, 1], torch.tensor(ids)), b.decode(torch.tensor([3, 1]), torch.tensor(ids))) < 1e-5
-    a.truncate([3], [4])
-    b.truncate([3], [4])
-    assert maxdiff(a.decode_static([3], torch.tensor([7])), b.decode(torch.tensor([3]), torch.tensor([7]))) < 1e-5
-    assert a.lengths([1, 3]) == b.lengths([1, 3]) == [5, 5]
-    assert a._len_dev.tolist() == [0, 5, 0, 5, 0]  # device mirror, scratch row back to 0
+        r.forward_span([1, 3], [[1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8]])  # longer than 4: eager on both
+    assert calls == []
+    steps = [
+        ("span", [3, 1], [[10, 11, 12], [13]], [2, 1]),   # ragged, bucket (2 rows, 4 tokens)
+        ("decode", [3, 1], [14, 15], None),                  # (2, 1)
+        ("span", [1], [[16, 17]], [2]),                      # (1, 2)
+        ("decode", [0, 1, 3], [1, 2, 3], None),              # a third row, empty so far: (4, 1)
+    ]
+    for kind, rows, ids, k in steps:
+        if kind == "span":
+            got, want = a.forward_span(rows, ids, num_logits=k), b.forward_span(rows, ids, num_logits=k)
+        else:
+            got, want = a.decode(torch.tensor(rows), torch.tensor(ids)), b.decode(torch.tensor(rows), torch.tensor(ids))
+        assert got.shape == want.shape and maxdiff(got, want) < 1e-5, kind
+        assert a.lengths(rows) == b.lengths(rows)
+    assert calls == [(2, 4), (2, 1), (1, 2), (4, 1)]
+    for r in (a, b):
+        r.truncate([3], [4])
+    assert maxdiff(a.decode(torch.tensor([3]), torch.tensor([7])), b.decode(torch.tensor([3]), torch.tensor([7]))) < 1e-5
+    assert a._len_dev.tolist() == [1, 11, 0, 5, 0]  # device mirror in step with the host lengths, scratch row 0
+    assert a.lengths([0, 1, 2, 3]) == [1, 11, 0, 5]
+    for r in (a, b):  # fill row 2 up to max_len: the last static span ends exactly at the cache's end
+        r.forward_span([2], [list(range(1, 38))], num_logits=[0])
+    assert maxdiff(a.forward_span([2], [[5, 6, 7]]), b.forward_span([2], [[5, 6, 7]])) < 1e-5
+    assert a.lengths([2]) == [40]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_steps_match_eager_with_either_attention_backend(qwen, monkeypatch, backend):
+    """The same through the Triton cache attention kernel (interpreter) as on CUDA, and its reference."""
+    import cascade.kernels.attention as attention
+
+    real = attention.cache_attention
+    monkeypatch.setattr(attention, "cache_attention", lambda *args, **kw: real(*args, backend=backend))
+    _, path = qwen
+    a, b = fresh(path, cuda_graphs="uncaptured"), fresh(path)
+    for r in (a, b):
+        r.forward_span([0, 2], [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]])
+    for rows, spans in (([2, 0], [[11, 12, 13, 14, 15, 16], [17]]), ([0], [[18, 19]])):
+        assert maxdiff(a.forward_span(rows, spans), b.forward_span(rows, spans)) < 1e-5
+
+
+def test_bad_graph_options_are_named(qwen):
+    _, path = qwen
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        fresh(path, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="token_buckets must be positive"):
+        fresh(path, cuda_graphs="uncaptured", graph_tokens=(0,))
 
 
 def test_bfloat16_runs_close(qwen):

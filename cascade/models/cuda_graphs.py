@@ -1,16 +1,22 @@
-"""CUDA-graph capture of a static-shape decode step, one graph per batch-size bucket.
+"""Static-shape model steps, one per (batch bucket, token bucket), captured as CUDA graphs.
 
-A bucket is the smallest of ``1, 2, 4, 8, ...`` (capped at ``max_rows``) that holds the batch; the slots
-past the batch are padded with the runner's scratch row and token 0, so each graph sees static shapes.
-The step function reads everything it needs from device tensors (rows, ids, the runner's device lengths)
-and never syncs with the host, so replay is a copy into the static inputs plus ``graph.replay()``.
-Graphs are captured lazily, on first use of a bucket; capture runs the step on scratch-row-only inputs
-so that warm-up and capture leave every real row untouched.
+A step feeds ``n`` new tokens to each of ``B`` rows: the draft's one-token decode is ``n = 1``, the target's
+verify pass (catch-up + block + bonus position) a few. A batch bucket is the smallest of ``1, 2, 4, ...``
+(capped at ``max_rows``) that holds the batch, a token bucket the smallest configured ``n`` that holds the
+longest span; slots past the batch are padded with the runner's scratch row, token slots past a row's span
+with token 0 and a per-row count of valid slots, so each graph sees static shapes. The step reads
+everything it needs from device tensors (rows, ids, valid counts, the runner's device lengths) and never
+syncs with the host, so replay is a copy into the static inputs plus ``graph.replay()``.
+
+Graphs are captured at start-up for every configured bucket (``capture_all``; a bucket first met later is
+captured then). Capture runs the step on scratch-row-only inputs, so warm-up and capture leave every real
+row untouched. With ``capture=False`` the same padded static step runs eagerly, on any device: the CPU tests
+run the CUDA path's padding, selection and attention this way, all but the capture itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,66 +31,90 @@ def buckets_for(max_rows: int) -> list[int]:
     return out
 
 
-class GraphedDecode:
-    """Callable ``(rows [B] int64 host, ids [B] int64 device) -> logits [B, V] float32``."""
+def smallest_fit(buckets: Sequence[int], n: int, what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
 
-    def __init__(
-        self,
-        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        max_rows: int,
-        scratch_row: int,
-        device: torch.device,
-        warmup: int = 2,
-    ):
-        self.step = step  # (rows [Bb] device int64, ids [Bb] device int64) -> [Bb, V]
-        self.buckets = buckets_for(max_rows)
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GraphedSteps:
+    """Callable ``(rows [B] int64 host, ids [B, n] int64 device, n_valid [B] int64 device) -> logits
+    [B, n, V] float32`` (a fresh tensor; slots past a row's ``n_valid`` hold garbage)."""
+
+    def __init__(self, step: Step, max_rows: int, token_buckets: Sequence[int], scratch_row: int,
+                 device: torch.device, *, capture: bool = True, warmup: int = 2):
+        self.step = step  # (rows [Bb], ids [Bb, nb], n_valid [Bb]) device int64 -> [Bb, nb, V]
+        self.batch_buckets = buckets_for(max_rows)
+        self.token_buckets = sorted(set(int(n) for n in token_buckets))
+        if not self.token_buckets or self.token_buckets[0] < 1:
+            raise ValueError(f"token_buckets must be positive, got {list(token_buckets)}")
         self.scratch_row = scratch_row
         self.device = device
+        self.capture = capture
         self.warmup = warmup
+        nmax = self.token_buckets[-1]
         self.rows_buf = torch.full((max_rows,), scratch_row, dtype=torch.long, device=device)
-        self.ids_buf = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.ids_buf = torch.zeros(max_rows, nmax, dtype=torch.long, device=device)
+        self.valid_buf = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def bucket(self, batch: int) -> int:
-        for b in self.buckets:
-            if b >= batch:
-                return b
-        raise ValueError(f"batch {batch} exceeds max_rows {self.buckets[-1]}")
+    @property
+    def max_tokens(self) -> int:
+        return self.token_buckets[-1]
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        rows, ids = self.rows_buf[:b], self.ids_buf[:b]
+    def bucket(self, batch: int, tokens: int) -> tuple[int, int]:
+        return smallest_fit(self.batch_buckets, batch, "batch"), smallest_fit(self.token_buckets, tokens, "tokens")
+
+    def _inputs(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows_buf[:b], self.ids_buf[:b, :n], self.valid_buf[:b]
+
+    def _capture(self, b: int, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        rows, ids, valid = self._inputs(b, n)
         rows.fill_(self.scratch_row)
         ids.zero_()
+        valid.fill_(n)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.step(rows, ids)
+                self.step(rows, ids, valid)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(rows, ids)
+            out = self.step(rows, ids, valid)
         torch.cuda.synchronize(self.device)
         return graph, out
 
     def capture_all(self) -> None:
-        """Capture every bucket now (otherwise each is captured on first use)."""
-        for b in self.buckets:
-            if b not in self.graphs:
-                self.graphs[b] = self._capture(b)
+        """Capture every (batch bucket, token bucket) now; a no-op when ``capture`` is off."""
+        if not self.capture:
+            return
+        for n in self.token_buckets:
+            for b in self.batch_buckets:
+                if (b, n) not in self.graphs:
+                    self.graphs[(b, n)] = self._capture(b, n)
 
-    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        n = rows.shape[0]
-        b = self.bucket(n)
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        graph, out = self.graphs[b]
-        self.rows_buf[:n].copy_(rows, non_blocking=True)
-        self.rows_buf[n:b].fill_(self.scratch_row)
-        self.ids_buf[:n].copy_(ids, non_blocking=True)
-        self.ids_buf[n:b].zero_()
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        B, n_in = ids.shape
+        b, n = self.bucket(B, n_in)
+        self.rows_buf[:B].copy_(rows, non_blocking=True)
+        self.rows_buf[B:b].fill_(self.scratch_row)
+        self.ids_buf[:B, :n_in].copy_(ids, non_blocking=True)
+        self.ids_buf[:b, n_in:n].zero_()
+        self.ids_buf[B:b].zero_()
+        self.valid_buf[:B].copy_(n_valid, non_blocking=True)
+        self.valid_buf[B:b].fill_(1)  # padded slots write position 0 of the scratch row
+        if not self.capture:
+            return self.step(*self._inputs(b, n))[:B, :n_in]
+        if (b, n) not in self.graphs:
+            self.graphs[(b, n)] = self._capture(b, n)
+        graph, out = self.graphs[(b, n)]
         graph.replay()
-        return out[:n].clone()
+        return out[:B, :n_in].clone()

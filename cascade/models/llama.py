@@ -8,8 +8,13 @@
 * ``forward_span`` packs every new token of every row into one ``[T, hidden]`` matrix for the linear
   layers (no padding in the GEMMs), writes K/V at ``length[row] + i`` and attends over the row's cache
   with a causal mask; the LM head runs only on the positions whose logits were asked for;
-* ``decode`` is the one-token path: eager on CPU, a CUDA graph per batch-size bucket on CUDA
-  (``cascade.models.cuda_graphs``);
+* ``decode`` is the one-token path; on CUDA it and every ``forward_span`` whose spans fit the largest
+  token bucket (a verify pass: catch-up + block + bonus) replay a CUDA graph per (batch bucket, token
+  bucket), captured at start-up (``cascade.models.cuda_graphs``). A captured step attends through the
+  cache attention kernel (``cascade.kernels.attention``), which reads each row's K / V in place up to the
+  row's own length, so its cost follows the live context and not ``max_len``;
+* one transformer-block body (``_layers``) serves the eager ragged pass and the static captured step;
+  they differ only in how attention reads the cache;
 * rollback (``truncate``) and ``free`` only change lengths: stale positions are masked and overwritten.
 
 GQA is done without copying K/V per query head: the ``g = heads / kv_heads`` query heads that share a
@@ -130,7 +135,11 @@ class LlamaRunner:
         device: "cpu" or "cuda[:n]".
         dtype: None (per device, see ``default_dtype``), torch dtype or "float32"/"bfloat16"/"float16".
         linear_impl: "auto" (oneDNN prepacked on CPU fp32, else torch), "torch" or "onednn".
-        cuda_graphs: capture the CUDA decode step per batch bucket (ignored on CPU).
+        cuda_graphs: True: on CUDA, capture the static steps (decode and short spans) per (batch bucket, token
+            bucket) at start-up (ignored on CPU); False: eager everywhere; "uncaptured": run the same padded
+            static steps without capturing them, on any device (tests of the CUDA path's logic on CPU).
+        graph_tokens: the token buckets of the static steps (1 = decode; the largest bounds the spans that
+            take the static path, longer ones such as prompts run eager).
     """
 
     def __init__(
@@ -142,7 +151,8 @@ class LlamaRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         linear_impl: str = "auto",
-        cuda_graphs: bool = True,
+        cuda_graphs: bool | str = True,
+        graph_tokens: Sequence[int] = (1, 2, 4, 8, 16),
     ):
         if _as_int(max_rows) is None or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
@@ -191,11 +201,16 @@ class LlamaRunner:
         self._sin = emb.sin().to(self.device, self.dtype)
         self._arange_len = torch.arange(max_len, device=self.device)
         self._group = c.num_heads // c.num_kv_heads
-        self._graphs = None
-        if cuda_graphs and self.device.type == "cuda":
-            from cascade.models.cuda_graphs import GraphedDecode
+        if cuda_graphs not in (True, False, "uncaptured"):
+            raise ValueError(f"cuda_graphs must be True, False or 'uncaptured', got {cuda_graphs!r}")
+        self._graphs = None  # the static steps (``GraphedSteps``), captured or not
+        if cuda_graphs == "uncaptured" or (cuda_graphs is True and self.device.type == "cuda"):
+            from cascade.models.cuda_graphs import GraphedSteps
 
-            self._graphs = GraphedDecode(self._step_static, max_rows, self.scratch_row, self.device)
+            tokens = sorted(set(int(n) for n in graph_tokens) | {1})
+            self._graphs = GraphedSteps(self._span_static, max_rows, tokens, self.scratch_row, self.device,
+                                        capture=cuda_graphs is True)
+            self._graphs.capture_all()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -278,7 +293,7 @@ class LlamaRunner:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "linear_impl": self.linear_impl,
-            "decode": "cuda_graph" if self._graphs is not None else "eager",
+            "decode": "eager" if self._graphs is None else "cuda_graph" if self._graphs.capture else "static",
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
@@ -372,12 +387,30 @@ class LlamaRunner:
             sel.extend(range(off + n - k, off + n))
             off += n
         num_logits = [int(k) for k in num_logits]
-        plan = self._plan(rows, starts, ns)
-        out = self._forward(ids.to(self.device, non_blocking=True), plan, sel)
+        if self._graphs is not None and max(ns) <= self._graphs.max_tokens:
+            out = self._static_span(rows, spans, ns, sel)
+        else:
+            plan = self._plan(rows, starts, ns)
+            out = self._forward(ids.to(self.device, non_blocking=True), plan, sel)
         for r, n in zip(rows, ns):
             self._len[r] += n
-        self._sync_len_dev(rows)
+        if self._graphs is None or max(ns) > self._graphs.max_tokens:  # (the static step updates them itself)
+            self._sync_len_dev(rows)
         return out
+
+    def _static_span(self, rows: list[int], spans: list[list[int]], ns: list[int], sel: list[int]) -> torch.Tensor:
+        """``forward_span`` through the static steps: spans padded to ``[B, max(ns)]``; returns the logits of
+        the flat positions ``sel`` (as ``_forward``), [len(sel), V] float32."""
+        n = max(ns)
+        ids = torch.tensor([s + [0] * (n - len(s)) for s in spans], dtype=torch.long).to(self.device, non_blocking=True)
+        valid = torch.tensor(ns, dtype=torch.long).to(self.device, non_blocking=True)
+        out = self._graphs(torch.tensor(rows, dtype=torch.long), ids, valid)  # [B, n, V]
+        starts = [0]
+        for k in ns[:-1]:
+            starts.append(starts[-1] + k)
+        padded = [b * n + (i - starts[b]) for b, i in _owners(sel, starts, ns)]
+        idx = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        return out.reshape(len(rows) * n, -1).index_select(0, idx)
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Append prompts and return the logits of each prompt's last position, ``[B, V]``."""
@@ -421,21 +454,39 @@ class LlamaRunner:
         p.mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill_(~mask, float("-inf"))
         return p
 
-    def _forward(self, ids: torch.Tensor, p: _Plan, sel: list[int]) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, tok_rows: torch.Tensor, tok_pos: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, attend) -> torch.Tensor:
+        """The transformer blocks, shared by the eager and the static paths. x: [T, hidden] embeddings of T
+        new tokens; tok_rows, tok_pos: [T] cache row and position each token's K / V is written to; cos, sin:
+        [T, 1, D]; attend(q [T, H, D], k_cache, v_cache [R, Hkv, max_len, D]) -> [T, H * D]."""
         c = self.config
-        H, Hkv, D, g = c.num_heads, c.num_kv_heads, c.head_dim, self._group
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         qd, kvd = H * D, Hkv * D
         eps = c.rms_norm_eps
-        x = F.embedding(ids, self.embed)  # [T, hidden]
+        T = x.shape[0]
         for li, L in enumerate(self.layers):
             h = _rms_norm(x, L.ln1, eps)
             qkv = L.qkv(h)  # [T, qd + 2 kvd]
-            q = _rope(qkv[:, :qd].view(p.T, H, D), p.cos, p.sin)
-            k = _rope(qkv[:, qd : qd + kvd].view(p.T, Hkv, D), p.cos, p.sin)
-            v = qkv[:, qd + kvd :].view(p.T, Hkv, D)
+            q = _rope(qkv[:, :qd].view(T, H, D), cos, sin)
+            k = _rope(qkv[:, qd : qd + kvd].view(T, Hkv, D), cos, sin)
+            v = qkv[:, qd + kvd :].view(T, Hkv, D)
             kc, vc = self.cache[li, 0], self.cache[li, 1]  # [R, Hkv, max_len, D]
-            kc[p.tok_rows, :, p.tok_pos] = k
-            vc[p.tok_rows, :, p.tok_pos] = v
+            kc[tok_rows, :, tok_pos] = k
+            vc[tok_rows, :, tok_pos] = v
+            x = x + L.o(attend(q, kc, vc))
+            h = _rms_norm(x, L.ln2, eps)
+            gu = L.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        return x
+
+    def _forward(self, ids: torch.Tensor, p: _Plan, sel: list[int]) -> torch.Tensor:
+        """The eager ragged pass: attention by SDPA over each row's cache up to the batch's longest row."""
+        c = self.config
+        Hkv, D, g = c.num_kv_heads, c.head_dim, self._group
+        qd = c.num_heads * D
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
             if p.row_slice is not None:
                 K, Vv = kc[p.row_slice, :, : p.Lk], vc[p.row_slice, :, : p.Lk]
             else:
@@ -445,18 +496,14 @@ class LlamaRunner:
             qp = qp.view(p.B, p.nmax, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(p.B, Hkv, g * p.nmax, D)
             a = F.scaled_dot_product_attention(qp, K, Vv, attn_mask=p.mask)  # [B, Hkv, g * nmax, D]
             a = a.view(p.B, Hkv, g, p.nmax, D).permute(0, 3, 1, 2, 4).reshape(p.B * p.nmax, qd)
-            if not p.uniform:
-                a = a.index_select(0, p.valid_idx)
-            x = x + L.o(a)
-            h = _rms_norm(x, L.ln2, eps)
-            gu = L.gate_up(h)
-            inter = gu.shape[-1] // 2
-            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            return a if p.uniform else a.index_select(0, p.valid_idx)
+
+        x = self._layers(F.embedding(ids, self.embed), p.tok_rows, p.tok_pos, p.cos, p.sin, attend)
         if not sel:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         if len(sel) != p.T:
             x = x.index_select(0, torch.tensor(sel, dtype=torch.long).to(self.device, non_blocking=True))
-        return self.lm_head(_rms_norm(x, self.norm, eps)).float()
+        return self.lm_head(_rms_norm(x, self.norm, c.rms_norm_eps)).float()
 
     # ------------------------------------------------------------------ one-token decode
     @torch.inference_mode()
@@ -479,7 +526,8 @@ class LlamaRunner:
         ids_t = ids_t.to(self.device, torch.long, non_blocking=True)
         if self._graphs is not None:
             rows_t = torch.tensor(row_list, dtype=torch.long)
-            out = self._graphs(rows_t, ids_t)  # updates the device lengths itself
+            ones = torch.ones(len(row_list), dtype=torch.long).to(self.device, non_blocking=True)
+            out = self._graphs(rows_t, ids_t.view(-1, 1), ones)[:, 0]  # updates the device lengths itself
             for r in row_list:
                 self._len[r] += 1
             return out
@@ -490,48 +538,38 @@ class LlamaRunner:
         self._sync_len_dev(row_list)
         return out
 
-    def _step_static(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Device-only decode step for CUDA graphs: ``rows [Bb]``, ``ids [Bb]`` device int64 (padding slots
-        hold ``scratch_row``); lengths come from ``_len_dev``; attention spans the static ``max_len``
-        under a mask. No host sync. Updates ``_len_dev``. Returns float32 logits ``[Bb, V]``."""
-        c = self.config
-        H, Hkv, D, g = c.num_heads, c.num_kv_heads, c.head_dim, self._group
-        qd, kvd = H * D, Hkv * D
-        eps = c.rms_norm_eps
-        Bb = rows.shape[0]
-        pos = self._len_dev.index_select(0, rows)  # [Bb]
-        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [Bb, 1, D]
-        mask = (self._arange_len.view(1, -1) <= pos.view(-1, 1)).view(Bb, 1, 1, self.max_len)
-        x = F.embedding(ids, self.embed)
-        for li, L in enumerate(self.layers):
-            h = _rms_norm(x, L.ln1, eps)
-            qkv = L.qkv(h)
-            q = _rope(qkv[:, :qd].view(Bb, H, D), cos, sin)
-            k = _rope(qkv[:, qd : qd + kvd].view(Bb, Hkv, D), cos, sin)
-            v = qkv[:, qd + kvd :].view(Bb, Hkv, D)
-            kc, vc = self.cache[li, 0], self.cache[li, 1]
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            K, Vv = kc.index_select(0, rows), vc.index_select(0, rows)  # [Bb, Hkv, max_len, D]
-            a = F.scaled_dot_product_attention(q.view(Bb, Hkv, g, D), K, Vv, attn_mask=mask)
-            x = x + L.o(a.reshape(Bb, qd))
-            h = _rms_norm(x, L.ln2, eps)
-            gu = L.gate_up(h)
-            inter = gu.shape[-1] // 2
-            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
-        self._len_dev.index_copy_(0, rows, pos + 1)
-        self._len_dev[self.scratch_row :].zero_()
-        return self.lm_head(_rms_norm(x, self.norm, eps)).float()
+    def _span_static(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """The static step the CUDA graphs capture: ``rows [Bb]``, ``ids [Bb, n]``, ``n_valid [Bb]`` device int64
+        (padding batch slots hold ``scratch_row``; token slots ``t >= n_valid[b]`` are padding, written to the
+        scratch row). Row b's tokens go to positions ``len[b] ..`` read from ``_len_dev``; attention is the
+        cache attention kernel, over each row's own length. No host sync. Updates ``_len_dev``. Returns
+        float32 logits ``[Bb, n, V]`` (padding slots: garbage)."""
+        from cascade.kernels.attention import cache_attention
 
-    @torch.inference_mode()
-    def decode_static(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The graph step run eagerly (no capture): for tests of the CUDA path's math on any device."""
-        row_list = self._check_rows(self._as_list(rows, "rows"))
-        for r in row_list:
-            if self._len[r] + 1 > self.max_len:
-                raise ValueError(f"rows: row {r} is full (length {self._len[r]} = max_len)")
-        out = self._step_static(torch.tensor(row_list, dtype=torch.long, device=self.device),
-                                torch.as_tensor(ids, dtype=torch.long).to(self.device))
-        for r in row_list:
-            self._len[r] += 1
-        return out
+        c = self.config
+        H, D = c.num_heads, c.head_dim
+        Bb, n = ids.shape
+        start = self._len_dev.index_select(0, rows)  # [Bb]
+        t = torch.arange(n, device=self.device)
+        valid = t.view(1, n) < n_valid.view(Bb, 1)  # [Bb, n]
+        pos = torch.where(valid, start.view(Bb, 1) + t.view(1, n), 0).reshape(-1)  # [Bb * n]
+        tok_rows = torch.where(valid, rows.view(Bb, 1), self.scratch_row).reshape(-1)
+        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [Bb * n, 1, D]
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            return cache_attention(q.view(Bb, n, H, D), kc, vc, rows, start, n_valid).view(Bb * n, H * D)
+
+        x = self._layers(F.embedding(ids.reshape(-1), self.embed), tok_rows, pos, cos, sin, attend)
+        self._len_dev.index_copy_(0, rows, start + n_valid)
+        self._len_dev[self.scratch_row :].zero_()
+        return self.lm_head(_rms_norm(x, self.norm, c.rms_norm_eps)).float().view(Bb, n, -1)
+
+
+def _owners(sel: list[int], starts: list[int], ns: list[int]) -> list[tuple[int, int]]:
+    """(span index, flat position) of each flat position in ``sel`` (spans start at ``starts``, length ``ns``)."""
+    out, b = [], 0
+    for i in sel:
+        while i >= starts[b] + ns[b]:
+            b += 1
+        out.append((b, i))
+    return out
