@@ -37,23 +37,27 @@ from cascade.models.loading import DecoderConfig
 SHAPES = {
     "0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864),
     "1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960),
+    # Qwen2.5 7B: the same tokenizer, its embedding padded to 152,064 rows
+    "7b": dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944, vocab_size=152064),
 }
-VOCAB = 151936
+VOCAB = 151936  # the 0.5B / 1.5B embedding rows
+TOKENIZER_VOCAB = 151665  # the Qwen2.5 tokenizer's ids (len(tokenizer))
 
 
-def shape_config(name: str) -> DecoderConfig:
-    s = SHAPES[name]
+def shape_config(name: str, shapes: Mapping[str, dict] = SHAPES) -> DecoderConfig:
+    s = dict(shapes[name])
     return DecoderConfig(
-        architecture="Qwen2ForCausalLM", vocab_size=VOCAB, head_dim=s["hidden_size"] // s["num_heads"],
+        architecture="Qwen2ForCausalLM", vocab_size=s.pop("vocab_size", VOCAB), head_dim=s["hidden_size"] // s["num_heads"],
         rope_theta=1e6, qkv_bias=True, tie_word_embeddings=False, **s,
     )
 
 
 class RandomStateDict(Mapping):
-    """HF-named random tensors of a config's shapes, generated on access (keeps peak memory at one model)."""
+    """HF-named random tensors of a config's shapes, generated on access (keeps peak memory at one model),
+    on ``device`` in ``dtype`` (a GPU makes a 7B model's weights in seconds; the CPU would take minutes)."""
 
-    def __init__(self, c: DecoderConfig, seed: int = 0):
-        self.c, self.seed = c, seed
+    def __init__(self, c: DecoderConfig, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.c, self.seed, self.device, self.dtype = c, seed, torch.device(device), dtype
         q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
         self.shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,),
                        "lm_head.weight": (c.vocab_size, h)}
@@ -70,9 +74,9 @@ class RandomStateDict(Mapping):
     def __getitem__(self, k: str) -> torch.Tensor:
         shape = self.shapes[k]
         if k.endswith("norm.weight"):
-            return torch.ones(shape)
-        g = torch.Generator().manual_seed(self.seed + zlib.crc32(k.encode()))
-        return torch.empty(shape).normal_(0.0, 0.02, generator=g)
+            return torch.ones(shape, device=self.device, dtype=self.dtype)
+        g = torch.Generator(device=self.device).manual_seed(self.seed + zlib.crc32(k.encode()))
+        return torch.empty(shape, device=self.device, dtype=self.dtype).normal_(0.0, 0.02, generator=g)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)

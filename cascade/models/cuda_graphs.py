@@ -96,6 +96,10 @@ class GraphedSteps:
         """Capture every (batch bucket, token bucket) now; a no-op when ``capture`` is off."""
         if not self.capture:
             return
+        with torch.inference_mode():  # as the runner's calls that replay them
+            self._capture_missing()
+
+    def _capture_missing(self) -> None:
         for n in self.token_buckets:
             for b in self.batch_buckets:
                 if (b, n) not in self.graphs:
