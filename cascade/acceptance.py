@@ -53,105 +53,164 @@ class Verdict:
     logprobs: list[float]  # of the kept tokens + extra
 
 
-def verify_blocks(
+class PendingVerdicts:
+    """Verification decided on the device, not yet read: ``tensors`` go through one host read (the engine's
+    ``fetch``, with whatever else the round reads), then ``finish`` turns them into ``Verdict``s."""
+
+    def __init__(self, seqs: list[Sequence], blocks: dict[str, Block], tensors: list[torch.Tensor],
+                 offsets: dict[str, int], has_extra: list[bool]):
+        self.seqs, self.blocks, self._tensors, self.offsets, self.has_extra = seqs, blocks, tensors, offsets, has_extra
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    def finish(self, host: Seq[torch.Tensor]) -> dict[str, Verdict]:
+        """host: the ``tensors`` on the host -> {request_id: Verdict}; counts each sequence's stats."""
+        if not self.seqs:
+            return {}
+        n_acc_t, extra_t, extra_lp_t, delta_t, logp_t = host
+        n_acc_l, extra_l, extra_lp_l = n_acc_t.tolist(), extra_t.tolist(), extra_lp_t.tolist()
+        delta_l, logp_l = delta_t.tolist(), logp_t.tolist()
+        result = {}
+        for i, s in enumerate(self.seqs):
+            block = self.blocks[s.request_id]
+            n, n_acc = block.keep, int(n_acc_l[i])
+            off = self.offsets.get(s.request_id, 0)
+            sources: list[TokenSource] = []
+            logprobs: list[float] = []
+            for j in range(n_acc):
+                verified = delta_l[off + j] > 0
+                sources.append(TokenSource.VERIFIED if verified else TokenSource.DRAFT)
+                logprobs.append(float(logp_l[off + j]) if verified else block.logprobs[j])
+            s.stats.accepted_tokens += n_acc
+            if n_acc < n:
+                sources.append(TokenSource.TARGET)
+                s.stats.rejected_tokens += 1
+                s.stats.replaced_tokens += 1
+            elif block.ends_request:  # everything kept and the request ends with it: no bonus
+                result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs)
+                continue
+            else:
+                sources.append(TokenSource.BONUS)
+                s.stats.bonus_tokens += 1
+            result[s.request_id] = Verdict(kept=n_acc, extra=[int(extra_l[i])], sources=sources,
+                                           logprobs=logprobs + [float(extra_lp_l[i])])
+        return result
+
+
+def decide_on_device(
     seqs: list[Sequence], blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
-) -> dict[str, Verdict]:
-    """Deferral + acceptance for every escalated sequence: one fused verify-stats call over all their
-    block positions, each policy's rule on its rows, one uniform per position from the request's generator.
-    -> {request_id: Verdict}."""
-    verified = [s for s in seqs if blocks[s.request_id].keep > 0]
-    stats: VerifyStats | None = None
-    q_logits = p_logits = toks = temps = logp_x = None
+) -> PendingVerdicts:
+    """Deferral + acceptance for every escalated sequence, computed on the target's device with no host read:
+    one fused verify-stats call over all their block positions, each policy's rule on its rows (or, for
+    rules that need them, the full distributions), one uniform per position from the request's generator,
+    the accepted prefix of every block at once, and for every sequence both candidates for its last token
+    (the replacement at its first rejection, the bonus after a fully accepted block) with their natural
+    log-probs; which one applies is picked on the device too. Draws come from each request's generator in
+    a fixed order per request (noise keys, uniforms, the residual draw, the bonus draw), so seeded output
+    does not depend on the batch; a candidate that does not apply still consumes its draw."""
+    if not seqs:
+        return PendingVerdicts([], blocks, [], {}, [])
+    dev = next(iter(target_logits[s.request_id] for s in seqs)).device
+    keeps = [blocks[s.request_id].keep for s in seqs]
     offsets, start = {}, 0
-    for s in verified:
+    for s, n in zip(seqs, keeps):
         offsets[s.request_id] = start
-        start += blocks[s.request_id].keep
+        start += n
+    R = start
+    verified = [s for s, n in zip(seqs, keeps) if n > 0]
+    S = len(seqs)
+    owner = torch.repeat_interleave(torch.arange(S), torch.tensor(keeps, dtype=torch.int64))  # host [R]
+    keeps_d = torch.tensor(keeps, dtype=torch.int64).to(dev, non_blocking=True)
+    delta_all = torch.zeros(R, dtype=torch.float32, device=dev)
+    logp_x = torch.zeros(R, dtype=torch.float32, device=dev)
+    n_acc = torch.zeros(S, dtype=torch.int64, device=dev)
+    replacement = torch.zeros(S, dtype=torch.int64, device=dev)
+    replacement_lp = torch.zeros(S, dtype=torch.float32, device=dev)
     if verified:
         def rows(s: Sequence) -> torch.Tensor:
             b = blocks[s.request_id]
             return filter_logits(target_logits[s.request_id][: b.keep], [s.params] * b.keep)
 
         p_logits = torch.cat([rows(s) for s in verified])  # [R, V]
-        dev = p_logits.device
         q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified]).to(dev)
-        toks = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
-        temps = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
+        toks_h = torch.tensor([t for s in verified for t in blocks[s.request_id].tokens[: blocks[s.request_id].keep]], dtype=torch.int64)
+        temps_h = torch.cat([torch.full((blocks[s.request_id].keep,), s.params.temperature) for s in verified])
+        toks, temps = toks_h.to(dev, non_blocking=True), temps_h.to(dev, non_blocking=True)
         seeds = torch.cat([noise_seeds(blocks[s.request_id].keep, s.rng.on(dev)) for s in verified])
-        stats = verify_stats(q_logits, p_logits, toks.to(dev), temps.to(dev), seeds.to(dev))
-        logp_x = stats.logp_token.float().cpu().clone()  # natural log p(x) where T in {0, 1}
-        other_t = ~((temps == 0.0) | (temps == 1.0))
-        if other_t.any():
-            idx = other_t.nonzero().squeeze(1)
-            logp_x[idx] = natural_logprob(p_logits[idx.to(dev)], toks[idx]).cpu()
-    decisions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    dists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per request (pi, q) rows, distribution rules
-    for policy, members in group_by_policy(verified, [s.policy for s in verified]).items():
-        idx = torch.tensor([i for s in members for i in range(offsets[s.request_id], offsets[s.request_id] + blocks[s.request_id].keep)])
-        idx_dev = idx.to(stats.q_token.device)
-        sub = _take(stats, idx_dev)
-        if policy.needs_distributions:
-            d = verify_distributions(q_logits[idx_dev], p_logits[idx_dev], toks[idx], temps[idx])
-            pi, delta = policy.target_distribution(d, sub)
-            accept = speculative_acceptance(pi, d.q, d.tokens)
-        else:
-            pi = None
-            delta = policy.deferral(sub).float()
-            accept = policy.acceptance(sub, delta.to(sub.q_token.device))
-        delta, accept = delta.float().cpu(), accept.float().cpu()
-        pos = 0
-        for s in members:
-            n = blocks[s.request_id].keep
-            decisions[s.request_id] = (delta[pos:pos + n], accept[pos:pos + n])
-            if pi is not None:
-                dists[s.request_id] = (pi[pos:pos + n], d.q[pos:pos + n])
-            pos += n
-
-    accepted: dict[str, int] = {}  # the accepted prefix of each verified block: one call over the flat rows
-    if verified:
-        keeps = torch.tensor([blocks[s.request_id].keep for s in verified])
-        accept = torch.cat([decisions[s.request_id][1] for s in verified])
-        u = torch.cat([uniforms(blocks[s.request_id].keep, s.rng.on(accept.device)) for s in verified])
-        counts = accepted_counts(accept, u, keeps)
-        accepted = {s.request_id: int(c) for s, c in zip(verified, counts.tolist())}
-    result = {}
-    for s in seqs:
-        block = blocks[s.request_id]
-        n = block.keep
-        sources: list[TokenSource] = []
-        logprobs: list[float] = []
-        n_acc = accepted.get(s.request_id, 0)
-        if n > 0:
-            delta = decisions[s.request_id][0]
-            off = offsets[s.request_id]
-            for j, d_j in enumerate(delta[:n_acc].tolist()):
-                sources.append(TokenSource.VERIFIED if d_j > 0 else TokenSource.DRAFT)
-                logprobs.append(float(logp_x[off + j]) if d_j > 0 else block.logprobs[j])
-        if n_acc < n:
-            row = offsets[s.request_id] + n_acc
-            if s.request_id in dists:
-                pi, q = dists[s.request_id]
-                res = residual_distribution(pi[n_acc:n_acc + 1], q[n_acc:n_acc + 1])[0]
-                extra = int(torch.multinomial(res, 1, generator=s.rng.on(res.device))[0])
+        stats = verify_stats(q_logits, p_logits, toks, temps, seeds)
+        logp_x = stats.logp_token.float()  # natural log p(x) where T in {0, 1}
+        other_t = [r for r, t in enumerate(temps_h.tolist()) if t not in (0.0, 1.0)]
+        if other_t:
+            idx = torch.tensor(other_t, dtype=torch.int64).to(dev)
+            logp_x = logp_x.index_copy(0, idx, natural_logprob(p_logits.index_select(0, idx), toks.index_select(0, idx)))
+        accept_all = torch.zeros(R, dtype=torch.float32, device=dev)
+        dists: dict[Policy, tuple[list[Sequence], torch.Tensor, torch.Tensor, list[int]]] = {}
+        for policy, members in group_by_policy(verified, [s.policy for s in verified]).items():
+            rows_h = [i for s in members for i in range(offsets[s.request_id], offsets[s.request_id] + blocks[s.request_id].keep)]
+            idx = torch.tensor(rows_h, dtype=torch.int64).to(dev, non_blocking=True)
+            sub = _take(stats, idx)
+            if policy.needs_distributions:
+                d = verify_distributions(q_logits[idx], p_logits[idx], toks[idx], temps[idx])
+                pi, delta = policy.target_distribution(d, sub)
+                accept = speculative_acceptance(pi, d.q, d.tokens)
+                dists[policy] = (members, pi, d.q, _starts([blocks[s.request_id].keep for s in members]))
             else:
-                replacement = stats.target_token if s.policy.replace_from_target else stats.residual_token
-                extra = int(replacement[row])
-            lp = natural_logprob(p_logits[row:row + 1], torch.tensor([extra]))
-            sources.append(TokenSource.TARGET)
-            s.stats.rejected_tokens += 1
-            s.stats.replaced_tokens += 1
-        elif block.ends_request:  # everything kept and the request ends with it: no bonus
-            s.stats.accepted_tokens += n_acc
-            result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs)
-            continue
-        else:
-            bonus_logits = filter_logits(target_logits[s.request_id][n:n + 1], [s.params])
-            extra = int(sample(bonus_logits, [s.params], [s.rng])[0])
-            lp = natural_logprob(bonus_logits, torch.tensor([extra]))
-            sources.append(TokenSource.BONUS)
-            s.stats.bonus_tokens += 1
-        s.stats.accepted_tokens += n_acc
-        result[s.request_id] = Verdict(kept=n_acc, extra=[extra], sources=sources, logprobs=logprobs + [float(lp[0])])
-    return result
+                delta = policy.deferral(sub).float()
+                accept = policy.acceptance(sub, delta.to(dev))
+            delta_all = delta_all.index_copy(0, idx, delta.float().to(dev))
+            accept_all = accept_all.index_copy(0, idx, accept.float().to(dev))
+        u = torch.cat([uniforms(blocks[s.request_id].keep, s.rng.on(dev)) for s in verified])
+        n_acc = accepted_counts(accept_all, u, keeps_d, owner=owner.to(dev, non_blocking=True))  # [S]
+        # the replacement at each block's first rejection (row clamped into the block; unused if none)
+        offs_d = torch.tensor([offsets[s.request_id] for s in seqs], dtype=torch.int64).to(dev, non_blocking=True)
+        row = (offs_d + torch.minimum(n_acc, (keeps_d - 1).clamp_min(0))).clamp_max(R - 1)
+        from_target = torch.tensor([s.policy.replace_from_target for s in seqs]).to(dev, non_blocking=True)
+        replacement = torch.where(from_target, stats.target_token[row], stats.residual_token[row])
+        pos = {s.request_id: i for i, s in enumerate(seqs)}
+        for members, pi, q, starts in dists.values():  # rules with their own pi: draw from norm(max(0, pi - q))
+            m_idx = torch.tensor([pos[s.request_id] for s in members], dtype=torch.int64).to(dev, non_blocking=True)
+            local = torch.tensor(starts, dtype=torch.int64).to(dev, non_blocking=True) + \
+                torch.minimum(n_acc[m_idx], keeps_d[m_idx] - 1)
+            res = residual_distribution(pi[local], q[local])  # [M, V]
+            drawn = torch.stack([torch.multinomial(res[m], 1, generator=s.rng.on(dev))[0] for m, s in enumerate(members)])
+            replacement = replacement.index_copy(0, m_idx, drawn)
+        replacement_lp = natural_logprob(p_logits[row], replacement)
+    # the bonus after a fully accepted block, where the block has a bonus position (not after one that ends the request)
+    has_bonus = [not blocks[s.request_id].ends_request for s in seqs]
+    bonus = torch.zeros(S, dtype=torch.int64, device=dev)
+    bonus_lp = torch.zeros(S, dtype=torch.float32, device=dev)
+    with_bonus = [i for i, h in enumerate(has_bonus) if h]
+    if with_bonus:
+        params = [seqs[i].params for i in with_bonus]
+        b_logits = filter_logits(torch.cat([target_logits[seqs[i].request_id][keeps[i]:keeps[i] + 1] for i in with_bonus]), params)
+        drawn = sample(b_logits, params, [seqs[i].rng for i in with_bonus])
+        idx = torch.tensor(with_bonus, dtype=torch.int64).to(dev, non_blocking=True)
+        bonus = bonus.index_copy(0, idx, drawn)
+        bonus_lp = bonus_lp.index_copy(0, idx, natural_logprob(b_logits, drawn))
+    rejected = n_acc < keeps_d
+    extra = torch.where(rejected, replacement, bonus)
+    extra_lp = torch.where(rejected, replacement_lp, bonus_lp)
+    return PendingVerdicts(seqs, blocks, [n_acc, extra, extra_lp, delta_all, logp_x], offsets, has_bonus)
+
+
+def verify_blocks(
+    seqs: list[Sequence], blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
+) -> dict[str, Verdict]:
+    """``decide_on_device`` then one host read and ``finish``: -> {request_id: Verdict}."""
+    from cascade.host import fetch
+
+    pending = decide_on_device(seqs, blocks, target_logits)
+    return pending.finish(fetch(*pending.tensors())) if seqs else {}
+
+
+def _starts(lengths: Seq[int]) -> list[int]:
+    out, acc = [], 0
+    for n in lengths:
+        out.append(acc)
+        acc += n
+    return out
+
 
 def natural_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Natural (T = 1) log-softmax of logits [N, V] at tokens [N] -> [N] float32."""

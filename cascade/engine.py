@@ -47,7 +47,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from cascade.acceptance import Block, Verdict, group_by_policy, natural_logprob, verify_blocks
+from cascade.acceptance import Block, Verdict, decide_on_device, group_by_policy, natural_logprob
 from cascade.confidence import confidence_stats
 from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
@@ -55,6 +55,7 @@ from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.router import DeferralRouter
 from cascade.round import settle_trigger, target_layout
+from cascade.host import fetch
 from cascade.sampling import RequestRng, filter_logits, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 
@@ -160,11 +161,7 @@ class Engine:
         cascading = [s for s in seqs if _drafts(s)]
         target_only = [s for s in seqs if not _drafts(s)]
 
-        blocks = self._draft(cascading) if cascading else {}
-        if blocks:
-            t0 = time.perf_counter()
-            self._trigger(cascading, blocks)
-            self.stats.time_kernels_s += time.perf_counter() - t0
+        blocks = self._settle_blocks(self._draft(cascading)) if cascading else {}
         escalated = [s for s in cascading if blocks[s.request_id].escalate]
         target_logits = self._target_pass(escalated, blocks, target_only)
         if target_logits is None:  # the target is unavailable and on_target_error is "draft-only"
@@ -173,15 +170,23 @@ class Engine:
             escalated, target_only = [], []
 
         t0 = time.perf_counter()
-        verdicts = verify_blocks(escalated, blocks, target_logits)
+        pending = decide_on_device(escalated, blocks, target_logits)
+        sampled = self._sample_target_only(target_only, target_logits)
+        if pending.tensors() or sampled:
+            host = self._fetch(*pending.tensors(), *sampled)
+            verdicts = pending.finish(host[: len(pending.tensors())])
+            sampled = host[len(pending.tensors()):]
+        else:
+            verdicts = {}
         self.stats.time_kernels_s += time.perf_counter() - t0
 
         emitted_before = [s.num_emitted for s in cascading]
         for s in cascading:
             self._commit_cascade(s, blocks[s.request_id], verdicts.get(s.request_id))
         self._update_windows(cascading, blocks, emitted_before)
-        for s in target_only:
-            self._commit_target_only(s, target_logits[s.request_id])
+        if target_only:
+            for s, tok, lp in zip(target_only, sampled[0].tolist(), sampled[1].tolist()):
+                self._append(s, [tok], [TokenSource.TARGET], [lp])
         for s in running:
             self._settle(s)
 
@@ -236,8 +241,14 @@ class Engine:
         return min(s.policy.k, s.params.max_tokens - s.num_emitted, room)
 
     # ------------------------------------------------------------------ 1. draft
-    def _draft(self, seqs: list[Sequence]) -> dict[str, Block]:
+    def _draft(self, seqs: list[Sequence]) -> _Drafted:
+        """Draft every sequence's block on the device: one ragged pass over the pending tokens, then one
+        batched ``decode`` per further position, each fed the tokens the previous step sampled (device
+        tensors: no host read between steps). Every sequence drafts its full block length here; where its
+        block ends (an EOS, a policy's ``stop_drafting``, a stop string) is settled after it, with the
+        trigger (``_settle_blocks``), and positions past it are discarded."""
         t0 = time.perf_counter()
+        dev = self.draft.device
         ks = [self._block_size(s) for s in seqs]
         rows = [s.row for s in seqs]
         pending = [s.tokens[s.draft_len:] for s in seqs]
@@ -245,42 +256,35 @@ class Engine:
             self._count_positions(s, s.draft_len, len(span), draft=True)
             s.draft_len += len(span)
         logits = self._vocab(self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs)))  # [B, V]
-        drafted: list[list[int]] = [[] for _ in seqs]
-        step_logits: list[list[torch.Tensor]] = [[] for _ in seqs]
-        ends = [False] * len(seqs)  # the block's last token ends the request (EOS / stop string)
+        step_members: list[list[int]] = []  # per step: the sequences drafted at it (indices into seqs)
+        step_logits: list[torch.Tensor] = []  # per step: [A_j, V] filtered logits the tokens were drawn from
+        step_tokens: list[torch.Tensor] = []  # per step: [A_j] int64 on the device
         active = list(range(len(seqs)))
         for j in range(max(ks)):
             if j > 0:
+                slot = {i: a for a, i in enumerate(active)}
                 active = [i for i in active if ks[i] > j]
                 if not active:
                     break
-                row_t = torch.tensor([rows[i] for i in active], dtype=torch.int64, device=self.draft.device)
-                ids_t = torch.tensor([drafted[i][-1] for i in active], dtype=torch.int64, device=self.draft.device)
-                logits = self._vocab(self.draft.decode(row_t, ids_t))
+                pick = torch.tensor([slot[i] for i in active], dtype=torch.int64).to(dev, non_blocking=True)
+                row_t = torch.tensor([rows[i] for i in active], dtype=torch.int64)
+                logits = self._vocab(self.draft.decode(row_t, step_tokens[-1].to(dev).index_select(0, pick)))
                 for i in active:
                     seqs[i].draft_len += 1
-                    seqs[i].stats.draft_tokens += 1
             params = [seqs[i].params for i in active]
             filtered = filter_logits(logits, params)
-            toks = sample(filtered, params, [seqs[i].rng for i in active]).tolist()
-            for a, i in enumerate(active):
-                drafted[i].append(toks[a])
-                step_logits[i].append(filtered[a])
-                if self._ends_request(seqs[i], drafted[i]):
-                    ks[i], ends[i] = j + 1, True  # nothing past the end is drafted, triggered on or scored
-            self._stop_early(seqs, active, filtered, ks, j)
+            step_tokens.append(sample(filtered, params, [seqs[i].rng for i in active]))
+            step_logits.append(filtered)
+            step_members.append(active)
+        # the drafted positions, sequence-major: sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
+        where = {(i, j): base + a for j, (base, members) in enumerate(zip(_starts([len(m) for m in step_members]), step_members))
+                 for a, i in enumerate(members)}
+        order = torch.tensor([where[(i, j)] for i in range(len(seqs)) for j in range(ks[i])], dtype=torch.int64)
+        order = order.to(step_logits[0].device, non_blocking=True)
+        drafted = _Drafted(seqs=seqs, ks=ks, logits=torch.cat(step_logits).index_select(0, order),
+                           tokens=torch.cat(step_tokens).to(step_logits[0].device).index_select(0, order))
         self.stats.time_draft_s += time.perf_counter() - t0
-        return {
-            s.request_id: Block(tokens=drafted[i], logits=torch.stack(step_logits[i]),
-                                final=ends[i] or len(drafted[i]) >= s.params.max_tokens - s.num_emitted)
-            for i, s in enumerate(seqs)
-        }
-
-    def _ends_request(self, s: Sequence, drafted: list[int]) -> bool:
-        """Does the last drafted token end the request if kept: an EOS, or the completion of a stop string?"""
-        if drafted[-1] in self.eos_token_ids and not s.params.ignore_eos:
-            return True
-        return self._completes_stop(s, drafted)
+        return drafted
 
     def _completes_stop(self, s: Sequence, extra: Seq[int] = ()) -> bool:
         """Does the text of the output (followed by ``extra`` tokens) hold a stop string? Only the last few
@@ -293,18 +297,6 @@ class Engine:
         text = self.detokenize((s.tokens[start:] + list(extra))[-width:])
         return any(stop in text for stop in s.params.stop)
 
-    def _stop_early(self, seqs: list[Sequence], active: list[int], filtered: torch.Tensor, ks: list[int], j: int) -> None:
-        """Ask policies with ``stops_drafting`` whether to stop after the token just drafted (step j)."""
-        ask = [a for a, i in enumerate(active) if seqs[i].policy.stops_drafting and ks[i] > j + 1]
-        if not ask:
-            return
-        temps = torch.tensor([seqs[active[a]].params.temperature for a in ask], device=filtered.device)
-        max_prob = confidence_stats(filtered[ask], temps).max_prob.float().cpu()
-        for m, a in enumerate(ask):
-            stop = seqs[active[a]].policy.stop_drafting(max_prob[m:m + 1])
-            if stop is not None and bool(stop[0]):
-                ks[active[a]] = min(ks[active[a]], j + 1)
-
     def _count_positions(self, s: Sequence, start: int, n: int, *, draft: bool) -> None:
         """Count n positions from `start` as prefill (inside the prompt) or generated-region work."""
         prompt_part = max(0, min(n, len(s.prompt_ids) - start))
@@ -315,52 +307,116 @@ class Engine:
             s.stats.target_prefill_tokens += prompt_part
             s.stats.target_tokens += n - prompt_part
 
-    # ------------------------------------------------------------------ 2-3. confidence + trigger
-    def _trigger(self, seqs: list[Sequence], blocks: dict[str, Block]) -> None:
-        all_logits = torch.cat([blocks[s.request_id].logits for s in seqs])  # [N, V]
-        temps = torch.cat([torch.full((len(blocks[s.request_id].tokens),), s.params.temperature) for s in seqs])
-        tokens = torch.tensor([t for s in seqs for t in blocks[s.request_id].tokens], dtype=torch.int64)
-        conf = confidence_stats(all_logits, temps.to(all_logits.device), tokens.to(all_logits.device))
-        lens = [len(blocks[s.request_id].tokens) for s in seqs]
-        K = max(lens)
-        B = len(seqs)
-        valid = torch.zeros(B, K, dtype=torch.bool)
-        index = torch.zeros(B, K, dtype=torch.int64)
-        start = 0
-        for b, n in enumerate(lens):
-            valid[b, :n] = True
-            index[b, :n] = torch.arange(start, start + n)
-            start += n
+    # ------------------------------------------------------------------ 2-3. block ends, confidence, trigger
+    def _settle_blocks(self, d: _Drafted) -> dict[str, Block]:
+        """Where each block ends, the draft's confidence and each policy's trigger, on the device, then one
+        host read of it all (a second one only when a stop string, which needs the text, ends a block
+        earlier than the device could see).
 
-        # natural log q of every drafted token: the confidence stats are at T, which is T = 1 for T in {0, 1}
-        logprobs = conf.token_logprob.float().cpu().clone()
-        other_t = ~((temps == 0.0) | (temps == 1.0))
-        if other_t.any():
-            idx = other_t.nonzero().squeeze(1)
-            logprobs[idx] = natural_logprob(all_logits[idx.to(all_logits.device)], tokens[idx]).cpu()
-        start = 0
-        for s, n in zip(seqs, lens):
-            blocks[s.request_id].logprobs = logprobs[start:start + n].tolist()
-            start += n
+        A block ends at its first EOS (unless ``ignore_eos``) or its first position after which its policy
+        ``stop_drafting`` (BiLD's fallback), else at its full length; nothing past the end is triggered on,
+        scored or counted (the positions drafted past it cost a few draft steps, at most k - 1 per block
+        end)."""
+        t0 = time.perf_counter()
+        seqs, ks = d.seqs, d.ks
+        dev = d.logits.device
+        B, K, N = len(seqs), max(ks), sum(ks)
+        temps = torch.tensor([s.params.temperature for s, k in zip(seqs, ks) for _ in range(k)], dtype=torch.float32)
+        conf = confidence_stats(d.logits, temps.to(dev, non_blocking=True), d.tokens)  # [N] each
+        offsets = _starts(ks)  # sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
+        index, valid_k = _padded_layout(ks)  # host: [B, K] flat row of each (sequence, position), [B, K] bool
+        index_d, valid_kd = index.to(dev, non_blocking=True), valid_k.to(dev, non_blocking=True)
+
+        # block ends the device can see: an EOS, a policy's stop_drafting
+        eos_ok = torch.tensor([not s.params.ignore_eos for s, k in zip(seqs, ks) for _ in range(k)])
+        ends_flat = torch.isin(d.tokens, self._eos_tensor(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
+        stop_flat = torch.zeros(N, dtype=torch.bool, device=dev)
+        for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
+            if policy.stops_drafting:
+                rows_m = torch.tensor([offsets[i] + j for i in members for j in range(ks[i])], dtype=torch.int64).to(dev)
+                stop = policy.stop_drafting(conf.max_prob.index_select(0, rows_m))
+                if stop is not None:
+                    stop_flat = stop_flat.index_copy(0, rows_m, stop.to(dev))
+        cut = _pad(ends_flat | stop_flat, index_d, valid_kd, False)  # [B, K]
+        ks_d = torch.tensor(ks, dtype=torch.int64).to(dev, non_blocking=True)
+        lens = torch.minimum(ks_d, _first_true(cut, ks_d) + 1)  # [B] block length after the device-seen ends
+        ends_eos = _pad(ends_flat, index_d, valid_kd, False).gather(1, (lens - 1).view(B, 1)).squeeze(1)
+
+        logprobs = conf.token_logprob.float()  # natural log q of each drafted token (stats at T = 1 for T in {0, 1})
+        other_t = [r for r, t in enumerate(temps.tolist()) if t not in (0.0, 1.0)]
+        if other_t:
+            rows_t = torch.tensor(other_t, dtype=torch.int64).to(dev)
+            logprobs = logprobs.index_copy(0, rows_t, natural_logprob(d.logits.index_select(0, rows_t), d.tokens.index_select(0, rows_t)))
+        router = (self.router.score(conf.max_prob, conf.margin, conf.entropy, conf.token_logprob)
+                  if self.router is not None and any(s.policy.uses_router for s in seqs) else None)
+        keep, escalate = self._trigger(seqs, conf, router, index_d, valid_kd, lens)
+        tokens_h, lens_h, ends_h, keep_h, esc_h, lp_h = self._fetch(d.tokens, lens, ends_eos, keep, escalate, logprobs)
+        lens_l, ends_l = lens_h.tolist(), ends_h.tolist()
+
+        # stop strings: the host's text decides; a block they cut is triggered again on its new length
+        recut = False
+        for i, s in enumerate(seqs):
+            if not s.params.stop or self.detokenize is None:
+                continue
+            toks = tokens_h[offsets[i]:offsets[i] + lens_l[i]].tolist()
+            for p in range(lens_l[i]):
+                if self._completes_stop(s, toks[: p + 1]):
+                    recut |= p + 1 < lens_l[i]
+                    lens_l[i], ends_l[i] = p + 1, True
+                    break
+        if recut:
+            lens = torch.tensor(lens_l, dtype=torch.int64).to(dev, non_blocking=True)
+            keep_h, esc_h = self._fetch(*self._trigger(seqs, conf, router, index_d, valid_kd, lens))
+        blocks = {}
+        for i, s in enumerate(seqs):
+            n, start = lens_l[i], offsets[i]
+            s.stats.draft_tokens += n - 1  # the decode steps of the block (its first position was a pending pass)
+            blocks[s.request_id] = Block(
+                tokens=tokens_h[start:start + n].tolist(), logits=d.logits[start:start + n],
+                logprobs=lp_h[start:start + n].tolist(), keep=int(keep_h[i]), escalate=bool(esc_h[i]),
+                final=bool(ends_l[i]) or n >= s.params.max_tokens - s.num_emitted)
+        self.stats.time_kernels_s += time.perf_counter() - t0
+        return blocks
+
+    def _trigger(self, seqs: list[Sequence], conf, router: torch.Tensor | None, index: torch.Tensor,
+                 valid_k: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each policy's trigger over its sequences' blocks (confidence padded to [B, K], positions past each
+        block's length ``lens`` [B] invalid) -> (keep [B] int64, escalate [B] bool), on the device."""
+        B, K = index.shape
+        dev = index.device
+        valid = valid_k & (torch.arange(K, device=dev).view(1, K) < lens.view(B, 1))
 
         def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(valid, x.float().cpu()[index], torch.zeros(()))
+            return _pad(x.float(), index, valid, 0.0)
 
         block_conf = BlockConfidence(
             max_prob=pad(conf.max_prob), margin=pad(conf.margin), entropy=pad(conf.entropy),
-            token_logprob=pad(conf.token_logprob), valid=valid, drafted=torch.tensor(lens, dtype=torch.int64),
-            catch_up=torch.tensor([len(s.tokens) - max(s.target_len, len(s.prompt_ids)) for s in seqs], dtype=torch.int64),
-            window_left=torch.tensor([s.window_left for s in seqs], dtype=torch.float32),
-            router=pad(self.router.score(conf.max_prob, conf.margin, conf.entropy, conf.token_logprob))
-            if self.router is not None and any(s.policy.uses_router for s in seqs) else None,
+            token_logprob=pad(conf.token_logprob), valid=valid, drafted=lens,
+            catch_up=torch.tensor([len(s.tokens) - max(s.target_len, len(s.prompt_ids)) for s in seqs],
+                                  dtype=torch.int64).to(dev, non_blocking=True),
+            window_left=torch.tensor([s.window_left for s in seqs], dtype=torch.float32).to(dev, non_blocking=True),
+            router=pad(router) if router is not None else None,
         )
+        keep = torch.zeros(B, dtype=torch.int64, device=dev)
+        escalate = torch.zeros(B, dtype=torch.bool, device=dev)
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
-            idx = torch.tensor(members)
+            idx = torch.tensor(members, dtype=torch.int64).to(dev, non_blocking=True)
             sub = BlockConfidence(*(None if getattr(block_conf, f.name) is None else getattr(block_conf, f.name)[idx]
                                     for f in fields(BlockConfidence)))
-            keep, escalate = settle_trigger(*policy.trigger(sub), sub.drafted)
-            for m, kp, esc in zip(members, keep.tolist(), escalate.tolist()):
-                blocks[seqs[m].request_id].keep, blocks[seqs[m].request_id].escalate = int(kp), bool(esc)
+            kp, esc = settle_trigger(*policy.trigger(sub), sub.drafted)
+            keep = keep.index_copy(0, idx, kp.to(dev, torch.int64))
+            escalate = escalate.index_copy(0, idx, esc.to(dev, torch.bool))
+        return keep, escalate
+
+    def _eos_tensor(self, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_eos_dev", None) is None or self._eos_dev.device != device:
+            self._eos_dev = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int64, device=device)
+        return self._eos_dev
+
+    def _fetch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Bring device results to the host: one sync (``cascade.host``), counted."""
+        self.stats.host_syncs += 1
+        return fetch(*tensors)
 
     def _update_windows(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
         """Carry each windowed policy's state (``Policy.window_after``) to the next round."""
@@ -480,10 +536,15 @@ class Engine:
             s.draft_len = end
         self._append(s, new, sources, logprobs)
 
-    def _commit_target_only(self, s: Sequence, logits: torch.Tensor) -> None:
-        filtered = filter_logits(logits[-1:], [s.params])
-        tok = int(sample(filtered, [s.params], [s.rng])[0])
-        self._append(s, [tok], [TokenSource.TARGET], [float(natural_logprob(filtered, torch.tensor([tok]))[0])])
+    def _sample_target_only(self, seqs: list[Sequence], target_logits: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The next token of every target-only sequence and its natural log-prob, on the device: [] or
+        [tokens [T] int64, logprobs [T] float32]."""
+        if not seqs:
+            return []
+        params = [s.params for s in seqs]
+        filtered = filter_logits(torch.cat([target_logits[s.request_id][-1:] for s in seqs]), params)
+        toks = sample(filtered, params, [s.rng for s in seqs])
+        return [toks, natural_logprob(filtered, toks)]
 
     def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float]) -> None:
         """Emit tokens one by one, applying EOS, stop strings and max_tokens. Nothing after the token
@@ -572,6 +633,48 @@ def shared_vocab_size(draft_rows: int, target_rows: int, vocab_size: int | None)
         raise ValueError(f"vocab_size: {vocab_size} must be in [1, {min(draft_rows, target_rows)}] (the draft has "
                          f"{draft_rows} logits rows, the target {target_rows}): the tokenizer does not fit the pair")
     return vocab_size
+
+
+@dataclass
+class _Drafted:
+    """What ``Engine._draft`` drafted, before the block ends are settled: sequence i's ``ks[i]`` positions
+    are flat rows ``sum(ks[:i]) ..`` of ``logits`` [N, V] (filtered, float32) and ``tokens`` [N] (device)."""
+
+    seqs: list[Sequence]
+    ks: list[int]
+    logits: torch.Tensor
+    tokens: torch.Tensor
+
+
+def _starts(lengths: Seq[int]) -> list[int]:
+    """Exclusive prefix sums: where each of consecutive segments of these lengths starts."""
+    out, acc = [], 0
+    for n in lengths:
+        out.append(acc)
+        acc += n
+    return out
+
+
+def _padded_layout(lengths: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments of ``lengths`` laid out flat -> (index [B, K] int64: the flat row of (segment, position),
+    0 where padding; valid [B, K] bool), K = max length. Host tensors."""
+    B, K = len(lengths), max(lengths)
+    index = torch.zeros(B, K, dtype=torch.int64)
+    valid = torch.zeros(B, K, dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(_starts(lengths), lengths)):
+        index[b, :n] = torch.arange(start, start + n)
+        valid[b, :n] = True
+    return index, valid
+
+
+def _pad(flat: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, fill) -> torch.Tensor:
+    """flat [N] -> [B, K] by ``index`` where ``valid``, ``fill`` elsewhere (same device, no host read)."""
+    return torch.where(valid, flat[index], torch.full((), fill, dtype=flat.dtype, device=flat.device))
+
+
+def _first_true(mask: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """mask [B, K] bool -> [B] int64: the first True column of each row, ``default`` [B] where none."""
+    return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), default)
 
 
 def _drafts(s: Sequence) -> bool:

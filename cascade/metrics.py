@@ -102,3 +102,4 @@ class EngineStats:
     time_target_s: float = 0.0
     time_kernels_s: float = 0.0  # confidence + verify
     time_total_s: float = 0.0
+    host_syncs: int = 0  # device -> host reads of the rounds (``cascade.host.fetch`` calls)

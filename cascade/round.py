@@ -37,19 +37,25 @@ def target_layout(keep: torch.Tensor, ends_request: torch.Tensor) -> tuple[torch
     return fed, fed + 1
 
 
-def accepted_counts(accept: torch.Tensor, uniforms: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def accepted_counts(accept: torch.Tensor, uniforms: torch.Tensor, keep: torch.Tensor,
+                    owner: torch.Tensor | None = None) -> torch.Tensor:
     """accept [R] acceptance probabilities, uniforms [R] (one draw per row), keep [B] rows per sequence ->
     [B] int64: accepted rows before each sequence's first rejection (row j is accepted iff u_j < accept_j;
-    on greedy rows accept is 0 or 1, so any u in (0, 1) decides the same)."""
+    on greedy rows accept is 0 or 1, so any u in (0, 1) decides the same).
+
+    No host read of device values: ``owner`` [R] (the sequence of each row) may be given, built on the host
+    from host-known block lengths; otherwise it is computed from ``keep`` (which then must be on the host or
+    costs a sync)."""
     keep = keep.long()
     B = keep.numel()
     if B == 0:
         return keep.clone()
-    rejected = uniforms.float() >= accept.float()
-    owner = torch.repeat_interleave(torch.arange(B), keep)  # [R] sequence of each row
+    if owner is None:
+        owner = torch.repeat_interleave(torch.arange(B, device=keep.device), keep.to(keep.device))
+    owner = owner.to(accept.device)
+    keep = keep.to(accept.device)
+    rejected = uniforms.to(accept.device).float() >= accept.float()
     starts = torch.cumsum(keep, 0) - keep
-    local = torch.arange(rejected.numel()) - starts[owner]  # [R] row index within its block
-    first = keep.clone()
-    if rejected.any():
-        first = first.scatter_reduce(0, owner[rejected], local[rejected], reduce="amin")
-    return first
+    local = torch.arange(rejected.numel(), device=accept.device) - starts[owner]  # [R] row index within its block
+    candidate = torch.where(rejected, local, keep[owner])  # a rejection's index, else the block's length
+    return keep.scatter_reduce(0, owner, candidate, reduce="amin")
