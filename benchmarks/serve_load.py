@@ -128,6 +128,8 @@ def start_server(args, port: int) -> subprocess.Popen:
     for flag in ("draft", "target", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
+    if args.fixed_k:
+        cmd.append("--fixed-k")
     print("starting:", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd)
 
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default=None, help="target model of the started server (default: the default pair)")
     ap.add_argument("--device", default="cpu", help="device of the started server (default: cpu)")
     ap.add_argument("--dtype", default=None, help="dtype of the started server (default: per device)")
+    ap.add_argument("--fixed-k", action="store_true",
+                    help="start the server with --fixed-k (no dynamic speculation: lossless requests always draft k)")
     ap.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 2 requests x 8 tokens")
     ap.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     ap.add_argument("--tag", default="serve_load", help="file name stem of the outputs (default: serve_load)")
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(levels, out / f"{args.tag}.png")
     info = machine_info()
     info.update({"max_tokens": args.max_tokens, "concurrency": args.concurrency, "policies": policies,
-                 "server": url if args.url else "started by the benchmark"})
+                 "server": url if args.url else "started by the benchmark", "fixed_k": args.fixed_k})
     (out / f"{args.tag}_machine.json").write_text(json.dumps(info, indent=1))
 
     print(f"\n| policy | concurrency | tok/s | × concurrency {min(args.concurrency)} | × target-only | "

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the policy chosen by `cascade calibrate` (its JSON summary) as the default policy")
     v.add_argument("--served-model-name", default="cascade", help="model name clients send (default: cascade)")
     v.add_argument("--max-rows", type=int, default=8, help="requests decoded at once = KV-cache rows per model (default: 8)")
+    v.add_argument("--fixed-k", action="store_true",
+                   help="lossless requests (speculative) always draft their policy's k; by default each round's block "
+                        "length is chosen from measured costs, down to no speculation when the target alone is faster "
+                        "(dynamic speculation: output unchanged, speed only)")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429 (default: 64)")
     v.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per request: prompt + answer (default: 2048)")
     v.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none (default: 256)")
@@ -476,7 +480,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'port' else 1}")
     t0 = time.perf_counter()
     cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, max_len=args.max_len,
-                                      device=args.device, dtype=args.dtype, **target_kwargs(args))
+                                      device=args.device, dtype=args.dtype, adaptive_k=not args.fixed_k,
+                                      **target_kwargs(args))
     print(f"loaded the pair in {time.perf_counter() - t0:.0f} s; default policy {policy.describe()}; "
           f"serving on http://{args.host}:{args.port}/v1", flush=True)
     app = create_app(cascade, default_policy=policy, served_name=args.served_model_name, max_queue=args.max_queue,

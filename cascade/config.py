@@ -60,6 +60,8 @@ class EngineConfig:
     #   decoding makes (the prompt in a pass of its own, then one token of one sequence per pass): greedy
     #   speculative == batch-1 target-only token for token in any dtype at any batch, at the cost of a
     #   sequential verification (see Engine._target_stepwise)
+    adaptive_k: bool = False  # dynamic speculation: each round, lossless requests draft the block length the
+    #   measured costs say is fastest, down to none (``cascade.speculation``); their output is unchanged
 
     def __post_init__(self) -> None:
         if self.on_target_error not in ("fail", "draft-only"):

@@ -58,6 +58,7 @@ from cascade.round import settle_trigger, target_layout
 from cascade.host import fetch
 from cascade.sampling import RequestRng, filter_logits, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
+from cascade.speculation import BlockLengthController, RoundClock
 
 
 @dataclass
@@ -96,6 +97,8 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
         self.router = router.to(draft.device) if router is not None else None  # scores for ``uses_router`` policies
+        # dynamic speculation: each round's block length for lossless requests (``cascade.speculation``)
+        self.block_controller = BlockLengthController() if self.config.adaptive_k else None
         self.scheduler = Scheduler(self.max_rows)
         self.stats = EngineStats()
         self._device = target.device
@@ -160,13 +163,26 @@ class Engine:
         seqs = [s for s in running if not s.finished]
         cascading = [s for s in seqs if _drafts(s)]
         target_only = [s for s in seqs if not _drafts(s)]
+        lossless = [s for s in cascading if s.policy.lossless] if self.block_controller is not None else []
+        k_round = self.block_controller.choose(len(seqs), max(s.policy.k for s in lossless)) if lossless else None
+        moved = lossless if k_round == 0 else []  # no speculation this round: the target decodes them alone
+        if moved:
+            cascading = [s for s in cascading if not s.policy.lossless]
+            target_only = target_only + moved
+        clock = RoundClock(self._device) if k_round is not None else None
+        if clock is not None:
+            clock.mark("start")
 
-        blocks = self._settle_blocks(self._draft(cascading)) if cascading else {}
+        blocks = self._settle_blocks(self._draft(cascading, k_round)) if cascading else {}
         escalated = [s for s in cascading if blocks[s.request_id].escalate]
-        target_logits = self._target_pass(escalated, blocks, target_only)
+        if clock is not None:
+            clock.mark("drafted")
+        target_logits, target_positions = self._target_pass(escalated, blocks, target_only)
+        if clock is not None:
+            clock.mark("verified")
         if target_logits is None:  # the target is unavailable and on_target_error is "draft-only"
             target_logits = {}
-            self._degrade_to_draft(escalated, blocks, target_only)
+            self._degrade_to_draft(escalated, blocks, [s for s in target_only if s not in moved])
             escalated, target_only = [], []
 
         t0 = time.perf_counter()
@@ -187,6 +203,14 @@ class Engine:
         if target_only:
             for s, tok, lp in zip(target_only, sampled[0].tolist(), sampled[1].tolist()):
                 self._append(s, [tok], [TokenSource.TARGET], [lp])
+        if clock is not None:
+            clock.mark("end")
+            spec = [s for s in lossless if s.request_id in verdicts]
+            self.block_controller.observe(
+                batch=len(seqs), k=k_round, draft_s=clock.seconds("start", "drafted"),
+                draft_steps=k_round if cascading else 0, target_s=clock.seconds("drafted", "verified"),
+                target_positions=target_positions, total_s=clock.seconds("start", "end"),
+                accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec))
         for s in running:
             self._settle(s)
 
@@ -234,14 +258,16 @@ class Engine:
         """A runner's logits [n, V_runner] -> [n, vocab_size]: the tokenizer's ids only (a view)."""
         return logits if logits.shape[-1] == self.vocab_size else logits[:, : self.vocab_size]
 
-    def _block_size(self, s: Sequence) -> int:
-        """Tokens to draft this round: the policy's k, capped by max_tokens and by cache room (the
-        block, plus the replacement/bonus token, must fit in max_len)."""
+    def _block_size(self, s: Sequence, k_round: int | None = None) -> int:
+        """Tokens to draft this round: the policy's k (for a lossless policy, at most this round's dynamic
+        block length ``k_round``), capped by max_tokens and by cache room (the block, plus the
+        replacement/bonus token, must fit in max_len)."""
         room = self.max_len - len(s.tokens) - 1
-        return min(s.policy.k, s.params.max_tokens - s.num_emitted, room)
+        k = s.policy.k if k_round is None or not s.policy.lossless else min(s.policy.k, k_round)
+        return min(k, s.params.max_tokens - s.num_emitted, room)
 
     # ------------------------------------------------------------------ 1. draft
-    def _draft(self, seqs: list[Sequence]) -> _Drafted:
+    def _draft(self, seqs: list[Sequence], k_round: int | None = None) -> _Drafted:
         """Draft every sequence's block on the device: one ragged pass over the pending tokens, then one
         batched ``decode`` per further position, each fed the tokens the previous step sampled (device
         tensors: no host read between steps). Every sequence drafts its full block length here; where its
@@ -249,7 +275,7 @@ class Engine:
         trigger (``_settle_blocks``), and positions past it are discarded."""
         t0 = time.perf_counter()
         dev = self.draft.device
-        ks = [self._block_size(s) for s in seqs]
+        ks = [self._block_size(s, k_round) for s in seqs]
         rows = [s.row for s in seqs]
         pending = [s.tokens[s.draft_len:] for s in seqs]
         for s, span in zip(seqs, pending):
@@ -432,18 +458,18 @@ class Engine:
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(
         self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]
-    ) -> dict[str, torch.Tensor] | None:
-        """One ragged target pass; returns per request its logits [n, V]: the block positions + the bonus
+    ) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """One ragged target pass; returns (per request its logits [n, V]: the block positions + the bonus
         position for escalated sequences (no bonus position after a kept block that ends the request), one
-        position for target-only sequences.
+        position for target-only sequences; the positions the pass processed).
 
         A target that raises ``TargetUnavailable`` leaves every sequence as it was; the error propagates
         when ``on_target_error == "fail"``, else None is returned and the caller degrades the round."""
         members = escalated + target_only
         if not members:
-            return {}
+            return {}, 0
         t0 = time.perf_counter()
-        blks = [blocks[s.request_id] if _drafts(s) else None for s in members]
+        blks = [blocks[s.request_id] for s in escalated] + [None] * len(target_only)
         # a block that ends the request is fed without its last token and has no bonus position (its catch-up
         # is never empty: the target lags by at least the previous round's last token); target-only: 0 and 1
         fed, num_logits = (t.tolist() for t in target_layout(
@@ -462,7 +488,7 @@ class Engine:
                 s.stats.target_errors += 1
             if self.config.on_target_error == "fail":
                 raise
-            return None
+            return None, 0
         out, start = {}, 0
         for s, blk, span, n, n_block in zip(members, blks, spans, num_logits, fed):
             catch_up = len(span) - n_block
@@ -477,7 +503,7 @@ class Engine:
             out[s.request_id] = logits[start:start + n]
             start += n
         self.stats.time_target_s += time.perf_counter() - t0
-        return out
+        return out, sum(len(span) for span in spans)
 
     def _target_stepwise(self, members: list[Sequence], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
         """``forward_span`` of the target pass, computed the way target-only decoding computes it at batch 1:

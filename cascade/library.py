@@ -78,7 +78,7 @@ class Cascade:
                         max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
                         max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
                         vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail",
-                        exact_verify: bool = False) -> "Cascade":
+                        exact_verify: bool = False, adaptive_k: bool = False) -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
         default pair from the cache (``cascade fetch-models`` puts it there).
 
@@ -88,13 +88,14 @@ class Cascade:
         for its config.json, for cost accounting).
         ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
         "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through batch-1 target-only
-        decoding's calls, so lossless policies are token-exact in any dtype at any batch (``EngineConfig``)."""
+        decoding's calls, so lossless policies are token-exact in any dtype at any batch; ``adaptive_k``: dynamic
+        speculation for lossless requests (``EngineConfig``)."""
         from cascade.models.llama import LlamaRunner
         from cascade.weights import DEFAULT_PAIR, resolve_model
 
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
                               max_draft_block=max_draft_block, on_target_error=on_target_error,
-                              exact_verify=exact_verify)
+                              exact_verify=exact_verify, adaptive_k=adaptive_k)
         draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
         draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         in_vllm = target is not None and str(target).startswith("vllm:")

@@ -138,6 +138,7 @@ class Policy:
     benchmark_only: ClassVar[bool] = False  # True: the engine refuses it (the benchmark harness derives it)
     keeps_window: ClassVar[bool] = False  # True: the engine calls window_after after every round
     uses_router: ClassVar[bool] = False  # True: the trigger reads conf.router (the engine needs a router loaded)
+    lossless: ClassVar[bool] = False  # True: the output is the target's whatever the block length (dynamic k applies)
     k: int = DEFAULT_K  # draft block length
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ class Speculative(Policy):
     Speculative Decoding"): every block is escalated and verified with delta = 1 (pi = p), so the output
     distribution is exactly the target's; greedy output equals target-only greedy output."""
 
+    lossless: ClassVar[bool] = True
+
 
 @register("draft-only")
 @dataclass(frozen=True)

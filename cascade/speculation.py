@@ -1,0 +1,163 @@
+"""Dynamic speculation: the block length of lossless requests, chosen every round from measured costs.
+
+Speculation pays when a k-token verify pass costs little more than a 1-token step; under load (a batch
+that already keeps the device busy) the verify pass grows with the batch's positions and speculation can
+cost more than it saves. ``BlockLengthController`` picks, before each round, the block length
+``k`` in ``0 .. policy k`` that maximises the expected tokens per second of the round's lossless requests
+(``Policy.lossless``: their output does not depend on k, so the choice changes speed only); ``k = 0`` means
+no speculation this round: those requests decode on the target alone, as ``target-only`` does.
+
+The model, per batch-size bucket (powers of two), from the rounds it has seen:
+
+- a draft step costs ``d`` seconds (EWMA of the draft phase / its steps);
+- a target pass over ``P`` positions costs ``a + b * P`` (exponentially weighted least squares over
+  the (positions, seconds) of every target pass; a round at k = 0 and one at the policy's k give it
+  two widths, and the controller tries the arm it has not tried for a while every ``explore_every``
+  rounds, so the fit follows the load);
+- the rest of a round (scheduling, kernels, reads) costs ``o`` (EWMA);
+- a drafted token is accepted with probability ``alpha`` (EWMA of accepted / verified positions), so a
+  block of k yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens per request (Leviathan et al. 2023).
+
+The expected rate of k is ``B * tokens(k) / (o + k * d + a + b * B * (k + 1))``; for k = 0 it is
+``B / (o + a + b * B)``. Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after
+the round's last host read; elsewhere wall clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RoundClock:
+    """Phase timestamps of one round: CUDA events on a CUDA device (read after the round has synced),
+    ``time.perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks[name] = ev
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def seconds(self, start: str, end: str) -> float:
+        a, b = self.marks[start], self.marks[end]
+        if self.cuda:
+            return a.elapsed_time(b) / 1e3  # both events are complete: the round has read the device
+        return b - a
+
+
+@dataclass
+class _LinearFit:
+    """Exponentially weighted least squares of y = a + b * x."""
+
+    decay: float
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
+
+    def predict(self, x: float) -> float | None:
+        if self.w == 0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        if var <= 1e-9 * max(1.0, mx * mx):  # one width seen so far: proportional to the positions
+            return my * x / mx if mx > 0 else my
+        b = (self.sxy / self.w - mx * my) / var
+        b = max(b, 0.0)
+        return max(my + b * (x - mx), 0.0)
+
+
+def _ewma(old: float | None, new: float, decay: float) -> float:
+    return new if old is None else decay * old + (1 - decay) * new
+
+
+@dataclass
+class _Bucket:
+    target: _LinearFit
+    draft_step_s: float | None = None
+    overhead_s: float | None = None
+    last_tried: dict[int, int] = field(default_factory=dict)  # k -> the round it last ran
+
+
+class BlockLengthController:
+    """Chooses each round's block length for lossless requests (see the module docstring)."""
+
+    def __init__(self, *, decay: float = 0.9, explore_every: int = 16):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if explore_every < 2:
+            raise ValueError(f"explore_every must be >= 2, got {explore_every}")
+        self.decay, self.explore_every = decay, explore_every
+        self.alpha: float | None = None
+        self.rounds = 0
+        self._buckets: dict[int, _Bucket] = {}
+        self.last_choice: dict[str, float] = {}
+
+    def _bucket(self, batch: int) -> _Bucket:
+        key = 1 << max(0, math.ceil(math.log2(max(1, batch))))
+        if key not in self._buckets:
+            self._buckets[key] = _Bucket(target=_LinearFit(self.decay))
+        return self._buckets[key]
+
+    def expected_rate(self, batch: int, k: int) -> float | None:
+        """Expected tokens / s of a round of ``batch`` lossless requests at block length k (None: not
+        enough measured yet)."""
+        b = self._bucket(batch)
+        t = b.target.predict(batch * (k + 1))
+        if t is None or b.overhead_s is None or (k > 0 and (b.draft_step_s is None or self.alpha is None)):
+            return None
+        tokens = 1.0 if k == 0 else _block_tokens(self.alpha, k)
+        cost = b.overhead_s + t + (k * b.draft_step_s if k > 0 else 0.0)
+        return batch * tokens / max(cost, 1e-9)
+
+    def choose(self, batch: int, k_max: int) -> int:
+        """The block length for this round, in 0 .. k_max."""
+        self.rounds += 1
+        b = self._bucket(batch)
+        # explore: the policy's k and no speculation are both tried now and then, so both widths stay measured
+        for arm in (k_max, 0):
+            if self.rounds - b.last_tried.get(arm, -10**9) > self.explore_every:
+                return arm
+        rates = {k: self.expected_rate(batch, k) for k in range(k_max + 1)}
+        known = {k: r for k, r in rates.items() if r is not None}
+        if not known:
+            return k_max
+        best = max(known, key=lambda k: (known[k], k))
+        self.last_choice = {str(k): r for k, r in known.items()}
+        return best
+
+    def observe(self, *, batch: int, k: int, draft_s: float, draft_steps: int, target_s: float,
+                target_positions: int, total_s: float, accepted: int, verified: int) -> None:
+        """What a round at block length k measured (seconds; positions; the lossless requests' accepted
+        and verified draft tokens)."""
+        b = self._bucket(batch)
+        b.last_tried[k] = self.rounds
+        if target_positions > 0 and target_s > 0:
+            b.target.add(float(target_positions), target_s)
+        if draft_steps > 0 and draft_s > 0:
+            b.draft_step_s = _ewma(b.draft_step_s, draft_s / draft_steps, self.decay)
+        b.overhead_s = _ewma(b.overhead_s, max(0.0, total_s - draft_s - target_s), self.decay)
+        if verified > 0:
+            self.alpha = _ewma(self.alpha, accepted / verified, self.decay)
+
+
+def _block_tokens(alpha: float, k: int) -> float:
+    """Expected tokens a block of k yields per request (accepted prefix + the replacement / bonus token)."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)

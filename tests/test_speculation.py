@@ -1,0 +1,81 @@
+"""Dynamic speculation (``cascade.speculation``): the controller picks the block length the measured costs
+say is fastest, down to none; the engine applies it to lossless requests only, whose output it does not
+change (greedy speculative == target-only at every k it chooses)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade import SamplingParams
+from cascade.config import EngineConfig
+from cascade.speculation import BlockLengthController, _block_tokens
+
+from test_engine import PROMPTS, make_cascade
+
+
+def feed(ctrl, batch, k_max, *, draft_step, target_fixed, target_per_position, alpha, rounds=80):
+    """Run the controller against a synthetic machine; returns the block lengths it chose."""
+    chosen = []
+    for _ in range(rounds):
+        k = ctrl.choose(batch, k_max)
+        chosen.append(k)
+        positions = batch * (k + 1)
+        target = target_fixed + target_per_position * positions
+        draft = draft_step * k
+        ctrl.observe(batch=batch, k=k, draft_s=draft, draft_steps=k, target_s=target, target_positions=positions,
+                     total_s=draft + target + 0.001, accepted=int(alpha * 100 * k), verified=100 * k)
+    return chosen
+
+
+def test_memory_bound_target_and_good_drafts_speculate_fully():
+    ctrl = BlockLengthController()
+    chosen = feed(ctrl, 1, 5, draft_step=0.002, target_fixed=0.05, target_per_position=0.001, alpha=0.8)
+    tail = chosen[20:]
+    assert max(set(tail), key=tail.count) == 5
+    assert ctrl.expected_rate(1, 5) > 1.5 * ctrl.expected_rate(1, 0)
+
+
+def test_compute_bound_target_under_load_stops_speculating():
+    ctrl = BlockLengthController()
+    chosen = feed(ctrl, 16, 5, draft_step=0.02, target_fixed=0.01, target_per_position=0.004, alpha=0.5)
+    tail = chosen[20:]
+    assert max(set(tail), key=tail.count) == 0
+    assert tail.count(5) <= len(tail) // 10 + 1  # only the exploration rounds
+    assert ctrl.expected_rate(16, 0) > ctrl.expected_rate(16, 5)
+
+
+def test_a_middle_length_wins_where_it_should():
+    # the rate of k is B * tokens(k) / (k * d + a + b * B * (k + 1)); with these costs k = 2 is the best
+    ctrl = BlockLengthController()
+    d, a, b, alpha, batch = 0.01, 0.02, 0.004, 0.6, 4
+    rate = {k: batch * (1.0 if k == 0 else _block_tokens(alpha, k)) / (k * d + a + b * batch * (k + 1) + 0.001) for k in range(6)}
+    best = max(rate, key=rate.get)
+    chosen = feed(ctrl, batch, 5, draft_step=d, target_fixed=a, target_per_position=b, alpha=alpha, rounds=120)
+    tail = chosen[40:]
+    assert max(set(tail), key=tail.count) == best
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="decay"):
+        BlockLengthController(decay=1.0)
+    with pytest.raises(ValueError, match="explore_every"):
+        BlockLengthController(explore_every=1)
+
+
+def test_engine_keeps_speculative_lossless_while_k_changes(tiny_pair_dirs):
+    c = make_cascade(tiny_pair_dirs)
+    want = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=40), policy="target-only")]
+    c.engine.config = EngineConfig(max_rows=8, max_len=128, adaptive_k=True)
+    from cascade.speculation import BlockLengthController as Ctrl
+
+    c.engine.block_controller = ctrl = Ctrl(explore_every=3)
+    seen = []
+    real = ctrl.choose
+    ctrl.choose = lambda batch, k_max: seen.append(real(batch, k_max)) or seen[-1]
+    got = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=40), policy="speculative")]
+    assert got == want
+    assert 0 in seen and 5 in seen  # both arms ran: no speculation, and the policy's full block
+    # non-lossless policies keep their own k: chow's blocks are untouched by the controller
+    seen.clear()
+    c.generate(PROMPTS, SamplingParams(max_tokens=10), policy="chow(alpha=0.3)")
+    assert seen == []
