@@ -303,6 +303,7 @@ class Suite:
                                             parse_policy(policy))
                         eng.step()  # the prefill round, not timed
                         base = _stats(eng)
+                        fetches0 = eng.stats.host_syncs
                         syncs = 0
                         t0 = time.perf_counter()
                         with warnings.catch_warnings(record=True) as caught:
@@ -323,7 +324,8 @@ class Suite:
                         for i in range(batch):
                             eng.abort(f"r{i}")
                         row = dict(pair=f"{draft}->{target}", policy=policy, batch=batch, rounds=rounds,
-                                   vocab=eng.vocab_size, ms_per_round=wall, tokens_emitted=emitted)
+                                   vocab=eng.vocab_size, ms_per_round=wall, tokens_emitted=emitted,
+                                   engine_reads_per_round=(eng.stats.host_syncs - fetches0) / rounds)
                         if synced:
                             row.update(phase_ms=dict(draft=delta["draft"], target=delta["target"], kernels=delta["kernels"],
                                                      other=wall - delta["draft"] - delta["target"] - delta["kernels"]))

@@ -57,6 +57,7 @@ def test_smoke_runs_every_section_with_only_torch_triton_numpy(tmp_path):
     assert {r["pair"] for r in rounds} == {"0.5b->1.5b", "0.5b->7b"}
     assert all(r["vocab"] == 1000 for r in rounds)  # the 7B stand-in's padded 1,024 rows are masked
     assert any("phase_ms" in r for r in rounds) and any("host_syncs_per_round" in r for r in rounds)
+    assert all(r["engine_reads_per_round"] <= 3 for r in rounds)
 
     sampled = s["sampled_request"]
     assert sampled["finished"] and sampled["seeded_equal_run_to_run"] and sampled["alone_equals_batch"]

@@ -68,8 +68,9 @@ class BlockConfidence:
     def context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(catch_up [B] int64, window_left [B] float32), zeros where the caller gave none."""
         B = self.drafted.shape[0]
-        catch_up = self.catch_up if self.catch_up is not None else torch.zeros(B, dtype=torch.int64)
-        window = self.window_left if self.window_left is not None else torch.zeros(B)
+        dev = self.drafted.device
+        catch_up = self.catch_up if self.catch_up is not None else torch.zeros(B, dtype=torch.int64, device=dev)
+        window = self.window_left if self.window_left is not None else torch.zeros(B, device=dev)
         return catch_up, window
 
 

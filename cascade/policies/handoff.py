@@ -46,7 +46,7 @@ def worth_its_cost(conf: BlockConfidence, error_prob: torch.Tensor, price: float
     if price <= 0.0:
         return torch.ones_like(conf.drafted, dtype=torch.bool)
     catch_up, _ = conf.context()
-    expected_errors = torch.where(conf.valid, error_prob.float(), torch.zeros(())).sum(dim=1)  # [B]
+    expected_errors = torch.where(conf.valid, error_prob.float(), 0.0).sum(dim=1)  # [B]
     paid = (catch_up + conf.drafted + 1).float()  # [B] target positions this escalation costs
     return expected_errors >= price * paid
 
