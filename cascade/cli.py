@@ -35,15 +35,16 @@ _SOURCE_STYLE = {
 }
 
 
-def _policy_from_args(args: argparse.Namespace):
-    """The policy named by --policy, with --alpha/--k/--fallback/--rollback/--param applied on top."""
+def _policy_from_args(args: argparse.Namespace, default: str | None = None):
+    """The policy named by --policy (else ``default``, else the shipped default), with
+    --alpha/--k/--fallback/--rollback/--param applied on top."""
     extra = {name: getattr(args, name) for name in ("alpha", "k", "fallback", "rollback") if getattr(args, name) is not None}
     for item in args.param or []:
         if "=" not in item:
             raise ValueError(f"--param {item!r} must be written name=value")
         key, value = item.split("=", 1)
         extra[key.strip()] = parse_value(value)
-    base = parse_policy(args.policy or default_policy())
+    base = parse_policy(args.policy or default or default_policy())
     return make_policy(base.name, **{**_fields_of(base), **extra}) if extra else base
 
 
@@ -403,7 +404,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cascade.library import Cascade
 
     console = Console(no_color=args.no_color, highlight=False)
-    policy = _policy_from_args(args)
+    _policy_from_args(args)  # bad policy options fail before the models load
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
     prompts = args.prompts or BUILTIN_PROMPTS
@@ -412,6 +413,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cascade = Cascade.from_pretrained(args.draft, args.target, device=args.device, dtype=args.dtype,
                                           max_len=args.max_len, max_rows=max(1, len(prompts) if args.batch else 1),
                                           **target_kwargs(args))
+    policy = _policy_from_args(args, default=cascade.default_policy())  # (needs to know if a router loaded)
     console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · draft dtype {getattr(cascade.draft, 'dtype', '?')} · "
                   f"policy {policy.describe()}[/dim]")
 
@@ -468,13 +470,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.policy and args.calibration:
         raise ValueError("--policy and --calibration: give one, not both")
-    policy = args.policy or default_policy()
+    policy = args.policy
     if args.calibration:
         try:
             policy = json.loads(Path(args.calibration).read_text())["policy"]
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"--calibration: cannot read a policy from {args.calibration!r}: {exc}") from None
-    policy = parse_policy(policy)
+    if policy is not None:
+        parse_policy(policy)  # a bad policy fails before the models load
     for name in ("port", "max_rows", "max_len", "default_max_tokens"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'port' else 1}")
@@ -482,6 +485,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, max_len=args.max_len,
                                       device=args.device, dtype=args.dtype, adaptive_k=not args.fixed_k,
                                       **target_kwargs(args))
+    policy = parse_policy(policy or cascade.default_policy())
     print(f"loaded the pair in {time.perf_counter() - t0:.0f} s; default policy {policy.describe()}; "
           f"serving on http://{args.host}:{args.port}/v1", flush=True)
     app = create_app(cascade, default_policy=policy, served_name=args.served_model_name, max_queue=args.max_queue,

@@ -32,7 +32,16 @@ def default_calibration() -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("policy"), str) else None
 
 
-def default_policy() -> str:
-    """The policy string requests run when they name none."""
+def default_policy(router_loaded: bool = True) -> str:
+    """The policy string requests run when they name none. A shipped policy that reads the learned router
+    (``learned``) needs one; a pair loaded without a router (a user's own pair before ``cascade
+    train-router``) gets the uncalibrated default instead of an error."""
     cal = default_calibration()
-    return cal["policy"] if cal is not None else UNCALIBRATED_DEFAULT
+    if cal is None:
+        return UNCALIBRATED_DEFAULT
+    if not router_loaded:
+        from cascade.policies import parse_policy
+
+        if parse_policy(cal["policy"]).uses_router:
+            return UNCALIBRATED_DEFAULT
+    return cal["policy"]

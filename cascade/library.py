@@ -127,6 +127,11 @@ class Cascade:
         router = load_router(draft_dir, device=draft_runner.device)  # the learned deferral router, if trained
         return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router)
 
+    def default_policy(self) -> str:
+        """The policy a request without one runs: the shipped calibrated default (``cascade.defaults``), or
+        lossless ``speculative`` where that default needs a learned router and this pair has none."""
+        return default_policy(router_loaded=self.engine.router is not None)
+
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a raw string, a chat conversation, or a token-id list."""
@@ -176,7 +181,7 @@ class Cascade:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
         if len(plist) != len(batch):
             raise ValueError(f"params: {len(plist)} sampling params for {len(batch)} prompts")
-        pol = parse_policy(default_policy() if policy is None else policy)
+        pol = parse_policy(self.default_policy() if policy is None else policy)
         encoded = [self.encode(p) for p in batch]
         ids = [f"gen-{next(self._ids)}" for _ in batch]
         finals: dict[str, RequestOutput] = {}
@@ -226,7 +231,7 @@ class Cascade:
         answers; a kept draft answer arrives whole in the round it finished (an escalated request then
         streams the target's tokens), and BiLD's unchecked draft tokens arrive once the target has
         checked them or the request has ended."""
-        pol = parse_policy(default_policy() if policy is None else policy)
+        pol = parse_policy(self.default_policy() if policy is None else policy)
         rid = f"gen-{next(self._ids)}"
         self.engine.add_request(rid, self.encode(prompt), params or SamplingParams(), pol)
         done = False

@@ -170,3 +170,18 @@ def test_the_shipped_default_policy_parses_and_says_what_it_was_measured_on():
     else:
         assert policy.describe() == parse_policy(cal["policy"]).describe()
         assert cal["budget"] >= 0 and cal["datasets"] and all("dev" in d for d in cal["datasets"])
+
+
+def test_a_default_that_needs_a_router_falls_back_without_one(tiny_pair_dirs, monkeypatch):
+    """The shipped default may be ``learned``; a pair loaded without a router runs lossless speculative
+    instead of failing every request that names no policy."""
+    import cascade.defaults as defaults
+    from test_engine import make_cascade
+
+    monkeypatch.setattr(defaults, "default_calibration", lambda: {"policy": "learned(threshold=0.5)"})
+    assert defaults.default_policy(router_loaded=True) == "learned(threshold=0.5)"
+    assert defaults.default_policy(router_loaded=False) == "speculative"
+    c = make_cascade(tiny_pair_dirs, max_rows=2)
+    assert c.engine.router is None and c.default_policy() == "speculative"
+    [r] = c.generate([[1, 2, 3]], None)
+    assert r.policy.startswith("speculative")

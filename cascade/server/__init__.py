@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from cascade.defaults import default_policy as shipped_default_policy
 from cascade.library import Cascade
 from cascade.policies import Policy, parse_policy
 
@@ -25,7 +24,7 @@ def create_app(cascade: Cascade, *, default_policy: str | Policy | None = None, 
     metrics = ServerMetrics()
     loop = EngineLoop(cascade, max_queue=max_queue, metrics=metrics)
     if default_policy is None:
-        default_policy = shipped_default_policy()
+        default_policy = cascade.default_policy()
     config = ServerConfig(served_name=served_name, default_policy=parse_policy(default_policy),
                           default_max_tokens=default_max_tokens, drain_timeout_s=drain_timeout_s)
     app = build_app(loop, config, metrics)
