@@ -173,7 +173,7 @@ class Engine:
         if clock is not None:
             clock.mark("start")
 
-        blocks = self._settle_blocks(self._draft(cascading, k_round)) if cascading else {}
+        blocks = self._settle_blocks(self._draft(cascading, k_round, clock)) if cascading else {}
         escalated = [s for s in cascading if blocks[s.request_id].escalate]
         if clock is not None:
             clock.mark("drafted")
@@ -206,9 +206,11 @@ class Engine:
         if clock is not None:
             clock.mark("end")
             spec = [s for s in lossless if s.request_id in verdicts]
+            drafted_steps = max(0, k_round - 1) if cascading else 0
             self.block_controller.observe(
                 batch=len(seqs), k=k_round, draft_s=clock.seconds("start", "drafted"),
-                draft_steps=k_round if cascading else 0, target_s=clock.seconds("drafted", "verified"),
+                decode_s=clock.seconds("draft_fed", "draft_steps_done") if drafted_steps else 0.0,
+                decode_steps=drafted_steps, target_s=clock.seconds("drafted", "verified"),
                 target_positions=target_positions, total_s=clock.seconds("start", "end"),
                 accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec))
         for s in running:
@@ -267,7 +269,7 @@ class Engine:
         return min(k, s.params.max_tokens - s.num_emitted, room)
 
     # ------------------------------------------------------------------ 1. draft
-    def _draft(self, seqs: list[Sequence], k_round: int | None = None) -> _Drafted:
+    def _draft(self, seqs: list[Sequence], k_round: int | None = None, clock: RoundClock | None = None) -> _Drafted:
         """Draft every sequence's block on the device: one ragged pass over the pending tokens, then one
         batched ``decode`` per further position, each fed the tokens the previous step sampled (device
         tensors: no host read between steps). Every sequence drafts its full block length here; where its
@@ -282,6 +284,8 @@ class Engine:
             self._count_positions(s, s.draft_len, len(span), draft=True)
             s.draft_len += len(span)
         logits = self._vocab(self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs)))  # [B, V]
+        if clock is not None:
+            clock.mark("draft_fed")  # the pending pass (a catch-up after rounds without drafting) is done
         step_members: list[list[int]] = []  # per step: the sequences drafted at it (indices into seqs)
         step_logits: list[torch.Tensor] = []  # per step: [A_j, V] filtered logits the tokens were drawn from
         step_tokens: list[torch.Tensor] = []  # per step: [A_j] int64 on the device
@@ -309,6 +313,8 @@ class Engine:
         order = order.to(step_logits[0].device, non_blocking=True)
         drafted = _Drafted(seqs=seqs, ks=ks, logits=torch.cat(step_logits).index_select(0, order),
                            tokens=torch.cat(step_tokens).to(step_logits[0].device).index_select(0, order))
+        if clock is not None:
+            clock.mark("draft_steps_done")
         self.stats.time_draft_s += time.perf_counter() - t0
         return drafted
 

@@ -9,14 +9,22 @@ no speculation this round: those requests decode on the target alone, as ``targe
 
 The model, per batch-size bucket (powers of two), from the rounds it has seen:
 
-- a draft step costs ``d`` seconds (EWMA of the draft phase / its steps);
+- a draft step costs ``d`` seconds (EWMA over the decode steps of the draft phase; the pass that feeds the
+  pending tokens is left out, as after rounds without drafting it is a long catch-up, which would make
+  speculation look dearer than it is in steady state, where that pass is one step too);
 - a target pass over ``P`` positions costs ``a + b * P`` (exponentially weighted least squares over
-  the (positions, seconds) of every target pass; a round at k = 0 and one at the policy's k give it
-  two widths, and the controller tries the arm it has not tried for a while every ``explore_every``
-  rounds, so the fit follows the load);
+  the (positions, seconds) of every target pass). The first rounds run the policy's k and then k = 0,
+  which gives the fit two widths; after that, every ``explore_every`` rounds the controller runs a
+  neighbour of its current choice (one more, one less, in turn), so the fit follows the load at the
+  price of a round that is only a little slower (exploring the far end, k = policy's k when 0 is best,
+  would cost a whole slow round each time);
 - the rest of a round (scheduling, kernels, reads) costs ``o`` (EWMA);
-- a drafted token is accepted with probability ``alpha`` (EWMA of accepted / verified positions), so a
-  block of k yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens per request (Leviathan et al. 2023).
+- a drafted token is accepted with probability ``alpha``, so a block of k yields
+  ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens per request (Leviathan et al. 2023). ``alpha`` is the
+  accepted share of verified positions, exponentially weighted, with an optimistic prior (0.8 over 20
+  positions): acceptance is only observed while speculating, so a pessimistic first block (answers often
+  open with tokens the draft words differently) must not switch speculation off for good; a draft that
+  really is poor is measured as such within a few blocks.
 
 The expected rate of k is ``B * tokens(k) / (o + k * d + a + b * B * (k + 1))``; for k = 0 it is
 ``B / (o + a + b * B)``. Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after
@@ -93,21 +101,33 @@ class _Bucket:
     draft_step_s: float | None = None
     overhead_s: float | None = None
     last_tried: dict[int, int] = field(default_factory=dict)  # k -> the round it last ran
+    last_explored: int = 0  # the round of the last exploration
+    explore_up: bool = False  # the direction of the next one
 
 
 class BlockLengthController:
     """Chooses each round's block length for lossless requests (see the module docstring)."""
 
-    def __init__(self, *, decay: float = 0.9, explore_every: int = 16):
+    def __init__(self, *, decay: float = 0.9, explore_every: int = 32):
+        """decay: EWMA / fit weight of the past per observed round; explore_every: rounds between two
+        exploration rounds."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         if explore_every < 2:
             raise ValueError(f"explore_every must be >= 2, got {explore_every}")
         self.decay, self.explore_every = decay, explore_every
-        self.alpha: float | None = None
+        self._accepted = 0.0  # exponentially weighted accepted / verified draft positions
+        self._verified = 0.0
         self.rounds = 0
         self._buckets: dict[int, _Bucket] = {}
         self.last_choice: dict[str, float] = {}
+
+    PRIOR_ALPHA, PRIOR_POSITIONS, ALPHA_DECAY = 0.8, 20.0, 0.98
+
+    @property
+    def alpha(self) -> float:
+        """The acceptance probability of a drafted token (prior included)."""
+        return (self._accepted + self.PRIOR_ALPHA * self.PRIOR_POSITIONS) / (self._verified + self.PRIOR_POSITIONS)
 
     def _bucket(self, batch: int) -> _Bucket:
         key = 1 << max(0, math.ceil(math.log2(max(1, batch))))
@@ -120,7 +140,7 @@ class BlockLengthController:
         enough measured yet)."""
         b = self._bucket(batch)
         t = b.target.predict(batch * (k + 1))
-        if t is None or b.overhead_s is None or (k > 0 and (b.draft_step_s is None or self.alpha is None)):
+        if t is None or b.overhead_s is None or (k > 0 and b.draft_step_s is None):
             return None
         tokens = 1.0 if k == 0 else _block_tokens(self.alpha, k)
         cost = b.overhead_s + t + (k * b.draft_step_s if k > 0 else 0.0)
@@ -130,9 +150,8 @@ class BlockLengthController:
         """The block length for this round, in 0 .. k_max."""
         self.rounds += 1
         b = self._bucket(batch)
-        # explore: the policy's k and no speculation are both tried now and then, so both widths stay measured
-        for arm in (k_max, 0):
-            if self.rounds - b.last_tried.get(arm, -10**9) > self.explore_every:
+        for arm in (k_max, 0):  # warm-up: two widths for the target's fit
+            if arm not in b.last_tried:
                 return arm
         rates = {k: self.expected_rate(batch, k) for k in range(k_max + 1)}
         known = {k: r for k, r in rates.items() if r is not None}
@@ -140,21 +159,28 @@ class BlockLengthController:
             return k_max
         best = max(known, key=lambda k: (known[k], k))
         self.last_choice = {str(k): r for k, r in known.items()}
+        if self.rounds - b.last_explored >= self.explore_every:  # a neighbour now and then
+            b.last_explored = self.rounds
+            b.explore_up = not b.explore_up
+            step = 1 if (b.explore_up and best < k_max) or best == 0 else -1
+            return best + step
         return best
 
-    def observe(self, *, batch: int, k: int, draft_s: float, draft_steps: int, target_s: float,
+    def observe(self, *, batch: int, k: int, draft_s: float, decode_s: float, decode_steps: int, target_s: float,
                 target_positions: int, total_s: float, accepted: int, verified: int) -> None:
-        """What a round at block length k measured (seconds; positions; the lossless requests' accepted
-        and verified draft tokens)."""
+        """What a round at block length k measured: seconds of the whole draft phase (``draft_s``), of its
+        ``decode_steps`` one-token steps (``decode_s``), of the target pass over ``target_positions``, of the
+        round; the lossless requests' accepted and verified draft tokens."""
         b = self._bucket(batch)
         b.last_tried[k] = self.rounds
         if target_positions > 0 and target_s > 0:
             b.target.add(float(target_positions), target_s)
-        if draft_steps > 0 and draft_s > 0:
-            b.draft_step_s = _ewma(b.draft_step_s, draft_s / draft_steps, self.decay)
+        if decode_steps > 0 and decode_s > 0:
+            b.draft_step_s = _ewma(b.draft_step_s, decode_s / decode_steps, self.decay)
         b.overhead_s = _ewma(b.overhead_s, max(0.0, total_s - draft_s - target_s), self.decay)
         if verified > 0:
-            self.alpha = _ewma(self.alpha, accepted / verified, self.decay)
+            self._accepted = self.ALPHA_DECAY * self._accepted + accepted
+            self._verified = self.ALPHA_DECAY * self._verified + verified
 
 
 def _block_tokens(alpha: float, k: int) -> float:

@@ -22,8 +22,9 @@ def feed(ctrl, batch, k_max, *, draft_step, target_fixed, target_per_position, a
         positions = batch * (k + 1)
         target = target_fixed + target_per_position * positions
         draft = draft_step * k
-        ctrl.observe(batch=batch, k=k, draft_s=draft, draft_steps=k, target_s=target, target_positions=positions,
-                     total_s=draft + target + 0.001, accepted=int(alpha * 100 * k), verified=100 * k)
+        ctrl.observe(batch=batch, k=k, draft_s=draft + 0.5 * (k > 0), decode_s=draft_step * max(0, k - 1),
+                     decode_steps=max(0, k - 1), target_s=target, target_positions=positions,
+                     total_s=draft + 0.5 * (k > 0) + target + 0.001, accepted=int(alpha * 100 * k), verified=100 * k)
     return chosen
 
 
