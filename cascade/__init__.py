@@ -32,12 +32,19 @@ Public API: ``Cascade`` (load a pair, ``generate``), ``SamplingParams``, ``Engin
 registry (``make_policy``, ``parse_policy``, ``policy_names``) and ``load_pair``.
 """
 
+from importlib import metadata as _metadata
+
 from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import RequestStats, TokenSource
 from cascade.policies import Policy, make_policy, parse_policy, policy_names
 
+try:
+    __version__ = _metadata.version("cascade")
+except _metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"
+
 __all__ = [
-    "Cascade", "GenerationResult", "SamplingParams", "EngineConfig", "Policy", "RequestStats", "TokenSource",
+    "__version__", "Cascade", "GenerationResult", "SamplingParams", "EngineConfig", "Policy", "RequestStats", "TokenSource",
     "make_policy", "parse_policy", "policy_names", "load_pair",
 ]
 

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speculative cascade runtime: a small draft model answers, its exact token confidence "
                     "decides which spans a larger target model verifies.",
     )
+    from cascade import __version__
+
+    parser.add_argument("--version", action="version", version=f"cascade {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="answer prompts with a cascade and show which tokens the target decided",

@@ -56,3 +56,13 @@ def test_serve_with_an_unreachable_target_url_exits_2(tiny_pair_dirs, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9" in err and "failed after 1 tries" in err
+
+
+def test_version_flag_and_attribute(capsys):
+    import cascade
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"cascade {cascade.__version__}" and cascade.__version__[0].isdigit()

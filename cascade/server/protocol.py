@@ -27,7 +27,6 @@ from cascade.metrics import RequestStats
 from cascade.policies import Policy, make_policy, parse_policy
 
 MAX_N = 16  # choices per request (each is one engine request)
-MAX_STOP = 4  # stop strings, as OpenAI
 
 
 class InvalidRequest(Exception):
@@ -82,8 +81,6 @@ class _Body(BaseModel):
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP:
-            raise InvalidRequest(f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", param="stop")
         if any(not s for s in stops):
             raise InvalidRequest("stop: stop strings must not be empty", param="stop")
         return tuple(stops)
@@ -131,6 +128,9 @@ class ChatCompletionRequest(_Body):
     def conversation(self) -> list[dict]:
         if not self.messages:
             raise InvalidRequest("messages: must hold at least one message", param="messages")
+        for i, m in enumerate(self.messages):
+            if m.role in ("user", "system", "developer") and m.content is None:
+                raise InvalidRequest(f"messages[{i}].content: a {m.role} message needs content", param=f"messages[{i}].content")
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
