@@ -257,6 +257,8 @@ CHAT = "/v1/chat/completions"
     ({"model": "cascade", "messages": MESSAGES, "n": 99}, 400, "n"),
     ({"model": "cascade", "messages": MESSAGES, "seed": -1}, 400, "seed"),
     ({"model": "cascade", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({"model": "cascade", "messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "cascade", "messages": MESSAGES, "max_completion_tokens": 100000}, 400, "max_completion_tokens"),
     ({"model": "cascade", "messages": MESSAGES, "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),
     ({"model": "cascade", "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": "cascade", "messages": []}, 400, "messages"),
@@ -278,6 +280,7 @@ def test_bad_chat_requests_get_4xx_naming_the_field(server, body, status, param)
     ({"model": "cascade", "prompt": [1, 2, 999]}, "prompt"),
     ({"model": "cascade", "prompt": "hi", "echo": True}, "echo"),
     ({"model": "cascade", "prompt": "hi", "logprobs": 9}, "logprobs"),
+    ({"model": "cascade", "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
 ])
 def test_bad_completion_requests_get_400_naming_the_field(server, body, param):
     r = _post(server, "/v1/completions", body)
@@ -301,7 +304,7 @@ def test_openai_client_raises_on_4xx(server):
 
 # ---------------------------------------------------------------------- disconnects, failures, capacity
 def test_client_disconnect_mid_stream_frees_rows(server):
-    body = {"model": "cascade:target-only", "messages": MESSAGES, "max_tokens": 200, "stream": True, "temperature": 0}
+    body = {"model": "cascade:target-only", "messages": MESSAGES, "max_tokens": 180, "stream": True, "temperature": 0}
     with httpx2.Client(timeout=60) as http:
         with http.stream("POST", server.url + CHAT, json=body) as r:
             assert r.status_code == 200
@@ -333,7 +336,7 @@ def slow_policy():
 
 
 def test_non_streaming_client_disconnect_frees_rows(server, slow_policy):
-    body = {"model": "cascade", "messages": MESSAGES, "max_tokens": 200, "temperature": 0,
+    body = {"model": "cascade", "messages": MESSAGES, "max_tokens": 180, "temperature": 0,
             "cascade": {"policy": slow_policy, "k": 1}}
     with pytest.raises(httpx2.TimeoutException):  # 200 rounds of >= 50 ms: the client leaves long before
         httpx2.post(server.url + CHAT, json=body, timeout=0.5)
@@ -379,7 +382,7 @@ def test_an_exception_in_one_request_fails_only_that_request(server, alone, expl
 def test_full_queue_answers_429_with_retry_after(tiny_pair_dirs):
     s = start_server(tiny_cascade(tiny_pair_dirs, max_rows=1), max_queue=1)
     try:
-        body = {"model": "cascade:target-only", "messages": MESSAGES, "max_tokens": 200, "stream": True}
+        body = {"model": "cascade:target-only", "messages": MESSAGES, "max_tokens": 180, "stream": True}
         with httpx2.Client(timeout=60) as http:
             with http.stream("POST", s.url + CHAT, json=body) as r1, http.stream("POST", s.url + CHAT, json=body) as r2:
                 assert r1.status_code == r2.status_code == 200  # one running, one queued
@@ -407,3 +410,14 @@ def test_shutdown_drains_requests_in_flight(tiny_pair_dirs):
         r = future.result(timeout=60)
     assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
     assert not s.app.state.engine_loop.alive
+
+
+def test_max_tokens_past_the_context_is_refused_and_a_default_is_cut_to_fit(server):
+    """vLLM's answer to a request that cannot fit: a 400 that says the context length; a request that gives
+    no max_tokens gets the default cut to the room its prompt leaves (the test server: max_len 256)."""
+    r = _post(server, CHAT, {"model": "cascade", "messages": MESSAGES, "max_tokens": 100000})
+    assert "maximum context length is 256 tokens" in r.json()["error"]["message"]
+    prompt = list(range(1, 50)) * 5  # 245 tokens: 10 fit after it
+    r = _post(server, "/v1/completions", {"model": "cascade", "prompt": prompt, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 10

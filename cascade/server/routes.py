@@ -13,6 +13,7 @@ disconnects, streaming or not, has its requests cancelled and their cache rows f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from contextlib import asynccontextmanager
@@ -102,6 +103,19 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
     def policy_of(body: P._Body) -> Policy:
         return P.resolve_policy(body.model, body.cascade, served_name=config.served_name, default=default_policy)
 
+    def fit_context(prompt_ids: list[int], params_per_choice, asked: int | None, field: str):
+        """A request's answer must fit the context: an explicit ``max_tokens`` past the room the prompt
+        leaves is a 400 (as vLLM answers it); without one, the default is cut to that room."""
+        max_len = loop.engine.max_len
+        room = max_len - 1 - len(prompt_ids)
+        if room < 1:
+            return params_per_choice  # the engine refuses the prompt itself, naming it
+        if asked is not None and asked > room:
+            raise P.InvalidRequest(f"{field}: this model's maximum context length is {max_len} tokens; you requested "
+                                   f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the prompt, {asked} for the "
+                                   f"completion); at most {room} completion tokens fit", param=field)
+        return [dataclasses.replace(p, max_tokens=min(p.max_tokens, room)) for p in params_per_choice]
+
     def submit(prompt_ids: list[list[int]], params_per_choice, policy: Policy) -> list[Handle]:
         pairs = [(ids, params) for ids in prompt_ids for params in params_per_choice]
         try:
@@ -118,6 +132,8 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
             prompt_ids = loop.encode(conversation)
         except ValueError as exc:
             raise P.from_value_error(exc, default_param="messages") from None
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        params = fit_context(prompt_ids, params, body.max_completion_tokens or body.max_tokens, field)
         try:
             handles = submit([prompt_ids], params, policy)
         except P.InvalidRequest as exc:
@@ -134,7 +150,11 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
             prompt_ids = [loop.encode(p) for p in body.prompts()]
         except ValueError as exc:
             raise P.from_value_error(exc, default_param="prompt") from None
-        handles = submit(prompt_ids, params, policy)
+        pairs = [(ids, fit_context(ids, params, body.max_tokens, "max_tokens")) for ids in prompt_ids]
+        try:
+            handles = loop.submit([(ids, p) for ids, ps in pairs for p in ps], policy)
+        except ValueError as exc:
+            raise P.from_value_error(exc, default_param="prompt") from None
         return await respond(request, handles, policy, body, chat=False,
                              prompt_tokens=sum(len(p) for p in prompt_ids))
 
