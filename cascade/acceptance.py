@@ -1,7 +1,7 @@
 """Step 6 of a round (DESIGN.md, "One round"): what the target's logits decide about drafted blocks.
 
 Owns the per-round ``Block`` (what a sequence drafted and what its trigger kept) and ``Verdict`` (what
-verification decided), and ``verify_blocks``: one fused ``verify_stats`` call over every escalated position
+verification decided), and ``decide_on_device``: one fused ``verify_stats`` call over every escalated position
 of the batch, each policy's deferral rule and acceptance test on its own rows (or, for rules that need
 them, the full distributions ``pi`` and ``q``), then per sequence the accepted prefix, the replacement
 token (residual or target sample) at the first rejection or the bonus token after a fully accepted block
@@ -20,7 +20,7 @@ import torch
 
 from cascade.metrics import TokenSource
 from cascade.policies import Policy, residual_distribution, speculative_acceptance, verify_distributions
-from cascade.round import accepted_counts
+from cascade.round import accepted_counts, segment_starts
 from cascade.sampling import filter_logits, noise_seeds, sample, uniforms
 from cascade.scheduler import Sequence
 from cascade.verification import VerifyStats, verify_stats
@@ -58,8 +58,8 @@ class PendingVerdicts:
     ``fetch``, with whatever else the round reads), then ``finish`` turns them into ``Verdict``s."""
 
     def __init__(self, seqs: list[Sequence], blocks: dict[str, Block], tensors: list[torch.Tensor],
-                 offsets: dict[str, int], has_extra: list[bool]):
-        self.seqs, self.blocks, self._tensors, self.offsets, self.has_extra = seqs, blocks, tensors, offsets, has_extra
+                 offsets: dict[str, int]):
+        self.seqs, self.blocks, self._tensors, self.offsets = seqs, blocks, tensors, offsets
 
     def tensors(self) -> list[torch.Tensor]:
         return self._tensors
@@ -110,7 +110,7 @@ def decide_on_device(
     a fixed order per request (noise keys, uniforms, the residual draw, the bonus draw), so seeded output
     does not depend on the batch; a candidate that does not apply still consumes its draw."""
     if not seqs:
-        return PendingVerdicts([], blocks, [], {}, [])
+        return PendingVerdicts([], blocks, [], {})
     dev = next(iter(target_logits[s.request_id] for s in seqs)).device
     keeps = [blocks[s.request_id].keep for s in seqs]
     offsets, start = {}, 0
@@ -154,7 +154,7 @@ def decide_on_device(
                 d = verify_distributions(q_logits[idx], p_logits[idx], toks[idx], temps[idx])
                 pi, delta = policy.target_distribution(d, sub)
                 accept = speculative_acceptance(pi, d.q, d.tokens)
-                dists[policy] = (members, pi, d.q, _starts([blocks[s.request_id].keep for s in members]))
+                dists[policy] = (members, pi, d.q, segment_starts([blocks[s.request_id].keep for s in members]))
             else:
                 delta = policy.deferral(sub).float()
                 accept = policy.acceptance(sub, delta.to(dev))
@@ -191,25 +191,7 @@ def decide_on_device(
     rejected = n_acc < keeps_d
     extra = torch.where(rejected, replacement, bonus)
     extra_lp = torch.where(rejected, replacement_lp, bonus_lp)
-    return PendingVerdicts(seqs, blocks, [n_acc, extra, extra_lp, delta_all, logp_x], offsets, has_bonus)
-
-
-def verify_blocks(
-    seqs: list[Sequence], blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
-) -> dict[str, Verdict]:
-    """``decide_on_device`` then one host read and ``finish``: -> {request_id: Verdict}."""
-    from cascade.host import fetch
-
-    pending = decide_on_device(seqs, blocks, target_logits)
-    return pending.finish(fetch(*pending.tensors())) if seqs else {}
-
-
-def _starts(lengths: Seq[int]) -> list[int]:
-    out, acc = [], 0
-    for n in lengths:
-        out.append(acc)
-        acc += n
-    return out
+    return PendingVerdicts(seqs, blocks, [n_acc, extra, extra_lp, delta_all, logp_x], offsets)
 
 
 def natural_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

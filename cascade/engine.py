@@ -54,7 +54,7 @@ from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.router import DeferralRouter
-from cascade.round import settle_trigger, target_layout
+from cascade.round import segment_starts, settle_trigger, target_layout
 from cascade.host import fetch
 from cascade.sampling import RequestRng, filter_logits, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
@@ -95,6 +95,7 @@ class Engine:
         self.max_rows = min(draft.max_rows, target.max_rows, self.config.max_rows)
         self.max_len = min(draft.max_len, target.max_len)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._eos_ids = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int64, device=draft.device)  # [E]
         self.detokenize = detokenize
         self.router = router.to(draft.device) if router is not None else None  # scores for ``uses_router`` policies
         # dynamic speculation: each round's block length for lossless requests (``cascade.speculation``)
@@ -307,7 +308,7 @@ class Engine:
             step_logits.append(filtered)
             step_members.append(active)
         # the drafted positions, sequence-major: sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
-        where = {(i, j): base + a for j, (base, members) in enumerate(zip(_starts([len(m) for m in step_members]), step_members))
+        where = {(i, j): base + a for j, (base, members) in enumerate(zip(segment_starts([len(m) for m in step_members]), step_members))
                  for a, i in enumerate(members)}
         order = torch.tensor([where[(i, j)] for i in range(len(seqs)) for j in range(ks[i])], dtype=torch.int64)
         order = order.to(step_logits[0].device, non_blocking=True)
@@ -353,15 +354,16 @@ class Engine:
         seqs, ks = d.seqs, d.ks
         dev = d.logits.device
         B, K, N = len(seqs), max(ks), sum(ks)
-        temps = torch.tensor([s.params.temperature for s, k in zip(seqs, ks) for _ in range(k)], dtype=torch.float32)
+        temp_list = [s.params.temperature for s, k in zip(seqs, ks) for _ in range(k)]
+        temps = torch.tensor(temp_list, dtype=torch.float32)
         conf = confidence_stats(d.logits, temps.to(dev, non_blocking=True), d.tokens)  # [N] each
-        offsets = _starts(ks)  # sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
+        offsets = segment_starts(ks)  # sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
         index, valid_k = _padded_layout(ks)  # host: [B, K] flat row of each (sequence, position), [B, K] bool
         index_d, valid_kd = index.to(dev, non_blocking=True), valid_k.to(dev, non_blocking=True)
 
         # block ends the device can see: an EOS, a policy's stop_drafting
         eos_ok = torch.tensor([not s.params.ignore_eos for s, k in zip(seqs, ks) for _ in range(k)])
-        ends_flat = torch.isin(d.tokens, self._eos_tensor(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
+        ends_flat = torch.isin(d.tokens, self._eos_ids.to(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
         stop_flat = torch.zeros(N, dtype=torch.bool, device=dev)
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             if policy.stops_drafting:
@@ -375,7 +377,7 @@ class Engine:
         ends_eos = _pad(ends_flat, index_d, valid_kd, False).gather(1, (lens - 1).view(B, 1)).squeeze(1)
 
         logprobs = conf.token_logprob.float()  # natural log q of each drafted token (stats at T = 1 for T in {0, 1})
-        other_t = [r for r, t in enumerate(temps.tolist()) if t not in (0.0, 1.0)]
+        other_t = [r for r, t in enumerate(temp_list) if t not in (0.0, 1.0)]
         if other_t:
             rows_t = torch.tensor(other_t, dtype=torch.int64).to(dev)
             logprobs = logprobs.index_copy(0, rows_t, natural_logprob(d.logits.index_select(0, rows_t), d.tokens.index_select(0, rows_t)))
@@ -439,11 +441,6 @@ class Engine:
             keep = keep.index_copy(0, idx, kp.to(dev, torch.int64))
             escalate = escalate.index_copy(0, idx, esc.to(dev, torch.bool))
         return keep, escalate
-
-    def _eos_tensor(self, device: torch.device) -> torch.Tensor:
-        if getattr(self, "_eos_dev", None) is None or self._eos_dev.device != device:
-            self._eos_dev = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int64, device=device)
-        return self._eos_dev
 
     def _fetch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Bring device results to the host: one sync (``cascade.host``), counted."""
@@ -678,22 +675,13 @@ class _Drafted:
     tokens: torch.Tensor
 
 
-def _starts(lengths: Seq[int]) -> list[int]:
-    """Exclusive prefix sums: where each of consecutive segments of these lengths starts."""
-    out, acc = [], 0
-    for n in lengths:
-        out.append(acc)
-        acc += n
-    return out
-
-
 def _padded_layout(lengths: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments of ``lengths`` laid out flat -> (index [B, K] int64: the flat row of (segment, position),
     0 where padding; valid [B, K] bool), K = max length. Host tensors."""
     B, K = len(lengths), max(lengths)
     index = torch.zeros(B, K, dtype=torch.int64)
     valid = torch.zeros(B, K, dtype=torch.bool)
-    for b, (start, n) in enumerate(zip(_starts(lengths), lengths)):
+    for b, (start, n) in enumerate(zip(segment_starts(lengths), lengths)):
         index[b, :n] = torch.arange(start, start + n)
         valid[b, :n] = True
     return index, valid

@@ -21,6 +21,15 @@ from __future__ import annotations
 import torch
 
 
+def segment_starts(lengths) -> list[int]:
+    """Where each of consecutive flat segments of these lengths starts (exclusive prefix sums, on the host)."""
+    out, acc = [], 0
+    for n in lengths:
+        out.append(acc)
+        acc += int(n)
+    return out
+
+
 def settle_trigger(keep: torch.Tensor, escalate: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """keep [B], escalate [B] bool (a trigger's answer), drafted [B] -> (keep [B] in [0, drafted],
     escalate [B]): a sequence whose kept block is empty is escalated."""
