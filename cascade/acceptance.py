@@ -14,7 +14,7 @@ It reads sequences and their generators but changes no cache: the engine commits
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Sequence as Seq
+from typing import Iterable, Sequence as Seq
 
 import torch
 
@@ -82,6 +82,7 @@ class PendingVerdicts:
                 verified = delta_l[off + j] > 0
                 sources.append(TokenSource.VERIFIED if verified else TokenSource.DRAFT)
                 logprobs.append(float(logp_l[off + j]) if verified else block.logprobs[j])
+            s.stats.verified_draft_tokens += n
             s.stats.accepted_tokens += n_acc
             if n_acc < n:
                 sources.append(TokenSource.TARGET)
@@ -99,7 +100,8 @@ class PendingVerdicts:
 
 
 def decide_on_device(
-    seqs: list[Sequence], blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
+    seqs: list[Sequence], blocks: dict[str, Block], target_logits: dict[str, torch.Tensor],
+    eos_token_ids: Iterable[int] = (),
 ) -> PendingVerdicts:
     """Deferral + acceptance for every escalated sequence, computed on the target's device with no host read:
     one fused verify-stats call over all their block positions, each policy's rule on its rows (or, for
@@ -130,7 +132,8 @@ def decide_on_device(
     if verified:
         def rows(s: Sequence) -> torch.Tensor:
             b = blocks[s.request_id]
-            return filter_logits(target_logits[s.request_id][: b.keep], [s.params] * b.keep)
+            return filter_logits(target_logits[s.request_id][: b.keep], [s.params] * b.keep,
+                                 [s.num_emitted + j for j in range(b.keep)], eos_token_ids)
 
         p_logits = torch.cat([rows(s) for s in verified])  # [R, V]
         q_logits = torch.cat([blocks[s.request_id].logits[: blocks[s.request_id].keep] for s in verified]).to(dev)
@@ -183,7 +186,8 @@ def decide_on_device(
     with_bonus = [i for i, h in enumerate(has_bonus) if h]
     if with_bonus:
         params = [seqs[i].params for i in with_bonus]
-        b_logits = filter_logits(torch.cat([target_logits[seqs[i].request_id][keeps[i]:keeps[i] + 1] for i in with_bonus]), params)
+        b_logits = filter_logits(torch.cat([target_logits[seqs[i].request_id][keeps[i]:keeps[i] + 1] for i in with_bonus]), params,
+                                 [seqs[i].num_emitted + keeps[i] for i in with_bonus], eos_token_ids)
         drawn = sample(b_logits, params, [seqs[i].rng for i in with_bonus])
         idx = torch.tensor(with_bonus, dtype=torch.int64).to(dev, non_blocking=True)
         bonus = bonus.index_copy(0, idx, drawn)

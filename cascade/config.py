@@ -6,7 +6,9 @@ field, so bad input is caught where it enters (library call, CLI flag or HTTP bo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,29 @@ class SamplingParams:
     seed: int | None = None  # per-request RNG seed; the same seed gives the same output
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence
     ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    min_p: float = 0.0  # drop tokens whose probability (after temperature) is below min_p x the top one's
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # token id -> added to its logit
+    #   (before temperature; greedy decoding sees it too); stored as sorted (id, bias) pairs
+    min_tokens: int = 0  # the end-of-sequence and stop_token_ids cannot be produced before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end the request like the EOS (not emitted)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # accept a single string for convenience
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        try:
+            pairs = tuple(sorted((tid, float(b)) for tid, b in bias))
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map integer token ids to numbers, got {self.logit_bias!r}") from None
+        for tid, b in pairs:
+            if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {tid!r}")
+            if not (-100.0 <= b <= 100.0) or math.isnan(b):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {tid}")
+        object.__setattr__(self, "logit_bias", pairs)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -40,10 +59,36 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not (0 <= self.min_tokens <= self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}")
+        for tid in self.stop_token_ids:
+            if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
+                raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {tid!r}")
+
+    def end_ids(self, eos_token_ids) -> frozenset[int]:
+        """The ids that end this request: the model's EOS (unless ``ignore_eos``) and ``stop_token_ids``."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` where a CUDA device is present, else ``"cpu"``; any other name unchanged."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype_name(dtype: str | None) -> str | None:
+    """``"auto"`` (or None) -> None: the runner picks per device (bf16 on CUDA; on CPU bf16 where the CPU has
+    fast bf16, else fp32); a dtype name unchanged."""
+    return None if dtype in (None, "auto") else dtype
 
 
 @dataclass(frozen=True)
@@ -52,8 +97,8 @@ class EngineConfig:
 
     max_rows: int = 8  # KV-cache rows per model = sequences decoded at once
     max_len: int = 2048  # tokens per row (prompt + generated + one block of lookahead)
-    device: str = "cpu"  # "cpu" or "cuda[:n]"
-    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None picks per device (see models.llama)
+    device: str = "cpu"  # "cpu", "cuda[:n]" or "auto" (CUDA when present; resolved here)
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None or "auto" picks per device (models.llama)
     max_draft_block: int = 16  # largest k a policy may ask for
     on_target_error: str = "fail"  # a TargetUnavailable target pass: "fail" its requests, or go "draft-only"
     exact_verify: bool = False  # batch-invariant target: every position through the calls batch-1 target-only
@@ -64,6 +109,8 @@ class EngineConfig:
     #   measured costs say is fastest, down to none (``cascade.speculation``); their output is unchanged
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "dtype", resolve_dtype_name(self.dtype))
         if self.on_target_error not in ("fail", "draft-only"):
             raise ValueError(f"on_target_error must be 'fail' or 'draft-only', got {self.on_target_error!r}")
         if self.max_rows < 1:

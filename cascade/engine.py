@@ -41,7 +41,7 @@ request-level policy's answer until it is decided. A finished request reports ev
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Collection, Iterable
 from typing import Sequence as Seq
 
@@ -56,6 +56,7 @@ from cascade.policies import BlockConfidence, Policy, make_policy
 from cascade.router import DeferralRouter
 from cascade.round import segment_starts, settle_trigger, target_layout
 from cascade.host import fetch
+from cascade.detokenize import extend_text
 from cascade.sampling import RequestRng, filter_logits, sample
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 from cascade.speculation import BlockLengthController, RoundClock
@@ -73,6 +74,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     stats: RequestStats
+    new_escalation_lengths: list[int] = field(default_factory=list)  # tokens each new escalation emitted
 
 
 class Engine:
@@ -109,7 +111,8 @@ class Engine:
         """Queue a request. Raises ValueError naming the field for an empty or too long prompt, or a
         policy the engine cannot run (see ``check_request``)."""
         prompt_ids = self.check_request(prompt_ids, params, policy)
-        seq = Sequence(request_id, prompt_ids, params, policy, RequestRng(params.seed))
+        seq = Sequence(request_id, prompt_ids, params, policy, RequestRng(params.seed),
+                       end_ids=params.end_ids(self.eos_token_ids))
         if policy.request_level:
             seq.pending_from = 0  # nothing is reported until the request-level decision
         self.scheduler.add(seq)
@@ -128,6 +131,10 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if policy.uses_router and self.router is None:
             raise ValueError(f"policy: {policy.name} needs a learned deferral router, and none is loaded (train one "
                              "with `cascade train-router`; it is saved next to the draft model)")
@@ -187,7 +194,7 @@ class Engine:
             escalated, target_only = [], []
 
         t0 = time.perf_counter()
-        pending = decide_on_device(escalated, blocks, target_logits)
+        pending = decide_on_device(escalated, blocks, target_logits, self.eos_token_ids)
         sampled = self._sample_target_only(target_only, target_logits)
         if pending.tensors() or sampled:
             host = self._fetch(*pending.tensors(), *sampled)
@@ -303,7 +310,7 @@ class Engine:
                 for i in active:
                     seqs[i].draft_len += 1
             params = [seqs[i].params for i in active]
-            filtered = filter_logits(logits, params)
+            filtered = filter_logits(logits, params, [seqs[i].num_emitted + j for i in active], self.eos_token_ids)
             step_tokens.append(sample(filtered, params, [seqs[i].rng for i in active]))
             step_logits.append(filtered)
             step_members.append(active)
@@ -364,6 +371,10 @@ class Engine:
         # block ends the device can see: an EOS, a policy's stop_drafting
         eos_ok = torch.tensor([not s.params.ignore_eos for s, k in zip(seqs, ks) for _ in range(k)])
         ends_flat = torch.isin(d.tokens, self._eos_ids.to(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
+        for i, s in enumerate(seqs):  # a request's own stop_token_ids end its block too
+            if s.params.stop_token_ids and ks[i]:
+                own = torch.tensor(s.params.stop_token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+                ends_flat[offsets[i]:offsets[i] + ks[i]] |= torch.isin(d.tokens[offsets[i]:offsets[i] + ks[i]], own)
         stop_flat = torch.zeros(N, dtype=torch.bool, device=dev)
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             if policy.stops_drafting:
@@ -542,8 +553,9 @@ class Engine:
     def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:
         """on_target_error == "draft-only": escalated blocks are kept as drafted (unverified), and
         sequences that only the target was decoding switch to the draft for the rest of the request."""
-        for s in escalated:
-            blocks[s.request_id].escalate = False
+        for s in escalated:  # the whole drafted block stands: a block its policy cut to 0 tokens (bild,
+            block = blocks[s.request_id]  # chow-cut) would otherwise be drafted and cut again every round
+            block.escalate, block.keep = False, len(block.tokens)
         fallback = make_policy("draft-only")
         for s in target_only:
             s.policy, s.routed_to_target, s.pending_from = fallback, False, None
@@ -556,10 +568,12 @@ class Engine:
         else:
             kept = verdict.kept
             new = block.tokens[:kept] + verdict.extra
+            s.escalation_lengths.append(len(new))
             sources, logprobs = verdict.sources, verdict.logprobs
             s.target_len = min(s.target_len, len(s.tokens) + kept)  # (a block that ends the request was fed
             self.target.truncate([s.row], [s.target_len])            #  without its last token)
-        end = len(s.tokens) + kept
+        # the draft cache keeps the kept tokens it was fed, and always lags the last token (it is fed next round)
+        end = min(len(s.tokens) + kept, len(s.tokens) + len(new) - 1)
         if s.draft_len > end:
             self.draft.truncate([s.row], [end])
             s.draft_len = end
@@ -571,7 +585,8 @@ class Engine:
         if not seqs:
             return []
         params = [s.params for s in seqs]
-        filtered = filter_logits(torch.cat([target_logits[s.request_id][-1:] for s in seqs]), params)
+        filtered = filter_logits(torch.cat([target_logits[s.request_id][-1:] for s in seqs]), params,
+                                 [s.num_emitted for s in seqs], self.eos_token_ids)
         toks = sample(filtered, params, [s.rng for s in seqs])
         return [toks, natural_logprob(filtered, toks)]
 
@@ -580,7 +595,7 @@ class Engine:
         that ends the request is kept: not in the tokens, the log-probs or the counts. The token that
         completes a stop string is kept (its text is cut at the stop string)."""
         for tok, src, lp in zip(new, sources, logprobs):
-            if tok in self.eos_token_ids and not s.params.ignore_eos:
+            if tok in s.end_ids:
                 self._finish(s, "stop")
                 break
             s.tokens.append(tok)
@@ -594,8 +609,11 @@ class Engine:
                 self._finish(s, "length")
                 break
         if self.detokenize is not None:
-            s.text = self.detokenize(s.output_ids)
-            cut = _first_stop(s.text, s.params.stop)
+            searched = max(0, len(s.text) - max(map(len, s.params.stop), default=0))
+            added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
+                                                              s.detok_read, final=s.finished)
+            s.text += added
+            cut = _first_stop(s.text, s.params.stop, searched)
             if cut is not None:  # (found above already, unless a stop string spans more than the tail)
                 s.text = s.text[:cut]
                 self._finish(s, "stop")
@@ -615,7 +633,7 @@ class Engine:
         """Discard the draft's answer (its work stays counted) and let the target answer from the prompt."""
         n_prompt = len(s.prompt_ids)
         s.cut_output(0)
-        s.text, s.finished, s.finish_reason = "", False, None
+        s.text, s.detok_prefix, s.detok_read, s.finished, s.finish_reason = "", 0, 0, False, None
         s.routed_to_target, s.pending_from = True, None
         s.stats.routed_to_target = 1
         if s.draft_len > n_prompt:
@@ -628,6 +646,10 @@ class Engine:
     def _finish(self, s: Sequence, reason: str) -> None:
         if not s.finished:
             s.finished, s.finish_reason = True, reason
+            if self.detokenize is not None and s.detok_read < s.num_emitted and reason not in ("stop", "abort"):
+                added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
+                                                                  s.detok_read, final=True)
+                s.text += added  # an unfinished character held back is text now (as one decode would give)
 
     def _release(self, s: Sequence) -> None:
         if s.row >= 0:
@@ -638,6 +660,7 @@ class Engine:
     def _output(self, s: Sequence) -> RequestOutput:
         ready, start = s.num_ready, s.emitted_reported
         s.emitted_reported = max(start, ready)
+        lengths, s.escalation_lengths = s.escalation_lengths, []
         if s.pending_from is None:
             text = s.text
         else:
@@ -645,7 +668,7 @@ class Engine:
         return RequestOutput(
             request_id=s.request_id, new_token_ids=s.output_ids[start:ready], new_sources=s.sources[start:ready],
             new_logprobs=s.token_logprobs[start:ready], text=text, finished=s.finished,
-            finish_reason=s.finish_reason, stats=s.stats,
+            finish_reason=s.finish_reason, stats=s.stats, new_escalation_lengths=lengths,
         )
 
 
@@ -702,6 +725,6 @@ def _drafts(s: Sequence) -> bool:
     return s.policy.uses_draft and not s.routed_to_target
 
 
-def _first_stop(text: str, stops: Seq[str]) -> int | None:
-    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+def _first_stop(text: str, stops: Seq[str], start: int = 0) -> int | None:
+    hits = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
     return min(hits) if hits else None

@@ -64,6 +64,7 @@ class Cascade:
             eos_token_ids = _eos_ids(tokenizer)
         # the server encodes on its event loop while the engine thread detokenizes: one lock serializes them
         self._tokenizer_lock = threading.Lock()
+        self._token_bytes = None  # TokenBytes of the tokenizer, made on first use
         # the engine works on the tokenizer's ids; the runners' padding rows above them are masked
         vocab = vocab_size
         if vocab is None and hasattr(tokenizer, "__len__"):
@@ -75,7 +76,7 @@ class Cascade:
 
     @classmethod
     def from_pretrained(cls, draft: str | Path | None = None, target: str | Path | None = None, *,
-                        max_rows: int = 8, max_len: int = 2048, device: str = "cpu", dtype: str | None = None,
+                        max_rows: int = 8, max_len: int = 2048, device: str = "auto", dtype: str | None = "auto",
                         max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
                         vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail",
                         exact_verify: bool = False, adaptive_k: bool = False) -> "Cascade":
@@ -96,6 +97,7 @@ class Cascade:
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
                               max_draft_block=max_draft_block, on_target_error=on_target_error,
                               exact_verify=exact_verify, adaptive_k=adaptive_k)
+        device, dtype = config.device, config.dtype  # "auto" resolved: CUDA when present, dtype per device
         draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
         draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
         in_vllm = target is not None and str(target).startswith("vllm:")
@@ -160,6 +162,17 @@ class Cascade:
         tokenizer = self._require_tokenizer()
         with self._tokenizer_lock:
             return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes, from the tokenizer's vocabulary (``cascade.detokenize.TokenBytes``); safe
+        to call from any thread."""
+        tokenizer = self._require_tokenizer()
+        with self._tokenizer_lock:
+            if self._token_bytes is None:
+                from cascade.detokenize import TokenBytes
+
+                self._token_bytes = TokenBytes(tokenizer)
+            return self._token_bytes(ids)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

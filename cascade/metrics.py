@@ -51,6 +51,7 @@ class RequestStats:
     target_scored_tokens: int = 0  # target positions that scored a token (see the module docstring)
     target_prefill_tokens: int = 0
     escalations: int = 0  # target passes that verified a block of this request
+    verified_draft_tokens: int = 0  # draft tokens the target scored to accept or reject them
     accepted_tokens: int = 0  # draft tokens accepted by verification
     rejected_tokens: int = 0  # first rejected draft token per escalation (the rest of the block is dropped)
     bonus_tokens: int = 0

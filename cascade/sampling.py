@@ -1,4 +1,4 @@
-"""Per-request token sampling: top-k / top-p filtering, temperature, greedy, and each request's random
+"""Per-request token sampling: logit bias, min_tokens, top-k / top-p / min-p filtering, temperature, greedy, and each request's random
 streams (``RequestRng``: one seeded generator per device the request draws on, so a draw always uses a
 generator on the device of the tensor it draws from).
 
@@ -10,33 +10,55 @@ kernels see exactly the logits the sampler drew from.
 
 from __future__ import annotations
 
+import math
 import secrets
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from cascade.config import SamplingParams
 
 
-def needs_filter(params: SamplingParams) -> bool:
-    return not params.greedy and (params.top_k > 0 or params.top_p < 1.0)
+def needs_filter(params: SamplingParams, emitted: float = math.inf, end_ids: Iterable[int] = ()) -> bool:
+    """Does a row decoded with ``params``, ``emitted`` tokens into its output, need processing at all?"""
+    return bool(params.logit_bias) or (params.min_tokens > emitted and bool(params.end_ids(end_ids))) or \
+        (not params.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0))
 
 
-def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Apply each row's top-k / top-p. logits: [B, V] (any float dtype); returns [B, V] float32 with
-    filtered-out entries at -inf. Rows that need no filtering are returned unchanged (as float32)."""
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams], emitted: Sequence[int] | None = None,
+                  end_ids: Iterable[int] = ()) -> torch.Tensor:
+    """Apply each row's logit processing. logits: [B, V] (any float dtype); params: [B]; emitted: [B], how many
+    tokens of its output precede each row's position (for ``min_tokens``; None: no row is inside its
+    ``min_tokens``); end_ids: the model's EOS ids. Returns [B, V] float32: ``logit_bias`` added, and -inf on the
+    ids that end the request while inside ``min_tokens`` and outside the top-k, the top-p nucleus and the
+    ``min_p`` floor. Rows that need nothing are returned unchanged (as float32).
+
+    In vLLM's order: bias, the min_tokens mask, then temperature-scaled top-k, top-p and min-p. This one
+    function shapes the draft's proposal and the target's distribution alike (both call it with the same
+    params and positions), so lossless acceptance stays exact under every field."""
     out = logits.float()
-    rows = [i for i, p in enumerate(params) if needs_filter(p)]
+    end_ids = tuple(end_ids)
+    before = list(emitted) if emitted is not None else [math.inf] * len(params)
+    rows = [i for i, p in enumerate(params) if needs_filter(p, before[i], end_ids)]
     if not rows:
         return out
     out = out.clone()
     for i in rows:
-        out[i] = _filter_row(out[i], params[i])
+        out[i] = _filter_row(out[i], params[i], before[i], end_ids)
     return out
 
 
-def _filter_row(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """row: [V] float32 logits -> [V] with -inf outside the top-k and the top-p nucleus."""
+def _filter_row(row: torch.Tensor, p: SamplingParams, emitted: float, end_ids: tuple[int, ...]) -> torch.Tensor:
+    """row: [V] float32 logits -> [V]: biased, with -inf where processing removes a token."""
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.int64, device=row.device)
+        row = row.index_add(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype, device=row.device))
+    if p.min_tokens > emitted:
+        ends = [t for t in sorted(p.end_ids(end_ids)) if t < row.numel()]
+        if ends:
+            row = row.index_fill(0, torch.tensor(ends, dtype=torch.int64, device=row.device), float("-inf"))
+    if p.greedy:
+        return row
     scaled = row / p.temperature
     if p.top_k > 0 and p.top_k < row.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
@@ -49,6 +71,8 @@ def _filter_row(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop_sorted = before >= p.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
+    if p.min_p > 0.0:  # p_i >= min_p * p_max  <=>  scaled_i >= max(scaled) + log(min_p)
+        scaled = scaled.masked_fill(scaled < scaled.max() + math.log(p.min_p), float("-inf"))
     return torch.where(torch.isinf(scaled), scaled, row)
 
 

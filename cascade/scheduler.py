@@ -45,11 +45,15 @@ class Sequence:
     target_len: int = 0
     window_left: float = 0.0  # tokens left in the policy's escalated window (``Policy.window_after``)
     text: str = ""  # detokenized output, cut at a stop string
+    detok_prefix: int = 0  # output ids [detok_prefix, detok_read) are the context of the next detokenisation
+    detok_read: int = 0  #   (``cascade.detokenize.extend_text``); ids from detok_read on have no text yet
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
     emitted_reported: int = 0  # emitted tokens already returned by Engine.step
+    escalation_lengths: list[int] = field(default_factory=list)  # tokens each escalation emitted, not yet reported
+    end_ids: frozenset[int] = frozenset()  # the ids that end it: EOS (unless ignore_eos) + stop_token_ids
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
@@ -85,26 +89,30 @@ class SequenceSnapshot:
     stats: RequestStats
     rng_state: dict[torch.device, torch.Tensor]
 
-    _SCALARS = ("pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text", "finished",
-                "finish_reason", "emitted_reported")
+    _SCALARS = ("policy", "pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text",
+                "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths")
 
     @classmethod
     def of(cls, s: Sequence) -> "SequenceSnapshot":
         return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
-                   {name: getattr(s, name) for name in cls._SCALARS}, dataclasses.replace(s.stats),
+                   {name: _copied(getattr(s, name)) for name in cls._SCALARS}, dataclasses.replace(s.stats),
                    s.rng.get_state())
 
     def restore(self, s: Sequence, draft, target) -> None:
         """Put ``s`` back as it was; cut cache rows the failed round wrote (``draft`` / ``target``: ModelRunners)."""
         s.tokens, s.sources, s.token_logprobs = list(self.tokens), list(self.sources), list(self.token_logprobs)
         for name, value in self.scalars.items():
-            setattr(s, name, value)
+            setattr(s, name, _copied(value))
         s.stats = dataclasses.replace(self.stats)
         s.rng.set_state(self.rng_state)
         if s.row >= 0:  # the caches may hold positions written by the failed round: cut them (a length update)
             for runner, length in ((draft, s.draft_len), (target, s.target_len)):
                 if runner.lengths([s.row])[0] > length:
                     runner.truncate([s.row], [length])
+
+
+def _copied(value):
+    return list(value) if isinstance(value, list) else value
 
 
 class Scheduler:

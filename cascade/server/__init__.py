@@ -14,19 +14,23 @@ from cascade.policies import Policy, parse_policy
 
 
 def create_app(cascade: Cascade, *, default_policy: str | Policy | None = None, served_name: str = "cascade",
-               max_queue: int = 64, default_max_tokens: int = 256, drain_timeout_s: float = 30.0):
+               max_queue: int = 64, default_max_tokens: int = 256, drain_timeout_s: float = 30.0,
+               api_key: str | None = None, keepalive_s: float = 10.0):
     """A FastAPI app serving ``cascade``; its engine thread starts with the app (lifespan) and drains at
-    shutdown. ``app.state.engine_loop`` and ``app.state.metrics`` give tests and embedders access."""
+    shutdown. ``app.state.engine_loop`` and ``app.state.metrics`` give tests and embedders access. With
+    ``api_key`` every ``/v1`` route answers 401 unless the request carries ``Authorization: Bearer <api_key>``;
+    ``keepalive_s``: an SSE comment after that long without a chunk."""
     from cascade.server.metrics import ServerMetrics
     from cascade.server.routes import ServerConfig, build_app
     from cascade.server.serving import EngineLoop
 
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(served_name)
     loop = EngineLoop(cascade, max_queue=max_queue, metrics=metrics)
     if default_policy is None:
         default_policy = cascade.default_policy()
     config = ServerConfig(served_name=served_name, default_policy=parse_policy(default_policy),
-                          default_max_tokens=default_max_tokens, drain_timeout_s=drain_timeout_s)
+                          default_max_tokens=default_max_tokens, drain_timeout_s=drain_timeout_s,
+                          api_key=api_key, keepalive_s=keepalive_s)
     app = build_app(loop, config, metrics)
     app.state.engine_loop, app.state.metrics = loop, metrics
     return app

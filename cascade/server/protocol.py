@@ -1,11 +1,23 @@
 """The OpenAI wire format: request bodies (pydantic), their translation into engine inputs, response and
 stream-chunk bodies, and the error shape. No HTTP framework and no engine here.
 
-Request fields follow OpenAI's API. Fields we cannot honour are refused with a 400 naming the field rather
-than silently ignored when they would change the answer (``echo``, ``suffix``, ``best_of > n``, non-zero
-``presence_penalty`` / ``frequency_penalty``, ``logit_bias``, ``top_logprobs > 0``: the engine keeps the
-log-prob of the chosen token only, not the top alternatives); fields that do not change the answer
-(``user``, ``metadata``, ...) are accepted and ignored.
+Request fields follow OpenAI's API plus vLLM's sampling extensions. Nothing that would change the answer is
+silently ignored: every field is either honoured or refused with a 400 naming it.
+
+- Honoured: ``temperature``, ``top_p``, ``top_k`` (-1 or 0 = off), ``min_p``, ``seed``, ``stop`` (any
+  number), ``n``, ``max_tokens`` / ``max_completion_tokens``, ``logit_bias`` (token id -> [-100, 100]),
+  ``logprobs`` (the chosen token's log-prob: chat ``logprobs=true``, completions ``logprobs=0``),
+  ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``stream`` / ``stream_options.include_usage``, and
+  ``response_format`` ``{"type": "text"}``. The sampling fields shape the draft's and the target's
+  distributions alike (``cascade.sampling.filter_logits``), so ``speculative`` stays lossless under them.
+- Refused: non-zero ``presence_penalty`` / ``frequency_penalty``, ``repetition_penalty`` != 1, top
+  alternatives (``top_logprobs`` > 0, completions ``logprobs`` > 0: the engine keeps the chosen token's
+  log-prob only), ``echo``, ``suffix``, ``best_of`` != ``n``, ``tools`` / ``functions`` / a
+  ``tool_choice`` other than none / auto, ``response_format`` json_object / json_schema, ``tool`` messages
+  and ``tool_calls`` / ``tool_call_id`` in the history, and every field the server does not know.
+- Accepted and ignored (they never change the answer): ``user``, ``metadata``, ``store``,
+  ``service_tier``, ``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``, a message's
+  ``name``, and any field sent with its empty value (null, [], {}, false).
 
 The extra body field ``cascade`` picks the policy of one request: ``{"policy": "chow", "alpha": 0.2}``, or
 only parameters (``{"alpha": 0.2}``) to adjust the policy the model name chose. Model names: the served
@@ -54,36 +66,71 @@ def from_value_error(exc: ValueError, default_param: str | None = None) -> Inval
 
 
 # ---------------------------------------------------------------------- request bodies
+# Fields accepted and ignored because they never change the answer (bookkeeping for the client's side).
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                            "safety_identifier"})
+
+
+def _asks_nothing(value: Any) -> bool:
+    """A field sent with its empty value (null, [], {}, false, "") asks nothing of the server."""
+    return value is None or value is False or (isinstance(value, (list, dict, str)) and not value)
+
+
+def refuse_unknown(extra: dict[str, Any] | None, where: str = "") -> None:
+    """Every field the server does not know is refused (400 naming it) rather than ignored: it may ask for
+    something the server would not do (a JSON schema, a tool call, a vLLM guided-decoding option)."""
+    for name, value in (extra or {}).items():
+        if name in IGNORED_FIELDS or _asks_nothing(value):
+            continue
+        raise InvalidRequest(f"{where}{name}: not supported by this server (refused rather than ignored)",
+                             param=f"{where}{name}")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields that do not change the answer are ignored
+    model_config = ConfigDict(extra="allow")  # unknown fields are kept to be refused by name (refuse_unknown)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # an extension many OpenAI-compatible servers accept
+    top_k: int = Field(0, ge=-1)  # an extension many OpenAI-compatible servers accept (vLLM: -1 = off)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's extension
     seed: int | None = Field(None, ge=0)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
+    ignore_eos: bool = False  # vLLM's extensions: keep going past the EOS,
+    min_tokens: int = Field(0, ge=0)  # no EOS / stop token before this many tokens,
+    stop_token_ids: list[int] | None = None  # more token ids that end the answer
     cascade: dict[str, Any] | None = None  # {"policy": name, **parameters} (see the module docstring)
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidRequest(f"{name}: not supported (only 0 is accepted)", param=name)
-        if self.logit_bias:
-            raise InvalidRequest("logit_bias: not supported", param="logit_bias")
+        if self.repetition_penalty != 1.0:
+            raise InvalidRequest("repetition_penalty: not supported (only 1 is accepted)", param="repetition_penalty")
+        refuse_unknown(self.model_extra)
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise InvalidRequest("stop: stop strings must not be empty", param="stop")
         return tuple(stops)
+
+    def token_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidRequest(f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias") from None
+        return bias
 
     def include_usage_in_stream(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -93,10 +140,13 @@ class _Body(BaseModel):
         n different, reproducible samples)."""
         self.check_unsupported()
         stop = self.stop_strings()
+        bias = self.token_bias()
         try:
             return [SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=self.temperature,
-                                   top_p=self.top_p, top_k=self.top_k,
-                                   seed=None if self.seed is None else self.seed + i, stop=stop)
+                                   top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
+                                   seed=None if self.seed is None else self.seed + i, stop=stop, logit_bias=bias,
+                                   ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                                   stop_token_ids=tuple(self.stop_token_ids or ()))
                     for i in range(self.n)]
         except ValueError as exc:
             raise from_value_error(exc) from None
@@ -108,10 +158,11 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name (refuse_unknown)
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[TextPart], None] = None
+    name: str | None = None  # accepted; the chat template decides whether it shows
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -125,10 +176,37 @@ class ChatCompletionRequest(_Body):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    functions: list | None = None
+    function_call: Union[str, dict, None] = None
+    response_format: dict | None = None
+
+    def check_unsupported(self) -> None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name}: tool calling is not supported by this server", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise InvalidRequest(f"{name}: tool calling is not supported by this server", param=name)
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequest(f"response_format: only type 'text' is supported, not "
+                                 f"{self.response_format.get('type')!r} (no constrained decoding)", param="response_format.type")
+        super().check_unsupported()
+
     def conversation(self) -> list[dict]:
         if not self.messages:
             raise InvalidRequest("messages: must hold at least one message", param="messages")
         for i, m in enumerate(self.messages):
+            if m.role in ("tool", "function"):
+                raise InvalidRequest(f"messages[{i}].role: {m.role!r} messages (tool results) are not supported: this "
+                                     "server does no tool calling", param=f"messages[{i}].role")
+            for name in ("tool_calls", "tool_call_id", "function_call"):
+                if not _asks_nothing((m.model_extra or {}).get(name)):
+                    raise InvalidRequest(f"messages[{i}].{name}: tool calling is not supported by this server",
+                                         param=f"messages[{i}].{name}")
+            refuse_unknown({k: v for k, v in (m.model_extra or {}).items()
+                            if k not in ("tool_calls", "tool_call_id", "function_call")}, where=f"messages[{i}].")
             if m.role in ("user", "system", "developer") and m.content is None:
                 raise InvalidRequest(f"messages[{i}].content: a {m.role} message needs content", param=f"messages[{i}].content")
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -142,7 +220,7 @@ class ChatCompletionRequest(_Body):
 
 class CompletionRequest(_Body):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -161,6 +239,9 @@ class CompletionRequest(_Body):
         return batch
 
     def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
+        if self.logprobs:
+            raise InvalidRequest("logprobs: only 0 is supported (the log-prob of each chosen token; the engine keeps "
+                                 "no top alternatives)", param="logprobs")
         if self.echo:
             raise InvalidRequest("echo: not supported", param="echo")
         if self.suffix:
@@ -245,17 +326,19 @@ def usage(prompt_tokens: int, stats: list[RequestStats], policy: Policy) -> dict
     }
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[tuple[str, bytes]], logprobs: list[float]) -> dict:
+    """tokens: (text, the token's own bytes) per token; ``bytes`` are the token's, so a token holding part
+    of a character has its raw bytes (its text shows U+FFFD)."""
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(b), "top_logprobs": []}
+                        for (t, b), lp in zip(tokens, logprobs)]}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[tuple[str, bytes]], logprobs: list[float], offset: int = 0) -> dict:
     offsets, pos = [], offset
-    for t in tokens:
+    for t, _ in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": [t for t, _ in tokens], "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
 
 
 def chat_response(rid: str, model: str, choices: list[dict], usage_body: dict) -> dict:

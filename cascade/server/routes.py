@@ -5,7 +5,8 @@
 
 Every refusal has OpenAI's error shape (``cascade.server.protocol.error_body``) with the offending field in
 ``param``: 400 for malformed JSON, bad or out-of-range fields and too long prompts, 404 for an unknown
-model, 429 with ``Retry-After`` when rows and queue are full, 503 while shutting down. A request that fails
+model, 401 without the server's API key (when it has one: ``/v1`` routes only), 429 with ``Retry-After``
+when rows and queue are full, 503 while shutting down. A request that fails
 inside a round answers 500 (or ends its stream with an error event); the others go on. A client that
 disconnects, streaming or not, has its requests cancelled and their cache rows freed at the next round.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import time
 from contextlib import asynccontextmanager
@@ -42,6 +44,8 @@ class ServerConfig:
     default_policy: Policy | None = None  # None: speculative
     default_max_tokens: int = 256  # when a request gives no max_tokens
     drain_timeout_s: float = 30.0
+    keepalive_s: float = 10.0  # an SSE comment after this long without a chunk
+    api_key: str | None = None  # when set, every /v1 route needs ``Authorization: Bearer <api_key>``
 
 
 def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) -> FastAPI:
@@ -64,6 +68,20 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
         metrics.refused(exc.status)
         return JSONResponse(P.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
                             status_code=exc.status, headers=headers)
+
+    if config.api_key:
+        expected = f"Bearer {config.api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorize(request: Request, call_next):
+            # /health and /metrics stay open (as vLLM's): probes and scrapers carry no key
+            if request.url.path.startswith("/v1") and not hmac.compare_digest(
+                    request.headers.get("authorization", "").encode(), expected):
+                metrics.refused(401)
+                return JSONResponse(P.error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                                 type="invalid_request_error", code="invalid_api_key"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,7 +116,8 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
         names = [config.served_name] + [f"{config.served_name}:{n}" for n in policy_names()
                                         if not _REGISTRY[n].benchmark_only]
         return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "cascade"} for n in names]})
+            {"id": n, "object": "model", "created": created, "owned_by": "cascade", "root": config.served_name,
+             "max_model_len": loop.engine.max_len} for n in names]})
 
     def policy_of(body: P._Body) -> Policy:
         return P.resolve_policy(body.model, body.cascade, served_name=config.served_name, default=default_policy)
@@ -164,7 +183,7 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
         token_text = _token_texts(loop)
         if body.stream:
             events = _stream(request, loop, handles, policy, body, rid=rid, chat=chat, prompt_tokens=prompt_tokens,
-                             want_logprobs=want_logprobs, token_text=token_text)
+                             want_logprobs=want_logprobs, token_text=token_text, keepalive_s=config.keepalive_s)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         finals = await _collect(request, loop, handles)
@@ -193,13 +212,14 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
     return app
 
 
-def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[str]]:
+def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[tuple[str, bytes]]]:
+    """(text, own bytes) of each token, for the log-prob entries."""
     cascade = loop.cascade
 
-    def texts(ids: list[int]) -> list[str]:
+    def texts(ids: list[int]) -> list[tuple[str, bytes]]:
         if cascade.tokenizer is None:
-            return [str(t) for t in ids]
-        return [cascade.decode([t]) for t in ids]
+            return [(str(t), str(t).encode()) for t in ids]
+        return list(zip((cascade.decode([t]) for t in ids), cascade.token_bytes(ids)))
 
     return texts
 
@@ -253,7 +273,7 @@ async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
 
 async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], policy: Policy, body, *, rid: str,
                   chat: bool, prompt_tokens: int, want_logprobs: bool,
-                  token_text: Callable[[list[int]], list[str]]) -> AsyncIterator[str]:
+                  token_text: Callable[[list[int]], list[tuple[str, bytes]]], keepalive_s: float) -> AsyncIterator[str]:
     """SSE events: chunks as rounds produce tokens (choices interleaved), a final chunk per choice with its
     finish reason, an optional usage chunk, then ``[DONE]``. Cancelled (client gone) -> requests aborted."""
     created = int(time.time())
@@ -281,7 +301,11 @@ async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], pol
                                                        for i in range(len(handles))]))
         done = 0
         while done < len(handles):
-            i, event = await merged.get()
+            try:
+                i, event = await asyncio.wait_for(merged.get(), timeout=keepalive_s)
+            except asyncio.TimeoutError:  # nothing to send yet (a request-level policy holds its answer back):
+                yield ": keep-alive\n\n"  # an SSE comment, so proxies do not cut an idle stream
+                continue
             if isinstance(event, RequestFailed):
                 done += 1
                 yield sse(P.error_body(event.error, type="server_error", code=event.code))

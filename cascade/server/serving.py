@@ -87,7 +87,7 @@ class EngineLoop:
         self._inbox: list[Handle] = []
         self._cancel: set[str] = set()
         self._handles: dict[str, Handle] = {}  # every request in flight (inbox + engine)
-        self._last_stats: dict[str, tuple[int, int, int]] = {}  # per request: (escalations, decided, target errors) so far
+        self._last_stats: dict[str, tuple[int, int, int]] = {}  # per request: (verified, accepted, target errors) so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -176,8 +176,9 @@ class EngineLoop:
                 inbox, self._inbox = self._inbox, []
                 cancel, self._cancel = self._cancel, set()
                 stopping, deadline = self._stopping, self._drain_deadline
+                in_flight = list(self._handles)
             if stopping and deadline is not None and time.monotonic() >= deadline:
-                cancel |= {h.request_id for h in inbox} | set(self._handles)
+                cancel |= {h.request_id for h in inbox} | set(in_flight)
             for h in inbox:
                 if h.request_id in cancel:
                     self._deliver(h, RequestFailed(h.request_id, "the request was cancelled"), status="aborted")
@@ -186,6 +187,9 @@ class EngineLoop:
                     self.engine.add_request(h.request_id, h.prompt_ids, h.params, h.policy)
                 except Exception as exc:  # noqa: BLE001 -- checked at submit; a failure here fails this request only
                     self._deliver(h, RequestFailed.of(h.request_id, exc), status="error")
+                    continue
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(h.prompt_ids))
             for rid in cancel:
                 h = self._handles.get(rid)
                 if h is not None and self.engine.abort(rid):
@@ -200,7 +204,10 @@ class EngineLoop:
                 outputs, failed = self.engine.step_isolating()
             except Exception:  # noqa: BLE001 -- the engine itself broke: fail everything in flight, keep serving
                 log.exception("engine round failed outside any one request")
-                for rid, h in list(self._handles.items()):
+                with self._lock:  # (requests submitted during the round are in the inbox, not the engine yet)
+                    waiting = {h.request_id for h in self._inbox}
+                    in_engine = [(rid, h) for rid, h in self._handles.items() if rid not in waiting]
+                for rid, h in in_engine:
                     self.engine.abort(rid)
                     self._deliver(h, RequestFailed(rid, "the request failed: internal error in the engine round"), status="error")
                 continue
@@ -230,8 +237,9 @@ class EngineLoop:
             h.first_token_at = time.perf_counter()
         final = status is not None
         if final:
-            self._handles.pop(h.request_id, None)
-            self._last_stats.pop(h.request_id, None)
+            with self._lock:  # submit counts _handles under this lock (re-entrant: callers may hold it)
+                self._handles.pop(h.request_id, None)
+                self._last_stats.pop(h.request_id, None)
             if self.metrics is not None:
                 self.metrics.finished(status, h, event.stats if isinstance(event, RequestOutput) else None)
         assert self._loop is not None
@@ -246,13 +254,12 @@ class EngineLoop:
             return
         self.metrics.count_tokens(out.new_sources)
         s: RequestStats = out.stats
-        decided = s.accepted_tokens + s.bonus_tokens + s.replaced_tokens
-        esc0, dec0, err0 = self._last_stats.get(out.request_id, (0, 0, 0))
-        if s.escalations > esc0:
-            self.metrics.escalated(s.escalations - esc0, (decided - dec0) / (s.escalations - esc0))
+        ver0, acc0, err0 = self._last_stats.get(out.request_id, (0, 0, 0))
+        if out.new_escalation_lengths or s.verified_draft_tokens > ver0:
+            self.metrics.escalated(out.new_escalation_lengths, s.verified_draft_tokens - ver0, s.accepted_tokens - acc0)
         if s.target_errors > err0:
             self.metrics.target_errors.inc(s.target_errors - err0)
-        self._last_stats[out.request_id] = (s.escalations, decided, s.target_errors)
+        self._last_stats[out.request_id] = (s.verified_draft_tokens, s.accepted_tokens, s.target_errors)
 
     def _update_gauges(self) -> None:
         if self.metrics is None:
