@@ -6,7 +6,7 @@ by replay, among the rules in their verify-every-block setting (``trigger_below 
 diff, opt) and ``handoff-v3`` with an endless window: the configuration with the fewest target passes per
 emitted token whose dev quality is at least target-only's dev quality (the best dev quality if none is).
 Then target-only, speculative, the chosen rule and ``token-v3`` at its own dev choice run for real on
-the test split (``--limit``: its first N problems) or on all of HumanEval (``--split all``: the dev
+the test split (``--limit``: its first N problems), the dev split (``--split dev``) or on all of HumanEval (``--split all``: the dev
 problems the rule was chosen on included, so read the test rows for an unbiased quality), ``--batch``
 requests at a time, timed, with nothing else on the machine. Every generation here is fresh and kept in
 a cache of its own per batch size (``bench-cache-batch<N>``) so the records ``cascade bench`` reads keep
@@ -62,8 +62,9 @@ def ci(correct: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=40, help="problems to run for real, the first of the split (default: 40; 0 = all of it)")
-    ap.add_argument("--split", choices=("test", "all"), default="test",
-                    help="which problems run for real: the test split (default) or all of HumanEval (dev included)")
+    ap.add_argument("--split", choices=("test", "dev", "all"), default="test",
+                    help="which problems run for real: the test split (default), the dev split (the rule was chosen "
+                         "there: its quality is biased upward) or all of HumanEval")
     ap.add_argument("--batch", type=int, default=1, help="requests decoded at once in the real runs (default: 1)")
     ap.add_argument("--out", default="benchmarks/results", help="output directory")
     ap.add_argument("--tag", default="lossy_speed", help="output file stem")
@@ -101,7 +102,7 @@ def main() -> None:
           f"{best.passes_per_token:.3f} passes / token); token-v3 {v3.config}")
 
     # real, timed, fresh, in a cache of their own
-    pool = list(test_idx) if args.split == "test" else list(range(len(problems)))
+    pool = {"test": list(test_idx), "dev": list(dev_idx), "all": list(range(len(problems)))}[args.split]
     sub_idx = pool[: args.limit] if args.limit else pool
     sub = [problems[i] for i in sub_idx]
     in_test = set(test_idx)
