@@ -21,7 +21,7 @@ import torch
 from cascade.metrics import TokenSource
 from cascade.policies import Policy, residual_distribution, speculative_acceptance, verify_distributions
 from cascade.round import accepted_counts, segment_starts
-from cascade.sampling import filter_logits, noise_seeds, sample, uniforms
+from cascade.sampling import filter_logits, noise_seeds, sample, top_lists, top_logprobs, uniforms
 from cascade.scheduler import Sequence
 from cascade.verification import VerifyStats, verify_stats
 
@@ -36,6 +36,8 @@ class Block:
     final: bool = False  # the last drafted token ends the request (EOS, stop string, max_tokens)
     keep: int = 0  # block length chosen by the trigger
     escalate: bool = False
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per drafted token when the request
+    #   asks for top log-probs: the draft's most likely tokens (id, natural log-prob)
 
     @property
     def ends_request(self) -> bool:
@@ -51,6 +53,7 @@ class Verdict:
     extra: list[int]  # the replacement or bonus token (one; none after a block that ends the request)
     sources: list[TokenSource]  # of the kept tokens + extra
     logprobs: list[float]  # of the kept tokens + extra
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # of the kept tokens + extra, when asked
 
 
 class PendingVerdicts:
@@ -68,9 +71,12 @@ class PendingVerdicts:
         """host: the ``tensors`` on the host -> {request_id: Verdict}; counts each sequence's stats."""
         if not self.seqs:
             return {}
-        n_acc_t, extra_t, extra_lp_t, delta_t, logp_t = host
+        n_acc_t, extra_t, extra_lp_t, delta_t, logp_t = host[:5]
         n_acc_l, extra_l, extra_lp_l = n_acc_t.tolist(), extra_t.tolist(), extra_lp_t.tolist()
         delta_l, logp_l = delta_t.tolist(), logp_t.tolist()
+        K = host[5].shape[1] if len(host) > 5 else 0  # top log-probs: [R, K] verified rows, [S, K] extra tokens
+        top_rows = top_lists(host[5], host[6], K) if K else []
+        top_extra = top_lists(host[7], host[8], K) if K else []
         result = {}
         for i, s in enumerate(self.seqs):
             block = self.blocks[s.request_id]
@@ -78,10 +84,14 @@ class PendingVerdicts:
             off = self.offsets.get(s.request_id, 0)
             sources: list[TokenSource] = []
             logprobs: list[float] = []
+            k = s.params.logprobs
+            top: list[list[tuple[int, float]]] = []
             for j in range(n_acc):
                 verified = delta_l[off + j] > 0
                 sources.append(TokenSource.VERIFIED if verified else TokenSource.DRAFT)
                 logprobs.append(float(logp_l[off + j]) if verified else block.logprobs[j])
+                if k:
+                    top.append(top_rows[off + j][:k] if verified else block.top[j])
             s.stats.verified_draft_tokens += n
             s.stats.accepted_tokens += n_acc
             if n_acc < n:
@@ -89,13 +99,14 @@ class PendingVerdicts:
                 s.stats.rejected_tokens += 1
                 s.stats.replaced_tokens += 1
             elif block.ends_request:  # everything kept and the request ends with it: no bonus
-                result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs)
+                result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs, top=top)
                 continue
             else:
                 sources.append(TokenSource.BONUS)
                 s.stats.bonus_tokens += 1
             result[s.request_id] = Verdict(kept=n_acc, extra=[int(extra_l[i])], sources=sources,
-                                           logprobs=logprobs + [float(extra_lp_l[i])])
+                                           logprobs=logprobs + [float(extra_lp_l[i])],
+                                           top=top + ([top_extra[i][:k]] if k else []))
         return result
 
 
@@ -129,6 +140,9 @@ def decide_on_device(
     n_acc = torch.zeros(S, dtype=torch.int64, device=dev)
     replacement = torch.zeros(S, dtype=torch.int64, device=dev)
     replacement_lp = torch.zeros(S, dtype=torch.float32, device=dev)
+    K = max(s.params.logprobs for s in seqs)  # top log-probs asked for (0: none)
+    top_p = [torch.zeros(R, K, dtype=torch.float32, device=dev), torch.zeros(R, K, dtype=torch.int64, device=dev)]
+    top_repl = [torch.zeros(S, K, dtype=torch.float32, device=dev), torch.zeros(S, K, dtype=torch.int64, device=dev)]
     if verified:
         def rows(s: Sequence) -> torch.Tensor:
             b = blocks[s.request_id]
@@ -179,6 +193,9 @@ def decide_on_device(
             drawn = torch.stack([torch.multinomial(res[m], 1, generator=s.rng.on(dev))[0] for m, s in enumerate(members)])
             replacement = replacement.index_copy(0, m_idx, drawn)
         replacement_lp = natural_logprob(p_logits[row], replacement)
+        if K:
+            top_p = top_logprobs(p_logits, K)
+            top_repl = [t[row] for t in top_p]
     # the bonus after a fully accepted block, where the block has a bonus position (not after one that ends the request)
     has_bonus = [not blocks[s.request_id].ends_request for s in seqs]
     bonus = torch.zeros(S, dtype=torch.int64, device=dev)
@@ -192,10 +209,17 @@ def decide_on_device(
         idx = torch.tensor(with_bonus, dtype=torch.int64).to(dev, non_blocking=True)
         bonus = bonus.index_copy(0, idx, drawn)
         bonus_lp = bonus_lp.index_copy(0, idx, natural_logprob(b_logits, drawn))
+        if K:
+            top_bonus = [torch.zeros_like(t).index_copy(0, idx, b) for t, b in zip(top_repl, top_logprobs(b_logits, K))]
     rejected = n_acc < keeps_d
     extra = torch.where(rejected, replacement, bonus)
     extra_lp = torch.where(rejected, replacement_lp, bonus_lp)
-    return PendingVerdicts(seqs, blocks, [n_acc, extra, extra_lp, delta_all, logp_x], offsets)
+    tensors = [n_acc, extra, extra_lp, delta_all, logp_x]
+    if K:  # the top log-probs of every verified position and of each extra token, in the same read
+        if not with_bonus:
+            top_bonus = top_repl
+        tensors += top_p + [torch.where(rejected.view(S, 1), r, b) for r, b in zip(top_repl, top_bonus)]
+    return PendingVerdicts(seqs, blocks, tensors, offsets)
 
 
 def natural_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,18 @@ field, so bad input is caught where it enters (library call, CLI flag or HTTP bo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. The same parameters shape both the draft's proposal
-    distribution ``q`` and the target's ``p`` so that acceptance compares like with like."""
+    distribution ``q`` and the target's ``p`` so that acceptance compares like with like.
+
+    The field names are vLLM's. Where the defaults differ from vLLM's ``SamplingParams``: ``temperature``
+    is 0 (greedy; vLLM: 1.0) and ``max_tokens`` 128 (vLLM: 16). ``top_k`` -1 means off as in vLLM (stored
+    as 0). vLLM's penalties and guided decoding have no field here."""
 
     max_tokens: int = 128  # emitted tokens at most (the prompt is not counted)
     temperature: float = 0.0  # 0 means greedy (argmax); > 0 divides the logits before softmax
@@ -28,6 +32,9 @@ class SamplingParams:
     #   (before temperature; greedy decoding sees it too); stored as sorted (id, bias) pairs
     min_tokens: int = 0  # the end-of-sequence and stop_token_ids cannot be produced before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # more ids that end the request like the EOS (not emitted)
+    n: int = 1  # choices per prompt (``Cascade.generate``): choice i with a seed draws with seed + i
+    logprobs: int = 0  # top alternatives per emitted token (vLLM's ``logprobs``): the most likely tokens and
+    #   their natural log-probs under the model that decided the token, at most MAX_TOP_LOGPROBS
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # accept a single string for convenience
@@ -52,8 +59,14 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k == -1:  # vLLM's "off"
+            object.__setattr__(self, "top_k", 0)
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise ValueError(f"top_k must be an integer >= 0 (or -1: off), got {self.top_k!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         for s in self.stop:
@@ -67,6 +80,10 @@ class SamplingParams:
             if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
                 raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {tid!r}")
 
+    def choice(self, i: int) -> "SamplingParams":
+        """The params of choice ``i`` of ``n``: one request, with seed + i when seeded."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+
     def end_ids(self, eos_token_ids) -> frozenset[int]:
         """The ids that end this request: the model's EOS (unless ``ignore_eos``) and ``stop_token_ids``."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_token_ids))
@@ -74,6 +91,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs and vLLM's default max_logprobs
 
 
 def resolve_device(device: str) -> str:

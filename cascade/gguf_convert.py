@@ -1,4 +1,5 @@
-"""GGUF → fp32 safetensors conversion, the last step of ``cascade.weights.fetch_model``.
+"""GGUF → fp32 safetensors conversion: the last step of ``cascade.weights.fetch_model`` (``convert``, checked
+against the pinned spec) and ``cascade convert FILE.gguf`` for a user's own file (``convert_file``).
 
 Owns the one-time load of a verified GGUF through ``transformers`` (``gguf_file=``, which needs the
 ``gguf`` and ``accelerate`` packages), the fixes a GGUF-loaded model needs before ``save_pretrained``
@@ -94,22 +95,8 @@ def _drop_json_keys(path: Path, keys: tuple[str, ...]) -> None:
 
 def convert(spec: ModelSpec, gguf_path: Path, out_dir: Path, progress: bool = True) -> dict:
     """Load ``gguf_path`` dequantized to fp32, check it against ``spec`` and save it into ``out_dir``."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name,
-               local_files_only=True)
-    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    dtype_kw = "dtype" if version >= (4, 56) else "torch_dtype"  # `dtype` replaced `torch_dtype` in 4.56
-    name = f"[{spec.name}]"
-    with offline_env(), _hf_bars_off():
-        with _status(f"{name} loading + dequantizing the GGUF to fp32", progress, spinner=False):  # has a tqdm bar
-            model = AutoModelForCausalLM.from_pretrained(**src, **{dtype_kw: torch.float32})
-        with _status(f"{name} loading the GGUF tokenizer", progress):
-            tokenizer = AutoTokenizer.from_pretrained(**src)
-
+    def check(model, tokenizer) -> None:
         cfg = model.config
         if bool(getattr(cfg, "tie_word_embeddings", False)) != spec.tie_word_embeddings:
             raise ModelFetchError(f"{spec.name}: tie_word_embeddings is {cfg.tie_word_embeddings}, expected "
@@ -119,7 +106,59 @@ def convert(spec: ModelSpec, gguf_path: Path, out_dir: Path, progress: bool = Tr
             raise ModelFetchError(f"{spec.name}: converted model has {n_params:,} parameters, expected "
                                   f"{spec.num_parameters:,}")
         check_eos(spec, tokenizer)
-        template = ensure_chat_template(tokenizer)
+
+    return _convert(gguf_path, out_dir, spec.name, check, lambda tokenizer: list(spec.eos_token_ids), progress,
+                    keep_bos=False)
+
+
+def convert_file(gguf_path: Path, out_dir: Path, progress: bool = True) -> dict:
+    """A user's own GGUF (``cascade convert FILE.gguf``): any architecture the runner supports (Llama 2 / 3,
+    Mistral, Qwen2 / 2.5 / 3), dequantized to fp32 safetensors with its tokenizer in ``out_dir``. The end
+    tokens are the GGUF's EOS plus the chat template's end-of-turn token where the vocabulary has one."""
+    from cascade.models.loading import DecoderConfig
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+
+    def check(model, tokenizer) -> None:
+        DecoderConfig.from_hf(model.config)  # an architecture the runner cannot run fails here, named
+
+    def eos_ids(tokenizer) -> list[int]:
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+                ids.append(tid)
+        return ids
+
+    return _convert(gguf_path, Path(out_dir), gguf_path.stem, check, eos_ids, progress, keep_bos=True)
+
+
+def _convert(gguf_path: Path, out_dir: Path, name: str, check, eos_ids, progress: bool, keep_bos: bool) -> dict:
+    """The conversion both entry points share: load dequantized to fp32, ``check(model, tokenizer)``, fix
+    what a GGUF-loaded model needs before ``save_pretrained`` accepts it, save model + tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name,
+               local_files_only=True)
+    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_kw = "dtype" if version >= (4, 56) else "torch_dtype"  # `dtype` replaced `torch_dtype` in 4.56
+    label = f"[{name}]"
+    with offline_env(), _hf_bars_off():
+        with _status(f"{label} loading + dequantizing the GGUF to fp32", progress, spinner=False):  # has a tqdm bar
+            model = AutoModelForCausalLM.from_pretrained(**src, **{dtype_kw: torch.float32})
+        with _status(f"{label} loading the GGUF tokenizer", progress):
+            tokenizer = AutoTokenizer.from_pretrained(**src)
+
+        cfg = model.config
+        check(model, tokenizer)
+        n_params = sum(p.numel() for p in model.parameters())
+        template = ensure_chat_template(tokenizer) if str(getattr(cfg, "model_type", "")).startswith("qwen") else (
+            "gguf" if getattr(tokenizer, "chat_template", None) else "none")
         # GGUF stores floats as float32: 1e-6 arrives as 9.99999997e-07; write the decimal it stood for.
         if isinstance(getattr(cfg, "rms_norm_eps", None), float):
             cfg.rms_norm_eps = float(f"{cfg.rms_norm_eps:.7g}")
@@ -130,17 +169,19 @@ def convert(spec: ModelSpec, gguf_path: Path, out_dir: Path, progress: bool = Tr
         model.hf_quantizer = None
         with contextlib.suppress(AttributeError):
             delattr(cfg, "quantization_config")
+        ends = eos_ids(tokenizer)
         gen = model.generation_config
-        gen.bos_token_id = spec.eos_token_ids[-1]
-        gen.eos_token_id = list(spec.eos_token_ids)
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else spec.eos_token_ids[-1]
+        if ends:
+            gen.bos_token_id = gen.bos_token_id if keep_bos and gen.bos_token_id is not None else ends[-1]
+            gen.eos_token_id = list(ends)
+            gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[-1]
 
-        with _status(f"{name} saving fp32 safetensors + tokenizer", progress):
+        with _status(f"{label} saving fp32 safetensors + tokenizer", progress):
             model.save_pretrained(str(out_dir))
             tokenizer.save_pretrained(str(out_dir))
     del model
     # The saved config must not claim quantization; the tokenizer config must not pin our load flags.
     _drop_json_keys(out_dir / "config.json", ("quantization_config",))
     _drop_json_keys(out_dir / "tokenizer_config.json", ("local_files_only",))
-    return {"num_parameters": n_params, "chat_template": template, "transformers": transformers.__version__,
-            "torch": torch.__version__}
+    return {"num_parameters": n_params, "chat_template": template, "eos_token_ids": ends,
+            "transformers": transformers.__version__, "torch": torch.__version__}

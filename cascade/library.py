@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
@@ -45,6 +45,16 @@ class GenerationResult:
     stats: RequestStats
     policy: str
     prompt_token_ids: list[int]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token with
+    #   ``SamplingParams.logprobs`` > 0: the deciding model's most likely tokens, (id, natural log-prob)
+    index: int = 0  # which of the prompt's ``n`` choices this is
+    outputs: list["GenerationResult"] = field(default_factory=list, repr=False, compare=False)  # every choice
+    #   of the prompt, this one first (vLLM's ``RequestOutput.outputs``); each has the fields above
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the natural log-probs of the emitted tokens (as vLLM's ``CompletionOutput``)."""
+        return float(sum(self.token_logprobs))
 
     @property
     def target_decided(self) -> list[bool]:
@@ -136,7 +146,14 @@ class Cascade:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a raw string, a chat conversation, or a token-id list."""
+        """Token ids of a raw string, a chat conversation, a token-id list, or vLLM's prompt dicts
+        (``{"prompt_token_ids": [...]}``, ``{"prompt": "..."}``)."""
+        if isinstance(prompt, dict) and not _is_message(prompt):
+            if "prompt_token_ids" in prompt:
+                return self.encode(list(prompt["prompt_token_ids"]))
+            if "prompt" in prompt:
+                return self.encode(prompt["prompt"])
+            raise ValueError("prompt: a prompt dict needs 'prompt_token_ids' or 'prompt'")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
@@ -181,11 +198,21 @@ class Cascade:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 policy: str | Policy | None = None, *, progress: bool = False) -> list[GenerationResult]:
+                 policy: str | Policy | None = None, *, progress: bool = False,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
         """Generate for one prompt or a batch; returns one result per prompt, in order.
+
+        vLLM's call shape works as well: ``generate(prompts, sampling_params=SamplingParams(n=2))``, prompts as
+        strings or ``{"prompt_token_ids": [...]}`` dicts, and each result's ``outputs`` holds the prompt's
+        ``n`` choices (choice i with a seed draws with seed + i; the result itself is choice 0). Where our
+        ``SamplingParams`` defaults differ from vLLM's, see its docstring.
 
         ``policy`` is a name with parameters (``"chow(alpha=0.2)"``, ``"chow:0.2"``) or a Policy; None runs
         the project's calibrated default (``cascade.defaults.default_policy``)."""
+        if sampling_params is not None:
+            if params is not None:
+                raise ValueError("sampling_params: give params or sampling_params, not both")
+            params = sampling_params
         batch = _as_batch(prompts)
         if not batch:
             raise ValueError("prompts: must not be empty")
@@ -196,7 +223,29 @@ class Cascade:
             raise ValueError(f"params: {len(plist)} sampling params for {len(batch)} prompts")
         pol = parse_policy(self.default_policy() if policy is None else policy)
         encoded = [self.encode(p) for p in batch]
-        ids = [f"gen-{next(self._ids)}" for _ in batch]
+        # one engine request per choice: (prompt index, choice index, params)
+        choices = [(i, j, p.choice(j)) for i, p in enumerate(plist) for j in range(p.n)]
+        results = self._run([encoded[i] for i, _, _ in choices], [p for _, _, p in choices], pol, progress)
+        out: list[GenerationResult] = []
+        for (i, j, _), r in zip(choices, results):
+            r.index = j
+            if j == 0:
+                out.append(r)
+            out[-1].outputs.append(r)
+        return out
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             policy: str | Policy | None = None, *, progress: bool = False) -> list[GenerationResult]:
+        """vLLM's ``LLM.chat``: one conversation or a list of them, rendered with the chat template."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        return self.generate(list(messages), sampling_params=sampling_params, policy=policy, progress=progress)
+
+    def _run(self, encoded: list[list[int]], plist: list[SamplingParams], pol: Policy,
+             progress: bool) -> list[GenerationResult]:
+        """Run one engine request per (prompt ids, params) to the end; results in order."""
+        ids = [f"gen-{next(self._ids)}" for _ in encoded]
         finals: dict[str, RequestOutput] = {}
         try:
             for rid, prompt_ids, p in zip(ids, encoded, plist):
@@ -208,6 +257,7 @@ class Cascade:
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         sources: dict[str, list[TokenSource]] = {rid: [] for rid in ids}
         logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
+        tops: dict[str, list] = {rid: [] for rid in ids}
         bar = _progress(progress, sum(p.max_tokens for p in plist))
         try:
             while len(finals) < len(ids):
@@ -217,6 +267,7 @@ class Cascade:
                     tokens[out.request_id] += out.new_token_ids
                     sources[out.request_id] += out.new_sources
                     logprobs[out.request_id] += out.new_logprobs
+                    tops[out.request_id] += out.new_top_logprobs
                     if bar is not None:
                         bar.update(len(out.new_token_ids))
                     if out.finished:
@@ -232,7 +283,7 @@ class Cascade:
         return [
             GenerationResult(text=finals[rid].text, token_ids=tokens[rid], token_sources=sources[rid],
                              token_logprobs=logprobs[rid], finish_reason=finals[rid].finish_reason, stats=finals[rid].stats,
-                             policy=pol.describe(), prompt_token_ids=pids)
+                             policy=pol.describe(), prompt_token_ids=list(pids), top_logprobs=tops[rid])
             for rid, pids in zip(ids, encoded)
         ]
 
@@ -301,11 +352,16 @@ def generation_config_eos(path: str | Path) -> set[int]:
 
 
 def _as_batch(prompts) -> list:
-    if isinstance(prompts, str):
+    """One prompt (a string, a vLLM-style prompt dict, a chat, a token-id list) or a batch of them -> a list."""
+    if isinstance(prompts, str) or (isinstance(prompts, dict) and not _is_message(prompts)):
         return [prompts]
-    if isinstance(prompts, Sequence) and prompts and (isinstance(prompts[0], dict) or isinstance(prompts[0], int)):
+    if isinstance(prompts, Sequence) and prompts and (_is_message(prompts[0]) or isinstance(prompts[0], int)):
         return [prompts]  # one chat or one token-id list
     return list(prompts)
+
+
+def _is_message(x) -> bool:
+    return isinstance(x, dict) and "role" in x
 
 
 def _progress(enabled: bool, total: int):

@@ -91,6 +91,18 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequenc
     return out
 
 
+def top_logprobs(logits: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The k most likely tokens of each row and their natural (T = 1) log-probs, as the chosen token's
+    log-prob is computed. logits: [N, V] filtered logits -> [values [N, k] float32, ids [N, k] int64]."""
+    values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    return [values, ids]
+
+
+def top_lists(values: torch.Tensor, ids: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Host [N, K] values / ids -> per row the first k (token id, log-prob) pairs."""
+    return [list(zip(i[:k], v[:k])) for i, v in zip(ids.tolist(), values.tolist())]
+
+
 class RequestRng:
     """A request's random streams: one ``torch.Generator`` per device it draws on, made on first use.
 

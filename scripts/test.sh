@@ -5,7 +5,7 @@
 # only the main suite runs, with the arguments passed to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,lmeval
 .venv/bin/cascade fetch-models
 .venv/bin/python -m pytest -q -rs "$@"
 if [ "$#" -gt 0 ]; then

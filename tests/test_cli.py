@@ -117,8 +117,6 @@ def test_serve_without_the_server_extra_names_the_extra(monkeypatch, capsys):
 
 
 def test_serve_reads_the_api_key_from_the_environment(monkeypatch):
-    from cascade.cli import serve
-
     seen = {}
 
     def fake_app(cascade, **kwargs):

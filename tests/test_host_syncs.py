@@ -29,12 +29,13 @@ def counting_engine(dirs, detokenize=None):
     return Engine(d, t, config=EngineConfig(max_rows=8, max_len=160), detokenize=detokenize, router=router)
 
 
-def reads_per_round(eng, monkeypatch, batch, policy, stop=()):
+def reads_per_round(eng, monkeypatch, batch, policy, stop=(), logprobs=0):
     calls: list[int] = []
     monkeypatch.setattr(engine_module, "fetch", counted_fetch(REAL_FETCH, calls))
     for i in range(batch):
         eng.add_request(f"r{i}", [1 + i, 2, 3, 4, 5], SamplingParams(max_tokens=40, temperature=0.0 if i % 2 == 0 else 1.0,
-                                                               seed=i, ignore_eos=True, stop=list(stop)), parse_policy(policy))
+                                                               seed=i, ignore_eos=True, stop=list(stop),
+                                                               logprobs=logprobs if i % 3 == 0 else 0), parse_policy(policy))
     eng.step()  # admission + prefill round
     per_round = []
     while eng.has_work():
@@ -63,3 +64,12 @@ def test_stop_strings_cost_at_most_the_third_read(tiny_pair_dirs, monkeypatch):
     rounds = reads_per_round(eng, monkeypatch, 8, "speculative", stop=("A", "QQ"))
     assert all(strays == 0 and syncs <= 3 for syncs, strays, _ in rounds), rounds
     assert eng.stats.host_syncs >= len(rounds)
+
+
+@pytest.mark.parametrize("policy", ["speculative", "chow(alpha=0.3)", "bild", "target-only", "draft-only"])
+def test_top_logprobs_ride_on_the_same_reads(tiny_pair_dirs, monkeypatch, policy):
+    """Requests asking for top log-probs (every third one here) add no read: the top-k travels with the rest."""
+    plain = max(n for n, _, _ in reads_per_round(counting_engine(tiny_pair_dirs), monkeypatch, 4, policy))
+    for syncs, strays, where in reads_per_round(counting_engine(tiny_pair_dirs), monkeypatch, 4, policy, logprobs=5):
+        assert strays == 0, f"{policy}: host reads outside fetch: {where}"
+        assert syncs <= plain, f"{policy}: {syncs} syncs with top log-probs, {plain} without"

@@ -37,6 +37,8 @@ MODELS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16})),
     "mistral": ("Mistral", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen3-qknorm-tied-headdim": ("Qwen3", dict(tie_word_embeddings=True, head_dim=32, rope_theta=1e6)),
+    "qwen3-attnbias-untied": ("Qwen3", dict(tie_word_embeddings=False, attention_bias=True)),
 }
 
 

@@ -264,7 +264,8 @@ CHAT = "/v1/chat/completions"
     ({"model": "cascade", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ({"model": "cascade", "messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": "cascade", "messages": MESSAGES, "max_completion_tokens": 100000}, 400, "max_completion_tokens"),
-    ({"model": "cascade", "messages": MESSAGES, "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),
+    ({"model": "cascade", "messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs"),
+    ({"model": "cascade", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "cascade", "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": "cascade", "messages": []}, 400, "messages"),
     ({"model": "cascade", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
@@ -284,7 +285,7 @@ def test_bad_chat_requests_get_4xx_naming_the_field(server, body, status, param)
     ({"model": "cascade", "prompt": [[1, 2], []]}, "prompt"),
     ({"model": "cascade", "prompt": [1, 2, 999]}, "prompt"),
     ({"model": "cascade", "prompt": "hi", "echo": True}, "echo"),
-    ({"model": "cascade", "prompt": "hi", "logprobs": 9}, "logprobs"),
+    ({"model": "cascade", "prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"model": "cascade", "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
 ])
 def test_bad_completion_requests_get_400_naming_the_field(server, body, param):

@@ -56,7 +56,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ({"stop_token_ids": [999]}, "stop_token_ids"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"top_logprobs": 2, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
 ])
 def test_chat_fields_that_would_change_the_answer_are_refused(server, extra, param):
@@ -82,7 +82,7 @@ def test_tool_calls_in_the_history_are_refused(server, messages, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"guided_regex": "a+"}, "guided_regex"),
@@ -145,6 +145,33 @@ def test_logprob_bytes_are_the_tokens_own(server):
     content = r.choices[0].logprobs.content
     assert "".join(t.token for t in content) == r.choices[0].message.content
     assert all(bytes(t.bytes) == t.token.encode() for t in content)
+
+
+def test_top_logprobs_on_both_routes_streamed_or_not(server, tiny_pair_dirs):
+    client = server.client()
+    lib = tiny_cascade(tiny_pair_dirs, max_rows=1)
+    [want] = lib.generate(MESSAGES, SamplingParams(max_tokens=6, logprobs=3), policy="speculative")
+    r = client.chat.completions.create(model="cascade:speculative", messages=MESSAGES, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 3 for t in content)
+    for t, top in zip(content, want.top_logprobs):
+        assert t.top_logprobs[0].token == t.token  # greedy: the chosen token is the most likely
+        assert [a.logprob for a in t.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-5)
+        assert [a.token for a in t.top_logprobs] == [SYMBOLS[i] for i, _ in top]
+    chunks = list(client.chat.completions.create(model="cascade:speculative", messages=MESSAGES, max_tokens=6,
+                                                 temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in streamed] == \
+        [(t.token, [a.token for a in t.top_logprobs]) for t in content]
+    c = client.completions.create(model="cascade:speculative", prompt="def f():", max_tokens=5, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.top_logprobs) == 5 and all(len(d) <= 2 for d in lp.top_logprobs)
+    assert all(next(iter(d)) == tok for d, tok in zip(lp.top_logprobs, lp.tokens))
+    # a token a filter removed is written as vLLM writes it (JSON has no infinity)
+    r = client.chat.completions.create(model="cascade:target-only", messages=MESSAGES, max_tokens=3, temperature=1,
+                                       seed=1, top_p=0.01, logprobs=True, top_logprobs=2)
+    assert all(t.top_logprobs[1].logprob == -9999.0 for t in r.choices[0].logprobs.content)
 
 
 # ---------------------------------------------------------------------- models, metrics, keep-alive

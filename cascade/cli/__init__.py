@@ -18,7 +18,6 @@ import argparse
 import sys
 
 from cascade.cli import bench, generate, models, serve
-from cascade.cli.options import policy_from_args  # noqa: F401 -- part of the CLI's importable surface
 
 
 def build_parser() -> argparse.ArgumentParser:

