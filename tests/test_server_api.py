@@ -6,16 +6,12 @@ to send a body) against the real server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import time
-
 import httpx2
 import openai
 import pytest
 
 from cascade import SamplingParams
-from cascade.policies.base import _REGISTRY, register
-from cascade.policies.speculative_cascades import Chow
-from test_server import MESSAGES, start_server, tiny_cascade, wait_idle
+from test_server import MESSAGES, slow_policy, start_server, tiny_cascade, wait_idle  # noqa: F401 (a fixture)
 from tiny_tokenizer import SYMBOLS
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -201,21 +197,6 @@ def test_metrics_carry_the_model_name_and_vllms_spec_decode_counters(server):
     assert 0 <= accepted <= drafted and drafted > 0
     # each escalation emitted its accepted tokens plus one (replacement or bonus), unless the answer ended there
     assert accepted <= grew("cascade_acceptance_length_sum") <= accepted + drafts
-
-
-class _Slow(Chow):
-    """Every round takes 100 ms more: gaps between chunks longer than the server's keep-alive interval."""
-
-    def trigger(self, conf):
-        time.sleep(0.1)
-        return super().trigger(conf)
-
-
-@pytest.fixture
-def slow_policy():
-    register("test-slow-api")(_Slow)
-    yield "test-slow-api"
-    _REGISTRY.pop("test-slow-api", None)
 
 
 def test_a_quiet_stream_gets_keepalive_comments_and_the_same_text(server, slow_policy):
