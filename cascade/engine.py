@@ -176,7 +176,12 @@ class Engine(DraftSteps):
         cascading = [s for s in seqs if _drafts(s)]
         target_only = [s for s in seqs if not _drafts(s)]
         lossless = [s for s in cascading if s.policy.lossless] if self.block_controller is not None else []
-        k_round = self.block_controller.choose(len(seqs), max(s.policy.k for s in lossless)) if lossless else None
+        k_round = None
+        if lossless:  # (the draft lags after rounds without drafting: speculating again first catches it up)
+            catch_up = sum(max(0, len(s.tokens) - s.draft_len - 1) for s in lossless)
+            remaining = sum(s.params.max_tokens - s.num_emitted for s in lossless) / len(lossless)
+            k_round = self.block_controller.choose(len(seqs), max(s.policy.k for s in lossless), catch_up, remaining)
+        fed = sum(len(s.tokens) - s.draft_len for s in cascading if not (k_round == 0 and s in lossless))
         moved = lossless if k_round == 0 else []  # no speculation this round: the target decodes them alone
         if moved:
             cascading = [s for s in cascading if not s.policy.lossless]
@@ -225,7 +230,8 @@ class Engine(DraftSteps):
                 decode_s=clock.seconds("draft_fed", "draft_steps_done") if drafted_steps else 0.0,
                 decode_steps=drafted_steps, target_s=clock.seconds("drafted", "verified"),
                 target_positions=target_positions, total_s=clock.seconds("start", "end"),
-                accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec))
+                accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec),
+                fed_positions=fed if cascading else 0, fed_s=clock.seconds("start", "draft_fed") if cascading else 0.0)
         for s in running:
             self._settle(s)
 

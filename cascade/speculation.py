@@ -13,7 +13,8 @@ The model, per batch-size bucket (powers of two), from the rounds it has seen:
   pending tokens is left out, as after rounds without drafting it is a long catch-up, which would make
   speculation look dearer than it is in steady state, where that pass is one step too);
 - a target pass over ``P`` positions costs ``a + b * P`` (exponentially weighted least squares over
-  the (positions, seconds) of every target pass). The first rounds run the policy's k and then k = 0,
+  the (positions, seconds) of the steady target passes: a pass that also prefills a prompt or catches up
+  is left out, as its positions come cheaper each and would flatten the slope). The first rounds run the policy's k and then k = 0,
   which gives the fit two widths; after that, every ``explore_every`` rounds the controller runs a
   neighbour of its current choice (one more, one less, in turn), so the fit follows the load at the
   price of a round that is only a little slower (exploring the far end, k = policy's k when 0 is best,
@@ -27,12 +28,23 @@ The model, per batch-size bucket (powers of two), from the rounds it has seen:
   really is poor is measured as such within a few blocks.
 
 The expected rate of k is ``B * tokens(k) / (o + k * d + a + b * B * (k + 1))``; for k = 0 it is
-``B / (o + a + b * B)``. Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after
-the round's last host read; elsewhere wall clock.
+``B / (o + a + b * B)``.
+
+Rounds without drafting leave the draft behind: its cache lacks every token since it last ran, and the
+first round that drafts again must feed them all (a catch-up of ``L`` positions over the batch). Under
+load that pass can cost several target-only rounds, so a choice of k > 0 after rounds at k = 0 pays it,
+spread over the rounds the switch serves: the catch-up's cost (a fit ``c + e * P`` of the draft's pending
+pass over its positions, minus the pass a round pays anyway) divided by the rounds left to the batch's
+requests at k (their mean remaining tokens / tokens(k)). For the same reason an exploration never leaves
+k = 0 while the catch-up would cost more than a round, and a batch-size bucket seen for the first time
+starts from the nearest bucket's measurements instead of warming up (a warm-up at the policy's k would pay
+the catch-up too). Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after the
+round's last host read; elsewhere wall clock.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -98,6 +110,7 @@ def _ewma(old: float | None, new: float, decay: float) -> float:
 @dataclass
 class _Bucket:
     target: _LinearFit
+    draft_pass: _LinearFit  # the draft's pending pass: seconds over the positions it feeds
     draft_step_s: float | None = None
     overhead_s: float | None = None
     last_tried: dict[int, int] = field(default_factory=dict)  # k -> the round it last ran
@@ -129,31 +142,54 @@ class BlockLengthController:
         """The acceptance probability of a drafted token (prior included)."""
         return (self._accepted + self.PRIOR_ALPHA * self.PRIOR_POSITIONS) / (self._verified + self.PRIOR_POSITIONS)
 
+    @staticmethod
+    def _key(batch: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
+
     def _bucket(self, batch: int) -> _Bucket:
-        key = 1 << max(0, math.ceil(math.log2(max(1, batch))))
+        key = self._key(batch)
         if key not in self._buckets:
-            self._buckets[key] = _Bucket(target=_LinearFit(self.decay))
+            if self._buckets:  # start from the nearest bucket's measurements (no warm-up)
+                near = min(self._buckets, key=lambda q: (abs(math.log2(q) - math.log2(key)), q))
+                self._buckets[key] = copy.deepcopy(self._buckets[near])
+            else:
+                self._buckets[key] = _Bucket(target=_LinearFit(self.decay), draft_pass=_LinearFit(self.decay))
         return self._buckets[key]
 
-    def expected_rate(self, batch: int, k: int) -> float | None:
+    def catch_up_s(self, batch: int, catch_up: int) -> float:
+        """Seconds the draft's pending pass takes beyond a normal one (one position per request) when it
+        must also feed ``catch_up`` positions it missed (0 when nothing is measured yet)."""
+        if catch_up <= 0:
+            return 0.0
+        fit = self._bucket(batch).draft_pass
+        full, normal = fit.predict(batch + catch_up), fit.predict(batch)
+        return max(0.0, full - normal) if full is not None and normal is not None else 0.0
+
+    def expected_rate(self, batch: int, k: int, catch_up: int = 0, remaining: float | None = None) -> float | None:
         """Expected tokens / s of a round of ``batch`` lossless requests at block length k (None: not
-        enough measured yet)."""
+        enough measured yet). ``catch_up``: positions the draft missed (rounds without drafting), paid
+        once by the first round that drafts, spread over the rounds left (``remaining``: the requests'
+        mean remaining tokens; None: one round)."""
         b = self._bucket(batch)
         t = b.target.predict(batch * (k + 1))
         if t is None or b.overhead_s is None or (k > 0 and b.draft_step_s is None):
             return None
         tokens = 1.0 if k == 0 else _block_tokens(self.alpha, k)
         cost = b.overhead_s + t + (k * b.draft_step_s if k > 0 else 0.0)
+        if k > 0 and catch_up > 0:
+            rounds = max(1.0, (remaining or tokens) / tokens)
+            cost += self.catch_up_s(batch, catch_up) / rounds
         return batch * tokens / max(cost, 1e-9)
 
-    def choose(self, batch: int, k_max: int) -> int:
-        """The block length for this round, in 0 .. k_max."""
+    def choose(self, batch: int, k_max: int, catch_up: int = 0, remaining: float | None = None) -> int:
+        """The block length for this round, in 0 .. k_max. ``catch_up``: positions the draft's cache lacks
+        beyond the one each request feeds every round; ``remaining``: the requests' mean remaining tokens."""
         self.rounds += 1
         b = self._bucket(batch)
         for arm in (k_max, 0):  # warm-up: two widths for the target's fit
             if arm not in b.last_tried:
                 return arm
-        rates = {k: self.expected_rate(batch, k) for k in range(k_max + 1)}
+        rates = {k: self.expected_rate(batch, k, catch_up, remaining) for k in range(k_max + 1)}
         known = {k: r for k, r in rates.items() if r is not None}
         if not known:
             return k_max
@@ -163,18 +199,26 @@ class BlockLengthController:
             b.last_explored = self.rounds
             b.explore_up = not b.explore_up
             step = 1 if (b.explore_up and best < k_max) or best == 0 else -1
+            round_s = batch / known[0] if known.get(0) else 0.0
+            if best == 0 and self.catch_up_s(batch, catch_up) > round_s:
+                return 0  # leaving k = 0 to look would cost a catch-up dearer than a round: stay
             return best + step
         return best
 
     def observe(self, *, batch: int, k: int, draft_s: float, decode_s: float, decode_steps: int, target_s: float,
-                target_positions: int, total_s: float, accepted: int, verified: int) -> None:
+                target_positions: int, total_s: float, accepted: int, verified: int, fed_positions: int = 0,
+                fed_s: float = 0.0) -> None:
         """What a round at block length k measured: seconds of the whole draft phase (``draft_s``), of its
         ``decode_steps`` one-token steps (``decode_s``), of the target pass over ``target_positions``, of the
-        round; the lossless requests' accepted and verified draft tokens."""
+        round; the lossless requests' accepted and verified draft tokens; the draft's pending pass over
+        ``fed_positions`` in ``fed_s`` seconds."""
         b = self._bucket(batch)
         b.last_tried[k] = self.rounds
-        if target_positions > 0 and target_s > 0:
-            b.target.add(float(target_positions), target_s)
+        if fed_positions > 0 and fed_s > 0:
+            b.draft_pass.add(float(fed_positions), fed_s)
+        if 0 < target_positions <= batch * (k + 2) and target_s > 0:  # a steady pass: blocks and pending tokens
+            b.target.add(float(target_positions), target_s)  # only (a prefill's positions, cheaper each,
+            #   would flatten the slope the choice between widths depends on)
         if decode_steps > 0 and decode_s > 0:
             b.draft_step_s = _ewma(b.draft_step_s, decode_s / decode_steps, self.decay)
         b.overhead_s = _ewma(b.overhead_s, max(0.0, total_s - draft_s - target_s), self.decay)

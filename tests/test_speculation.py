@@ -72,7 +72,7 @@ def test_engine_keeps_speculative_lossless_while_k_changes(tiny_pair_dirs):
     c.engine.block_controller = ctrl = Ctrl(explore_every=3)
     seen = []
     real = ctrl.choose
-    ctrl.choose = lambda batch, k_max: seen.append(real(batch, k_max)) or seen[-1]
+    ctrl.choose = lambda batch, k_max, *rest: seen.append(real(batch, k_max, *rest)) or seen[-1]
     got = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=40), policy="speculative")]
     assert got == want
     assert 0 in seen and 5 in seen  # both arms ran: no speculation, and the policy's full block
@@ -80,3 +80,40 @@ def test_engine_keeps_speculative_lossless_while_k_changes(tiny_pair_dirs):
     seen.clear()
     c.generate(PROMPTS, SamplingParams(max_tokens=10), policy="chow(alpha=0.3)")
     assert seen == []
+
+
+def _warm(ctrl, batch, k_max=5, rounds=40):
+    """A compute-bound machine under load (k = 0 is best), with the draft's pending pass measured."""
+    for _ in range(rounds):
+        k = ctrl.choose(batch, k_max)
+        positions = batch * (k + 1)
+        ctrl.observe(batch=batch, k=k, draft_s=0.02 * k + 0.05 * (k > 0), decode_s=0.02 * max(0, k - 1),
+                     decode_steps=max(0, k - 1), target_s=0.01 + 0.004 * positions, target_positions=positions,
+                     total_s=0.02 * k + 0.05 * (k > 0) + 0.01 + 0.004 * positions + 0.001, accepted=int(50 * k),
+                     verified=100 * k, fed_positions=batch if k > 0 else 0, fed_s=0.003 * batch if k > 0 else 0.0)
+    # a long catch-up measured once: 16 requests x 40 missed positions
+    ctrl.observe(batch=batch, k=1, draft_s=2.0, decode_s=0.0, decode_steps=0, target_s=0.01 + 0.004 * 2 * batch,
+                 target_positions=2 * batch, total_s=2.2, accepted=0, verified=0, fed_positions=batch * 41,
+                 fed_s=0.003 * batch * 41)
+
+
+def test_a_catch_up_makes_speculating_again_dearer_and_stops_explorations():
+    ctrl = BlockLengthController(explore_every=4)
+    _warm(ctrl, 16)
+    assert ctrl.catch_up_s(16, 16 * 40) == pytest.approx(0.003 * 16 * 40, rel=0.05)
+    assert ctrl.catch_up_s(16, 0) == 0.0
+    cheap, dear = ctrl.expected_rate(16, 2), ctrl.expected_rate(16, 2, catch_up=16 * 40, remaining=20)
+    assert dear < cheap
+    # with a lag that costs more than a round, an exploration round keeps k = 0
+    chosen = [ctrl.choose(16, 5, catch_up=16 * 40, remaining=30) for _ in range(12)]
+    assert set(chosen) == {0}
+    # without it, explorations leave 0 now and then
+    assert any(ctrl.choose(16, 5) > 0 for _ in range(12))
+
+
+def test_a_new_batch_bucket_starts_from_the_nearest_instead_of_warming_up():
+    ctrl = BlockLengthController()
+    _warm(ctrl, 16)
+    assert ctrl.choose(9, 5) == ctrl.choose(16, 5) == 0  # 9 is in the 16 bucket
+    assert ctrl.choose(7, 5) == 0  # bucket 8: no warm-up round at k = 5, the 16 bucket's costs stand in
+    assert ctrl.expected_rate(7, 0) is not None
