@@ -143,6 +143,7 @@ def decide_on_device(
     K = max(s.params.logprobs for s in seqs)  # top log-probs asked for (0: none)
     top_p = [torch.zeros(R, K, dtype=torch.float32, device=dev), torch.zeros(R, K, dtype=torch.int64, device=dev)]
     top_repl = [torch.zeros(S, K, dtype=torch.float32, device=dev), torch.zeros(S, K, dtype=torch.int64, device=dev)]
+    top_bonus = [torch.zeros_like(t) for t in top_repl]
     if verified:
         def rows(s: Sequence) -> torch.Tensor:
             b = blocks[s.request_id]
@@ -210,14 +211,12 @@ def decide_on_device(
         bonus = bonus.index_copy(0, idx, drawn)
         bonus_lp = bonus_lp.index_copy(0, idx, natural_logprob(b_logits, drawn))
         if K:
-            top_bonus = [torch.zeros_like(t).index_copy(0, idx, b) for t, b in zip(top_repl, top_logprobs(b_logits, K))]
+            top_bonus = [t.index_copy(0, idx, b) for t, b in zip(top_bonus, top_logprobs(b_logits, K))]
     rejected = n_acc < keeps_d
     extra = torch.where(rejected, replacement, bonus)
     extra_lp = torch.where(rejected, replacement_lp, bonus_lp)
     tensors = [n_acc, extra, extra_lp, delta_all, logp_x]
     if K:  # the top log-probs of every verified position and of each extra token, in the same read
-        if not with_bonus:
-            top_bonus = top_repl
         tensors += top_p + [torch.where(rejected.view(S, 1), r, b) for r, b in zip(top_repl, top_bonus)]
     return PendingVerdicts(seqs, blocks, tensors, offsets)
 

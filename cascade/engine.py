@@ -459,9 +459,7 @@ class Engine(DraftSteps):
                 break
         if self.detokenize is not None:
             searched = max(0, len(s.text) - max(map(len, s.params.stop), default=0))
-            added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
-                                                              s.detok_read, final=s.finished)
-            s.text += added
+            self._extend_text(s)
             cut = _first_stop(s.text, s.params.stop, searched)
             if cut is not None:  # (found above already, unless a stop string spans more than the tail)
                 s.text = s.text[:cut]
@@ -492,13 +490,18 @@ class Engine(DraftSteps):
             self.target.truncate([s.row], [n_prompt])
             s.target_len = n_prompt
 
+    def _extend_text(self, s: Sequence) -> None:
+        """Add the text of the tokens emitted since the last call (``cascade.detokenize.extend_text``; a
+        finished request's held-back partial character too)."""
+        added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
+                                                          s.detok_read, final=s.finished)
+        s.text += added
+
     def _finish(self, s: Sequence, reason: str) -> None:
         if not s.finished:
             s.finished, s.finish_reason = True, reason
-            if self.detokenize is not None and s.detok_read < s.num_emitted and reason not in ("stop", "abort"):
-                added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
-                                                                  s.detok_read, final=True)
-                s.text += added  # an unfinished character held back is text now (as one decode would give)
+            if self.detokenize is not None and reason not in ("stop", "abort"):
+                self._extend_text(s)  # an unfinished character held back is text now (as one decode would give)
 
     def _release(self, s: Sequence) -> None:
         if s.row >= 0:

@@ -10,6 +10,12 @@ from cascade.cli.options import BENCH_DTYPE_HELP, add_dataset_options, add_model
     dataset_limits
 
 
+def _add_pair_options(p) -> None:
+    """The pair and how the benchmark commands run it: float32 by default (replay is exact there)."""
+    add_model_options(p, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP)
+    add_run_options(p)
+
+
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="compare every policy on quality / cost / latency on real datasets",
                        description="Run draft-only and target-only for real on each dataset subset, record both answers "
@@ -33,8 +39,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--cost-file", default=None, metavar="CSV",
                    help="benchmarks/runner_cost.py CSV whose per-pass costs give the modelled-time axis "
                         "(default: the committed CPU figures)")
-    add_model_options(b, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP)
-    add_run_options(b)
+    _add_pair_options(b)
     b.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     b.add_argument("--tag", default="bench", help="output file stem (default: bench)")
     b.set_defaults(handler=cmd_bench)
@@ -56,8 +61,7 @@ def add_parsers(sub) -> None:
     add_dataset_options(c, default_names="gsm8k", limit=40)
     c.add_argument("--test-limit", type=int, default=None,
                    help="real test runs on the first N test problems per dataset (default: the whole test split; 0 = none)")
-    add_model_options(c, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP)
-    add_run_options(c)
+    _add_pair_options(c)
     c.add_argument("--out", default=None, help="JSON summary path (default: benchmarks/results/calibration-<policy>-<dataset>.json)")
     c.add_argument("--ship", action="store_true",
                    help="also write the summary as the project's default policy (cascade/calibrated_default.json), "
@@ -79,8 +83,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default: 400)")
     t.add_argument("--out", default=None, help="router file (default: router.json in the draft model's directory)")
     t.add_argument("--report", default="benchmarks/results/router.json", help="JSON report path (default: benchmarks/results/router.json)")
-    add_model_options(t, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP)
-    add_run_options(t)
+    _add_pair_options(t)
     t.set_defaults(handler=cmd_train_router)
 
 
