@@ -29,7 +29,8 @@ def main() -> None:
 
     from cascade.detokenize import extend_text
     from cascade.library import load_tokenizer
-    from cascade.weights import DEFAULT_PAIR, resolve_model
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
 
     tok = load_tokenizer(resolve_model(DEFAULT_PAIR[0].name))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from cascade.library import Cascade, generation_config_eos, load_tokenizer
-    from cascade.weights import DEFAULT_PAIR, resolve_model
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
 
     console = Console()
 

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cascade.library import Cascade, generation_config_eos, load_tokenizer
     from cascade.models.vllm import VLLMTargetOptions
-    from cascade.weights import DEFAULT_PAIR, resolve_model
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
 
     console = Console()
 

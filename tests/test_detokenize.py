@@ -21,7 +21,8 @@ TEXT = ("def is_prime(n):\n    # prüfe Teiler — 素数 ✓ 🙂\n    return a
 
 def _qwen_tokenizer():
     from cascade.library import load_tokenizer
-    from cascade.weights import DEFAULT_PAIR, resolve_model
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
 
     try:
         return load_tokenizer(resolve_model(DEFAULT_PAIR[0].name))

@@ -13,7 +13,7 @@ import transformers
 from cascade import Cascade, SamplingParams
 from cascade.config import EngineConfig
 from cascade.models.llama import LlamaRunner
-from cascade.weights import resolve_model
+from cascade.models.resolve import resolve_model
 
 PROMPTS = [[1, 2, 3], [5, 9, 17, 33, 2, 8], [7]]
 

@@ -21,7 +21,8 @@ PROMPTS = [
 
 
 def _pair_dirs():
-    from cascade.weights import DEFAULT_PAIR, resolve_model
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
 
     try:
         return resolve_model(DEFAULT_PAIR[0].name), resolve_model(DEFAULT_PAIR[1].name)

