@@ -61,7 +61,7 @@ from cascade.detokenize import extend_text
 from cascade.drafting import DraftSteps
 from cascade.sampling import RequestRng, filter_logits, sample, top_lists, top_logprobs
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
-from cascade.speculation import BlockLengthController, RoundClock
+from cascade.speculation import BlockLengthController, RoundClock, profile_batches, profile_pair
 
 
 @dataclass
@@ -156,6 +156,17 @@ class Engine(DraftSteps):
         seq.finished, seq.finish_reason = True, "abort"
         self._release(seq)
         return True
+
+    def profile_speculation(self, k: int = 5, context: int = 16) -> dict[int, dict]:
+        """Seed dynamic speculation's cost model from a start-up profile of the pair (``profile_pair``), one
+        batch bucket per power of two up to max_rows, verify passes of ``k`` + 1 positions per row. Call it
+        before the first request: it uses the cache rows. Returns the measured seconds per batch size."""
+        if self.block_controller is None:
+            raise ValueError("adaptive_k: dynamic speculation is off (EngineConfig.adaptive_k), nothing to profile")
+        if self.scheduler.has_work():
+            raise RuntimeError("profile_speculation needs free cache rows: call it before the first request")
+        return profile_pair(self.block_controller, self.draft, self.target, batches=profile_batches(self.max_rows),
+                            k=k, vocab_size=self.vocab_size, context=min(context, self.max_len - 2 * k - 4))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -100,9 +100,11 @@ class Cascade:
         ``on_target_error`` says what a request does when that target cannot be reached: "fail" or
         "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through batch-1 target-only
         decoding's calls, so lossless policies are token-exact in any dtype at any batch; ``adaptive_k``: dynamic
-        speculation for lossless requests (``EngineConfig``)."""
+        speculation for lossless requests (``EngineConfig``), seeded by a start-up profile of the pair
+        (``Engine.profile_speculation``: a few synthetic passes per batch bucket, seconds on a CPU)."""
         from cascade.models.llama import LlamaRunner
-        from cascade.weights import DEFAULT_PAIR, resolve_model
+        from cascade.models.resolve import resolve_model
+        from cascade.weights import DEFAULT_PAIR
 
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
                               max_draft_block=max_draft_block, on_target_error=on_target_error,
@@ -137,7 +139,10 @@ class Cascade:
         if target_dir is not None:
             eos |= generation_config_eos(target_dir)
         router = load_router(draft_dir, device=draft_runner.device)  # the learned deferral router, if trained
-        return cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router)
+        cascade = cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router)
+        if adaptive_k:  # measured costs from the start: no warm-up rounds at a block length the load makes slow
+            cascade.engine.profile_speculation()
+        return cascade
 
     def default_policy(self) -> str:
         """The policy a request without one runs: the shipped calibrated default (``cascade.defaults``), or

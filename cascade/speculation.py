@@ -40,6 +40,12 @@ k = 0 while the catch-up would cost more than a round, and a batch-size bucket s
 starts from the nearest bucket's measurements instead of warming up (a warm-up at the policy's k would pay
 the catch-up too). Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after the
 round's last host read; elsewhere wall clock.
+
+Better than any warm-up is a start-up profile (``profile_pair``, run by ``Engine.profile_speculation``;
+``cascade serve`` and ``Cascade.from_pretrained(adaptive_k=True)`` run it): a few synthetic passes of both
+models on free rows, per batch bucket, seed every bucket's fits before the first request, as vLLM profiles
+and captures at start-up. The first round at any load then already picks its k from measured costs; the
+round overhead ``o`` is learned from the first round on, and the measured points fade like any other.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +123,7 @@ class _Bucket:
     last_tried: dict[int, int] = field(default_factory=dict)  # k -> the round it last ran
     last_explored: int = 0  # the round of the last exploration
     explore_up: bool = False  # the direction of the next one
+    profiled: bool = False  # seeded by a start-up profile (``profile_pair``): no warm-up rounds
 
 
 class BlockLengthController:
@@ -156,6 +164,20 @@ class BlockLengthController:
                 self._buckets[key] = _Bucket(target=_LinearFit(self.decay), draft_pass=_LinearFit(self.decay))
         return self._buckets[key]
 
+    def seed(self, batch: int, *, draft_step_s: float, target_points: list[tuple[int, float]],
+             draft_pass_points: list[tuple[int, float]]) -> None:
+        """Start the bucket of ``batch`` from measured costs (a start-up profile, ``profile_pair``) instead of
+        warm-up rounds: the draft's decode step, (positions, seconds) of target passes and of the draft's
+        pending pass. The round overhead is learned from the first round on; the measured points fade as
+        rounds are observed, like any other."""
+        b = _Bucket(target=_LinearFit(self.decay), draft_pass=_LinearFit(self.decay), profiled=True)
+        for positions, seconds in target_points:
+            b.target.add(float(positions), seconds)
+        for positions, seconds in draft_pass_points:
+            b.draft_pass.add(float(positions), seconds)
+        b.draft_step_s = draft_step_s
+        self._buckets[self._key(batch)] = b
+
     def catch_up_s(self, batch: int, catch_up: int) -> float:
         """Seconds the draft's pending pass takes beyond a normal one (one position per request) when it
         must also feed ``catch_up`` positions it missed (0 when nothing is measured yet)."""
@@ -172,10 +194,10 @@ class BlockLengthController:
         mean remaining tokens; None: one round)."""
         b = self._bucket(batch)
         t = b.target.predict(batch * (k + 1))
-        if t is None or b.overhead_s is None or (k > 0 and b.draft_step_s is None):
+        if t is None or (b.overhead_s is None and not b.profiled) or (k > 0 and b.draft_step_s is None):
             return None
         tokens = 1.0 if k == 0 else _block_tokens(self.alpha, k)
-        cost = b.overhead_s + t + (k * b.draft_step_s if k > 0 else 0.0)
+        cost = (b.overhead_s or 0.0) + t + (k * b.draft_step_s if k > 0 else 0.0)
         if k > 0 and catch_up > 0:
             rounds = max(1.0, (remaining or tokens) / tokens)
             cost += self.catch_up_s(batch, catch_up) / rounds
@@ -186,8 +208,8 @@ class BlockLengthController:
         beyond the one each request feeds every round; ``remaining``: the requests' mean remaining tokens."""
         self.rounds += 1
         b = self._bucket(batch)
-        for arm in (k_max, 0):  # warm-up: two widths for the target's fit
-            if arm not in b.last_tried:
+        for arm in (k_max, 0):  # warm-up: two widths for the target's fit (a profiled bucket has them)
+            if arm not in b.last_tried and not b.profiled:
                 return arm
         rates = {k: self.expected_rate(batch, k, catch_up, remaining) for k in range(k_max + 1)}
         known = {k: r for k, r in rates.items() if r is not None}
@@ -231,3 +253,77 @@ def _block_tokens(alpha: float, k: int) -> float:
     """Expected tokens a block of k yields per request (accepted prefix + the replacement / bonus token)."""
     alpha = min(max(alpha, 0.0), 0.999)
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def profile_batches(max_rows: int) -> list[int]:
+    """The batch sizes a start-up profile measures: one per bucket (powers of two), the last one capped at
+    ``max_rows``."""
+    out, b = [], 1
+    while True:
+        out.append(min(b, max_rows))
+        if b >= max_rows:
+            return out
+        b *= 2
+
+
+def profile_pair(controller: BlockLengthController, draft, target, *, batches: list[int], k: int,
+                 vocab_size: int, context: int = 16, catch_up: int = 8, reps: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[int, dict]:
+    """Measure the pair's costs on free cache rows and seed ``controller`` with them, one bucket per batch
+    size, so serving never pays warm-up rounds at a block length the load makes slow (a warm-up at k also
+    prefills the draft with every prompt). ``draft`` / ``target``: ``ModelRunner``s whose rows
+    ``0 .. max(batches) - 1`` are free (the engine calls this before any request). Per batch size B, on a
+    synthetic context of ``context`` tokens per row: the draft's decode step, its pending pass at 1 and
+    ``catch_up`` positions per row, and the target's pass at 1 and k + 1 positions per row (a verify pass),
+    each the best of ``reps`` timings (the first pays any one-off set-up), synchronised on CUDA. The rows are
+    freed afterwards. Returns the measured seconds per batch size. ``clock``: the timer (a test seam)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    cuda = {torch.device(r.device) for r in (draft, target) if torch.device(r.device).type == "cuda"}
+
+    def sync() -> None:
+        for dev in cuda:
+            torch.cuda.synchronize(dev)
+
+    def best_of(fn) -> float:
+        best = math.inf
+        for _ in range(reps):
+            sync()
+            t0 = clock()
+            fn()
+            sync()
+            best = min(best, clock() - t0)
+        return best
+
+    def span_pass(runner, rows: list[int], width: int) -> float:
+        spans = [[(7919 * r + 31 * j + 11) % vocab_size for j in range(width)] for r in rows]
+
+        def run() -> None:
+            runner.forward_span(rows, spans)
+            runner.truncate(rows, [context] * len(rows))
+
+        return best_of(run)
+
+    figures: dict[int, dict] = {}
+    for batch in batches:
+        rows = list(range(batch))
+        prompt = [[(104729 * r + 17 * j + 3) % vocab_size for j in range(context)] for r in rows]
+        try:
+            for runner in (draft, target):
+                runner.forward_span(rows, prompt, num_logits=[1] * batch)
+            rows_t = torch.tensor(rows, dtype=torch.int64, device=draft.device)
+            ids_t = torch.tensor([p[0] for p in prompt], dtype=torch.int64, device=draft.device)
+
+            def step() -> None:
+                draft.decode(rows_t, ids_t)
+                draft.truncate(rows, [context] * batch)
+
+            step_s = best_of(step)
+            draft_points = [(batch * w, span_pass(draft, rows, w)) for w in (1, catch_up)]
+            target_points = [(batch * w, span_pass(target, rows, w)) for w in (1, k + 1)]
+        finally:
+            draft.free(rows)
+            target.free(rows)
+        controller.seed(batch, draft_step_s=step_s, target_points=target_points, draft_pass_points=draft_points)
+        figures[batch] = {"draft_step_s": step_s, "draft_pass": draft_points, "target_pass": target_points}
+    return figures

@@ -8,6 +8,7 @@ import pytest
 
 from cascade import SamplingParams
 from cascade.config import EngineConfig
+from cascade.policies import parse_policy
 from cascade.speculation import BlockLengthController, _block_tokens
 
 from test_engine import PROMPTS, make_cascade
@@ -117,3 +118,82 @@ def test_a_new_batch_bucket_starts_from_the_nearest_instead_of_warming_up():
     assert ctrl.choose(9, 5) == ctrl.choose(16, 5) == 0  # 9 is in the 16 bucket
     assert ctrl.choose(7, 5) == 0  # bucket 8: no warm-up round at k = 5, the 16 bucket's costs stand in
     assert ctrl.expected_rate(7, 0) is not None
+
+
+def test_a_seeded_bucket_chooses_from_its_costs_at_once():
+    # compute-bound under load: the first round already decodes on the target alone (no warm-up at k = 5)
+    ctrl = BlockLengthController()
+    ctrl.seed(16, draft_step_s=0.02, target_points=[(16, 0.01 + 0.004 * 16), (96, 0.01 + 0.004 * 96)],
+              draft_pass_points=[(16, 0.05), (128, 0.4)])
+    assert ctrl.choose(16, 5) == 0
+    # memory-bound at batch 1: the first round drafts the full block
+    ctrl.seed(1, draft_step_s=0.002, target_points=[(1, 0.051), (6, 0.056)], draft_pass_points=[(1, 0.002), (8, 0.004)])
+    assert ctrl.choose(1, 5) == 5
+    assert ctrl.catch_up_s(16, 16 * 7) == pytest.approx(0.35, rel=1e-6)  # (0.4 - 0.05) for 7 more positions a row
+    # the seeded figures fade as rounds are observed: a target that turns out cheap flips the choice (the
+    # exploration rounds, one in 32, measure the other widths)
+    for _ in range(160):
+        k = ctrl.choose(16, 5)
+        ctrl.observe(batch=16, k=k, draft_s=0.002 * k, decode_s=0.002 * max(0, k - 1), decode_steps=max(0, k - 1),
+                     target_s=0.05 + 0.00001 * 16 * (k + 1), target_positions=16 * (k + 1),
+                     total_s=0.002 * k + 0.05 + 0.00001 * 16 * (k + 1), accepted=90 * k, verified=100 * k)
+    assert ctrl.choose(16, 5) > 0
+
+
+class CostedRunner:
+    """A runner whose passes advance a fake clock by a cost model (seconds = fixed + per_position * positions)."""
+
+    def __init__(self, runner, clock, fixed, per_position):
+        self.runner, self.clock, self.fixed, self.per_position = runner, clock, fixed, per_position
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def forward_span(self, rows, spans, num_logits=None):
+        self.clock[0] += self.fixed + self.per_position * sum(len(s) for s in spans)
+        return self.runner.forward_span(rows, spans, num_logits)
+
+    def decode(self, rows, ids):
+        self.clock[0] += self.fixed + self.per_position * len(rows)
+        return self.runner.decode(rows, ids)
+
+
+def test_profile_pair_seeds_every_bucket_with_the_measured_costs_and_frees_the_rows(tiny_pair_dirs):
+    from cascade.speculation import profile_batches, profile_pair
+
+    assert profile_batches(1) == [1] and profile_batches(8) == [1, 2, 4, 8] and profile_batches(12) == [1, 2, 4, 8, 12]
+    c = make_cascade(tiny_pair_dirs)
+    now = [0.0]
+    draft = CostedRunner(c.engine.draft, now, 0.001, 0.0001)
+    target = CostedRunner(c.engine.target, now, 0.02, 0.002)
+    ctrl = BlockLengthController()
+    figures = profile_pair(ctrl, draft, target, batches=[1, 2, 4, 8], k=5, vocab_size=c.engine.vocab_size,
+                           clock=lambda: now[0])
+    assert sorted(figures) == [1, 2, 4, 8]
+    for batch, fig in figures.items():
+        assert fig["draft_step_s"] == pytest.approx(0.001 + 0.0001 * batch)
+        assert fig["target_pass"] == [(batch, pytest.approx(0.02 + 0.002 * batch)),
+                                      (6 * batch, pytest.approx(0.02 + 0.012 * batch))]
+        assert fig["draft_pass"][1] == (8 * batch, pytest.approx(0.001 + 0.0008 * batch))
+        # the fit reproduces the cost model at other widths, and no warm-up round is asked for
+        b = ctrl._bucket(batch)
+        assert b.target.predict(3 * batch) == pytest.approx(0.02 + 0.006 * batch)
+        assert ctrl.choose(batch, 5) in range(6) and b.profiled
+    assert c.engine.draft.lengths(range(8)) == [0] * 8 and c.engine.target.lengths(range(8)) == [0] * 8
+
+
+def test_engine_profile_then_speculative_stays_lossless_and_errors_are_named(tiny_pair_dirs):
+    c = make_cascade(tiny_pair_dirs)
+    want = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=30), policy="target-only")]
+    with pytest.raises(ValueError, match="adaptive_k"):
+        c.engine.profile_speculation()
+    c.engine.config = EngineConfig(max_rows=8, max_len=128, adaptive_k=True)
+    c.engine.block_controller = BlockLengthController()
+    figures = c.engine.profile_speculation(k=5)
+    assert sorted(figures) == [1, 2, 4, 8]
+    assert all(c.engine.block_controller._bucket(b).profiled for b in figures)
+    got = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=30), policy="speculative")]
+    assert got == want  # the profile's synthetic rows left nothing behind in either cache
+    c.engine.add_request("queued", [1, 2, 3], SamplingParams(max_tokens=4), parse_policy("speculative"))
+    with pytest.raises(RuntimeError, match="before the first request"):
+        c.engine.profile_speculation()

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     v.add_argument("--fixed-k", action="store_true",
                    help="lossless requests (speculative) always draft their policy's k; by default each round's block "
                         "length is chosen from measured costs, down to no speculation when the target alone is faster "
-                        "(dynamic speculation: output unchanged, speed only)")
+                        "(dynamic speculation: output unchanged, speed only), its cost model seeded at start-up by a "
+                        "profile of both models at every batch bucket (seconds on a CPU)")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429 (default: 64)")
     v.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that gives none, cut to the room the prompt leaves (default: 256)")
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, adaptive_k=not args.fixed_k,
                                       **pair_kwargs(args))
     policy = parse_policy(policy or cascade.default_policy())
-    print(f"loaded the pair in {time.perf_counter() - t0:.0f} s on {cascade.engine.config.device}; default policy "
+    print(f"loaded the pair in {time.perf_counter() - t0:.0f} s on {cascade.engine.config.device}"
+          f"{'' if args.fixed_k else ' (with the dynamic-speculation profile)'}; default policy "
           f"{policy.describe()}; serving on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     app = create_app(cascade, default_policy=policy, served_name=args.served_model_name, max_queue=args.max_queue,
