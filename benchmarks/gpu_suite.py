@@ -193,12 +193,12 @@ class Suite:
     def _attention_kernel(self, timing) -> list[dict]:
         import kernel_bench as kb
 
-        from cascade.kernels.attention import cache_attention_reference, cache_attention_triton
+        from cascade.kernels.attention import cache_attention_reference, cache_attention_triton, num_splits
 
         torch = self.torch
         H, Hkv, D = (7, 1, 64) if self.smoke else (14, 2, 64)  # the 0.5B draft's heads
         out = []
-        for B, ctx in ((1, 64), (4, 200)) if self.smoke else ((1, 512), (8, 2048), (32, 2048)):
+        for B, ctx in ((1, 64), (4, 200)) if self.smoke else ((1, 512), (1, 2048), (8, 2048), (32, 2048)):
             L = ctx + 8
             g = torch.Generator(device=self.device).manual_seed(0)
             kc = torch.randn(B, Hkv, L, D, device=self.device, dtype=self.dtype, generator=g)
@@ -207,13 +207,17 @@ class Suite:
             rows = torch.arange(B, device=self.device)
             start = torch.full((B,), ctx - 1, device=self.device, dtype=torch.long)
             one = torch.ones(B, device=self.device, dtype=torch.long)
-            fn = lambda: cache_attention_triton(q, kc, vc, rows, start, one)  # noqa: E731
-            err = (fn().float() - cache_attention_reference(q, kc, vc, rows, start, one).float()).abs().max().item()
-            med = kb.time_ms(torch, fn, self.device, timing)[0]
-            nbytes = 2 * B * Hkv * ctx * D * kc.element_size()
-            out.append(dict(kernel="cache_attention", dtype=str(self.dtype).removeprefix("torch."), rows=B, context=ctx,
-                            ms=med, us=med * 1e3, gbps=nbytes / (med * 1e-3) / 1e9, max_abs_err=err,
-                            pct_of_bound=100 * nbytes / (self.peak * 1e9) * 1e3 / med if self.peak else None))
+            want = cache_attention_reference(q, kc, vc, rows, start, one).float()
+            auto = num_splits(B * Hkv, L, 64, q.device)
+            for splits in sorted({1, auto, 2 if self.smoke else auto}):  # single pass vs split-K (the smoke run: 2)
+                fn = lambda: cache_attention_triton(q, kc, vc, rows, start, one, splits=splits)  # noqa: E731
+                err = (fn().float() - want).abs().max().item()
+                med = kb.time_ms(torch, fn, self.device, timing)[0]
+                nbytes = 2 * B * Hkv * ctx * D * kc.element_size()
+                out.append(dict(kernel="cache_attention", dtype=str(self.dtype).removeprefix("torch."), rows=B,
+                                context=ctx, splits=splits, auto_splits=auto, ms=med, us=med * 1e3,
+                                gbps=nbytes / (med * 1e-3) / 1e9, max_abs_err=err,
+                                pct_of_bound=100 * nbytes / (self.peak * 1e9) * 1e3 / med if self.peak else None))
         return out
 
     def runner_steps(self) -> dict:

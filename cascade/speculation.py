@@ -20,6 +20,11 @@ The model, per batch-size bucket (powers of two), from the rounds it has seen:
   price of a round that is only a little slower (exploring the far end, k = policy's k when 0 is best,
   would cost a whole slow round each time);
 - the rest of a round (scheduling, kernels, reads) costs ``o`` (EWMA);
+- once a block length has run in steady rounds (no prompt prefill, no catch-up), its measured round time
+  (EWMA per k) replaces the sum of the parts: the parts miss costs that grow with k (the confidence and
+  verify statistics over the vocabulary, the draft's pending pass at k = 1, attention over a longer
+  context than a profile's), which made k = 1 look faster than k = 0 under load where it was 2x dearer;
+  a k > 0 not measured yet has its parts scaled by measured / parts at the nearest measured k > 0;
 - a drafted token is accepted with probability ``alpha``, so a block of k yields
   ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens per request (Leviathan et al. 2023). ``alpha`` is the
   accepted share of verified positions, exponentially weighted, with an optimistic prior (0.8 over 20
@@ -27,8 +32,8 @@ The model, per batch-size bucket (powers of two), from the rounds it has seen:
   open with tokens the draft words differently) must not switch speculation off for good; a draft that
   really is poor is measured as such within a few blocks.
 
-The expected rate of k is ``B * tokens(k) / (o + k * d + a + b * B * (k + 1))``; for k = 0 it is
-``B / (o + a + b * B)``.
+The expected rate of k is ``B * tokens(k) / (o + k * d + a + b * B * (k + 1))`` (or over its measured round
+time); for k = 0 it is ``B / (o + a + b * B)``.
 
 Rounds without drafting leave the draft behind: its cache lacks every token since it last ran, and the
 first round that drafts again must feed them all (a catch-up of ``L`` positions over the batch). Under
@@ -124,6 +129,7 @@ class _Bucket:
     last_explored: int = 0  # the round of the last exploration
     explore_up: bool = False  # the direction of the next one
     profiled: bool = False  # seeded by a start-up profile (``profile_pair``): no warm-up rounds
+    round_s: dict[int, float] = field(default_factory=dict)  # k -> EWMA seconds of its steady rounds
 
 
 class BlockLengthController:
@@ -193,15 +199,34 @@ class BlockLengthController:
         once by the first round that drafts, spread over the rounds left (``remaining``: the requests'
         mean remaining tokens; None: one round)."""
         b = self._bucket(batch)
-        t = b.target.predict(batch * (k + 1))
-        if t is None or (b.overhead_s is None and not b.profiled) or (k > 0 and b.draft_step_s is None):
+        cost = self._round_cost(b, batch, k)
+        if cost is None:
             return None
         tokens = 1.0 if k == 0 else _block_tokens(self.alpha, k)
-        cost = (b.overhead_s or 0.0) + t + (k * b.draft_step_s if k > 0 else 0.0)
         if k > 0 and catch_up > 0:
             rounds = max(1.0, (remaining or tokens) / tokens)
             cost += self.catch_up_s(batch, catch_up) / rounds
         return batch * tokens / max(cost, 1e-9)
+
+    def _parts_cost(self, b: _Bucket, batch: int, k: int) -> float | None:
+        """Seconds of a steady round at k as the sum of its parts (overhead, target pass, draft steps)."""
+        t = b.target.predict(batch * (k + 1))
+        if t is None or (b.overhead_s is None and not b.profiled) or (k > 0 and b.draft_step_s is None):
+            return None
+        return (b.overhead_s or 0.0) + t + (k * b.draft_step_s if k > 0 else 0.0)
+
+    def _round_cost(self, b: _Bucket, batch: int, k: int) -> float | None:
+        """Seconds of a steady round at k: measured where k has run, else the parts' sum, scaled for k > 0
+        by measured / parts at the nearest measured k > 0 (the costs the parts miss grow with k too)."""
+        if k in b.round_s:
+            return b.round_s[k]
+        parts = self._parts_cost(b, batch, k)
+        measured = [j for j in b.round_s if j > 0]
+        if parts is None or k == 0 or not measured:
+            return parts
+        near = min(measured, key=lambda j: (abs(j - k), j))
+        near_parts = self._parts_cost(b, batch, near)
+        return parts * b.round_s[near] / near_parts if near_parts else parts
 
     def choose(self, batch: int, k_max: int, catch_up: int = 0, remaining: float | None = None) -> int:
         """The block length for this round, in 0 .. k_max. ``catch_up``: positions the draft's cache lacks
@@ -244,6 +269,9 @@ class BlockLengthController:
         if decode_steps > 0 and decode_s > 0:
             b.draft_step_s = _ewma(b.draft_step_s, decode_s / decode_steps, self.decay)
         b.overhead_s = _ewma(b.overhead_s, max(0.0, total_s - draft_s - target_s), self.decay)
+        steady_draft = fed_positions <= 2 * batch if k > 0 else fed_positions == 0
+        if 0 < target_positions <= batch * (k + 2) and steady_draft and total_s > 0:
+            b.round_s[k] = _ewma(b.round_s.get(k), total_s, self.decay)
         if verified > 0:
             self._accepted = self.ALPHA_DECAY * self._accepted + accepted
             self._verified = self.ALPHA_DECAY * self._verified + verified

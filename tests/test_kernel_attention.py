@@ -1,7 +1,8 @@
 """The cache attention kernel (``cascade.kernels.attention``) against its torch reference, through the
 Triton interpreter, for every dtype and shape branch (GQA group 1 / a power of two / a padded odd group,
 head dims 64 and 128 and a padded 48, one query slot and several, padding slots, rows longer than one key
-tile); and the reference against plain masked SDPA over each row's live keys."""
+tile); the split-K launch (key ranges per row combined by a second kernel) likewise, with ranges past a
+row's keys; and the reference against plain masked SDPA over each row's live keys."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade.kernels.attention import cache_attention_reference, cache_attention_triton
+from cascade.kernels.attention import cache_attention_reference, cache_attention_triton, num_splits
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -55,6 +56,36 @@ def test_kernel_is_exact_at_tile_edges(block_l):
     args = case(2, 3, 4, 2, 64, L=block_l * 2 + 1)
     torch.testing.assert_close(cache_attention_triton(*args, block_l=block_l), cache_attention_reference(*args),
                                atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}n{}H{}kv{}D{}".format(*s))
+def test_split_kernel_equals_reference(shape, splits):
+    # L = 150 with 16-position tiles: 2 splits are ranges of 80 + 70 keys, 3 of 64 + 64 + 22, 7 of 32 (the last
+    # 22); rows start anywhere, so many ranges lie past a row's keys and padding slots meet every split
+    args = case(*shape)
+    want = cache_attention_reference(*args)
+    got = cache_attention_triton(*args, block_l=16, splits=splits)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for b in range(shape[0]):
+        assert torch.count_nonzero(got[b, args[5][b]:]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_kernel_in_half_precision(dtype):
+    args = case(4, 1, 14, 2, 64, L=300, dtype=dtype)
+    torch.testing.assert_close(cache_attention_triton(*args, splits=4).float(),
+                               cache_attention_reference(*args).float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_split_count_is_static_and_bounded():
+    assert num_splits(2, 2048, 64, torch.device("cpu")) == 1  # off CUDA the single-pass kernel runs
+    args = case(2, 1, 4, 2, 64, L=100)
+    # more splits than key tiles: capped at one range per tile, same result
+    torch.testing.assert_close(cache_attention_triton(*args, block_l=64, splits=50), cache_attention_reference(*args),
+                               atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="splits"):
+        cache_attention_triton(*args, splits=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}n{}H{}kv{}D{}".format(*s))

@@ -22,10 +22,11 @@ def feed(ctrl, batch, k_max, *, draft_step, target_fixed, target_per_position, a
         chosen.append(k)
         positions = batch * (k + 1)
         target = target_fixed + target_per_position * positions
-        draft = draft_step * k
-        ctrl.observe(batch=batch, k=k, draft_s=draft + 0.5 * (k > 0), decode_s=draft_step * max(0, k - 1),
+        draft = draft_step * k  # in steady state the pending pass (one position a row) costs a step too
+        ctrl.observe(batch=batch, k=k, draft_s=draft, decode_s=draft_step * max(0, k - 1),
                      decode_steps=max(0, k - 1), target_s=target, target_positions=positions,
-                     total_s=draft + 0.5 * (k > 0) + target + 0.001, accepted=int(alpha * 100 * k), verified=100 * k)
+                     total_s=draft + target + 0.001, accepted=int(alpha * 100 * k), verified=100 * k,
+                     fed_positions=batch if k > 0 else 0, fed_s=draft_step if k > 0 else 0.0)
     return chosen
 
 
@@ -197,3 +198,25 @@ def test_engine_profile_then_speculative_stays_lossless_and_errors_are_named(tin
     c.engine.add_request("queued", [1, 2, 3], SamplingParams(max_tokens=4), parse_policy("speculative"))
     with pytest.raises(RuntimeError, match="before the first request"):
         c.engine.profile_speculation()
+
+
+def test_measured_round_times_overrule_the_parts_model():
+    # the parts (draft step, target fit, overhead of k = 0 rounds) say k = 1 wins at batch 16, but rounds at
+    # k = 1 carry a cost the parts miss (here 0.3 s of per-position work outside both passes): once measured,
+    # k = 0 is chosen, and it stays so through later explorations
+    ctrl = BlockLengthController(explore_every=4)
+    ctrl.seed(16, draft_step_s=0.05, target_points=[(16, 0.30), (32, 0.35), (96, 0.6)],
+              draft_pass_points=[(16, 0.05), (128, 0.2)])
+    for _ in range(3):
+        ctrl.observe(batch=16, k=0, draft_s=0.0, decode_s=0.0, decode_steps=0, target_s=0.30, target_positions=16,
+                     total_s=0.305, accepted=0, verified=0)
+    assert ctrl.expected_rate(16, 1) > ctrl.expected_rate(16, 0)
+    ctrl.observe(batch=16, k=1, draft_s=0.05, decode_s=0.0, decode_steps=0, target_s=0.35, target_positions=32,
+                 total_s=0.05 + 0.35 + 0.3, accepted=14, verified=16, fed_positions=16, fed_s=0.05)
+    assert ctrl.expected_rate(16, 1) < ctrl.expected_rate(16, 0)
+    assert ctrl.choose(16, 5) == 0
+    # a round that caught up (a long pending pass) or prefilled is not a steady sample of its k
+    before = ctrl._bucket(16).round_s[1]
+    ctrl.observe(batch=16, k=1, draft_s=2.0, decode_s=0.0, decode_steps=0, target_s=0.35, target_positions=32,
+                 total_s=2.7, accepted=14, verified=16, fed_positions=16 * 40, fed_s=2.0)
+    assert ctrl._bucket(16).round_s[1] == before

@@ -14,7 +14,9 @@ captured step's attention costs what the live context costs, and no K / V is cop
 
 One program per (batch entry, query slot, KV head); it walks the key tiles of ``BLOCK_L`` positions with
 an online softmax (running max ``m``, running sum ``s``, running output ``acc`` per query head), fp32 math,
-K / V read in the cache's dtype. ``cache_attention_reference`` is the torch implementation of the same
+K / V read in the cache's dtype. Where that gives too few programs to fill a GPU (batch 1, a long
+context), the keys are split into ranges, one program each, and a second kernel combines the partial
+softmaxes (split-K, ``num_splits``); both kernels share one online-softmax body (``_attend``). ``cache_attention_reference`` is the torch implementation of the same
 semantics (the CPU path, and what the tests compare the kernel with under ``TRITON_INTERPRET=1``).
 """
 
@@ -33,6 +35,32 @@ except ImportError:  # pragma: no cover - exercised on triton-less installs
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend(q, k_ptr, v_ptr, base, lo, hi, d_idx, d_ok,
+                G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Online softmax of ``q [G_PAD, D_PAD]`` (pre-scaled, fp32) over keys ``lo .. hi - 1`` of one cache row
+        and KV head (``base``: its offset). Returns the running max ``m [G_PAD]``, sum ``s [G_PAD]`` and
+        unnormalised output ``acc [G_PAD, D_PAD]``; an empty range gives m = -inf, s = 0, acc = 0."""
+        m = tl.full((G_PAD,), float("-inf"), tl.float32)
+        s = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        for l0 in range(lo, hi, BLOCK_L):
+            l_idx = l0 + tl.arange(0, BLOCK_L)
+            l_ok = l_idx < hi
+            kv_off = base + l_idx[:, None] * D + d_idx[None, :]
+            kv_mask = l_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_L, D_PAD]
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G_PAD, BLOCK_L]
+            scores = tl.where(l_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            s = s * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        return m, s, acc
 
     @triton.jit
     def _cache_attention_kernel(
@@ -58,29 +86,70 @@ if triton is not None:
             row = tl.load(rows_ptr + b)
             end = tl.load(start_ptr + b) + t + 1  # keys 0 .. end - 1
             q = tl.load(q_ptr + q_off, mask=out_mask, other=0.0).to(tl.float32) * scale  # [G_PAD, D_PAD]
-            m = tl.full((G_PAD,), float("-inf"), tl.float32)
-            s = tl.zeros((G_PAD,), tl.float32)
-            acc = tl.zeros((G_PAD, D_PAD), tl.float32)
-            base = (row * Hkv + kvh) * L * D
-            for l0 in range(0, end, BLOCK_L):
-                l_idx = l0 + tl.arange(0, BLOCK_L)
-                l_ok = l_idx < end
-                kv_off = base + l_idx[:, None] * D + d_idx[None, :]
-                kv_mask = l_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_L, D_PAD]
-                v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-                scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G_PAD, BLOCK_L]
-                scores = tl.where(l_ok[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(scores - m_new[:, None])
-                s = s * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-                m = m_new
+            m, s, acc = _attend(q, k_ptr, v_ptr, (row * Hkv + kvh) * L * D, 0, end, d_idx, d_ok,
+                                G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=BLOCK_L)
             out = acc / s[:, None]
         else:
             out = tl.zeros((G_PAD, D_PAD), tl.float32)
         tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _cache_attention_split_kernel(
+        q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, nvalid_ptr,  # as _cache_attention_kernel
+        m_ptr, s_ptr,  # [B * n * H, S] fp32: each split's running max and sum
+        acc_ptr,  # [B * n * H, S, D] fp32: each split's unnormalised output
+        n, H, Hkv, L, scale, S, CHUNK,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        bt = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)  # this program's split: keys sp * CHUNK .. (sp + 1) * CHUNK - 1
+        b = bt // n
+        t = bt % n
+        g_idx = tl.arange(0, G_PAD)
+        d_idx = tl.arange(0, D_PAD)
+        g_ok = g_idx < G
+        d_ok = d_idx < D
+        head = bt * H + kvh * G + g_idx  # [G_PAD]
+        q_off = head[:, None] * D + d_idx[None, :]
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        end = tl.load(start_ptr + b) + t + 1
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, end)
+        if (t < tl.load(nvalid_ptr + b)) & (lo < end):
+            row = tl.load(rows_ptr + b)
+            q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * scale
+            m, s, acc = _attend(q, k_ptr, v_ptr, (row * Hkv + kvh) * L * D, lo, hi, d_idx, d_ok,
+                                G_PAD=G_PAD, D=D, D_PAD=D_PAD, BLOCK_L=BLOCK_L)
+        else:  # a padding slot, or a split past the row's keys: contributes nothing
+            m = tl.full((G_PAD,), float("-inf"), tl.float32)
+            s = tl.zeros((G_PAD,), tl.float32)
+            acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        tl.store(m_ptr + head * S + sp, m, mask=g_ok)
+        tl.store(s_ptr + head * S + sp, s, mask=g_ok)
+        tl.store(acc_ptr + (head[:, None] * S + sp) * D + d_idx[None, :], acc, mask=q_mask)
+
+    @triton.jit
+    def _combine_splits_kernel(
+        m_ptr, s_ptr, acc_ptr,  # the split kernel's partials
+        out_ptr,  # [B, n, H, D] contiguous, q's dtype
+        S, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    ):
+        head = tl.program_id(0)  # (b * n + t) * H + h
+        sp = tl.arange(0, S_PAD)
+        s_ok = sp < S
+        d_idx = tl.arange(0, D_PAD)
+        d_ok = d_idx < D
+        m = tl.load(m_ptr + head * S + sp, mask=s_ok, other=float("-inf"))
+        s = tl.load(s_ptr + head * S + sp, mask=s_ok, other=0.0)
+        acc = tl.load(acc_ptr + (head * S + sp[:, None]) * D + d_idx[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                      other=0.0)  # [S_PAD, D_PAD]
+        m_all = tl.max(m, axis=0)
+        m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # a padding slot has no keys at all: no inf - inf
+        w = tl.exp(m - m_all)  # each split's weight; exp(-inf) = 0 for empty ones
+        total = tl.sum(w * s, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)  # a padding slot: zeros
+        tl.store(out_ptr + head * D + d_idx, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _check(q, k_cache, v_cache, rows, start, n_valid):
@@ -95,20 +164,50 @@ def _check(q, k_cache, v_cache, rows, start, n_valid):
             raise ValueError(f"{name} must be [{B}], got {tuple(x.shape)}")
 
 
+def num_splits(programs: int, L: int, block_l: int, device: torch.device) -> int:
+    """How many key ranges a row is split into (flash-decoding): enough programs to fill the device (twice
+    its streaming multiprocessors) when the batch alone does not, at most one per key tile; 1 off CUDA.
+    Depends on static shapes only, so a captured graph keeps its split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(math.ceil(L / block_l), math.ceil(2 * sms / max(1, programs))))
+
+
 def cache_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
-                           start: torch.Tensor, n_valid: torch.Tensor, *, block_l: int = 64) -> torch.Tensor:
+                           start: torch.Tensor, n_valid: torch.Tensor, *, block_l: int = 64,
+                           splits: int | None = None) -> torch.Tensor:
     """The kernel's launcher (no host sync: every size it reads from the batch lives on the device).
-    q: [B, n, H, D]; caches: [R, Hkv, L, D]; rows, start, n_valid: [B] int64 -> [B, n, H, D] in q's dtype."""
+    q: [B, n, H, D]; caches: [R, Hkv, L, D]; rows, start, n_valid: [B] int64 -> [B, n, H, D] in q's dtype.
+
+    ``splits``: key ranges per row (None: ``num_splits``). With more than one, each (slot, KV head, range)
+    is a program writing a partial softmax, and a second kernel combines them (split-K, as flash-decoding
+    does): at batch 1 a decode step has only ``Hkv`` programs otherwise, which leaves most of a GPU idle
+    on a long context. Each range is ``CHUNK`` positions, a multiple of ``block_l``; ranges past a row's
+    length cost a store."""
     _check(q, k_cache, v_cache, rows, start, n_valid)
     B, n, H, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     q = q.contiguous()
     out = torch.empty_like(q)
-    _cache_attention_kernel[(B * n, Hkv)](
-        q, k_cache, v_cache, rows, start, n_valid, out, n, H, Hkv, L, 1.0 / math.sqrt(D),
-        G=G, G_PAD=max(triton.next_power_of_2(G), 1), D=D, D_PAD=triton.next_power_of_2(D), BLOCK_L=block_l,
-    )
+    consts = dict(G=G, G_PAD=max(triton.next_power_of_2(G), 1), D=D, D_PAD=triton.next_power_of_2(D), BLOCK_L=block_l)
+    splits = num_splits(B * n * Hkv, L, block_l, q.device) if splits is None else splits
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    chunk = math.ceil(math.ceil(L / splits) / block_l) * block_l
+    splits = math.ceil(L / chunk)  # no empty trailing range
+    if splits == 1:
+        _cache_attention_kernel[(B * n, Hkv)](q, k_cache, v_cache, rows, start, n_valid, out, n, H, Hkv, L,
+                                              1.0 / math.sqrt(D), **consts)
+        return out
+    m = torch.empty(B * n * H, splits, device=q.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    acc = torch.empty(B * n * H, splits, D, device=q.device, dtype=torch.float32)
+    _cache_attention_split_kernel[(B * n, Hkv, splits)](q, k_cache, v_cache, rows, start, n_valid, m, s, acc, n, H,
+                                                        Hkv, L, 1.0 / math.sqrt(D), splits, chunk, **consts)
+    _combine_splits_kernel[(B * n * H,)](m, s, acc, out, splits, D=D, D_PAD=consts["D_PAD"],
+                                         S_PAD=triton.next_power_of_2(splits))
     return out
 
 
