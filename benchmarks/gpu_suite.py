@@ -245,9 +245,16 @@ class Suite:
                             r.forward_span(rows, spans)
                             r.truncate(rows, [ctx] * batch)
 
+                        def block():  # the draft's greedy block at k = 5: 4 steps fed their argmax
+                            r.decode_loop(rows_t, ids, 4)
+                            r.truncate(rows, [ctx] * batch)
+
                         step_ms, span_ms = self.timed_ms(step, reps), self.timed_ms(verify, reps)
+                        loop_ms = self.timed_ms(block, reps)
                         out.append(dict(shape=shape, mode=mode, batch=batch, context=ctx, step_ms=step_ms,
-                                        verify6_ms=span_ms, weight_read_ms=bound,
+                                        verify6_ms=span_ms, greedy_loop4_ms=loop_ms,
+                                        loop_over_4_steps=loop_ms / (4 * step_ms) if step_ms else None,
+                                        weight_read_ms=bound,
                                         step_over_bound=step_ms / bound if bound else None,
                                         params=r.num_params, dtype=str(r.dtype).removeprefix("torch.")))
                 del r

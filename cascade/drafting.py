@@ -20,7 +20,7 @@ from cascade.acceptance import Block, group_by_policy, natural_logprob
 from cascade.confidence import confidence_stats
 from cascade.policies import BlockConfidence
 from cascade.round import segment_starts, settle_trigger
-from cascade.sampling import filter_logits, sample, top_lists, top_logprobs
+from cascade.sampling import filter_logits, needs_filter, sample, top_lists, top_logprobs
 from cascade.scheduler import Sequence
 from cascade.speculation import RoundClock
 
@@ -32,7 +32,8 @@ class DraftSteps:
     def _draft(self, seqs: list[Sequence], k_round: int | None = None, clock: RoundClock | None = None) -> _Drafted:
         """Draft every sequence's block on the device: one ragged pass over the pending tokens, then one
         batched ``decode`` per further position, each fed the tokens the previous step sampled (device
-        tensors: no host read between steps). Every sequence drafts its full block length here; where its
+        tensors: no host read between steps); where every step is a plain argmax, those decodes are one
+        ``decode_loop`` call (one CUDA graph for the whole block). Every sequence drafts its full block length here; where its
         block ends (an EOS, a policy's ``stop_drafting``, a stop string) is settled after it, with the
         trigger (``_settle_blocks``), and positions past it are discarded."""
         t0 = time.perf_counter()
@@ -50,7 +51,8 @@ class DraftSteps:
         step_logits: list[torch.Tensor] = []  # per step: [A_j, V] filtered logits the tokens were drawn from
         step_tokens: list[torch.Tensor] = []  # per step: [A_j] int64 on the device
         active = list(range(len(seqs)))
-        for j in range(max(ks)):
+        loop_steps = self._greedy_loop_steps(seqs, ks)  # > 0: steps 1 .. k - 1 run as one greedy loop below
+        for j in range(1 if loop_steps else max(ks)):
             if j > 0:
                 slot = {i: a for a, i in enumerate(active)}
                 active = [i for i in active if ks[i] > j]
@@ -66,6 +68,14 @@ class DraftSteps:
             step_tokens.append(sample(filtered, params, [seqs[i].rng for i in active]))
             step_logits.append(filtered)
             step_members.append(active)
+        if loop_steps:  # every step a plain argmax: the rest of the block in one runner call (one graph)
+            loop_logits, loop_tokens = self.draft.decode_loop(rows, step_tokens[0], loop_steps, self.vocab_size)
+            for s in seqs:
+                s.draft_len += loop_steps
+            for j in range(loop_steps):
+                step_logits.append(self._vocab(loop_logits[j]).float())  # [B, V]
+                step_tokens.append(loop_tokens[j])
+                step_members.append(active)
         # the drafted positions, sequence-major: sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
         where = {(i, j): base + a for j, (base, members) in enumerate(zip(segment_starts([len(m) for m in step_members]), step_members))
                  for a, i in enumerate(members)}
@@ -77,6 +87,18 @@ class DraftSteps:
             clock.mark("draft_steps_done")
         self.stats.time_draft_s += time.perf_counter() - t0
         return drafted
+
+    def _greedy_loop_steps(self, seqs: list[Sequence], ks: list[int]) -> int:
+        """The steps after the first that the draft can run as one greedy loop (``decode_loop``), or 0:
+        only when every sequence drafts the same k >= 2 and every step is a plain argmax (greedy, no
+        logit processing at any of the block's positions), so the loop's tokens are exactly what the
+        step-by-step path would sample."""
+        if getattr(self.draft, "decode_loop", None) is None or not seqs or min(ks) != max(ks) or ks[0] < 2:
+            return 0
+        for s in seqs:
+            if not s.params.greedy or needs_filter(s.params, s.num_emitted + 1, self.eos_token_ids):
+                return 0
+        return ks[0] - 1
 
     def _completes_stop(self, s: Sequence, extra: Seq[int] = ()) -> bool:
         """Does the text of the output (followed by ``extra`` tokens) hold a stop string? Only the last few

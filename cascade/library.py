@@ -33,6 +33,9 @@ Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
 Prompt = Union[str, Sequence[Message], Sequence[int]]
 
 
+DRAFT_GRAPH_LOOPS = (1, 2, 3, 4)  # greedy draft blocks captured at start-up (k - 1 steps: k = 2 .. 5, the default k's range)
+
+
 @dataclass
 class GenerationResult:
     """One request's answer: text, token ids, who decided each token, and its cascade stats."""
@@ -111,7 +114,8 @@ class Cascade:
                               exact_verify=exact_verify, adaptive_k=adaptive_k)
         device, dtype = config.device, config.dtype  # "auto" resolved: CUDA when present, dtype per device
         draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
-        draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
+        draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
+                                                   graph_loops=DRAFT_GRAPH_LOOPS)
         in_vllm = target is not None and str(target).startswith("vllm:")
         target_name = str(target).removeprefix("vllm:") if target is not None else None
         if target_url is None or target_name is not None:

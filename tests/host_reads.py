@@ -58,6 +58,11 @@ class CountingRunner:
             ids = ids.as_subclass(torch.Tensor) if isinstance(ids, torch.Tensor) else ids
         return self._r.decode(rows, ids).as_subclass(DeviceTensor)
 
+    def decode_loop(self, rows, ids, steps, vocab=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            ids = ids.as_subclass(torch.Tensor) if isinstance(ids, torch.Tensor) else ids
+        return tuple(t.as_subclass(DeviceTensor) for t in self._r.decode_loop(rows, ids, steps, vocab))
+
 
 def counted_fetch(real_fetch, calls: list[int]):
     """Wrap ``cascade.host.fetch``: count its calls, and do not count its own reads as strays."""

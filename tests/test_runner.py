@@ -293,6 +293,38 @@ def test_static_steps_match_eager(qwen, monkeypatch):
     assert a.lengths([2]) == [40]
 
 
+@pytest.mark.parametrize("mode", ["eager", "uncaptured"])
+def test_greedy_decode_loop_equals_decodes_fed_their_argmax(qwen, mode):
+    """``decode_loop`` (the draft's greedy block; one CUDA graph per batch bucket and step count) against
+    ``decode`` calls fed their own argmax, on a padded batch bucket (3 rows of 4) in the static path; the
+    argmax stays inside ``vocab`` even where a padding column would win."""
+    _, path = qwen
+    kw = {"cuda_graphs": "uncaptured", "graph_loops": (3,)} if mode == "uncaptured" else {}
+    a, b = fresh(path, **kw), fresh(path)
+    for r in (a, b):
+        r.forward_span([0, 2, 3], [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    first = torch.tensor([5, 6, 7])
+    logits, tokens = a.decode_loop([0, 2, 3], first, 4)
+    assert logits.shape == (4, 3, a.vocab_size) and tokens.shape == (4, 3)
+    cur = first
+    for j in range(4):
+        want = b.decode(torch.tensor([0, 2, 3]), cur)
+        assert maxdiff(logits[j], want) < 1e-5
+        cur = want.argmax(dim=-1)
+        assert tokens[j].tolist() == cur.tolist()
+    assert a.lengths([0, 1, 2, 3]) == b.lengths([0, 1, 2, 3]) == [7, 0, 6, 8]
+    # a vocab limit: the argmax is taken over ids < vocab only
+    vocab = 7
+    logits, tokens = a.decode_loop([1], torch.tensor([3]), 2, vocab=vocab)
+    assert int(tokens.max()) < vocab and tokens[0].item() == logits[0, 0, :vocab].argmax().item()
+    with pytest.raises(ValueError, match="steps"):
+        a.decode_loop([1], torch.tensor([3]), 0)
+    with pytest.raises(ValueError, match="vocab"):
+        a.decode_loop([1], torch.tensor([3]), 1, vocab=a.vocab_size + 1)
+    with pytest.raises(ValueError, match="max_len"):
+        a.decode_loop([3], torch.tensor([3]), 40)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_static_steps_match_eager_with_either_attention_backend(qwen, monkeypatch, backend):
     """The same through the Triton cache attention kernel (interpreter) as on CUDA, and its reference."""

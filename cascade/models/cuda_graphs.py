@@ -8,6 +8,9 @@ with token 0 and a per-row count of valid slots, so each graph sees static shape
 everything it needs from device tensors (rows, ids, valid counts, the runner's device lengths) and never
 syncs with the host, so replay is a copy into the static inputs plus ``graph.replay()``.
 
+The draft's greedy block (``greedy_loop``: ``steps`` one-token steps, each fed the previous one's argmax)
+is one more graph per (batch bucket, steps), so a k-token block is one replay instead of k - 1.
+
 Graphs are captured at start-up for every configured bucket (``capture_all``; a bucket first met later is
 captured then). Capture runs the step on scratch-row-only inputs, so warm-up and capture leave every real
 row untouched. With ``capture=False`` the same padded static step runs eagerly, on any device: the CPU tests
@@ -60,7 +63,7 @@ class GraphedSteps:
         self.rows_buf = torch.full((max_rows,), scratch_row, dtype=torch.long, device=device)
         self.ids_buf = torch.zeros(max_rows, nmax, dtype=torch.long, device=device)
         self.valid_buf = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (b, n) steps, ("loop", b, steps, vocab)
         self.pool = None
 
     @property
@@ -75,6 +78,11 @@ class GraphedSteps:
 
     def _capture(self, b: int, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         rows, ids, valid = self._inputs(b, n)
+        return self._capture_call(b, n, lambda: self.step(rows, ids, valid))
+
+    def _capture_call(self, b: int, n: int, fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm ``fn`` up on a side stream and capture it, on scratch-row-only inputs of bucket (b, n)."""
+        rows, ids, valid = self._inputs(b, n)
         rows.fill_(self.scratch_row)
         ids.zero_()
         valid.fill_(n)
@@ -82,32 +90,72 @@ class GraphedSteps:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.step(rows, ids, valid)
+                fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(rows, ids, valid)
+            out = fn()
         torch.cuda.synchronize(self.device)
         return graph, out
 
-    def capture_all(self) -> None:
-        """Capture every (batch bucket, token bucket) now; a no-op when ``capture`` is off."""
+    def capture_all(self, loop_steps: Sequence[int] = (), vocab: int | None = None) -> None:
+        """Capture every (batch bucket, token bucket) now, and the greedy loops of ``loop_steps`` steps for
+        every batch bucket (argmax over the first ``vocab`` ids); a no-op when ``capture`` is off."""
         if not self.capture:
             return
         with torch.inference_mode():  # as the runner's calls that replay them
-            self._capture_missing()
+            for n in self.token_buckets:
+                for b in self.batch_buckets:
+                    if (b, n) not in self.graphs:
+                        self.graphs[(b, n)] = self._capture(b, n)
+            if vocab is not None:
+                for steps in loop_steps:
+                    for b in self.batch_buckets:
+                        self._loop_graph(b, int(steps), vocab)
 
-    def _capture_missing(self) -> None:
-        for n in self.token_buckets:
-            for b in self.batch_buckets:
-                if (b, n) not in self.graphs:
-                    self.graphs[(b, n)] = self._capture(b, n)
+    def _loop_body(self, b: int, steps: int, vocab: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """Greedy drafting of ``steps`` one-token steps on the static inputs of batch bucket b: step j is fed
+        the argmax (over ids < vocab) of step j - 1, starting from ``ids_buf[:b, 0]``."""
+        rows, ids, valid = self._inputs(b, 1)
 
-    def __call__(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            cur, logits, tokens = ids, [], []
+            for _ in range(steps):
+                out = self.step(rows, cur, valid)[:, 0]  # [b, V]
+                tok = out[:, :vocab].argmax(dim=-1)  # [b]
+                logits.append(out)
+                tokens.append(tok)
+                cur = tok.view(-1, 1)
+            return torch.stack(logits), torch.stack(tokens)  # [steps, b, V], [steps, b]
+
+        return body
+
+    def _loop_graph(self, b: int, steps: int, vocab: int):
+        key = ("loop", b, steps, vocab)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture_call(b, 1, self._loop_body(b, steps, vocab))
+        return self.graphs[key]
+
+    def greedy_loop(self, rows: torch.Tensor, ids: torch.Tensor, steps: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows [B]`` int64 host, ``ids [B]`` int64 device (the first step's input), ``steps`` >= 1 ->
+        (logits [steps, B, V] float32, tokens [steps, B] int64): step j's logits, and its argmax over ids <
+        vocab, which step j + 1 is fed. Captured, the whole loop is one graph replay: no host work between
+        steps (the draft's k-step block at greedy decoding)."""
+        B = ids.shape[0]
+        b, _ = self.bucket(B, 1)
+        self._fill(rows, ids.view(-1, 1), torch.ones(B, dtype=torch.long, device=self.device), b, 1)
+        if not self.capture:
+            logits, tokens = self._loop_body(b, steps, vocab)()
+            return logits[:, :B], tokens[:, :B]
+        graph, (logits, tokens) = self._loop_graph(b, steps, vocab)
+        graph.replay()
+        return logits[:, :B].clone(), tokens[:, :B].clone()
+
+    def _fill(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor, b: int, n: int) -> None:
+        """Copy a batch into the static inputs of bucket (b, n), padding slots past it."""
         B, n_in = ids.shape
-        b, n = self.bucket(B, n_in)
         self.rows_buf[:B].copy_(rows, non_blocking=True)
         self.rows_buf[B:b].fill_(self.scratch_row)
         self.ids_buf[:B, :n_in].copy_(ids, non_blocking=True)
@@ -115,6 +163,11 @@ class GraphedSteps:
         self.ids_buf[B:b].zero_()
         self.valid_buf[:B].copy_(n_valid, non_blocking=True)
         self.valid_buf[B:b].fill_(1)  # padded slots write position 0 of the scratch row
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        B, n_in = ids.shape
+        b, n = self.bucket(B, n_in)
+        self._fill(rows, ids, n_valid, b, n)
         if not self.capture:
             return self.step(*self._inputs(b, n))[:B, :n_in]
         if (b, n) not in self.graphs:

@@ -140,6 +140,8 @@ class LlamaRunner:
             static steps without capturing them, on any device (tests of the CUDA path's logic on CPU).
         graph_tokens: the token buckets of the static steps (1 = decode; the largest bounds the spans that
             take the static path, longer ones such as prompts run eager).
+        graph_loops: step counts of ``decode_loop`` (the draft's greedy block) captured at start-up for every
+            batch bucket; other counts are captured when first met.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class LlamaRunner:
         linear_impl: str = "auto",
         cuda_graphs: bool | str = True,
         graph_tokens: Sequence[int] = (1, 2, 4, 8, 16),
+        graph_loops: Sequence[int] = (),
     ):
         if _as_int(max_rows) is None or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
@@ -210,7 +213,7 @@ class LlamaRunner:
             tokens = sorted(set(int(n) for n in graph_tokens) | {1})
             self._graphs = GraphedSteps(self._span_static, max_rows, tokens, self.scratch_row, self.device,
                                         capture=cuda_graphs is True)
-            self._graphs.capture_all()
+            self._graphs.capture_all(graph_loops, self.vocab_size)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -540,6 +543,39 @@ class LlamaRunner:
         for r in row_list:
             self._len[r] += 1
         self._sync_len_dev(row_list)
+        return out
+
+    @torch.inference_mode()
+    def decode_loop(self, rows: torch.Tensor | Sequence[int], ids: torch.Tensor, steps: int,
+                    vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy drafting in one call: ``steps`` one-token steps per row, step 0 fed ``ids``, step j > 0 the
+        argmax (over ids < ``vocab``, default all) of step j - 1's logits. ``rows [B]`` int64 (host),
+        ``ids [B]`` int64 (host or device) -> (logits [steps, B, V] float32, tokens [steps, B] int64 on the
+        device), the same as ``steps`` ``decode`` calls with the argmax fed back. With CUDA graphs the whole
+        loop is one graph replay (``GraphedSteps.greedy_loop``); otherwise it is those ``decode`` calls."""
+        row_list = self._check_rows(self._as_list(rows, "rows"))
+        if _as_int(steps) is None or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        vocab = self.vocab_size if vocab is None else int(vocab)
+        if not 1 <= vocab <= self.vocab_size:
+            raise ValueError(f"vocab must be in [1, {self.vocab_size}], got {vocab}")
+        for r in row_list:
+            if self._len[r] + steps > self.max_len:
+                raise ValueError(f"rows: row {r} has length {self._len[r]}, + {steps} steps > max_len {self.max_len}")
+        if self._graphs is None:
+            logits, tokens, cur = [], [], ids
+            for _ in range(steps):
+                out = self.decode(row_list, cur)
+                cur = out[:, :vocab].argmax(dim=-1)
+                logits.append(out)
+                tokens.append(cur)
+            return torch.stack(logits), torch.stack(tokens)
+        if not row_list or tuple(ids.shape) != (len(row_list),):
+            raise ValueError(f"ids must have shape [{len(row_list)}], got {tuple(ids.shape)}")
+        ids_t = ids.to(self.device, torch.long, non_blocking=True)
+        out = self._graphs.greedy_loop(torch.tensor(row_list, dtype=torch.long), ids_t, int(steps), vocab)
+        for r in row_list:  # (the static steps update the device lengths themselves)
+            self._len[r] += steps
         return out
 
     def _span_static(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
