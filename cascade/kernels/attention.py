@@ -63,6 +63,16 @@ if triton is not None:
         return m, s, acc
 
     @triton.jit
+    def _slot(n, H, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """This program's query slot and KV head: (batch entry b, slot t, query heads ``head [G_PAD]`` as flat
+        (b * n + t) * H + h indices, their mask, ``d_idx [D_PAD]`` and its mask)."""
+        bt = tl.program_id(0)  # b * n + t
+        kvh = tl.program_id(1)
+        g_idx = tl.arange(0, G_PAD)
+        d_idx = tl.arange(0, D_PAD)
+        return bt // n, bt % n, bt * H + kvh * G + g_idx, g_idx < G, d_idx, d_idx < D, kvh
+
+    @triton.jit
     def _cache_attention_kernel(
         q_ptr,  # [B, n, H, D] contiguous, any float dtype
         k_ptr, v_ptr,  # [R, Hkv, L, D] contiguous, the cache's dtype
@@ -71,15 +81,8 @@ if triton is not None:
         n, H, Hkv, L, scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        bt = tl.program_id(0)  # b * n + t
-        kvh = tl.program_id(1)
-        b = bt // n
-        t = bt % n
-        g_idx = tl.arange(0, G_PAD)
-        d_idx = tl.arange(0, D_PAD)
-        g_ok = g_idx < G
-        d_ok = d_idx < D
-        q_off = (bt * H + kvh * G + g_idx[:, None]) * D + d_idx[None, :]
+        b, t, head, g_ok, d_idx, d_ok, kvh = _slot(n, H, G, G_PAD, D, D_PAD)
+        q_off = head[:, None] * D + d_idx[None, :]
         out_mask = g_ok[:, None] & d_ok[None, :]
         valid = t < tl.load(nvalid_ptr + b)
         if valid:
@@ -101,16 +104,8 @@ if triton is not None:
         n, H, Hkv, L, scale, S, CHUNK,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        bt = tl.program_id(0)
-        kvh = tl.program_id(1)
+        b, t, head, g_ok, d_idx, d_ok, kvh = _slot(n, H, G, G_PAD, D, D_PAD)
         sp = tl.program_id(2)  # this program's split: keys sp * CHUNK .. (sp + 1) * CHUNK - 1
-        b = bt // n
-        t = bt % n
-        g_idx = tl.arange(0, G_PAD)
-        d_idx = tl.arange(0, D_PAD)
-        g_ok = g_idx < G
-        d_ok = d_idx < D
-        head = bt * H + kvh * G + g_idx  # [G_PAD]
         q_off = head[:, None] * D + d_idx[None, :]
         q_mask = g_ok[:, None] & d_ok[None, :]
         end = tl.load(start_ptr + b) + t + 1
