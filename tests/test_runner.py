@@ -325,6 +325,27 @@ def test_greedy_decode_loop_equals_decodes_fed_their_argmax(qwen, mode):
         a.decode_loop([3], torch.tensor([3]), 40)
 
 
+def test_greedy_decode_loop_vocab_limit_changes_between_calls(qwen):
+    """One loop graph serves any vocab: the argmax mask is reset before each call (uncaptured static path)."""
+    _, path = qwen
+    a, b = fresh(path, cuda_graphs="uncaptured"), fresh(path)
+    for r in (a, b):
+        r.forward_span([0, 1], [[1, 2, 3], [4, 5]])
+
+    def manual(rows, ids, steps, vocab):
+        out, cur = [], ids
+        for _ in range(steps):
+            cur = b.decode(torch.tensor(rows), cur)[:, :vocab].argmax(dim=-1)
+            out.append(cur.tolist())
+        return out
+
+    cur = torch.tensor([5, 6])
+    for vocab in (7, a.vocab_size, 5, a.vocab_size):
+        _, tokens = a.decode_loop([0, 1], cur, 2, vocab=vocab)
+        assert tokens.tolist() == manual([0, 1], cur, 2, vocab)
+        cur = tokens[-1]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_static_steps_match_eager_with_either_attention_backend(qwen, monkeypatch, backend):
     """The same through the Triton cache attention kernel (interpreter) as on CUDA, and its reference."""

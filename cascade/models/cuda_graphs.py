@@ -49,8 +49,13 @@ class GraphedSteps:
     [B, n, V] float32`` (a fresh tensor; slots past a row's ``n_valid`` hold garbage)."""
 
     def __init__(self, step: Step, max_rows: int, token_buckets: Sequence[int], scratch_row: int,
-                 device: torch.device, *, capture: bool = True, warmup: int = 2):
+                 device: torch.device, *, capture: bool = True, warmup: int = 2, width: int | None = None):
+        """width: the logits' width V (needed by ``greedy_loop``)."""
         self.step = step  # (rows [Bb], ids [Bb, nb], n_valid [Bb]) device int64 -> [Bb, nb, V]
+        # greedy_loop's argmax mask [V]: 0 on the ids it may pick, -inf past its vocab (set before each
+        # replay, so one graph serves any vocab)
+        self.loop_mask = torch.zeros(width or 1, dtype=torch.float32, device=device)
+        self._mask_vocab = width
         self.batch_buckets = buckets_for(max_rows)
         self.token_buckets = sorted(set(int(n) for n in token_buckets))
         if not self.token_buckets or self.token_buckets[0] < 1:
@@ -63,7 +68,7 @@ class GraphedSteps:
         self.rows_buf = torch.full((max_rows,), scratch_row, dtype=torch.long, device=device)
         self.ids_buf = torch.zeros(max_rows, nmax, dtype=torch.long, device=device)
         self.valid_buf = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (b, n) steps, ("loop", b, steps, vocab)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (b, n) steps, ("loop", b, steps)
         self.pool = None
 
     @property
@@ -100,9 +105,9 @@ class GraphedSteps:
         torch.cuda.synchronize(self.device)
         return graph, out
 
-    def capture_all(self, loop_steps: Sequence[int] = (), vocab: int | None = None) -> None:
+    def capture_all(self, loop_steps: Sequence[int] = ()) -> None:
         """Capture every (batch bucket, token bucket) now, and the greedy loops of ``loop_steps`` steps for
-        every batch bucket (argmax over the first ``vocab`` ids); a no-op when ``capture`` is off."""
+        every batch bucket; a no-op when ``capture`` is off."""
         if not self.capture:
             return
         with torch.inference_mode():  # as the runner's calls that replay them
@@ -110,21 +115,20 @@ class GraphedSteps:
                 for b in self.batch_buckets:
                     if (b, n) not in self.graphs:
                         self.graphs[(b, n)] = self._capture(b, n)
-            if vocab is not None:
-                for steps in loop_steps:
-                    for b in self.batch_buckets:
-                        self._loop_graph(b, int(steps), vocab)
+            for steps in loop_steps:
+                for b in self.batch_buckets:
+                    self._loop_graph(b, int(steps))
 
-    def _loop_body(self, b: int, steps: int, vocab: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def _loop_body(self, b: int, steps: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """Greedy drafting of ``steps`` one-token steps on the static inputs of batch bucket b: step j is fed
-        the argmax (over ids < vocab) of step j - 1, starting from ``ids_buf[:b, 0]``."""
+        the argmax (under ``loop_mask``) of step j - 1, starting from ``ids_buf[:b, 0]``."""
         rows, ids, valid = self._inputs(b, 1)
 
         def body() -> tuple[torch.Tensor, torch.Tensor]:
             cur, logits, tokens = ids, [], []
             for _ in range(steps):
                 out = self.step(rows, cur, valid)[:, 0]  # [b, V]
-                tok = out[:, :vocab].argmax(dim=-1)  # [b]
+                tok = (out + self.loop_mask).argmax(dim=-1)  # [b]: the first maximum, as a slice's argmax
                 logits.append(out)
                 tokens.append(tok)
                 cur = tok.view(-1, 1)
@@ -132,10 +136,10 @@ class GraphedSteps:
 
         return body
 
-    def _loop_graph(self, b: int, steps: int, vocab: int):
-        key = ("loop", b, steps, vocab)
+    def _loop_graph(self, b: int, steps: int):
+        key = ("loop", b, steps)
         if key not in self.graphs:
-            self.graphs[key] = self._capture_call(b, 1, self._loop_body(b, steps, vocab))
+            self.graphs[key] = self._capture_call(b, 1, self._loop_body(b, steps))
         return self.graphs[key]
 
     def greedy_loop(self, rows: torch.Tensor, ids: torch.Tensor, steps: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +149,17 @@ class GraphedSteps:
         steps (the draft's k-step block at greedy decoding)."""
         B = ids.shape[0]
         b, _ = self.bucket(B, 1)
+        if vocab != self._mask_vocab:
+            if not 1 <= vocab <= self.loop_mask.numel():
+                raise ValueError(f"vocab must be in [1, {self.loop_mask.numel()}], got {vocab}")
+            self.loop_mask.zero_()
+            self.loop_mask[vocab:] = float("-inf")
+            self._mask_vocab = vocab
         self._fill(rows, ids.view(-1, 1), torch.ones(B, dtype=torch.long, device=self.device), b, 1)
         if not self.capture:
-            logits, tokens = self._loop_body(b, steps, vocab)()
+            logits, tokens = self._loop_body(b, steps)()
             return logits[:, :B], tokens[:, :B]
-        graph, (logits, tokens) = self._loop_graph(b, steps, vocab)
+        graph, (logits, tokens) = self._loop_graph(b, steps)
         graph.replay()
         return logits[:, :B].clone(), tokens[:, :B].clone()
 

@@ -212,8 +212,8 @@ class LlamaRunner:
 
             tokens = sorted(set(int(n) for n in graph_tokens) | {1})
             self._graphs = GraphedSteps(self._span_static, max_rows, tokens, self.scratch_row, self.device,
-                                        capture=cuda_graphs is True)
-            self._graphs.capture_all(graph_loops, self.vocab_size)
+                                        capture=cuda_graphs is True, width=self.vocab_size)
+            self._graphs.capture_all(graph_loops)
 
     # ------------------------------------------------------------------ construction
     @classmethod
