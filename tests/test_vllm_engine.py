@@ -8,6 +8,7 @@ Where ``import vllm`` fails these tests are skipped, and the skip says so."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from cascade.config import EngineConfig  # noqa: E402
 from cascade.models.base import TargetUnavailable  # noqa: E402
 from cascade.models.llama import LlamaRunner  # noqa: E402
 from cascade.models.vllm import RemotePolicy, VLLMTargetOptions, in_process_target, remote_target  # noqa: E402
+from cascade.speculation import BlockLengthController  # noqa: E402
 from conftest import build_tiny_checkpoint  # noqa: E402
 from test_server import start_server  # noqa: E402
 from tiny_tokenizer import CharTokenizer  # noqa: E402
@@ -108,6 +110,20 @@ def test_in_process_vllm_greedy_equals_the_in_process_runner(vllm_pair, in_proce
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
         assert g.stats.target_tokens == w.stats.target_tokens
+
+
+def test_speculation_profile_through_a_vllm_target(vllm_pair, in_process):
+    """The start-up profile of dynamic speculation runs through a vLLM target's rows like any runner's, and
+    leaves nothing behind: greedy speculative afterwards still equals the local pair's target-only."""
+    c = with_target(vllm_pair, in_process)
+    c.engine.config = dataclasses.replace(c.engine.config, adaptive_k=True)
+    c.engine.block_controller = BlockLengthController()
+    figures = c.engine.profile_speculation(k=3, context=8)
+    assert sorted(figures) == [1, 2, 4] and all(f["target_pass"][1][1] > 0 for f in figures.values())
+    params = SamplingParams(max_tokens=24)
+    want = local(vllm_pair).generate(PROMPTS, params, policy="target-only")
+    got = c.generate(PROMPTS, params, policy="speculative")
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
 def test_in_process_vllm_reads_the_prefix_cache(vllm_pair, in_process):
