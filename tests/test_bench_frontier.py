@@ -18,11 +18,12 @@ from cascade.bench.sweeps import quantile_taus
 from test_bench_report import _synthetic
 
 
-def rec(i, correct, target_tokens, passes, policy, emitted=10):
+def rec(i, correct, target_tokens, passes, policy, emitted=10, prefill=0):
     return RunRecord(dataset="d", problem_id=str(i), policy=policy, correct=float(correct), emitted_tokens=emitted,
                      prompt_tokens=5, draft_tokens=0 if policy == "target-only" else emitted, draft_prefill_tokens=5,
-                     target_tokens=target_tokens, target_prefill_tokens=5 if target_tokens else 0, escalations=passes,
-                     target_passes=passes)
+                     target_tokens=target_tokens, target_prefill_tokens=prefill, escalations=passes,
+                     target_passes=passes)  # by default no prefill charged: these records test selection, where
+    #   target FLOPs are then target tokens / target-only's (the prefill's own test is in test_bench_report)
 
 
 def make_frontier(n=40, seed=0):
@@ -98,7 +99,7 @@ def test_modelled_time_from_runner_cost_figures(tmp_path):
     path.write_text("\n".join(rows) + "\n")
     c = PassCosts.from_runner_cost_csv(path)
     assert (c.draft_step_ms, c.draft_position_ms, c.target_step_ms, c.target_position_ms) == pytest.approx((10, 1, 30, 2))
-    r = rec(0, 1, target_tokens=12, passes=2, policy="x")  # 12 + 5 prompt positions in 2 passes, 10 draft steps
+    r = rec(0, 1, target_tokens=12, passes=2, policy="x", prefill=5)  # 12 + 5 prompt positions in 2 passes, 10 draft steps
     assert c.record_ms(r) == pytest.approx(10 * 10 + 5 * 1 + 2 * 30 + 15 * 2)
 
 

@@ -185,3 +185,23 @@ def test_a_default_that_needs_a_router_falls_back_without_one(tiny_pair_dirs, mo
     assert c.engine.router is None and c.default_policy() == "speculative"
     [r] = c.generate([[1, 2, 3]], None)
     assert r.policy.startswith("speculative")
+
+
+def test_target_flops_count_the_prompt_prefill_of_every_request_the_target_touches():
+    """Ten requests of a 100-token prompt and a 20-token answer. A token-level policy that escalates one
+    block (6 positions, no catch-up) in each of them processes 60 generated positions, 0.25 of target-only's
+    200 generated ones, but it also makes the target prefill all ten prompts: 1060 of target-only's 1200
+    positions. A router that sends two whole requests to the target costs 240 of 1200."""
+    def rec(i, target_tokens, prefill, policy):
+        return RunRecord(dataset="d", problem_id=str(i), policy=policy, correct=1.0, emitted_tokens=20,
+                         prompt_tokens=100, draft_tokens=20, draft_prefill_tokens=100, target_tokens=target_tokens,
+                         target_prefill_tokens=prefill, escalations=1 if target_tokens else 0)
+
+    target = [rec(i, 20, 100, "target-only") for i in range(10)]
+    token_level = [rec(i, 6, 100, "t") for i in range(10)]
+    router = [rec(i, 20, 100, "r") if i < 2 else rec(i, 0, 0, "r") for i in range(10)]
+    assert aggregate("d", "target-only", "c", "real", target, target, 1, 3).target_fraction == 1.0
+    assert aggregate("d", "t", "c", "replay", token_level, target, 1, 3).target_fraction == pytest.approx(1060 / 1200)
+    assert aggregate("d", "r", "c", "derived", router, target, 1, 3).target_fraction == pytest.approx(240 / 1200)
+    # the positions that decided a token stay per emitted token and leave the prompt out
+    assert aggregate("d", "t", "c", "replay", token_level, target, 1, 3).scored_fraction == pytest.approx(60 / 200)

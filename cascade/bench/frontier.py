@@ -9,8 +9,9 @@ goes through the same rule, request-level routers included.
 
 Axes (all as a fraction of what target-only spends on the same problems, so 1 is target-only):
 
-- ``target_fraction``: target positions processed (catch-up, block and bonus) per emitted token: FLOPs,
-  the compute-bound regime (a loaded server, per-token pricing);
+- ``target_fraction``: target positions processed, prompt prefill included (catch-up, block and bonus in
+  the generated region), / target-only's: FLOPs, the compute-bound regime (a loaded server, per-token
+  pricing);
 - ``passes_per_token``: sequential target forward calls per emitted token: the memory-bound regime (a GPU
   at low batch, where a catch-up prefill costs about one decode step);
 - ``scored_fraction``: target positions that decided a token (what Speculative Cascades counts);
@@ -35,7 +36,7 @@ from cascade.bench.runs import RunRecord
 from cascade.bench.scoring import NO_CODE
 
 AXES = {
-    "target_fraction": "target FLOPs (positions incl. catch-up) / target-only",
+    "target_fraction": "target FLOPs (prompt prefill + positions incl. catch-up) / target-only",
     "passes_per_token": "target passes per emitted token",
     "scored_fraction": "target positions that decided a token / emitted tokens",
     "modelled_time": "modelled time / target-only",

@@ -4,8 +4,14 @@ budgets, the CSV and the frontier plot (the dev/test selection and its intervals
 Definitions (DESIGN.md, "Cost accounting"), per dataset, summed over its problems:
 
 - quality: mean score (pass@1 for HumanEval, exact match for GSM8K).
-- target_token_fraction: target-processed generated positions (catch-up + block + bonus positions, or one
-  per target-only step) / emitted tokens. Prompt prefill is counted apart.
+- target_fraction (the target-FLOPs axis): every position the target processed, its prompt prefill
+  included (paid by each request the target touches at all), plus the generated-region positions (catch-up
+  + block + bonus, or one per target-only step), / the same sum of the real target-only run on the same
+  problems, so target-only is 1. Until 2026-12 the axis left the prompt prefill out and divided by the
+  policy's own emitted tokens; that made a policy which escalates a little in many requests look several
+  times cheaper than it is (each such request makes the target prefill its whole prompt), so it favoured
+  token-level policies over request-level routers, which pay the prefill only for the requests they
+  route.
 - relative_cost: FLOPs of both models (2 * params * positions, prompts included) / FLOPs of the real
   target-only run on the same problems, so target-only is exactly 1.
 - target_scored_fraction: target positions that scored a token (block + bonus / replacement positions,
@@ -15,8 +21,8 @@ Definitions (DESIGN.md, "Cost accounting"), per dataset, summed over its problem
 - passes_per_token: sequential target forward calls / emitted tokens (the memory-bound regime).
 - modelled_time: modelled time of both models' passes (``costs.PassCosts``) / target-only's.
 - gap recovered: (Q - Q_draft) / (Q_target - Q_draft), undefined (NaN) when Q_target = Q_draft.
-- gap recovered at budget b: the best quality among a policy's points whose target_token_fraction (or,
-  on the second axis, target_scored_fraction) <= b
+- gap recovered at budget b: the best quality among a policy's points whose target_fraction (or another
+  axis) <= b
   (draft-only, the policy at its most permissive, is always available), so it is a value the user can
   actually get by calibrating; AUC is its mean over budgets 0, 0.01, ..., 1.
 """
@@ -72,6 +78,8 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
     if not records:
         raise ValueError(f"no records for {family} on {dataset}")
     emitted = sum(r.emitted_tokens for r in records)
+    target_positions = sum(r.target_tokens + r.target_prefill_tokens for r in records)
+    target_base = sum(t.target_tokens + t.target_prefill_tokens for t in target_only)
     flops = sum(r.flops(draft_params, target_params) for r in records)
     base = sum(r.flops(draft_params, target_params) for r in target_only)
     time_s = sum(r.time_share_s for r in records)
@@ -81,7 +89,7 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
     return Point(
         dataset=dataset, family=family, config=config, source=source, n=len(records),
         quality=sum(r.correct for r in records) / len(records),
-        target_fraction=sum(r.target_tokens for r in records) / max(1, emitted),
+        target_fraction=target_positions / target_base if target_base else float("nan"),
         scored_fraction=sum(r.scored for r in records) / max(1, emitted),
         relative_cost=flops / base if base else float("nan"),
         passes_per_token=sum(r.passes for r in records) / max(1, emitted),

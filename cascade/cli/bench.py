@@ -30,7 +30,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--real-budget", type=float, default=0.2,
                    help="budget at which each policy's dev choice is also run for real (default: 0.2; negative: skip)")
     b.add_argument("--real-axis", choices=["target", "passes", "scored", "time"], default="target",
-                   help="axis of --real-budget: target = target FLOPs (positions incl. catch-up), passes = target passes "
+                   help="axis of --real-budget: target = target FLOPs (prompt prefill + positions incl. catch-up, / target-only's), passes = target passes "
                         "per token, scored = positions that decided a token, time = modelled time (default: target)")
     b.add_argument("--real-limit", type=int, default=40,
                    help="test problems per dataset for those real runs, the first of the test split (default: 40; 0 = all)")
@@ -55,7 +55,7 @@ def add_parsers(sub) -> None:
                    help="policy families to choose among, e.g. chow or handoff,chow,token-v3,quantile")
     c.add_argument("--budget", type=float, required=True, help="budget on --axis, e.g. 0.2")
     c.add_argument("--axis", choices=["target", "passes", "scored", "time"], default="target",
-                   help="the budget's cost axis: target = target FLOPs (positions incl. catch-up per emitted token), "
+                   help="the budget's cost axis: target = target FLOPs (prompt prefill + positions incl. catch-up, / target-only's), "
                         "passes = target passes per token, scored = positions that decided a token, time = modelled "
                         "time / target-only (default: target)")
     add_dataset_options(c, default_names="gsm8k", limit=40)
