@@ -61,7 +61,8 @@ from cascade.detokenize import extend_text
 from cascade.drafting import DraftSteps
 from cascade.sampling import RequestRng, filter_logits, sample, top_lists, top_logprobs
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
-from cascade.speculation import BlockLengthController, RoundClock, profile_batches, profile_pair
+from cascade.models.cuda_graphs import buckets_for
+from cascade.speculation import BlockLengthController, RoundClock, profile_pair
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Engine(DraftSteps):
             raise ValueError("adaptive_k: dynamic speculation is off (EngineConfig.adaptive_k), nothing to profile")
         if self.scheduler.has_work():
             raise RuntimeError("profile_speculation needs free cache rows: call it before the first request")
-        return profile_pair(self.block_controller, self.draft, self.target, batches=profile_batches(self.max_rows),
+        return profile_pair(self.block_controller, self.draft, self.target, batches=buckets_for(self.max_rows),
                             k=k, vocab_size=self.vocab_size, context=min(context, self.max_len - 2 * k - 4))
 
     def has_work(self) -> bool:

@@ -263,14 +263,16 @@ class BlockLengthController:
         b.last_tried[k] = self.rounds
         if fed_positions > 0 and fed_s > 0:
             b.draft_pass.add(float(fed_positions), fed_s)
-        if 0 < target_positions <= batch * (k + 2) and target_s > 0:  # a steady pass: blocks and pending tokens
-            b.target.add(float(target_positions), target_s)  # only (a prefill's positions, cheaper each,
-            #   would flatten the slope the choice between widths depends on)
+        # a steady target pass: blocks and pending tokens only (a prefill's positions, cheaper each, would
+        # flatten the slope the choice between widths depends on)
+        steady_target = 0 < target_positions <= batch * (k + 2)
+        if steady_target and target_s > 0:
+            b.target.add(float(target_positions), target_s)
         if decode_steps > 0 and decode_s > 0:
             b.draft_step_s = _ewma(b.draft_step_s, decode_s / decode_steps, self.decay)
         b.overhead_s = _ewma(b.overhead_s, max(0.0, total_s - draft_s - target_s), self.decay)
         steady_draft = fed_positions <= 2 * batch if k > 0 else fed_positions == 0
-        if 0 < target_positions <= batch * (k + 2) and steady_draft and total_s > 0:
+        if steady_target and steady_draft and total_s > 0:
             b.round_s[k] = _ewma(b.round_s.get(k), total_s, self.decay)
         if verified > 0:
             self._accepted = self.ALPHA_DECAY * self._accepted + accepted
@@ -281,17 +283,6 @@ def _block_tokens(alpha: float, k: int) -> float:
     """Expected tokens a block of k yields per request (accepted prefix + the replacement / bonus token)."""
     alpha = min(max(alpha, 0.0), 0.999)
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-
-
-def profile_batches(max_rows: int) -> list[int]:
-    """The batch sizes a start-up profile measures: one per bucket (powers of two), the last one capped at
-    ``max_rows``."""
-    out, b = [], 1
-    while True:
-        out.append(min(b, max_rows))
-        if b >= max_rows:
-            return out
-        b *= 2
 
 
 def profile_pair(controller: BlockLengthController, draft, target, *, batches: list[int], k: int,

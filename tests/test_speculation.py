@@ -160,9 +160,10 @@ class CostedRunner:
 
 
 def test_profile_pair_seeds_every_bucket_with_the_measured_costs_and_frees_the_rows(tiny_pair_dirs):
-    from cascade.speculation import profile_batches, profile_pair
+    from cascade.models.cuda_graphs import buckets_for  # the batch sizes the engine profiles
+    from cascade.speculation import profile_pair
 
-    assert profile_batches(1) == [1] and profile_batches(8) == [1, 2, 4, 8] and profile_batches(12) == [1, 2, 4, 8, 12]
+    assert buckets_for(1) == [1] and buckets_for(8) == [1, 2, 4, 8] and buckets_for(12) == [1, 2, 4, 8, 12]
     c = make_cascade(tiny_pair_dirs)
     now = [0.0]
     draft = CostedRunner(c.engine.draft, now, 0.001, 0.0001)
