@@ -3,6 +3,8 @@ interruption, and rows released when a run is interrupted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cascade.bench import scoring
@@ -74,3 +76,50 @@ def test_torn_cache_file_is_recomputed(runner):
         f.write_text("{not json")
     _, stats = runner.run("draft-only", problems, progress=False)
     assert stats.generated == 1
+
+
+def test_exported_cache_resumes_a_run_elsewhere(runner, tmp_path):
+    """export -> import into an empty cache: the same run there is all cache hits with identical records."""
+    problems = _problems(4)
+    first, _ = runner.run("chow(alpha=0.2)", problems, progress=False)
+    runner.cache.put("replay-" + "0" * 64, {"tokens": [1, 2]})  # a teacher-forced path entry
+    full, runs = tmp_path / "all.jsonl.gz", tmp_path / "runs.jsonl.gz"
+    assert runner.cache.export(full) == 5
+    assert runner.cache.export(runs, runs_only=True) == 4
+    elsewhere = RunCache(tmp_path / "elsewhere")
+    assert elsewhere.import_file(runs) == (4, 0)
+    assert elsewhere.import_file(full) == (1, 4)  # entries already there are kept, only the path is new
+    assert elsewhere.keys() == runner.cache.keys()
+    moved = PolicyRunner(runner.cascade, elsewhere, "tiny-pair")
+    again, stats = moved.run("chow(alpha=0.2)", problems, progress=False)
+    assert (stats.generated, stats.cached) == (0, 4)
+    assert [r.to_json() for r in again] == [r.to_json() for r in first]
+
+
+def test_import_rejects_a_malformed_file_before_writing(tmp_path):
+    import gzip
+
+    bad = tmp_path / "bad.jsonl.gz"
+    good = {"key": "a" * 64, "value": {"x": 1}}
+    with gzip.open(bad, "wt") as f:
+        f.write(json.dumps(good) + "\n" + json.dumps({"key": "../../etc", "value": {}}) + "\n")
+    cache = RunCache(tmp_path / "c")
+    with pytest.raises(ValueError, match="line 2 is not a cache entry"):
+        cache.import_file(bad)
+    assert cache.keys() == []  # nothing written: the good first line waits for the whole file
+    with gzip.open(bad, "wt") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        cache.import_file(bad)
+
+
+def test_bench_cache_cli_round_trip(tmp_path, capsys):
+    from cascade.cli import main
+
+    src = RunCache(tmp_path / "src")
+    src.put("b" * 64, {"policy": "draft-only(k=5)"})
+    out = tmp_path / "x.jsonl.gz"
+    assert main(["bench-cache", "export", str(out), "--cache-dir", str(src.root)]) == 0
+    assert main(["bench-cache", "import", str(out), "--cache-dir", str(tmp_path / "dst")]) == 0
+    assert "1 entries added" in capsys.readouterr().out
+    assert RunCache(tmp_path / "dst").get("b" * 64) == {"policy": "draft-only(k=5)"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,6 +117,9 @@ def run_key(pair_fingerprint: str, problem: "Problem", policy: Policy, params: S
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_CACHE_KEY = re.compile(r"(replay-)?[0-9a-f]{64}")  # run_key / replay.path_key
+
+
 class RunCache:
     """One JSON file per key under ``root``; writes are atomic (temp file + rename)."""
 
@@ -140,6 +144,52 @@ class RunCache:
         tmp = p.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(value))
         tmp.replace(p)
+
+    def keys(self) -> list[str]:
+        """Every stored key, sorted (torn temp files left out)."""
+        return sorted(f.stem for f in self.root.glob("*/*.json")) if self.root.exists() else []
+
+    def export(self, path: str | Path, runs_only: bool = False) -> int:
+        """Write every entry (``runs_only``: real-run records, not the teacher-forced paths, which are
+        recomputed in minutes) to one gzipped JSON-lines file of ``{"key", "value"}``; returns the count.
+        The keys hold both models' fingerprints (config + weight file names and sizes, not the machine), so
+        the file resumes or reproduces a bench on any machine holding the same converted pair."""
+        import gzip
+
+        n = 0
+        with gzip.open(path, "wt", encoding="utf-8") as out:
+            for key in self.keys():
+                if runs_only and key.startswith("replay-"):
+                    continue
+                value = self.get(key)
+                if value is not None:
+                    out.write(json.dumps({"key": key, "value": value}, sort_keys=True) + "\n")
+                    n += 1
+        return n
+
+    def import_file(self, path: str | Path) -> tuple[int, int]:
+        """Add the entries of a file ``export`` wrote; an entry already here is kept. Returns (added,
+        already here). A malformed line raises ValueError naming it, before anything is written."""
+        import gzip
+
+        entries = []
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+                key = entry.get("key") if isinstance(entry, dict) else None
+                if not isinstance(key, str) or not _CACHE_KEY.fullmatch(key) or not isinstance(entry.get("value"), dict):
+                    raise ValueError(f"{path}: line {number} is not a cache entry (needs a \"key\" of cascade's "
+                                     f"form and a \"value\" object)")
+                entries.append((key, entry["value"]))
+        added = 0
+        for key, value in entries:
+            if not self._path(key).exists():
+                self.put(key, value)
+                added += 1
+        return added, len(entries) - added
 
 
 @dataclass

@@ -86,6 +86,21 @@ def add_parsers(sub) -> None:
     _add_pair_options(t)
     t.set_defaults(handler=cmd_train_router)
 
+    k = sub.add_parser("bench-cache", help="export or import the benchmark's generation cache (resume or reproduce a bench elsewhere)",
+                       description="The bench's generations (real runs of draft-only, target-only and every policy, and "
+                                   "the teacher-forced paths) are cached per request under $CASCADE_HOME/bench-cache. "
+                                   "`export` writes them to one gzipped JSON-lines file; `import` adds such a file's "
+                                   "entries to this machine's cache, so `cascade bench` and `cascade calibrate` resume or "
+                                   "reproduce a committed report without generating again. Entries are keyed by both "
+                                   "models' fingerprints, so they are used only with the same converted pair and dtype.")
+    k.add_argument("action", choices=["export", "import"], help="export this cache to FILE, or import FILE into it")
+    k.add_argument("file", nargs="+", metavar="FILE", help="the .jsonl.gz file (import: one or more)")
+    k.add_argument("--runs-only", action="store_true",
+                   help="export: only the real runs' records, not the teacher-forced paths (recomputed by the next "
+                        "bench in minutes; the file is then a tenth of the size)")
+    k.add_argument("--cache-dir", default=None, help="the cache (default: $CASCADE_HOME/bench-cache)")
+    k.set_defaults(handler=cmd_bench_cache)
+
 
 AXIS_NAMES = {"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
               "time": "modelled_time"}  # --real-axis / --axis -> cascade.bench.frontier.AXES
@@ -189,4 +204,27 @@ def cmd_train_router(args: argparse.Namespace) -> int:
                            args.dev_fraction, args.seed, args.hidden, args.steps)
     print(json.dumps(rep.summary, indent=1))
     print(f"wrote {rep.summary['router_file']} and {args.report}")
+    return 0
+
+
+def cmd_bench_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cascade.bench.runs import RunCache
+    from cascade.weights import cascade_home
+
+    cache = RunCache(Path(args.cache_dir) if args.cache_dir else cascade_home() / "bench-cache")
+    if args.action == "export":
+        if len(args.file) != 1:
+            raise ValueError(f"FILE: export writes one file, got {len(args.file)}")
+        n = cache.export(args.file[0], runs_only=args.runs_only)
+        print(f"exported {n} entries of {cache.root} to {args.file[0]}")
+        return 0
+    if args.runs_only:
+        raise ValueError("--runs-only applies to export only")
+    for name in args.file:
+        if not Path(name).is_file():
+            raise ValueError(f"FILE: {name} does not exist")
+        added, kept = cache.import_file(name)
+        print(f"{name}: {added} entries added to {cache.root}, {kept} already there")
     return 0
