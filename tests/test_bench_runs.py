@@ -93,6 +93,10 @@ def test_exported_cache_resumes_a_run_elsewhere(runner, tmp_path):
     moved = PolicyRunner(runner.cascade, elsewhere, "tiny-pair")
     again, stats = moved.run("chow(alpha=0.2)", problems, progress=False)
     assert (stats.generated, stats.cached) == (0, 4)
+    from cascade.bench.runs import machine_label
+    from cascade.machine import machine_info
+
+    assert all(r.extra.pop("timed_on") == machine_label(machine_info()) for r in again)  # the exporter's machine
     assert [r.to_json() for r in again] == [r.to_json() for r in first]
 
 
@@ -122,4 +126,18 @@ def test_bench_cache_cli_round_trip(tmp_path, capsys):
     assert main(["bench-cache", "export", str(out), "--cache-dir", str(src.root)]) == 0
     assert main(["bench-cache", "import", str(out), "--cache-dir", str(tmp_path / "dst")]) == 0
     assert "1 entries added" in capsys.readouterr().out
-    assert RunCache(tmp_path / "dst").get("b" * 64) == {"policy": "draft-only(k=5)"}
+    got = RunCache(tmp_path / "dst").get("b" * 64)
+    assert got["policy"] == "draft-only(k=5)" and got["extra"]["timed_on"]  # tagged with the exporter's machine
+    assert main(["bench-cache", "import", str(tmp_path / "missing.jsonl.gz")]) == 2  # a clear error, no traceback
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_names_the_machine_of_imported_timings(tmp_path):
+    from cascade.bench.harness import BenchConfig, write_outputs
+
+    cfg = BenchConfig(out_dir=tmp_path, tag="t", datasets=())
+    md = write_outputs(cfg, {}, 1.0, "0" * 40, imported_timings=["Some CPU (AVX2, 2 threads)"])
+    assert "measured on Some CPU (AVX2, 2 threads), not on this machine" in md.read_text()
+    assert json.loads((tmp_path / "t_config.json").read_text())["imported_timings"] == ["Some CPU (AVX2, 2 threads)"]
+    plain = write_outputs(BenchConfig(out_dir=tmp_path, tag="u", datasets=()), {}, 1.0, "0" * 40)
+    assert "imported" not in plain.read_text()

@@ -94,6 +94,7 @@ class Bench:
         self.target_params = read_config(self.target_dir).num_params
         self.costs = _load_costs(cfg.cost_file, say)
         self._cascade = None
+        self.timed_on: set[str] = set()  # machines that timed records imported by ``cascade bench-cache import``
         self.router = load_router(self.draft_dir)  # the learned deferral router, when one was trained
         self.runner = PolicyRunner(lambda: self.cascade, self.cache, self.pair_fp,
                                    router_fingerprint=self.router.info.get("fingerprint", "unnamed") if self.router else "none")
@@ -113,6 +114,7 @@ class Bench:
     # ------------------------------------------------------------------ pieces
     def run(self, policy, problems, label: str | None = None) -> list[RunRecord]:
         records, stats = self.runner.run(policy, problems, progress=self.cfg.progress, label=label)
+        self.timed_on.update(r.extra["timed_on"] for r in records if "timed_on" in r.extra)
         if stats.generated:
             self.say(f"  {label or policy}: {stats.generated} generated ({stats.generated_tokens / max(stats.generated_time_s, 1e-9):.1f} tok/s), {stats.cached} cached")
         return records
@@ -288,11 +290,14 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
         name = probs[0].dataset if probs else spec  # "humaneval", "gsm8k", "jsonl:<stem>"
         results[name] = bench.dataset(name, probs)
     elapsed = time.perf_counter() - t0
-    return write_outputs(cfg, results, elapsed, commit, bench.costs.source if bench.costs else "none")
+    return write_outputs(cfg, results, elapsed, commit, bench.costs.source if bench.costs else "none",
+                         imported_timings=sorted(bench.timed_on))
 
 
 def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: float, commit: str,
-                  costs_source: str = "none") -> Path:
+                  costs_source: str = "none", imported_timings: Sequence[str] = ()) -> Path:
+    """Write the report files; ``imported_timings``: the machines that timed records this bench read from an
+    imported cache (their wall times and tokens / s are those machines', not this one's)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [p for r in results.values() for p in r.points]
@@ -310,7 +315,8 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
     machine = machine_info()
     frontiers = {ds: r.frontier for ds, r in results.items() if r.frontier is not None}
     families = [f for f in cfg.families] + ["oracle"]
-    plot_frontier(frontiers, families, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
+    if frontiers:  # (no dataset with a frontier: nothing to plot)
+        plot_frontier(frontiers, families, out / f"{cfg.tag}.png", f"cascade bench · commit {commit[:12]} · {cfg.tag}")
     sizes = ", ".join(f"{ds} {len(fr.dev_idx) + len(fr.test_idx)}" for ds, fr in frontiers.items())
     head = (f"commit `{commit}` · {time.strftime('%Y-%m-%d %H:%M')} · wall {elapsed / 60:.1f} min · seeded samples "
             f"(seed {cfg.seed}): {sizes} problems, split dev / test {cfg.dev_fraction:.0%} / {1 - cfg.dev_fraction:.0%} · "
@@ -318,6 +324,10 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
     lines = [f"# cascade bench: {cfg.tag}", "", head, ""]
     if machine:
         lines += [f"machine: `{json.dumps(machine)}`", ""]
+    if imported_timings:
+        lines += [f"Some records were imported (`cascade bench-cache import`): their wall times and tokens / s "
+                  f"were measured on {'; '.join(imported_timings)}, not on this machine (quality and target "
+                  f"cost are the pair's: the same converted weights and dtype).", ""]
     lines += ["Every policy's parameter is chosen on the dev split (best dev quality within the budget on the "
               "axis) and reported on the test split. Token-level figures come from replaying the engine's round "
               "on teacher-forced statistics (`cascade/bench/replay.py`); request-level ones are derived exactly "
@@ -360,5 +370,6 @@ def write_outputs(cfg: BenchConfig, results: dict[str, DatasetResult], elapsed: 
     md = out / f"{cfg.tag}.md"
     md.write_text("\n".join(lines) + "\n")
     (out / f"{cfg.tag}_config.json").write_text(json.dumps({**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                                                            "commit": commit, "machine": machine}, indent=1, default=str))
+                                                            "commit": commit, "machine": machine,
+                                                            "imported_timings": list(imported_timings)}, indent=1, default=str))
     return md

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -137,7 +137,7 @@ def pareto(points: Sequence[Point], x: str = "relative_cost") -> list[Point]:
 def write_csv(points: Sequence[Point], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(points[0]).keys()))
+        w = csv.DictWriter(f, fieldnames=[fd.name for fd in fields(Point)])  # a header even with no points
         w.writeheader()
         for p in points:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(p).items()})

@@ -117,6 +117,12 @@ def run_key(pair_fingerprint: str, problem: "Problem", policy: Policy, params: S
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def machine_label(info: dict) -> str:
+    """A short name of a machine from ``cascade.machine.machine_info()``: CPU (capability, threads), GPU."""
+    cpu = f"{info.get('cpu', 'unknown CPU')} ({info.get('cpu_capability', '?')}, {info.get('threads', '?')} threads)"
+    return f"{cpu}, {info['gpu']}" if info.get("gpu") else cpu
+
+
 _CACHE_KEY = re.compile(r"(replay-)?[0-9a-f]{64}")  # run_key / replay.path_key
 
 
@@ -156,8 +162,11 @@ class RunCache:
         the file resumes or reproduces a bench on any machine holding the same converted pair."""
         import gzip
 
+        from cascade.machine import machine_info
+
         n = 0
         with gzip.open(path, "wt", encoding="utf-8") as out:
+            out.write(json.dumps({"meta": {"format": 1, "machine": machine_info()}}) + "\n")
             for key in self.keys():
                 if runs_only and key.startswith("replay-"):
                     continue
@@ -169,21 +178,29 @@ class RunCache:
 
     def import_file(self, path: str | Path) -> tuple[int, int]:
         """Add the entries of a file ``export`` wrote; an entry already here is kept. Returns (added,
-        already here). A malformed line raises ValueError naming it, before anything is written."""
+        already here). A malformed line raises ValueError naming it, before anything is written. Each
+        imported run record is tagged ``extra["timed_on"]`` with the exporting machine (from the file's
+        first line), so a bench that reads it can say its timings are not this machine's."""
         import gzip
 
-        entries = []
+        entries, timed_on = [], "unknown machine"
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+                if number == 1 and isinstance(entry, dict) and "meta" in entry:
+                    timed_on = machine_label(entry["meta"].get("machine") or {})
+                    continue
                 key = entry.get("key") if isinstance(entry, dict) else None
                 if not isinstance(key, str) or not _CACHE_KEY.fullmatch(key) or not isinstance(entry.get("value"), dict):
                     raise ValueError(f"{path}: line {number} is not a cache entry (needs a \"key\" of cascade's "
                                      f"form and a \"value\" object)")
-                entries.append((key, entry["value"]))
+                value = entry["value"]
+                if "policy" in value and isinstance(value.get("extra", {}), dict):
+                    value.setdefault("extra", {}).setdefault("timed_on", timed_on)
+                entries.append((key, value))
         added = 0
         for key, value in entries:
             if not self._path(key).exists():
