@@ -75,7 +75,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, say: Callable[[str], None] = print) -> None:
         from cascade.models.loading import read_config
         from cascade.models.resolve import resolve_model
-        from cascade.weights import DEFAULT_PAIR, cascade_home
+        from cascade.weights import DEFAULT_PAIR
 
         from cascade.config import resolve_device
         from cascade.models.loading import default_dtype
@@ -89,7 +89,7 @@ class Bench:
         # a device other than the CPU, whose records' timings are not the CPU's)
         where = "" if self.device == "cpu" else f"-{self.device}"
         self.pair_fp = f"{model_fingerprint(self.draft_dir)}-{model_fingerprint(self.target_dir)}-{self.dtype}{where}"
-        self.cache = RunCache(cfg.cache_dir or cascade_home() / "bench-cache")
+        self.cache = RunCache.at(cfg.cache_dir)
         self.draft_params = read_config(self.draft_dir).num_params
         self.target_params = read_config(self.target_dir).num_params
         self.costs = _load_costs(cfg.cost_file, say)

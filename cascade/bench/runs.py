@@ -132,6 +132,13 @@ class RunCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    @classmethod
+    def at(cls, root: str | Path | None) -> "RunCache":
+        """The cache at ``root``, default ``$CASCADE_HOME/bench-cache`` (the bench's and ``bench-cache``'s)."""
+        from cascade.weights import cascade_home
+
+        return cls(root if root is not None else cascade_home() / "bench-cache")
+
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 

@@ -96,8 +96,8 @@ def add_parsers(sub) -> None:
     k.add_argument("action", choices=["export", "import"], help="export this cache to FILE, or import FILE into it")
     k.add_argument("file", nargs="+", metavar="FILE", help="the .jsonl.gz file (import: one or more)")
     k.add_argument("--runs-only", action="store_true",
-                   help="export: only the real runs' records, not the teacher-forced paths (recomputed by the next "
-                        "bench in minutes; the file is then a tenth of the size)")
+                   help="export: only the real runs' records, not the teacher-forced paths (the next bench "
+                        "recomputes them by teacher forcing, one pass per answer and model)")
     k.add_argument("--cache-dir", default=None, help="the cache (default: $CASCADE_HOME/bench-cache)")
     k.set_defaults(handler=cmd_bench_cache)
 
@@ -211,9 +211,8 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cascade.bench.runs import RunCache
-    from cascade.weights import cascade_home
 
-    cache = RunCache(Path(args.cache_dir) if args.cache_dir else cascade_home() / "bench-cache")
+    cache = RunCache.at(args.cache_dir)
     if args.action == "export":
         if len(args.file) != 1:
             raise ValueError(f"FILE: export writes one file, got {len(args.file)}")
