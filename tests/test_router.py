@@ -131,3 +131,24 @@ def test_learned_replay_equals_the_real_run_on_a_twin_pair(tiny_pair_dirs, tiny_
             r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens, r.stats.escalations), params
         escalations.append(r.stats.escalations)
     assert any(escalations), "the thresholds should open some windows on this pair"
+
+
+def test_router_cost_benchmark_smoke_writes_its_figures(tmp_path):
+    """``benchmarks/router_cost.py --smoke`` runs from the checkout and writes one row per batch size, with
+    every figure it reports (the measured cost itself is printed and saved, never asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stem = tmp_path / "router_cost"
+    proc = subprocess.run([sys.executable, "benchmarks/router_cost.py", "--smoke", "--batches", "1,4", "--reps", "2",
+                           "--context", "16", "--out", str(stem)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and [r["positions"] for r in rows] == [5, 20]
+    for r in rows:
+        assert r["router_us"] > 0 and r["confidence_ms"] > 0 and r["draft_step_ms"] > 0
+        assert 0 < r["router_share_of_draft_side"] < 1
+    assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("machine,device,dtype,batch")
