@@ -11,8 +11,8 @@ that raises records its error and the run goes on):
 
 - ``environment``: GPU, torch / triton / CUDA versions, peak HBM bandwidth used for the bounds;
 - ``kernels``: the confidence and verify kernels at 8 / 64 / 256 rows x 151,936, bf16 and fp32 (median
-  time, achieved GB/s, % of the HBM bound, checked against the torch reference), and the cache attention
-  kernel at decode shapes;
+  time, achieved GB/s, % of the HBM bound, checked against the torch reference), the cache attention
+  kernel at decode shapes, and the learned router scoring a round's drafted positions (rows x 5);
 - ``runner_steps``: a decode step and a 6-token verify span of the 0.5B / 1.5B / 7B shapes, eager vs
   CUDA graph, batch 1 and 8, contexts 512 and 2048, against the weight-read time (parameter bytes / HBM
   bandwidth);
@@ -188,7 +188,28 @@ class Suite:
                                     ms_p80=hi, us=med * 1e3, gbps=nbytes / (med * 1e-3) / 1e9, bound_ms=bound_ms,
                                     pct_of_bound=(100 * bound_ms / med) if bound_ms else None, matches_reference=ok))
         out += self._attention_kernel(timing)
+        out += self._router(rows_list, timing)
         return {"rows": out}
+
+    def _router(self, rows_list, timing) -> list[dict]:
+        """The learned router scoring every drafted position of a round (rows x k = 5), beside the
+        confidence kernel's figures above: its cost per drafted token (a router of the shipped size, random)."""
+        import kernel_bench as kb
+
+        from cascade.router import FEATURES, train_router
+
+        torch = self.torch
+        g = torch.Generator().manual_seed(0)
+        router = train_router(torch.randn(256, len(FEATURES), generator=g),
+                              (torch.rand(256, generator=g) < 0.3).long(), steps=5).to(self.device)
+        out = []
+        for rows in rows_list:
+            n = rows * 5
+            stats = [torch.rand(n, device=self.device) for _ in range(3)] + [-torch.rand(n, device=self.device)]
+            med = kb.time_ms(torch, lambda: router.score(*stats), self.device, timing)[0]
+            out.append(dict(kernel="router", dtype="fp32", rows=rows, positions=n, hidden=int(router.w1.shape[1]),
+                            ms=med, us=med * 1e3, us_per_token=med * 1e3 / n))
+        return out
 
     def _attention_kernel(self, timing) -> list[dict]:
         import kernel_bench as kb

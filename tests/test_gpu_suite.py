@@ -41,7 +41,8 @@ def test_smoke_runs_every_section_with_only_torch_triton_numpy(tmp_path):
     assert all(v["status"] == "ok" for v in s.values()), {k: v.get("error") for k, v in s.items()}
 
     kernels = s["kernels"]["rows"]
-    assert {r["kernel"] for r in kernels} == {"confidence", "verify", "cache_attention"}
+    assert {r["kernel"] for r in kernels} == {"confidence", "verify", "cache_attention", "router"}
+    assert all(r["us_per_token"] > 0 and r["positions"] == 5 * r["rows"] for r in kernels if r["kernel"] == "router")
     assert all(r["matches_reference"] for r in kernels if "matches_reference" in r)
     assert all(r["max_abs_err"] < 1e-4 for r in kernels if r["kernel"] == "cache_attention")
 
