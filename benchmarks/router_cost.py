@@ -38,7 +38,7 @@ for p in (ROOT, ROOT / "benchmarks"):  # run from the checkout without installin
 import torch  # noqa: E402
 
 from cascade.confidence import confidence_stats  # noqa: E402
-from cascade.router import FEATURES, DeferralRouter, train_router  # noqa: E402
+from cascade.router import FEATURES, DeferralRouter  # noqa: E402
 from runner_cost import SHAPES, VOCAB, RandomStateDict, default_machine_name, fill_context, shape_config  # noqa: E402
 from machine import machine_info  # noqa: E402
 
@@ -81,12 +81,15 @@ def median_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def random_router(device: torch.device) -> DeferralRouter:
-    """A router of the shipped size trained for a few steps on noise (for --smoke: nothing to load)."""
+def random_router(device, hidden: int = 16) -> DeferralRouter:
+    """A router of the shipped size with random weights (for --smoke and the GPU suite: nothing to load,
+    and no optimizer, whose import pulls in torch._dynamo)."""
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(256, len(FEATURES), generator=g)
-    labels = (torch.rand(256, generator=g) < 0.3).long()
-    return train_router(feats, labels, steps=5).to(device)
+    F = len(FEATURES)
+    router = DeferralRouter(mean=torch.zeros(F), std=torch.ones(F), w1=torch.randn(F, hidden, generator=g) / F ** 0.5,
+                            b1=torch.zeros(hidden), w2=torch.randn(hidden, generator=g) / hidden ** 0.5,
+                            b2=torch.zeros(()), info={"random": True})
+    return router.to(device)
 
 
 def main(argv=None) -> int:
