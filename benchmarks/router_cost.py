@@ -27,7 +27,6 @@ import csv
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 
 from cascade.confidence import confidence_stats  # noqa: E402
 from cascade.router import FEATURES, DeferralRouter  # noqa: E402
-from runner_cost import SHAPES, VOCAB, RandomStateDict, default_machine_name, fill_context, shape_config  # noqa: E402
+from runner_cost import SHAPES, VOCAB, RandomStateDict, _timed, default_machine_name, runner_ops, shape_config  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 SHIPPED_ROUTER = ROOT / "cascade" / "routers" / "qwen2.5-coder-0.5b-instruct.json"
@@ -63,22 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device: torch.device, reps: int) -> float:
-    """Median wall milliseconds of ``fn`` (synchronised), after one warm-up call."""
+    """Median synchronised milliseconds of ``fn`` over ``reps`` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(reps))
 
 
 def random_router(device, hidden: int = 16) -> DeferralRouter:
@@ -123,15 +110,7 @@ def main(argv=None) -> int:
         router_ms = median_ms(lambda: router.score(st.max_prob, st.margin, st.entropy, st.token_logprob), device, reps)
         conf_ms = median_ms(lambda: confidence_stats(logits, 1.0, tokens), device, reps)
 
-        rows = list(range(B))
-        fill_context(draft, rows, a.context)
-        rows_t = torch.tensor(rows, dtype=torch.long)
-        ids = torch.randint(0, cfg.vocab_size, (B,), device=device)
-
-        def step():
-            draft.decode(rows_t, ids)
-            draft.truncate(rows, [a.context] * B)
-
+        step = runner_ops(draft, B, a.context, ks=[])[("step", 1)]  # one decode step, rolled back after
         step_ms = median_ms(step, device, max(3, reps // 4))
         draft_side_ms = a.k * step_ms + conf_ms
         row = dict(machine=machine, device=str(device), dtype=str(dtype).removeprefix("torch."), batch=B, k=a.k,
