@@ -160,6 +160,26 @@ def test_pooled_choice_fits_every_dataset_and_weighs_each_dataset_once():
         pooled_choice(per_family, floors, 0.05, "target_fraction")
 
 
+def test_quantile_pooled_over_two_datasets_is_one_policy_string_on_both():
+    """quantile's tau grid is data-dependent: with each dataset's own grid the same grid index is a different
+    threshold per dataset and no single policy string is ever deployable. The pooled grid makes them one."""
+    from cascade.bench.calibrate import pooled_choice
+
+    a, b = _synthetic(40, seed=5), _synthetic(40, seed=6)
+    pooled = list(a[3]) + list(b[3])
+    per_family = {"quantile": {name: sweep_points("quantile", name, *ds, draft_params=1, target_params=3, tau_paths=pooled)
+                               for name, ds in (("a", a), ("b", b))}}
+    assert [p.config for p in per_family["quantile"]["a"]] == [p.config for p in per_family["quantile"]["b"]]
+    floors = {name: (sum(r.correct for r in ds[1]) / 40, 1.0) for name, ds in (("a", a), ("b", b))}
+    family, config = pooled_choice(per_family, floors, 0.5, "target_fraction")
+    assert family == "quantile" and all(any(p.config == config for p in col) for col in per_family["quantile"].values())
+    # per-dataset grids share no threshold, and the choice then compares only configurations both datasets have
+    own = {"quantile": {name: sweep_points("quantile", name, *ds, draft_params=1, target_params=3)
+                        for name, ds in (("a", a), ("b", b))}}
+    shared = {p.config for p in own["quantile"]["a"]} & {p.config for p in own["quantile"]["b"]}
+    assert pooled_choice(own, floors, 1.0, "target_fraction")[1] in shared
+
+
 def test_the_shipped_default_policy_parses_and_says_what_it_was_measured_on():
     from cascade.defaults import default_calibration, default_policy
 

@@ -39,10 +39,13 @@ def choose_config(points: Sequence[Point], budget: float, axis: str = "target_fr
 
 def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord], target: Sequence[RunRecord],
                  dpaths: Sequence[PathStats], tpaths: Sequence[PathStats], draft_params: int,
-                 target_params: int, costs=None) -> list[Point]:
+                 target_params: int, costs=None, tau_paths: Sequence[PathStats] | None = None) -> list[Point]:
     """One replayed (token-level) or derived (request-level) point per grid configuration, the same
-    records ``cascade bench`` sweeps (``sweeps.sweep_records``)."""
-    runs = sweep_records([family], problems, draft, target, dpaths, tpaths, dpaths)[family]
+    records ``cascade bench`` sweeps (``sweeps.sweep_records``). ``tau_paths``: the draft paths whose score
+    quantiles give ``quantile``'s tau grid (default ``dpaths``); pass every dataset's dev paths when one
+    choice must serve several datasets, so that each grid point is the same policy string on all of them."""
+    runs = sweep_records([family], problems, draft, target, dpaths, tpaths,
+                         dpaths if tau_paths is None else tau_paths)[family]
     source = "derived" if family in REQUEST_LEVEL else "replay"
     return [aggregate(dataset, family, config, source, recs, target, draft_params, target_params, costs)
             for config, recs in runs]
@@ -108,13 +111,16 @@ def pooled_choice(per_family: dict[str, dict[str, list[Point]]], floors: dict[st
     """(family, config) with every dataset's dev cost on ``axis`` within ``budget`` and the highest mean dev
     gap recovered over the datasets (each dataset counts once, whatever its size; a dataset whose draft and
     target score the same contributes its quality difference instead), ties to the cheaper.
-    ``per_family``: family -> dataset -> one point per configuration, in the same configuration order;
-    ``floors``: dataset -> (draft-only, target-only) dev quality. ValueError naming ``budget`` if none fits."""
+    ``per_family``: family -> dataset -> one point per configuration; a configuration is compared only
+    where every dataset has it (same policy string); ``floors``: dataset -> (draft-only, target-only) dev
+    quality. ValueError naming ``budget`` if none fits."""
     best, best_key = None, None
     for family, by_ds in per_family.items():
-        columns = list(by_ds.values())
-        for j in range(len(columns[0])):
-            pts = [col[j] for col in columns]
+        columns = [{p.config: p for p in col} for col in by_ds.values()]
+        for config in (p.config for p in next(iter(by_ds.values()))):
+            if any(config not in col for col in columns):
+                continue
+            pts = [col[config] for col in columns]
             if any(getattr(p, axis) > budget + 1e-9 for p in pts):
                 continue
             gains = []
@@ -139,7 +145,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget!r}")
     per_family: dict[str, dict[str, list[Point]]] = {f: {} for f in families}
-    floors, dev_refs, splits = {}, {}, {}
+    floors, dev_refs, splits, dev_runs = {}, {}, {}, {}
     for ds, problems in datasets.items():
         dev, test = split(problems, dev_fraction, seed)
         splits[ds] = (dev, test)
@@ -150,9 +156,13 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         tpaths = bench.paths(dev, d_target, "target")
         if getattr(bench, "router", None) is not None:  # learned reads the router's scores off the paths
             score_paths(bench.router, dpaths + tpaths)
+        dev_runs[ds] = (dev, d_draft, d_target, dpaths, tpaths)
+    # quantile's tau grid from every dataset's dev answers together: one threshold must serve them all
+    pooled_dev_paths = [p for (_, _, _, dpaths, _) in dev_runs.values() for p in dpaths]
+    for ds, (dev, d_draft, d_target, dpaths, tpaths) in dev_runs.items():
         for fam in families:
             per_family[fam][ds] = sweep_points(fam, ds, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params,
-                                               bench.target_params, bench.costs)
+                                               bench.target_params, bench.costs, tau_paths=pooled_dev_paths)
         ref = lambda recs, name: aggregate(ds, name, name, "real", recs, d_target, bench.draft_params,  # noqa: E731
                                            bench.target_params, bench.costs)
         dev_refs[ds] = (ref(d_draft, "draft-only"), ref(d_target, "target-only"))
