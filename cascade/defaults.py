@@ -32,12 +32,13 @@ def default_calibration() -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("policy"), str) else None
 
 
-def default_policy(router_loaded: bool = True) -> str:
-    """The policy string requests run when they name none. A shipped policy that reads the learned router
-    (``learned``) needs one; a pair loaded without a router (a user's own pair before ``cascade
-    train-router``) gets the uncalibrated default instead of an error."""
+def default_policy(router_loaded: bool = True, default_pair: bool = True) -> str:
+    """The policy string requests run when they name none. The shipped configuration was calibrated on
+    the default pair (its thresholds are on that draft's log-probs and that pair's costs), so any other
+    pair (``default_pair`` False) gets the uncalibrated default; so does a pair without a router when the
+    shipped policy reads the learned router (``learned``), instead of an error."""
     cal = default_calibration()
-    if cal is None:
+    if cal is None or not default_pair:
         return UNCALIBRATED_DEFAULT
     if not router_loaded:
         from cascade.policies import parse_policy

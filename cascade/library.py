@@ -65,14 +65,25 @@ class GenerationResult:
         return [src.target_decided for src in self.token_sources]
 
 
+def _is_cached_model(model_dir: str | Path, spec) -> bool:
+    """Whether ``model_dir`` is the cache's converted copy of the known model ``spec``."""
+    from cascade.weights import cascade_home
+
+    return Path(model_dir).resolve() == (cascade_home() / "models" / spec.name).resolve()
+
+
 class Cascade:
     """A draft/target pair with its tokenizer and an engine that runs cascade rounds over them."""
 
     def __init__(self, draft: ModelRunner, target: ModelRunner, tokenizer: Any | None = None, *,
                  eos_token_ids: Sequence[int] | None = None, config: EngineConfig | None = None,
-                 router: "DeferralRouter | None" = None, vocab_size: int | None = None) -> None:
-        """``vocab_size``: the ids the pair cascades over (default: the tokenizer's length; see ``Engine``)."""
+                 router: "DeferralRouter | None" = None, vocab_size: int | None = None,
+                 default_pair: bool = False) -> None:
+        """``vocab_size``: the ids the pair cascades over (default: the tokenizer's length; see ``Engine``);
+        ``default_pair``: these runners are the project's default pair, the one the shipped default policy
+        was calibrated on (``from_pretrained`` sets it; any other pair defaults to ``speculative``)."""
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
+        self.default_pair = default_pair
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(tokenizer)
         # the server encodes on its event loop while the engine thread detokenizes: one lock serializes them
@@ -143,15 +154,20 @@ class Cascade:
         if target_dir is not None:
             eos |= generation_config_eos(target_dir)
         router = load_router(draft_dir, device=draft_runner.device)  # the learned deferral router, if trained
-        cascade = cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router)
+        # the shipped default policy was calibrated on the default pair: only it gets that default
+        is_default_pair = target_dir is not None and all(
+            _is_cached_model(d, spec) for d, spec in ((draft_dir, DEFAULT_PAIR[0]), (target_dir, DEFAULT_PAIR[1])))
+        cascade = cls(draft_runner, target_runner, tokenizer, eos_token_ids=sorted(eos), config=config, router=router,
+                      default_pair=is_default_pair)
         if adaptive_k:  # measured costs from the start: no warm-up rounds at a block length the load makes slow
             cascade.engine.profile_speculation()
         return cascade
 
     def default_policy(self) -> str:
-        """The policy a request without one runs: the shipped calibrated default (``cascade.defaults``), or
-        lossless ``speculative`` where that default needs a learned router and this pair has none."""
-        return default_policy(router_loaded=self.engine.router is not None)
+        """The policy a request without one runs: the shipped calibrated default (``cascade.defaults``) on the
+        default pair, or lossless ``speculative`` on any other pair and where that default needs a learned
+        router and this pair has none."""
+        return default_policy(router_loaded=self.engine.router is not None, default_pair=self.default_pair)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:

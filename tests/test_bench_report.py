@@ -201,7 +201,10 @@ def test_a_default_that_needs_a_router_falls_back_without_one(tiny_pair_dirs, mo
     monkeypatch.setattr(defaults, "default_calibration", lambda: {"policy": "learned(threshold=0.5)"})
     assert defaults.default_policy(router_loaded=True) == "learned(threshold=0.5)"
     assert defaults.default_policy(router_loaded=False) == "speculative"
+    assert defaults.default_policy(router_loaded=True, default_pair=False) == "speculative"  # another pair's thresholds
     c = make_cascade(tiny_pair_dirs, max_rows=2)
+    assert not c.default_pair and c.default_policy() == "speculative"
+    c.default_pair = True  # as if it were the pair the default was calibrated on: the router is what is missing
     assert c.engine.router is None and c.default_policy() == "speculative"
     [r] = c.generate([[1, 2, 3]], None)
     assert r.policy.startswith("speculative")

@@ -157,3 +157,16 @@ def test_the_target_api_key_reaches_the_remote_target(monkeypatch):
     options = pair_kwargs(args)["vllm_options"]
     assert options.api_key == "sekret-42" and "sekret-42" not in repr(options)  # never printed with the options
 
+
+
+
+def test_generate_says_what_a_request_level_policy_decided():
+    from cascade.cli.generate import _routing
+    from cascade.metrics import RequestStats
+    from cascade.policies import parse_policy
+
+    routed = RequestStats(draft_tokens=7, routed_to_target=1)
+    assert "routed to the target" in _routing(parse_policy("quantile(tau=-1)"), routed) and "7 draft tokens" in _routing(
+        parse_policy("quantile"), routed)
+    assert "kept" in _routing(parse_policy("quantile"), RequestStats(draft_tokens=7))
+    assert _routing(parse_policy("chow(alpha=0.2)"), routed) == ""  # token-level policies have no such decision

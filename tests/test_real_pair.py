@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,19 @@ def test_cli_generate_prints_answer_and_stats():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "4" in out.stdout and "escalations" in out.stdout and "tok/s" in out.stdout
+    # no policy: the shipped default, said so, with its routing decision on the stats line
+    out = subprocess.run([sys.executable, "-m", "cascade.cli", "generate", "What is 2 + 2? Answer with the number.",
+                          "--max-tokens", "8", "--no-color"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COLUMNS": "300"})
+    assert out.returncode == 0, out.stderr
+    from cascade.defaults import default_calibration
+    from cascade.policies import parse_policy
+
+    cal = default_calibration()
+    if cal is not None:
+        assert "shipped calibrated default" in out.stdout
+        if parse_policy(cal["policy"]).request_level:
+            assert "answer kept" in out.stdout or "routed to the target" in out.stdout
 
 
 TASKS = [
@@ -163,6 +177,18 @@ def cascade():
 
     draft, target = _pair_dirs()
     return Cascade.from_pretrained(draft, target, max_rows=3, max_len=512)
+
+
+def test_the_default_pair_gets_the_shipped_default_and_another_pair_does_not(cascade, tiny_pair_dirs):
+    """The shipped calibration's thresholds are the default pair's (its draft's log-probs, its costs)."""
+    from cascade import Cascade
+    from cascade.defaults import default_calibration
+
+    assert cascade.default_pair
+    cal = default_calibration()
+    assert cascade.default_policy() == (cal["policy"] if cal is not None else "speculative")
+    other = Cascade.from_pretrained(*tiny_pair_dirs, max_rows=1, max_len=64)
+    assert not other.default_pair and other.default_policy() == "speculative"
 
 
 def test_speculative_greedy_equals_target_only_on_the_real_pair(cascade):

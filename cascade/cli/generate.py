@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from cascade.cli.options import add_model_options, add_policy_options, add_sampling_options, pair_kwargs, \
-    policy_from_args, sampling_from_args
+from cascade.cli.options import add_model_options, add_policy_options, add_sampling_options, has_policy_options, \
+    pair_kwargs, policy_from_args, sampling_from_args
 from cascade.metrics import TokenSource
 
 BUILTIN_PROMPTS = [
@@ -53,9 +53,14 @@ def run(args: argparse.Namespace) -> int:
     with console.status("loading the draft and target models"):
         cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=max(1, len(prompts) if args.batch else 1),
                                           **pair_kwargs(args))
-    policy = policy_from_args(args, default=cascade.default_policy())  # (needs to know if a router loaded)
+    default = cascade.default_policy()  # (needs to know the pair and whether a router loaded)
+    policy = policy_from_args(args, default=default)
+    shipped = ""
+    if not args.policy and not has_policy_options(args):
+        shipped = (" (the shipped calibrated default; README, \"The shipped default\")" if default != "speculative"
+                   else " (the uncalibrated default: the shipped one is calibrated on the default pair only)")
     console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · {cascade.engine.config.device} · draft dtype "
-                  f"{getattr(cascade.draft, 'dtype', '?')} · policy {policy.describe()}[/dim]")
+                  f"{getattr(cascade.draft, 'dtype', '?')} · policy {policy.describe()}{shipped}[/dim]")
 
     def as_prompt(text: str):
         if args.raw:
@@ -78,12 +83,21 @@ def run(args: argparse.Namespace) -> int:
                 f"[dim]tokens {s.emitted_tokens} · {by_draft} ({by_draft / max(1, s.emitted_tokens):.0%}) decided by the "
                 f"draft alone · target read {s.target_tokens} answer positions ({s.target_token_fraction:.0%} of what "
                 f"target-only reads) · escalations {s.escalations} · mean acceptance {s.mean_acceptance_length:.2f} · "
-                f"{rate:.2f} tok/s · finish {r.finish_reason}[/dim]"
+                f"{rate:.2f} tok/s · finish {r.finish_reason}{_routing(policy, s)}[/dim]"
             )
     console.print("[dim]legend: plain = draft · [green]green[/green] = verified by target · "
                   "[bold black on yellow]yellow[/bold black on yellow] = target replaced · "
                   "[bold magenta]magenta[/bold magenta] = bonus from target[/dim]")
     return 0
+
+
+def _routing(policy, stats) -> str:
+    """A request-level policy's decision, for the stats line ("" for token-level policies)."""
+    if not getattr(policy, "request_level", False):
+        return ""
+    if stats.routed_to_target:
+        return f" · routed to the target (the draft's answer discarded; {stats.draft_tokens} draft tokens paid)"
+    return " · the draft's answer kept (not routed)"
 
 
 def _highlight(cascade, result, Text):
