@@ -67,9 +67,9 @@ class GenerationResult:
 
 def _is_cached_model(model_dir: str | Path, spec) -> bool:
     """Whether ``model_dir`` is the cache's converted copy of the known model ``spec``."""
-    from cascade.weights import cascade_home
+    from cascade.weights import cached_model_dir
 
-    return Path(model_dir).resolve() == (cascade_home() / "models" / spec.name).resolve()
+    return Path(model_dir).resolve() == cached_model_dir(spec).resolve()
 
 
 class Cascade:

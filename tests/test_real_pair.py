@@ -114,6 +114,7 @@ def test_cli_calibrate_prints_a_usable_policy(tmp_path):
     policy = parse_policy(result["policy"])  # the chosen value goes straight back into --policy
     assert policy.name == "chow" and result["dev"]["target_fraction"] <= 0.3 + 1e-9
     assert result["test"]["n"] == 2 and "chosen: chow(" in out.stdout
+    assert result["machine"]["cpu_count"] >= 1 and "imported_timings" not in result  # a fresh cache: timed here
 
 
 def test_cli_serve_answers_the_openai_client(tmp_path):

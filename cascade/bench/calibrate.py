@@ -88,6 +88,8 @@ class Calibration:
     axis: str  # the budget's cost axis (cascade.bench.frontier.AXES)
     per_dataset: list[DatasetCalibration]
     candidates: int  # configurations compared on the dev splits
+    machine: dict | None = None  # where the real runs ran (``cascade.machine.machine_info``)
+    imported_timings: Sequence[str] = ()  # machines that timed records read from an imported cache
 
     def summary(self) -> dict:
         """The JSON ``cascade calibrate`` writes (and ``cascade serve --calibration`` / the shipped default
@@ -95,6 +97,10 @@ class Calibration:
         out = {"policy": self.policy, "family": self.family, "budget": self.budget, "axis": self.axis,
                "chosen_on": "dev splits (every dataset's cost within the budget; the highest mean dev gap recovered)",
                "candidates": self.candidates, "datasets": [d.summary(self.axis) for d in self.per_dataset]}
+        if self.machine is not None:
+            out["machine"] = self.machine
+        if self.imported_timings:  # tokens/s of those records are the other machine's, quality and cost are the pair's
+            out["imported_timings"] = list(self.imported_timings)
         tested = [d for d in self.per_dataset if d.test is not None]
         if tested:
             out["meets_budget_on_test"] = all(getattr(d.test, self.axis) <= self.budget + 1e-9 for d in tested)
@@ -187,7 +193,10 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         t_real, t_draft, t_target = pt(config, config, source), pt("draft-only", "draft-only", "real"), pt("target-only", "target-only", "real")
         out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
     candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())
-    return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates)
+    from cascade.machine import machine_info
+
+    return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates,
+                       machine=machine_info(), imported_timings=sorted(getattr(bench, "timed_on", ())))
 
 
 def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench) -> list[RunRecord]:

@@ -7,6 +7,7 @@ import time
 
 from cascade.cli.options import add_model_options, add_policy_options, add_sampling_options, has_policy_options, \
     pair_kwargs, policy_from_args, sampling_from_args
+from cascade.defaults import UNCALIBRATED_DEFAULT
 from cascade.metrics import TokenSource
 
 BUILTIN_PROMPTS = [
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args, default=default)
     shipped = ""
     if not args.policy and not has_policy_options(args):
-        shipped = (" (the shipped calibrated default; README, \"The shipped default\")" if default != "speculative"
+        shipped = (" (the shipped calibrated default; README, \"The shipped default\")" if default != UNCALIBRATED_DEFAULT
                    else " (the uncalibrated default: the shipped one is calibrated on the default pair only)")
     console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · {cascade.engine.config.device} · draft dtype "
                   f"{getattr(cascade.draft, 'dtype', '?')} · policy {policy.describe()}{shipped}[/dim]")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _routing(policy, stats) -> str:
     """A request-level policy's decision, for the stats line ("" for token-level policies)."""
-    if not getattr(policy, "request_level", False):
+    if not policy.request_level:
         return ""
     if stats.routed_to_target:
         return f" · routed to the target (the draft's answer discarded; {stats.draft_tokens} draft tokens paid)"

@@ -40,14 +40,14 @@ def cmd_fetch_models(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cascade.weights import _require_gguf, cascade_home
+    from cascade.weights import _require_gguf, models_dir
 
     gguf = Path(args.gguf).expanduser()
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
     if gguf.suffix.lower() != ".gguf":
         raise ValueError(f"{gguf}: expected a .gguf file")
-    out = Path(args.out).expanduser() if args.out else cascade_home() / "models" / gguf.stem
+    out = Path(args.out).expanduser() if args.out else models_dir() / gguf.stem
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out: {out} is not empty (pass --force to overwrite)")
     _require_gguf()

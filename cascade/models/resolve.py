@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from cascade.weights import KNOWN_MODELS, SUPPORTED_MODEL_TYPES, cascade_home, is_fetched
+from cascade.weights import KNOWN_MODELS, SUPPORTED_MODEL_TYPES, is_fetched, models_dir
 
 __all__ = ["hf_cache_snapshot", "hf_hub_cache", "resolve_model", "validate_checkpoint_dir"]
 
@@ -40,7 +40,7 @@ def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = Non
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return validate_checkpoint_dir(path)
-    models = (Path(home).expanduser() if home is not None else cascade_home()) / "models"
+    models = models_dir(home)
     spec = KNOWN_MODELS.get(str(name_or_path))
     if spec is not None:
         model_dir = models / spec.name
