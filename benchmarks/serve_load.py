@@ -3,9 +3,16 @@
 For each policy (target-only, speculative, chow by default) and each concurrency (1, 4, 16), a fixed set
 of chat requests (greedy, streamed, bounded in count and time) is sent by that many concurrent clients.
 Per level: throughput (completion tokens / wall time of the level), latency p50 / p95, time to first token
-p50 / p95, target_token_fraction and failed requests. Ratios printed and saved beside the absolute
-figures, all measured in the same run: throughput at concurrency c / concurrency 1 per policy, and each
-policy / target-only at each concurrency.
+p50 / p95, target_token_fraction and failed requests.
+
+Order: a server's throughput drifts over its life (on a 2-core CPU a level ran a few percent slower than
+the one before it), so a fixed order (target-only always first) biases every "x target-only" ratio. The
+levels are therefore run in rounds: each repeat visits every concurrency, and at each concurrency runs all
+policies back to back in an order rotated by one per repeat (a Latin square when repeats = policies), so
+every policy runs first, middle and last equally often. A policy's ratio to target-only is paired: its
+level / target-only's level of the same repeat and concurrency (run minutes apart), reported as the mean
+over repeats with the lowest and highest repeat; throughput ratios across concurrency likewise.
+Every level's own figures go to ``<tag>_levels.csv``; the summary (means, ratio ranges) to ``<tag>.csv``.
 
 By default the script starts `cascade serve` itself (default pair, --max-rows = the highest concurrency, so
 every client holds a row) on a free port of 127.0.0.1, and stops it at the end; `--url` drives a server
@@ -36,10 +43,12 @@ from prompts import PROMPTS
 
 @dataclass
 class Level:
-    """The figures of one (policy, concurrency) level."""
+    """The figures of one (policy, concurrency) level of one repeat."""
 
     policy: str
     concurrency: int
+    repeat: int
+    position: int  # its place among the policies run back to back at this concurrency in this repeat
     requests: int
     failed: int
     completion_tokens: int
@@ -50,8 +59,82 @@ class Level:
     ttft_p50_s: float
     ttft_p95_s: float
     target_token_fraction: float
-    speedup_vs_concurrency_1: float = 0.0
-    ratio_vs_target_only: float = 0.0
+
+
+@dataclass
+class Summary:
+    """One (policy, concurrency) over all repeats: means, and the paired ratios' mean and range."""
+
+    policy: str
+    concurrency: int
+    repeats: int
+    failed: int
+    tokens_per_s: float  # mean over repeats
+    tokens_per_s_min: float
+    tokens_per_s_max: float
+    latency_p50_s: float  # the means over repeats of each level's percentile
+    latency_p95_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    target_token_fraction: float
+    speedup_vs_concurrency_1: float  # mean over repeats of (this level / the policy's lowest concurrency)
+    speedup_min: float
+    speedup_max: float
+    ratio_vs_target_only: float  # mean over repeats of (this level / target-only's, same repeat and concurrency)
+    ratio_min: float
+    ratio_max: float
+
+
+def schedule(policies: list[str], concurrency: list[int], repeats: int) -> list[tuple[int, int, int, str]]:
+    """(repeat, concurrency, position, policy) in run order: every repeat visits every concurrency, and at
+    each one runs all policies back to back, rotated by one per repeat, so that over ``len(policies)``
+    repeats each policy runs at each position once."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    out = []
+    for r in range(repeats):
+        for c in concurrency:
+            shift = r % len(policies)
+            for pos, policy in enumerate(policies[shift:] + policies[:shift]):
+                out.append((r, c, pos, policy))
+    return out
+
+
+def summarise(levels: list[Level]) -> list[Summary]:
+    """Per (policy, concurrency), in first-seen order: means over repeats and paired ratios (each repeat's
+    level against target-only's level of the same repeat and concurrency, and against the same policy's
+    level at the lowest concurrency of the same repeat). A ratio with no partner is 0."""
+    by = {(lv.policy, lv.concurrency, lv.repeat): lv for lv in levels}
+    lowest = min(lv.concurrency for lv in levels)
+    keys = list(dict.fromkeys((lv.policy, lv.concurrency) for lv in levels))
+
+    def ratios(rows: list[Level], partner) -> list[float]:
+        out = []
+        for lv in rows:
+            p = partner(lv)
+            if p is not None and p.tokens_per_s > 0:
+                out.append(lv.tokens_per_s / p.tokens_per_s)
+        return out
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    summaries = []
+    for policy, c in keys:
+        rows = sorted((lv for lv in levels if lv.policy == policy and lv.concurrency == c), key=lambda lv: lv.repeat)
+        vs_target = ratios(rows, lambda lv: by.get(("target-only", lv.concurrency, lv.repeat)))
+        vs_low = ratios(rows, lambda lv: by.get((lv.policy, lowest, lv.repeat)))
+        tps = [lv.tokens_per_s for lv in rows]
+        summaries.append(Summary(
+            policy=policy, concurrency=c, repeats=len(rows), failed=sum(lv.failed for lv in rows),
+            tokens_per_s=mean(tps), tokens_per_s_min=min(tps), tokens_per_s_max=max(tps),
+            latency_p50_s=mean([lv.latency_p50_s for lv in rows]), latency_p95_s=mean([lv.latency_p95_s for lv in rows]),
+            ttft_p50_s=mean([lv.ttft_p50_s for lv in rows]), ttft_p95_s=mean([lv.ttft_p95_s for lv in rows]),
+            target_token_fraction=mean([lv.target_token_fraction for lv in rows]),
+            speedup_vs_concurrency_1=mean(vs_low), speedup_min=min(vs_low, default=0.0), speedup_max=max(vs_low, default=0.0),
+            ratio_vs_target_only=mean(vs_target), ratio_min=min(vs_target, default=0.0),
+            ratio_max=max(vs_target, default=0.0)))
+    return summaries
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -83,7 +166,7 @@ def one_request(client, model: str, prompt: str, max_tokens: int, policy: str) -
 
 
 def run_level(client, model: str, policy: str, concurrency: int, n_requests: int, max_tokens: int,
-              time_limit_s: float) -> Level:
+              time_limit_s: float, repeat: int = 0, position: int = 0) -> Level:
     """n_requests requests by `concurrency` clients; requests not started within time_limit_s are skipped."""
     results, failed = [], 0
     t0 = time.perf_counter()
@@ -106,7 +189,8 @@ def run_level(client, model: str, policy: str, concurrency: int, n_requests: int
                 results.append(r)
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)
-    return Level(policy=policy, concurrency=concurrency, requests=len(results), failed=failed,
+    return Level(policy=policy, concurrency=concurrency, repeat=repeat, position=position,
+                 requests=len(results), failed=failed,
                  completion_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall if wall else 0.0,
                  latency_p50_s=percentile([r["latency"] for r in results], 0.5),
                  latency_p95_s=percentile([r["latency"] for r in results], 0.95),
@@ -150,23 +234,26 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 900) 
     raise SystemExit(f"the server at {url} did not become healthy in {timeout_s:.0f} s")
 
 
-def plot(levels: list[Level], path: Path) -> None:
+def plot(summaries: list[Summary], path: Path) -> None:
+    """Throughput (mean, bars from the lowest to the highest repeat), latency and TTFT vs concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    levels_seen = sorted({lv.concurrency for lv in levels})
-    for n, policy in enumerate(dict.fromkeys(lv.policy for lv in levels)):
-        rows = [lv for lv in levels if lv.policy == policy]
-        c, color = [lv.concurrency for lv in rows], f"C{n}"
-        axes[0].plot(c, [lv.tokens_per_s for lv in rows], marker="o", color=color, label=policy)
-        axes[1].plot(c, [lv.latency_p50_s for lv in rows], marker="o", color=color, label=f"{policy} p50")
-        axes[1].plot(c, [lv.latency_p95_s for lv in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
-        axes[2].plot(c, [lv.ttft_p50_s for lv in rows], marker="o", color=color, label=f"{policy} p50")
-        axes[2].plot(c, [lv.ttft_p95_s for lv in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
-    for ax, title, ylabel in zip(axes, ("throughput", "request latency", "time to first token"),
+    levels_seen = sorted({sm.concurrency for sm in summaries})
+    for n, policy in enumerate(dict.fromkeys(sm.policy for sm in summaries)):
+        rows = [sm for sm in summaries if sm.policy == policy]
+        c, color = [sm.concurrency for sm in rows], f"C{n}"
+        tps = [sm.tokens_per_s for sm in rows]
+        err = [[t - sm.tokens_per_s_min for t, sm in zip(tps, rows)], [sm.tokens_per_s_max - t for t, sm in zip(tps, rows)]]
+        axes[0].errorbar(c, tps, yerr=err, marker="o", color=color, capsize=3, label=policy)
+        axes[1].plot(c, [sm.latency_p50_s for sm in rows], marker="o", color=color, label=f"{policy} p50")
+        axes[1].plot(c, [sm.latency_p95_s for sm in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
+        axes[2].plot(c, [sm.ttft_p50_s for sm in rows], marker="o", color=color, label=f"{policy} p50")
+        axes[2].plot(c, [sm.ttft_p95_s for sm in rows], marker="x", color=color, linestyle="--", label=f"{policy} p95")
+    for ax, title, ylabel in zip(axes, ("throughput (mean, range over repeats)", "request latency", "time to first token"),
                                  ("completion tokens / s", "seconds", "seconds")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels_seen, [str(c) for c in levels_seen])
@@ -175,18 +262,39 @@ def plot(levels: list[Level], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("cascade serve under load (openai client, 127.0.0.1, greedy, streamed)")
+    repeats = max(sm.repeats for sm in summaries)
+    fig.suptitle(f"cascade serve under load (openai client, 127.0.0.1, greedy, streamed; {repeats} interleaved repeats)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _read_rows(path: str | Path, cls):
+    """Rows of a CSV this script wrote, as ``cls`` (Level or Summary)."""
+    types = dict(cls.__annotations__)
+    with open(path) as f:
+        return [cls(**{k: (int(v) if types[k] == "int" else float(v) if types[k] == "float" else v)
+                       for k, v in r.items()}) for r in csv.DictReader(f)]
+
+
+def _write_rows(path: Path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(row).items()})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="drive this running server instead of starting one (127.0.0.1 only)")
     ap.add_argument("--policies", default="target-only,speculative,chow(alpha=0.3)",
-                    help="comma-free list separated by ';' or ',' of policies (default: target-only, speculative, chow(alpha=0.3))")
+                    help="policies separated by ';' or by commas outside parentheses (default: target-only, "
+                         "speculative, chow(alpha=0.3)); target-only is added first if missing, as the ratios' base")
     ap.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: 1,4,16)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="rounds over all levels, policy order rotated by one per round (default: as many as "
+                         "policies, so each runs first, middle and last once)")
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per level (default: max(4, 2 x concurrency), at most 32)")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
@@ -199,23 +307,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="dtype of the started server (default: per device)")
     ap.add_argument("--fixed-k", action="store_true",
                     help="start the server with --fixed-k (no dynamic speculation: lossless requests always draft k)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 2 requests x 8 tokens")
+    ap.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 4 requests x 8 tokens, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     ap.add_argument("--tag", default="serve_load", help="file name stem of the outputs (default: serve_load)")
-    ap.add_argument("--replot", default=None, metavar="CSV", help="only redraw the PNG of an earlier run's CSV")
+    ap.add_argument("--replot", default=None, metavar="CSV", help="only redraw the PNG of an earlier run's summary CSV")
     args = ap.parse_args(argv)
     if args.replot:
-        with open(args.replot) as f:
-            types = {name: t for name, t in Level.__annotations__.items()}
-            rows = [Level(**{k: (int(v) if types[k] == "int" else float(v) if types[k] == "float" else v)
-                             for k, v in r.items()}) for r in csv.DictReader(f)]
-        plot(rows, Path(args.replot).with_suffix(".png"))
+        plot(_read_rows(args.replot, Summary), Path(args.replot).with_suffix(".png"))
         print(f"wrote {Path(args.replot).with_suffix('.png')}")
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if args.quick:
-        args.concurrency, args.max_tokens, args.requests = [1, 4], 8, 4
     policies = _split_policies(args.policies)
+    if "target-only" not in policies:
+        policies.insert(0, "target-only")
+    if args.quick:
+        args.concurrency, args.max_tokens, args.requests, args.repeats = [1, 4], 8, 4, args.repeats or 1
+    repeats = args.repeats or len(policies)
+    plan = schedule(policies, args.concurrency, repeats)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         raise SystemExit("--url: this benchmark drives a server on 127.0.0.1 only")
 
@@ -227,53 +335,48 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, port)
+    levels: list[Level] = []
     try:
         wait_ready(url, proc)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        one_request(client, "cascade", PROMPTS[0], 4, "target-only")  # warm-up
-        levels: list[Level] = []
-        for policy in policies:
-            for c in args.concurrency:
-                n = args.requests or min(32, max(4, 2 * c))
-                print(f"  {policy} @ concurrency {c}: {n} requests ...", flush=True)
-                lv = run_level(client, "cascade", policy, c, n, args.max_tokens, args.time_limit)
-                levels.append(lv)
-                print(f"    {lv.tokens_per_s:.2f} tok/s, latency p50 {lv.latency_p50_s:.1f} s, "
-                      f"ttft p50 {lv.ttft_p50_s:.2f} s, failed {lv.failed}", flush=True)
+        for policy in policies:  # warm-up: every policy's first request pays its one-off costs here
+            one_request(client, "cascade", PROMPTS[0], 4, policy)
+        for i, (r, c, pos, policy) in enumerate(plan):
+            n = args.requests or min(32, max(4, 2 * c))
+            print(f"  [{i + 1}/{len(plan)}] repeat {r + 1}/{repeats}, {policy} @ concurrency {c}: {n} requests ...", flush=True)
+            lv = run_level(client, "cascade", policy, c, n, args.max_tokens, args.time_limit, repeat=r, position=pos)
+            levels.append(lv)
+            print(f"    {lv.tokens_per_s:.2f} tok/s, latency p50 {lv.latency_p50_s:.1f} s, "
+                  f"ttft p50 {lv.ttft_p50_s:.2f} s, failed {lv.failed}", flush=True)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=120)
 
-    base = {lv.policy: lv for lv in levels if lv.concurrency == min(args.concurrency)}
-    target = {lv.concurrency: lv for lv in levels if lv.policy == "target-only"}
-    for lv in levels:
-        b = base.get(lv.policy)
-        lv.speedup_vs_concurrency_1 = lv.tokens_per_s / b.tokens_per_s if b and b.tokens_per_s else 0.0
-        t = target.get(lv.concurrency)
-        lv.ratio_vs_target_only = lv.tokens_per_s / t.tokens_per_s if t and t.tokens_per_s else 0.0
-
+    summaries = summarise(levels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{args.tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(levels[0])))
-        w.writeheader()
-        for lv in levels:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(lv).items()})
-    plot(levels, out / f"{args.tag}.png")
+    _write_rows(out / f"{args.tag}_levels.csv", levels)
+    _write_rows(out / f"{args.tag}.csv", summaries)
+    plot(summaries, out / f"{args.tag}.png")
     info = machine_info()
     info.update({"max_tokens": args.max_tokens, "concurrency": args.concurrency, "policies": policies,
+                 "repeats": repeats, "order": "per repeat and concurrency, policies rotated by one per repeat",
                  "server": url if args.url else "started by the benchmark", "fixed_k": args.fixed_k})
     (out / f"{args.tag}_machine.json").write_text(json.dumps(info, indent=1))
 
-    print(f"\n| policy | concurrency | tok/s | × concurrency {min(args.concurrency)} | × target-only | "
+    low = min(args.concurrency)
+    print(f"\n{repeats} repeats; ratios are paired within a repeat: mean [lowest, highest repeat]")
+    print(f"| policy | concurrency | tok/s mean [min, max] | x concurrency {low} | x target-only | "
           "latency p50 / p95 s | ttft p50 / p95 s | target frac | failed |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for lv in levels:
-        print(f"| {lv.policy} | {lv.concurrency} | {lv.tokens_per_s:.2f} | {lv.speedup_vs_concurrency_1:.2f} | "
-              f"{lv.ratio_vs_target_only:.2f} | {lv.latency_p50_s:.1f} / {lv.latency_p95_s:.1f} | "
-              f"{lv.ttft_p50_s:.2f} / {lv.ttft_p95_s:.2f} | {lv.target_token_fraction:.2f} | {lv.failed} |")
-    print(f"\nwrote {out / (args.tag + '.csv')}, .png and _machine.json")
+    for sm in summaries:
+        print(f"| {sm.policy} | {sm.concurrency} | {sm.tokens_per_s:.2f} [{sm.tokens_per_s_min:.2f}, {sm.tokens_per_s_max:.2f}] | "
+              f"{sm.speedup_vs_concurrency_1:.2f} [{sm.speedup_min:.2f}, {sm.speedup_max:.2f}] | "
+              f"{sm.ratio_vs_target_only:.2f} [{sm.ratio_min:.2f}, {sm.ratio_max:.2f}] | "
+              f"{sm.latency_p50_s:.1f} / {sm.latency_p95_s:.1f} | {sm.ttft_p50_s:.2f} / {sm.ttft_p95_s:.2f} | "
+              f"{sm.target_token_fraction:.2f} | {sm.failed} |")
+    print(f"\nwrote {out / (args.tag + '.csv')}, _levels.csv, .png and _machine.json")
     return 1 if any(lv.failed for lv in levels) else 0
 
 
