@@ -22,6 +22,7 @@ from cascade.bench.replay import PathStats, score_paths
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
 from cascade.bench.sweeps import REQUEST_LEVEL, sweep_records
+from cascade.machine import machine_info
 
 
 def choose_config(points: Sequence[Point], budget: float, axis: str = "target_fraction") -> Point:
@@ -193,10 +194,8 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         t_real, t_draft, t_target = pt(config, config, source), pt("draft-only", "draft-only", "real"), pt("target-only", "target-only", "real")
         out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
     candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())
-    from cascade.machine import machine_info
-
     return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates,
-                       machine=machine_info(), imported_timings=sorted(getattr(bench, "timed_on", ())))
+                       machine=machine_info(), imported_timings=sorted(bench.timed_on))
 
 
 def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench) -> list[RunRecord]:

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from cascade.weights import KNOWN_MODELS, SUPPORTED_MODEL_TYPES, is_fetched, models_dir
+from cascade.weights import KNOWN_MODELS, SUPPORTED_MODEL_TYPES, cached_model_dir, is_fetched, models_dir
 
 __all__ = ["hf_cache_snapshot", "hf_hub_cache", "resolve_model", "validate_checkpoint_dir"]
 
@@ -43,7 +43,7 @@ def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = Non
     models = models_dir(home)
     spec = KNOWN_MODELS.get(str(name_or_path))
     if spec is not None:
-        model_dir = models / spec.name
+        model_dir = cached_model_dir(spec, home)
         if not is_fetched(spec, model_dir):
             raise FileNotFoundError(f"model {spec.name!r} is not in the cache ({model_dir}); run "
                                     "`cascade fetch-models` first to download and convert the default pair")
