@@ -263,7 +263,7 @@ def test_static_steps_match_eager(qwen, monkeypatch):
     a, b = fresh(path, cuda_graphs="uncaptured", graph_tokens=(2, 4)), fresh(path)
     assert a.describe()["decode"] == "static" and b.describe()["decode"] == "eager"
     calls = []
-    real = a._span_static
+    real = a._static_step
     monkeypatch.setattr(a._graphs, "step", lambda *args: calls.append(tuple(args[1].shape)) or real(*args))
     for r in (a, b):
         r.forward_span([1, 3], [[1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8]])  # longer than 4: eager on both

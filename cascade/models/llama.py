@@ -211,7 +211,7 @@ class LlamaRunner:
             from cascade.models.cuda_graphs import GraphedSteps
 
             tokens = sorted(set(int(n) for n in graph_tokens) | {1})
-            self._graphs = GraphedSteps(self._span_static, max_rows, tokens, self.scratch_row, self.device,
+            self._graphs = GraphedSteps(self._static_step, max_rows, tokens, self.scratch_row, self.device,
                                         capture=cuda_graphs is True, width=self.vocab_size)
             self._graphs.capture_all(graph_loops)
 
@@ -393,7 +393,7 @@ class LlamaRunner:
             off += n
         num_logits = [int(k) for k in num_logits]
         if self._graphs is not None and max(ns) <= self._graphs.max_tokens:
-            out = self._static_span(rows, spans, ns, sel)
+            out = self._forward_graphed(rows, spans, ns, sel)
         else:
             plan = self._plan(rows, starts, ns)
             out = self._forward(ids.to(self.device, non_blocking=True), plan, sel)
@@ -403,7 +403,7 @@ class LlamaRunner:
             self._sync_len_dev(rows)
         return out
 
-    def _static_span(self, rows: list[int], spans: list[list[int]], ns: list[int], sel: list[int]) -> torch.Tensor:
+    def _forward_graphed(self, rows: list[int], spans: list[list[int]], ns: list[int], sel: list[int]) -> torch.Tensor:
         """``forward_span`` through the static steps: spans padded to ``[B, max(ns)]``; returns the logits of
         the flat positions ``sel`` (as ``_forward``), [len(sel), V] float32."""
         n = max(ns)
@@ -578,7 +578,7 @@ class LlamaRunner:
             self._len[r] += steps
         return out
 
-    def _span_static(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    def _static_step(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
         """The static step the CUDA graphs capture: ``rows [Bb]``, ``ids [Bb, n]``, ``n_valid [Bb]`` device int64
         (padding batch slots hold ``scratch_row``; token slots ``t >= n_valid[b]`` are padding, written to the
         scratch row). Row b's tokens go to positions ``len[b] ..`` read from ``_len_dev``; attention is the
