@@ -19,7 +19,7 @@ every client holds a row) on a free port of 127.0.0.1, and stops it at the end; 
 that is already running instead. Writes CSV, a PNG (throughput and latency vs concurrency) and machine info
 to benchmarks/results/.
 
-    .venv/bin/python benchmarks/serve_load.py                      # default pair, CPU: about 15 minutes
+    .venv/bin/python benchmarks/serve_load.py                      # default pair, CPU: 3 interleaved repeats, about 16 minutes
     .venv/bin/python benchmarks/serve_load.py --quick              # 2 levels, few tokens: a smoke test
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --policies chow:0.3
 """
