@@ -5,21 +5,28 @@ of chat requests (greedy, streamed, bounded in count and time) is sent by that m
 Per level: throughput (completion tokens / wall time of the level), latency p50 / p95, time to first token
 p50 / p95, target_token_fraction and failed requests.
 
-Order: a server's throughput drifts over its life (on a 2-core CPU a level ran a few percent slower than
-the one before it), so a fixed order (target-only always first) biases every "x target-only" ratio. The
-levels are therefore run in rounds: each repeat visits every concurrency, and at each concurrency runs all
-policies back to back in an order rotated by one per repeat (a Latin square when repeats = policies), so
-every policy runs first, middle and last equally often. A policy's ratio to target-only is paired: its
-level / target-only's level of the same repeat and concurrency (run minutes apart), reported as the mean
-over repeats with the lowest and highest repeat; throughput ratios across concurrency likewise.
-Every level's own figures go to ``<tag>_levels.csv``; the summary (means, ratio ranges) to ``<tag>.csv``.
+Order and noise: throughput measured minutes apart differs for reasons outside the server. On a shared
+2-core cloud VM the memory bandwidth the host gives this machine moves with its other tenants (a fixed
+bf16 matrix product: 18.6 to 24.5 GB/s in consecutive 5-second windows; six identical target-only runs of
+one engine back to back: 56 to 72.5 tok/s, with no CPU steal and constant memory), and decoding is
+bandwidth-bound. A fixed order (target-only always first) therefore biases every "x target-only" ratio, and
+one run of each level cannot tell a 5 % difference from the host. The levels are run in rounds: each repeat
+visits every concurrency, and at each concurrency runs all policies back to back in an order rotated by one
+per repeat (by default twice round the rotation, so every policy runs first, middle and last twice); levels
+are short (at most one wave of 16 requests) so that the levels compared are close in time. A policy's ratio
+to target-only is paired (its level / target-only's level of the same repeat and concurrency) and reported
+as the mean over repeats with its 95 % t-interval and the lowest and highest repeat; ratios across
+concurrency likewise. Before each level the script probes the host's memory bandwidth for ``--host-probe``
+seconds while the server idles (``benchmarks/machine.py``), saves it with the level, and prints its
+correlation with the levels' spread, so the host's state behind each figure is on record.
+Every level's own figures go to ``<tag>_levels.csv``; the summary (means, intervals, ranges) to ``<tag>.csv``.
 
 By default the script starts `cascade serve` itself (default pair, --max-rows = the highest concurrency, so
 every client holds a row) on a free port of 127.0.0.1, and stops it at the end; `--url` drives a server
 that is already running instead. Writes CSV, a PNG (throughput and latency vs concurrency) and machine info
 to benchmarks/results/.
 
-    .venv/bin/python benchmarks/serve_load.py                      # default pair, CPU: 3 interleaved repeats, about 16 minutes
+    .venv/bin/python benchmarks/serve_load.py                      # default pair, CPU: 6 interleaved repeats, about 22 minutes
     .venv/bin/python benchmarks/serve_load.py --quick              # 2 levels, few tokens: a smoke test
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --policies chow:0.3
 """
@@ -37,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine import machine_info
+from machine import machine_info, memory_bandwidth_gb_s
 from prompts import PROMPTS
 
 
@@ -59,6 +66,7 @@ class Level:
     ttft_p50_s: float
     ttft_p95_s: float
     target_token_fraction: float
+    host_gb_s: float = float("nan")  # the host's memory bandwidth just before the level (``--host-probe``)
 
 
 @dataclass
@@ -83,6 +91,16 @@ class Summary:
     ratio_vs_target_only: float  # mean over repeats of (this level / target-only's, same repeat and concurrency)
     ratio_min: float
     ratio_max: float
+    # 95 % t-intervals of the two means over repeats (nan with one repeat; absent from older CSVs)
+    speedup_lo95: float = float("nan")
+    speedup_hi95: float = float("nan")
+    ratio_lo95: float = float("nan")
+    ratio_hi95: float = float("nan")
+
+
+def requests_per_level(concurrency: int) -> int:
+    """The default requests of a level: two per client, at least 3, at most 16 (one wave at 16 clients)."""
+    return min(16, max(3, 2 * concurrency))
 
 
 def schedule(policies: list[str], concurrency: list[int], repeats: int) -> list[tuple[int, int, int, str]]:
@@ -119,12 +137,17 @@ def summarise(levels: list[Level]) -> list[Summary]:
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else 0.0
 
+    def interval(xs: list[float]) -> tuple[float, float]:
+        lo, hi = mean_interval(xs)
+        return round(lo, 6), round(hi, 6)
+
     summaries = []
     for policy, c in keys:
         rows = sorted((lv for lv in levels if lv.policy == policy and lv.concurrency == c), key=lambda lv: lv.repeat)
         vs_target = ratios(rows, lambda lv: by.get(("target-only", lv.concurrency, lv.repeat)))
         vs_low = ratios(rows, lambda lv: by.get((lv.policy, lowest, lv.repeat)))
         tps = [lv.tokens_per_s for lv in rows]
+        (s_lo, s_hi), (r_lo, r_hi) = interval(vs_low), interval(vs_target)
         summaries.append(Summary(
             policy=policy, concurrency=c, repeats=len(rows), failed=sum(lv.failed for lv in rows),
             tokens_per_s=mean(tps), tokens_per_s_min=min(tps), tokens_per_s_max=max(tps),
@@ -133,8 +156,45 @@ def summarise(levels: list[Level]) -> list[Summary]:
             target_token_fraction=mean([lv.target_token_fraction for lv in rows]),
             speedup_vs_concurrency_1=mean(vs_low), speedup_min=min(vs_low, default=0.0), speedup_max=max(vs_low, default=0.0),
             ratio_vs_target_only=mean(vs_target), ratio_min=min(vs_target, default=0.0),
-            ratio_max=max(vs_target, default=0.0)))
+            ratio_max=max(vs_target, default=0.0), speedup_lo95=s_lo, speedup_hi95=s_hi, ratio_lo95=r_lo,
+            ratio_hi95=r_hi))
     return summaries
+
+
+def mean_interval(xs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The t-interval of the mean of ``xs`` (independent repeats of a paired ratio); (nan, nan) for fewer
+    than two values."""
+    import math
+    import statistics
+
+    if len(xs) < 2:
+        return float("nan"), float("nan")
+    from scipy.stats import t
+
+    m, half = statistics.fmean(xs), t.ppf(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m - half, m + half
+
+
+def host_correlation(levels: list[Level]) -> float:
+    """Pearson r between each level's host bandwidth probe and its throughput relative to the mean of its
+    (policy, concurrency): how much of the spread between repeats the host's state explains (nan when
+    the probe was off or nothing varies)."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[Level]] = {}
+    for lv in levels:
+        groups.setdefault((lv.policy, lv.concurrency), []).append(lv)
+    xs, ys = [], []
+    for group in groups.values():
+        base = statistics.fmean(lv.tokens_per_s for lv in group)
+        for lv in group:
+            if lv.host_gb_s == lv.host_gb_s and base > 0:  # not nan
+                xs.append(lv.host_gb_s)
+                ys.append(lv.tokens_per_s / base)
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:
+        return float("nan")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -293,10 +353,14 @@ def main(argv: list[str] | None = None) -> int:
                          "speculative, chow(alpha=0.3)); target-only is added first if missing, as the ratios' base")
     ap.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: 1,4,16)")
     ap.add_argument("--repeats", type=int, default=0,
-                    help="rounds over all levels, policy order rotated by one per round (default: as many as "
-                         "policies, so each runs first, middle and last once)")
+                    help="rounds over all levels, policy order rotated by one per round (default: twice as many "
+                         "as policies, so each runs at each place in the order twice)")
     ap.add_argument("--requests", type=int, default=0,
-                    help="requests per level (default: max(4, 2 x concurrency), at most 32)")
+                    help="requests per level (default: 2 x concurrency, at least 3 and at most 16: one wave at 16, "
+                         "so that the levels compared are short and close in time)")
+    ap.add_argument("--host-probe", type=float, default=2.0, metavar="SECONDS",
+                    help="before each level, measure the host's memory bandwidth for this long in this process "
+                         "while the server idles (benchmarks/machine.py; 0: off); saved per level (default: 2)")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
     ap.add_argument("--time-limit", type=float, default=300.0,
                     help="seconds per level after which no new request starts (default: 300)")
@@ -322,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         policies.insert(0, "target-only")
     if args.quick:
         args.concurrency, args.max_tokens, args.requests, args.repeats = [1, 4], 8, 4, args.repeats or 1
-    repeats = args.repeats or len(policies)
+    repeats = args.repeats or 2 * len(policies)
     plan = schedule(policies, args.concurrency, repeats)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         raise SystemExit("--url: this benchmark drives a server on 127.0.0.1 only")
@@ -342,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:  # warm-up: every policy's first request pays its one-off costs here
             one_request(client, "cascade", PROMPTS[0], 4, policy)
         for i, (r, c, pos, policy) in enumerate(plan):
-            n = args.requests or min(32, max(4, 2 * c))
+            n = args.requests or requests_per_level(c)
             print(f"  [{i + 1}/{len(plan)}] repeat {r + 1}/{repeats}, {policy} @ concurrency {c}: {n} requests ...", flush=True)
+            host = memory_bandwidth_gb_s(args.host_probe) if args.host_probe > 0 else float("nan")
             lv = run_level(client, "cascade", policy, c, n, args.max_tokens, args.time_limit, repeat=r, position=pos)
+            lv.host_gb_s = round(host, 2)
             levels.append(lv)
             print(f"    {lv.tokens_per_s:.2f} tok/s, latency p50 {lv.latency_p50_s:.1f} s, "
                   f"ttft p50 {lv.ttft_p50_s:.2f} s, failed {lv.failed}", flush=True)
@@ -362,20 +428,27 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     info.update({"max_tokens": args.max_tokens, "concurrency": args.concurrency, "policies": policies,
                  "repeats": repeats, "order": "per repeat and concurrency, policies rotated by one per repeat",
+                 "host_probe_s": args.host_probe,
                  "server": url if args.url else "started by the benchmark", "fixed_k": args.fixed_k})
     (out / f"{args.tag}_machine.json").write_text(json.dumps(info, indent=1))
 
     low = min(args.concurrency)
-    print(f"\n{repeats} repeats; ratios are paired within a repeat: mean [lowest, highest repeat]")
+    print(f"\n{repeats} repeats; ratios are paired within a repeat: mean (95 % t-interval) [lowest, highest repeat]")
     print(f"| policy | concurrency | tok/s mean [min, max] | x concurrency {low} | x target-only | "
           "latency p50 / p95 s | ttft p50 / p95 s | target frac | failed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for sm in summaries:
         print(f"| {sm.policy} | {sm.concurrency} | {sm.tokens_per_s:.2f} [{sm.tokens_per_s_min:.2f}, {sm.tokens_per_s_max:.2f}] | "
-              f"{sm.speedup_vs_concurrency_1:.2f} [{sm.speedup_min:.2f}, {sm.speedup_max:.2f}] | "
-              f"{sm.ratio_vs_target_only:.2f} [{sm.ratio_min:.2f}, {sm.ratio_max:.2f}] | "
+              f"{sm.speedup_vs_concurrency_1:.2f} ({sm.speedup_lo95:.2f}-{sm.speedup_hi95:.2f}) "
+              f"[{sm.speedup_min:.2f}, {sm.speedup_max:.2f}] | "
+              f"{sm.ratio_vs_target_only:.2f} ({sm.ratio_lo95:.2f}-{sm.ratio_hi95:.2f}) "
+              f"[{sm.ratio_min:.2f}, {sm.ratio_max:.2f}] | "
               f"{sm.latency_p50_s:.1f} / {sm.latency_p95_s:.1f} | {sm.ttft_p50_s:.2f} / {sm.ttft_p95_s:.2f} | "
               f"{sm.target_token_fraction:.2f} | {sm.failed} |")
+    probes = [lv.host_gb_s for lv in levels if lv.host_gb_s == lv.host_gb_s]
+    if probes:
+        print(f"\nhost memory bandwidth before each level: {min(probes):.1f} to {max(probes):.1f} GB/s; its "
+              f"correlation with each level's throughput / its policy-and-concurrency mean: r = {host_correlation(levels):.2f}")
     print(f"\nwrote {out / (args.tag + '.csv')}, _levels.csv, .png and _machine.json")
     return 1 if any(lv.failed for lv in levels) else 0
 

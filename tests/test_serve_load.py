@@ -71,3 +71,51 @@ def test_summary_csv_round_trips_and_replots(serve_load, tmp_path):
     assert [(s.policy, s.concurrency, s.repeats) for s in back] == [(s.policy, s.concurrency, s.repeats) for s in summaries]
     assert serve_load.main(["--replot", str(path)]) == 0
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_ratio_intervals_are_t_intervals_over_repeats(serve_load):
+    lo, hi = serve_load.mean_interval([0.9, 1.0, 1.1])
+    half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, df=2) * sd / sqrt(n)
+    assert (lo, hi) == (pytest.approx(1.0 - half), pytest.approx(1.0 + half))
+    assert all(x != x for x in serve_load.mean_interval([1.0]))  # one repeat: no interval (nan)
+    levels = [_level(serve_load, "target-only", 16, r, 10.0) for r in range(3)]
+    levels += [_level(serve_load, "speculative", 16, r, tps) for r, tps in enumerate((9.0, 10.0, 11.0))]
+    spec = {s.policy: s for s in serve_load.summarise(levels)}["speculative"]
+    assert (spec.ratio_lo95, spec.ratio_hi95) == (pytest.approx(1.0 - half, abs=1e-5), pytest.approx(1.0 + half, abs=1e-5))
+    assert spec.ratio_min == pytest.approx(0.9) and spec.ratio_max == pytest.approx(1.1)
+
+
+def test_an_older_summary_csv_without_intervals_still_replots(serve_load, tmp_path):
+    summaries = serve_load.summarise([_level(serve_load, "target-only", c, 0, 10.0 * c) for c in (1, 4)])
+    path = tmp_path / "old.csv"
+    serve_load._write_rows(path, summaries)
+    header, *rows = path.read_text().splitlines()
+    keep = [i for i, name in enumerate(header.split(",")) if not name.endswith("95")]
+    path.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in [header, *rows]) + "\n")
+    back = serve_load._read_rows(path, serve_load.Summary)
+    assert back[1].tokens_per_s == pytest.approx(40.0) and back[1].ratio_lo95 != back[1].ratio_lo95
+    assert serve_load.main(["--replot", str(path)]) == 0
+
+
+def test_host_probe_correlation_and_default_level_sizes(serve_load):
+    levels = []
+    for r, host in enumerate((18.0, 21.0, 24.0)):  # throughput follows the host's bandwidth in every group
+        for policy, base in (("target-only", 50.0), ("speculative", 60.0)):
+            lv = _level(serve_load, policy, 16, r, base * host / 21.0)
+            lv.host_gb_s = host
+            levels.append(lv)
+    assert serve_load.host_correlation(levels) == pytest.approx(1.0)
+    unprobed = serve_load.host_correlation([_level(serve_load, "target-only", 1, r, 5.0 + r) for r in range(3)])
+    assert unprobed != unprobed  # no probe (nan bandwidth): no correlation (nan)
+    assert [serve_load.requests_per_level(c) for c in (1, 4, 16, 64)] == [3, 8, 16, 16]
+
+
+def test_memory_bandwidth_probe_measures_and_rejects_bad_input():
+    sys.path.insert(0, str(BENCH))
+    try:
+        machine = importlib.import_module("machine")
+    finally:
+        sys.path.remove(str(BENCH))
+    assert machine.memory_bandwidth_gb_s(0.05, mib=4) > 0
+    with pytest.raises(ValueError, match="seconds"):
+        machine.memory_bandwidth_gb_s(0)
