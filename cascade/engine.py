@@ -193,6 +193,7 @@ class Engine(DraftSteps):
             catch_up = sum(max(0, len(s.tokens) - s.draft_len - 1) for s in lossless)
             remaining = sum(s.params.max_tokens - s.num_emitted for s in lossless) / len(lossless)
             k_round = self.block_controller.choose(len(seqs), max(s.policy.k for s in lossless), catch_up, remaining)
+            self.stats.block_length_rounds[k_round] = self.stats.block_length_rounds.get(k_round, 0) + 1
         fed = sum(len(s.tokens) - s.draft_len for s in cascading if not (k_round == 0 and s in lossless))
         moved = lossless if k_round == 0 else []  # no speculation this round: the target decodes them alone
         if moved:

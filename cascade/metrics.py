@@ -104,3 +104,5 @@ class EngineStats:
     time_kernels_s: float = 0.0  # confidence + verify
     time_total_s: float = 0.0
     host_syncs: int = 0  # device -> host reads of the rounds (``cascade.host.fetch`` calls)
+    # dynamic speculation (``cascade.speculation``): block length chosen -> rounds that ran it
+    block_length_rounds: dict[int, int] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from cascade.policies import parse_policy
 from cascade.policies.base import _REGISTRY, register
 from cascade.policies.speculative_cascades import Chow
 from cascade.server import create_app
+from cascade.speculation import BlockLengthController
 from cascade.server.protocol import TextDelta
 from test_engine import make_cascade
 from tiny_tokenizer import CharTokenizer
@@ -115,6 +116,26 @@ def test_models_health_and_metrics(server):
                  "cascade_acceptance_length", "cascade_target_token_fraction", "cascade_round_seconds",
                  "cascade_queue_depth", "cascade_active_rows", "cascade_kv_rows_free"):
         assert name in text, name
+
+
+def test_metrics_count_dynamic_speculation_block_lengths(tiny_pair_dirs):
+    """A server whose engine chooses block lengths exports how many rounds ran at each k."""
+    from cascade.config import EngineConfig
+
+    cascade = tiny_cascade(tiny_pair_dirs)
+    cascade.engine.config = EngineConfig(max_rows=4, max_len=256, adaptive_k=True)
+    cascade.engine.block_controller = BlockLengthController()
+    cascade.engine.profile_speculation()
+    s = start_server(cascade, default_policy="speculative", default_max_tokens=12)
+    try:
+        s.client().chat.completions.create(model="cascade", messages=MESSAGES, max_tokens=12, temperature=0)
+        m = wait_idle(s)
+        counted = {k: m[f'cascade_block_length_rounds_total{{k="{k}"}}'] for k in range(6)
+                   if f'cascade_block_length_rounds_total{{k="{k}"}}' in m}
+        assert counted == {k: float(n) for k, n in cascade.engine.stats.block_length_rounds.items()}
+        assert sum(counted.values()) >= 1
+    finally:
+        s.stop()
 
 
 def test_chat_streamed_equals_not_streamed(server):

@@ -78,6 +78,8 @@ def test_engine_keeps_speculative_lossless_while_k_changes(tiny_pair_dirs):
     got = [r.token_ids for r in c.generate(PROMPTS, SamplingParams(max_tokens=40), policy="speculative")]
     assert got == want
     assert 0 in seen and 5 in seen  # both arms ran: no speculation, and the policy's full block
+    counted = c.engine.stats.block_length_rounds  # the engine's record of the choices (benchmarks read it)
+    assert counted == {k: seen.count(k) for k in set(seen)}
     # non-lossless policies keep their own k: chow's blocks are untouched by the controller
     seen.clear()
     c.generate(PROMPTS, SamplingParams(max_tokens=10), policy="chow(alpha=0.3)")

@@ -16,6 +16,8 @@ Metric names (prefixed ``cascade_``; every series labelled ``model_name``, the s
 - ``target_errors_total``: target passes that failed (a vLLM target down or timing out), per request.
 - ``target_token_fraction`` (histogram, per finished request); ``request_seconds``, ``time_to_first_token_seconds``.
 - ``round_seconds`` (histogram): one engine round.
+- ``block_length_rounds_total{k}``: rounds dynamic speculation ran lossless requests at block length k
+  (``k="0"``: not speculating, the target decoding them alone); absent when it is off (``--fixed-k``).
 - ``queue_depth``, ``active_rows``, ``kv_rows_free`` (gauges).
 
 The cascade's own stats dataclasses live in ``cascade.metrics``; this module only exports them.
@@ -69,6 +71,9 @@ class ServerMetrics:
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r).labels(model_name)
         self.round_seconds = Histogram("cascade_round_seconds", "One engine round over the running batch", m,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r).labels(model_name)
+        self._block_lengths = Counter("cascade_block_length_rounds", "Rounds dynamic speculation ran lossless "
+                                      "requests at block length k (0: no speculation)", m + ["k"], registry=r)
+        self._block_lengths_seen: dict[int, int] = {}
         self.queue_depth = Gauge("cascade_queue_depth", "Requests waiting for a cache row", m, registry=r).labels(model_name)
         self.active_rows = Gauge("cascade_active_rows", "Cache rows held by running requests", m, registry=r).labels(model_name)
         self.kv_rows_free = Gauge("cascade_kv_rows_free", "Cache rows free", m, registry=r).labels(model_name)
@@ -101,6 +106,15 @@ class ServerMetrics:
             self.request_seconds.observe(time.perf_counter() - handle.submitted_at)
             if handle.first_token_at is not None:
                 self.ttft_seconds.observe(handle.first_token_at - handle.submitted_at)
+
+    def block_lengths(self, rounds_by_k: dict[int, int]) -> None:
+        """The engine's running count of rounds per chosen block length (``EngineStats.block_length_rounds``):
+        the counters advance by what is new since the last call."""
+        for k, n in rounds_by_k.items():
+            new = n - self._block_lengths_seen.get(k, 0)
+            if new > 0:
+                self._block_lengths.labels(self.model_name, str(k)).inc(new)
+                self._block_lengths_seen[k] = n
 
     def refused(self, http_status: int) -> None:
         self._requests.labels(self.model_name, str(http_status)).inc()

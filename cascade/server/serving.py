@@ -215,6 +215,7 @@ class EngineLoop:
             self.round_seconds_avg = 0.9 * self.round_seconds_avg + 0.1 * elapsed
             if self.metrics is not None:
                 self.metrics.round_seconds.observe(elapsed)
+                self.metrics.block_lengths(self.engine.stats.block_length_rounds)
             for out in outputs:
                 h = self._handles.get(out.request_id)
                 if h is None:
