@@ -2,26 +2,17 @@
 paired ratios, and that a fixed-k block really runs without the controller (the bench itself loads the
 real pair: see the script)."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
+from benchmark_scripts import import_benchmark
 from cascade.config import EngineConfig, SamplingParams
 from cascade.speculation import BlockLengthController
 from test_engine import PROMPTS, make_cascade
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def ab():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("block_length_ab")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_benchmark("block_length_ab")
 
 
 def test_configurations_and_rotation(ab):

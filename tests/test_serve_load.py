@@ -1,22 +1,14 @@
 """``benchmarks/serve_load.py``'s run order and paired ratios (the load itself runs the real server: see the
 script; these check the bookkeeping that turns its levels into the reported ratios)."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def serve_load():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("serve_load")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_benchmark("serve_load")
 
 
 def test_schedule_rotates_policies_so_each_runs_at_each_position_once(serve_load):
@@ -111,11 +103,7 @@ def test_host_probe_correlation_and_default_level_sizes(serve_load):
 
 
 def test_memory_bandwidth_probe_measures_and_rejects_bad_input():
-    sys.path.insert(0, str(BENCH))
-    try:
-        machine = importlib.import_module("machine")
-    finally:
-        sys.path.remove(str(BENCH))
+    machine = import_benchmark("machine")
     assert machine.memory_bandwidth_gb_s(0.05, mib=4) > 0
     with pytest.raises(ValueError, match="seconds"):
         machine.memory_bandwidth_gb_s(0)
