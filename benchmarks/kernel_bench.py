@@ -45,9 +45,10 @@ from cascade.machine import cpu_model  # noqa: E402
 
 PROVIDERS = ("torch-eager", "torch-reference", "triton", "triton-row")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# peak HBM bandwidth, GB/s (vendor figures); first match on the lower-cased device name wins
+# peak HBM bandwidth, GB/s (vendor figures); first match on the lower-cased device name wins, so a name
+# that contains another comes before it ("gh200" before "h200", "l40s" before "l40" before "l4")
 PEAK_GBPS = [
-    ("h200", 4800.0), ("gh200", 4000.0), ("h100 nvl", 3900.0), ("h100 pcie", 2000.0), ("h100", 3350.0),
+    ("gh200", 4000.0), ("h200", 4800.0), ("h100 nvl", 3900.0), ("h100 pcie", 2000.0), ("h100", 3350.0),
     ("h800", 3350.0), ("b200", 8000.0), ("a100-sxm4-80gb", 2039.0), ("a100 80gb pcie", 1935.0),
     ("a100", 1555.0), ("l40s", 864.0), ("l40", 864.0), ("l4", 300.0), ("a10g", 600.0), ("a10", 600.0),
     ("v100", 900.0), ("t4", 320.0), ("rtx 4090", 1008.0), ("rtx 3090", 936.0),
