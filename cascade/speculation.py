@@ -44,7 +44,8 @@ requests at k (their mean remaining tokens / tokens(k)). For the same reason an 
 k = 0 while the catch-up would cost more than a round, and a batch-size bucket seen for the first time
 starts from the nearest bucket's measurements instead of warming up (a warm-up at the policy's k would pay
 the catch-up too). Nothing is timed with extra syncs: on CUDA the phases are CUDA events read after the
-round's last host read; elsewhere wall clock.
+round's last host read (waiting only for the "end" event, behind the commit's few cache-length updates);
+elsewhere wall clock.
 
 Better than any warm-up is a start-up profile (``profile_pair``, run by ``Engine.profile_speculation``;
 ``cascade serve`` and ``Cascade.from_pretrained(adaptive_k=True)`` run it): a few synthetic passes of both
@@ -89,7 +90,11 @@ class RoundClock:
     def seconds(self, start: str, end: str) -> float:
         a, b = self.marks[start], self.marks[end]
         if self.cuda:
-            return a.elapsed_time(b) / 1e3  # both events are complete: the round has read the device
+            # the round's last device read completed everything before it, but the commit enqueues a little
+            # more (cache-length updates) before the "end" mark: wait for that event, or elapsed_time would
+            # raise "device not ready" whenever the host gets here first (a wait of microseconds)
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
         return b - a
 
 

@@ -5,6 +5,7 @@ change (greedy speculative == target-only at every k it chooses)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cascade import SamplingParams
 from cascade.config import EngineConfig
@@ -223,3 +224,35 @@ def test_measured_round_times_overrule_the_parts_model():
     ctrl.observe(batch=16, k=1, draft_s=2.0, decode_s=0.0, decode_steps=0, target_s=0.35, target_positions=32,
                  total_s=2.7, accepted=14, verified=16, fed_positions=16 * 40, fed_s=2.0)
     assert ctrl._bucket(16).round_s[1] == before
+
+
+def test_round_clock_waits_for_the_end_event_before_reading_cuda_times(monkeypatch):
+    """On CUDA the commit enqueues work after the round's last device read, so the "end" event may not be
+    complete when the controller reads the round's times; elapsed_time then raises "device not ready"."""
+    from cascade.speculation import RoundClock
+
+    class PendingEvent:  # a CUDA event whose work is still queued until someone waits for it
+        made = []
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.done, self.t = False, float(len(PendingEvent.made))
+            PendingEvent.made.append(self)
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            self.done = True
+
+        def elapsed_time(self, other):
+            if not other.done:
+                raise RuntimeError("CUDA error: device not ready")
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", PendingEvent)
+    clock = RoundClock(torch.device("cuda"))
+    for name in ("start", "drafted", "end"):
+        clock.mark(name)
+    assert clock.seconds("start", "end") == pytest.approx(2.0)
+    assert clock.seconds("start", "drafted") == pytest.approx(1.0)
