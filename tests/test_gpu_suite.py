@@ -45,6 +45,8 @@ def test_smoke_runs_every_section_with_only_torch_triton_numpy(tmp_path):
     assert all(r["us_per_token"] > 0 and r["positions"] == 5 * r["rows"] for r in kernels if r["kernel"] == "router")
     assert all(r["matches_reference"] for r in kernels if "matches_reference" in r)
     assert all(r["max_abs_err"] < 1e-4 for r in kernels if r["kernel"] == "cache_attention")
+    assert not [r for r in kernels if "error" in r]  # a failing part would leave a row with its error
+    assert {r["block_l"] for r in kernels if r["kernel"] == "cache_attention"} == {16, 64}
 
     steps = s["runner_steps"]["rows"]
     assert {(r["shape"], r["mode"]) for r in steps} == {(m, mode) for m in ("0.5b", "1.5b", "7b") for mode in ("eager", "graph")}

@@ -541,3 +541,18 @@ def test_real_draft_model_matches_transformers():
     span = [5, 6, 7, 8]
     out = runner.forward_span([1], [span])
     assert maxdiff(out, hf_logits(model, seqs[1] + span)[-4:]) < tol
+
+
+def test_token_buckets_longer_than_a_row_are_dropped(qwen, monkeypatch):
+    """Warming up or capturing a bucket of n tokens writes scratch-row positions 0 .. n - 1, so a bucket
+    longer than max_len is not made (on CUDA its warm-up would index past the cache: a device assert);
+    a span longer than the largest bucket left runs eagerly, with the eager runner's logits."""
+    _, path = qwen
+    a = fresh(path, cuda_graphs="uncaptured", max_len=6)  # default buckets 1, 2, 4, 8, 16
+    assert a._graphs.token_buckets == [1, 2, 4]
+    b = fresh(path, max_len=6)
+    calls = []
+    real = a._static_step
+    monkeypatch.setattr(a._graphs, "step", lambda *args: calls.append(tuple(args[1].shape)) or real(*args))
+    got, want = (r.forward_span([0], [[1, 2, 3, 4, 5]]) for r in (a, b))
+    assert calls == [] and maxdiff(got, want) < TOL

@@ -222,8 +222,8 @@ def cache_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v = v_cache[r, :, :end].float()
         qb = q[b, :nv].float().view(nv, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, nv, D]
         scores = torch.einsum("hgtd,hld->hgtl", qb, k) / math.sqrt(D)
-        pos = torch.arange(s0, end).view(1, 1, nv, 1)
-        scores = scores.masked_fill(torch.arange(end).view(1, 1, 1, end) > pos, float("-inf"))
+        pos = torch.arange(s0, end, device=q.device).view(1, 1, nv, 1)
+        scores = scores.masked_fill(torch.arange(end, device=q.device).view(1, 1, 1, end) > pos, float("-inf"))
         o = torch.einsum("hgtl,hld->hgtd", torch.softmax(scores, dim=-1), v)  # [Hkv, G, nv, D]
         out[b, :nv] = o.permute(2, 0, 1, 3).reshape(nv, H, D).to(q.dtype)
     return out

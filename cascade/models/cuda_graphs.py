@@ -86,11 +86,16 @@ class GraphedSteps:
         return self._capture_call(b, n, lambda: self.step(rows, ids, valid))
 
     def _capture_call(self, b: int, n: int, fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-        """Warm ``fn`` up on a side stream and capture it, on scratch-row-only inputs of bucket (b, n)."""
+        """Capture ``fn`` on scratch-row-only inputs of bucket (b, n). It overwrites the static inputs, so a
+        caller fills them with its batch only after this returns (a graph first met mid-serving too)."""
         rows, ids, valid = self._inputs(b, n)
         rows.fill_(self.scratch_row)
         ids.zero_()
         valid.fill_(n)
+        return self._record(fn)
+
+    def _record(self, fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm ``fn`` up on a side stream (Triton compiles there, not during capture), then capture it."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -155,11 +160,13 @@ class GraphedSteps:
             self.loop_mask.zero_()
             self.loop_mask[vocab:] = float("-inf")
             self._mask_vocab = vocab
-        self._fill(rows, ids.view(-1, 1), torch.ones(B, dtype=torch.long, device=self.device), b, 1)
+        ones = torch.ones(B, dtype=torch.long, device=self.device)
         if not self.capture:
+            self._fill(rows, ids.view(-1, 1), ones, b, 1)
             logits, tokens = self._loop_body(b, steps)()
             return logits[:, :B], tokens[:, :B]
-        graph, (logits, tokens) = self._loop_graph(b, steps)
+        graph, (logits, tokens) = self._loop_graph(b, steps)  # first: a capture resets the static inputs
+        self._fill(rows, ids.view(-1, 1), ones, b, 1)
         graph.replay()
         return logits[:, :B].clone(), tokens[:, :B].clone()
 
@@ -177,11 +184,12 @@ class GraphedSteps:
     def __call__(self, rows: torch.Tensor, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
         B, n_in = ids.shape
         b, n = self.bucket(B, n_in)
-        self._fill(rows, ids, n_valid, b, n)
         if not self.capture:
+            self._fill(rows, ids, n_valid, b, n)
             return self.step(*self._inputs(b, n))[:B, :n_in]
-        if (b, n) not in self.graphs:
+        if (b, n) not in self.graphs:  # before the fill: a capture resets the static inputs
             self.graphs[(b, n)] = self._capture(b, n)
         graph, out = self.graphs[(b, n)]
+        self._fill(rows, ids, n_valid, b, n)
         graph.replay()
         return out[:B, :n_in].clone()

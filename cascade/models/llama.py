@@ -210,7 +210,9 @@ class LlamaRunner:
         if cuda_graphs == "uncaptured" or (cuda_graphs is True and self.device.type == "cuda"):
             from cascade.models.cuda_graphs import GraphedSteps
 
-            tokens = sorted(set(int(n) for n in graph_tokens) | {1})
+            # a bucket longer than a row cannot be warmed up or captured (it writes positions 0 .. n - 1 of
+            # the scratch row); longer spans run eagerly, as those past the largest bucket do
+            tokens = sorted(n for n in set(int(n) for n in graph_tokens) | {1} if n <= max_len)
             self._graphs = GraphedSteps(self._static_step, max_rows, tokens, self.scratch_row, self.device,
                                         capture=cuda_graphs is True, width=self.vocab_size)
             self._graphs.capture_all(graph_loops)
