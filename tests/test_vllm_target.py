@@ -74,6 +74,22 @@ PROMPTS = [[3, 17, 42, 9], [10, 5, 6, 7, 8, 20, 31], list(range(1, 40)), [1]]
 
 
 # ------------------------------------------------------------------------------- top-k logits
+def test_in_process_vllm_on_a_gpu_leaves_the_draft_its_memory():
+    """vLLM claims gpu_memory_utilization x the GPU's total and refuses to start with less than that free;
+    the draft is on the GPU already, so the default is what is free less the draft's reserve, <= 0.9."""
+    from cascade.models.vllm import shared_gpu_memory_fraction as share
+
+    GiB = 2**30
+    assert share(139 * GiB, 141 * GiB) == 0.9  # an H200 with a small draft: vLLM's own default fits
+    # a 24 GiB GPU with 2.5 GiB taken by the draft: 0.9 would refuse to start (21.6 GiB > 21.5 free)
+    assert share(int(21.5 * GiB), 24 * GiB) == pytest.approx((21.5 - 1.2) / 24, abs=1e-4)
+    assert share(10 * GiB, 16 * GiB, reserve_bytes=2 * GiB) == 0.5
+    with pytest.raises(ValueError, match="vllm_memory_fraction: only 1.5 of 16.0 GiB is free"):
+        share(int(1.5 * GiB), 16 * GiB)
+    with pytest.raises(ValueError, match="not a valid reading"):
+        share(5, 4)
+
+
 def test_truncate_to_topk_keeps_the_topk_and_the_token():
     logits = torch.randn(5, 64) * 3
     tokens = torch.tensor([0, 1, 2, 3, 4])

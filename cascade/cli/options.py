@@ -60,7 +60,9 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="vLLM target: top-k log-probs per position; the target acts as its top-k truncation, exact "
                         "for greedy speculative/chow (default: 20, vLLM's max_logprobs)")
     p.add_argument("--vllm-memory-fraction", type=float, default=None,
-                   help="'vllm:' target: share of GPU memory (of RAM on vLLM's CPU backend) vLLM reserves (default: vLLM's)")
+                   help="'vllm:' target: share of the GPU's total memory (of RAM on vLLM's CPU backend) vLLM reserves "
+                        "(default on a GPU: what is free once the draft is loaded, less 1 GiB or 5 %% kept for the "
+                        "draft, at most 0.9; on the CPU backend: vLLM's)")
     p.add_argument("--vllm-tensor-parallel", type=int, default=1, help="'vllm:' target: GPUs to split the target over (default: 1)")
     p.add_argument("--exact-verify", action="store_true",
                    help="batch-invariant target: every target call is the one batch-1 target-only decoding makes (the "

@@ -135,6 +135,30 @@ def _tail(prompt_logprobs, sample_logprobs, n: int, cached_tokens: int = 0) -> S
 
 
 # ------------------------------------------------------------------------------------------ in-process
+VLLM_DEFAULT_MEMORY_FRACTION = 0.9  # vLLM's own default gpu_memory_utilization
+
+
+def shared_gpu_memory_fraction(free_bytes: int, total_bytes: int, *, reserve_bytes: int | None = None) -> float:
+    """The ``gpu_memory_utilization`` of an in-process vLLM target that shares the GPU with the draft.
+
+    vLLM claims that fraction of the GPU's *total* memory and refuses to start when less than that is free
+    ("Free memory on device ... is less than desired GPU memory utilization"); the draft is loaded first
+    (weights, cache rows, captured graphs) and still needs room while serving (activations, the logits of
+    a batch's drafted positions). So the default is what is free now, less ``reserve_bytes`` for the draft
+    (default: 1 GiB or 5 % of the GPU, the larger), at most vLLM's own 0.9. Raises ValueError naming
+    ``vllm_memory_fraction`` when too little is left for vLLM to hold a model."""
+    if total_bytes <= 0 or not 0 <= free_bytes <= total_bytes:
+        raise ValueError(f"GPU memory: free {free_bytes} / total {total_bytes} bytes is not a valid reading")
+    reserve = max(2**30, total_bytes // 20) if reserve_bytes is None else reserve_bytes
+    fraction = min(VLLM_DEFAULT_MEMORY_FRACTION, (free_bytes - reserve) / total_bytes)
+    if fraction < 0.05:
+        raise ValueError(f"vllm_memory_fraction: only {free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB is free "
+                         f"on the GPU with the draft loaded ({reserve / 2**30:.1f} GiB kept for the draft): too little "
+                         "for an in-process vLLM target; free memory, use a smaller draft cache (--max-rows, --max-len) "
+                         "or reach a vLLM server on another GPU with --target-url")
+    return round(fraction, 4)
+
+
 class InProcessVLLM:
     """A ``vllm.LLM`` engine in this process (its engine core may run in a child process)."""
 
@@ -153,6 +177,8 @@ class InProcessVLLM:
         kwargs = dict(model=str(model), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_len,
                       enable_prefix_caching=True, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
                       max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed)
+        if memory_fraction is None and torch.cuda.is_available():
+            memory_fraction = shared_gpu_memory_fraction(*torch.cuda.mem_get_info())
         if memory_fraction is not None:
             kwargs["gpu_memory_utilization"] = memory_fraction  # on vLLM's CPU backend: the share of RAM it reserves
         if not torch.cuda.is_available():
@@ -419,7 +445,8 @@ class VLLMTargetOptions:
     logprobs: int = DEFAULT_LOGPROBS  # top-k log-probs per position (vLLM's max_logprobs caps it, default 20)
     remote: RemotePolicy = RemotePolicy()  # remote: timeouts, retries, cooldown
     api_key: str | None = field(default=None, repr=False)  # remote: sent as ``Authorization: Bearer`` (vllm serve --api-key)
-    memory_fraction: float | None = None  # in-process: vLLM's gpu_memory_utilization (share of RAM on CPU)
+    memory_fraction: float | None = None  # in-process: vLLM's gpu_memory_utilization (share of RAM on CPU); None on
+    #   a GPU: ``shared_gpu_memory_fraction`` of what is free with the draft loaded
     tensor_parallel_size: int = 1  # in-process: GPUs the target is split over
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # in-process: more vllm.LLM keyword args
 
