@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import statistics
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from machine import machine_info, memory_bandwidth_gb_s
 from prompts import PROMPTS
-from serve_load import mean_interval
+from serve_load import mean_interval, rotated, write_rows
 
 
 @contextlib.contextmanager
@@ -49,11 +48,6 @@ def configurations(ks: list[int]) -> list[tuple[str, str, bool]]:
     """(label, policy, controller on) in the order of the first cycle."""
     return ([("target-only", "target-only", False)] + [(f"k={k}", f"speculative(k={k})", False) for k in ks]
             + [("dynamic", f"speculative(k={max(ks)})", True)])
-
-
-def rotated(items: list, shift: int) -> list:
-    shift %= len(items)
-    return items[shift:] + items[:shift]
 
 
 def summarise(blocks: list[dict]) -> list[dict]:
@@ -102,13 +96,6 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(blocks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / f"{args.tag}_blocks.csv", blocks)
-    write_csv(out / f"{args.tag}.csv", summary)
+    write_rows(out / f"{args.tag}_blocks.csv", blocks)
+    write_rows(out / f"{args.tag}.csv", summary)
     plot(summary, out / f"{args.tag}.png")
     info = machine_info()
     info.update({"max_tokens": args.max_tokens, "batch_sizes": batches, "ks": ks, "cycles": args.cycles,

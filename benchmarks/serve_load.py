@@ -37,7 +37,9 @@ import argparse
 import concurrent.futures
 import csv
 import json
+import math
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +105,12 @@ def requests_per_level(concurrency: int) -> int:
     return min(16, max(3, 2 * concurrency))
 
 
+def rotated(items: list, shift: int) -> list:
+    """``items`` rotated left by ``shift`` (mod its length): the run order of a repeat."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
 def schedule(policies: list[str], concurrency: list[int], repeats: int) -> list[tuple[int, int, int, str]]:
     """(repeat, concurrency, position, policy) in run order: every repeat visits every concurrency, and at
     each one runs all policies back to back, rotated by one per repeat, so that over ``len(policies)``
@@ -112,8 +120,7 @@ def schedule(policies: list[str], concurrency: list[int], repeats: int) -> list[
     out = []
     for r in range(repeats):
         for c in concurrency:
-            shift = r % len(policies)
-            for pos, policy in enumerate(policies[shift:] + policies[:shift]):
+            for pos, policy in enumerate(rotated(policies, r)):
                 out.append((r, c, pos, policy))
     return out
 
@@ -164,9 +171,6 @@ def summarise(levels: list[Level]) -> list[Summary]:
 def mean_interval(xs: list[float], level: float = 0.95) -> tuple[float, float]:
     """The t-interval of the mean of ``xs`` (independent repeats of a paired ratio); (nan, nan) for fewer
     than two values."""
-    import math
-    import statistics
-
     if len(xs) < 2:
         return float("nan"), float("nan")
     from scipy.stats import t
@@ -179,8 +183,6 @@ def host_correlation(levels: list[Level]) -> float:
     """Pearson r between each level's host bandwidth probe and its throughput relative to the mean of its
     (policy, concurrency): how much of the spread between repeats the host's state explains (nan when
     the probe was off or nothing varies)."""
-    import statistics
-
     groups: dict[tuple[str, int], list[Level]] = {}
     for lv in levels:
         groups.setdefault((lv.policy, lv.concurrency), []).append(lv)
@@ -337,12 +339,14 @@ def _read_rows(path: str | Path, cls):
                        for k, v in r.items()}) for r in csv.DictReader(f)]
 
 
-def _write_rows(path: Path, rows) -> None:
+def write_rows(path: Path, rows) -> None:
+    """A CSV of ``rows`` (dataclasses or dicts with the same keys), floats to 4 decimals."""
+    dicts = [row if isinstance(row, dict) else asdict(row) for row in rows]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w = csv.DictWriter(f, fieldnames=list(dicts[0]))
         w.writeheader()
-        for row in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(row).items()})
+        for row in dicts:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = summarise(levels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_rows(out / f"{args.tag}_levels.csv", levels)
-    _write_rows(out / f"{args.tag}.csv", summaries)
+    write_rows(out / f"{args.tag}_levels.csv", levels)
+    write_rows(out / f"{args.tag}.csv", summaries)
     plot(summaries, out / f"{args.tag}.png")
     info = machine_info()
     info.update({"max_tokens": args.max_tokens, "concurrency": args.concurrency, "policies": policies,

@@ -58,7 +58,7 @@ def test_summary_csv_round_trips_and_replots(serve_load, tmp_path):
               for p in ("target-only", "speculative")]
     summaries = serve_load.summarise(levels)
     path = tmp_path / "load.csv"
-    serve_load._write_rows(path, summaries)
+    serve_load.write_rows(path, summaries)
     back = serve_load._read_rows(path, serve_load.Summary)
     assert [(s.policy, s.concurrency, s.repeats) for s in back] == [(s.policy, s.concurrency, s.repeats) for s in summaries]
     assert serve_load.main(["--replot", str(path)]) == 0
@@ -80,7 +80,7 @@ def test_ratio_intervals_are_t_intervals_over_repeats(serve_load):
 def test_an_older_summary_csv_without_intervals_still_replots(serve_load, tmp_path):
     summaries = serve_load.summarise([_level(serve_load, "target-only", c, 0, 10.0 * c) for c in (1, 4)])
     path = tmp_path / "old.csv"
-    serve_load._write_rows(path, summaries)
+    serve_load.write_rows(path, summaries)
     header, *rows = path.read_text().splitlines()
     keep = [i for i, name in enumerate(header.split(",")) if not name.endswith("95")]
     path.write_text("\n".join(",".join(line.split(",")[i] for i in keep) for line in [header, *rows]) + "\n")
