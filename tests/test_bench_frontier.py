@@ -38,7 +38,7 @@ def make_frontier(n=40, seed=0):
     fair = [rec(i, 1, 2, 1, "fair") for i in range(n)]
     runs = {"a": [("cheap", cheap), ("fair", fair)], "b": [("fair", fair)]}
     fr = Frontier("d", runs, draft, target, dev_idx, test_idx,
-                  lambda fam, cfg, src, recs, tgt: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=500, seed=seed)
+                  lambda fam, cfg, src, recs, tgt, drf: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=500, seed=seed)
     return fr
 
 
@@ -74,7 +74,8 @@ def test_passes_axis_and_markdown():
     assert s.test.passes_per_token == pytest.approx(0.1)
     md, sels = frontier_markdown(fr, ["a", "b"])
     assert "test split (n = 20" in md and "passes_per_token" in md and "significant" in md
-    assert len(sels) == 4 * 3 * 2
+    assert "What this split can detect" in md and "30.0 pp" in md  # McNemar's floor: 6 of 20 problems
+    assert len(sels) == 5 * 3 * 2
 
 
 def test_undefined_gap_is_said_not_dashed():
@@ -82,7 +83,7 @@ def test_undefined_gap_is_said_not_dashed():
     draft = [rec(i, i % 2, 0, 0, "draft-only") for i in range(n)]
     target = [rec(i, (i + 1) % 2, 10, 11, "target-only") for i in range(n)]  # same mean quality
     fr = Frontier("d", {"a": [("x", draft)]}, draft, target, list(range(0, n, 2)), list(range(1, n, 2)),
-                  lambda fam, cfg, src, recs, tgt: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=100)
+                  lambda fam, cfg, src, recs, tgt, drf: aggregate("d", fam, cfg, src, recs, tgt, 1, 3), reps=100)
     fr.target_test[:] = fr.draft_test  # force equal test means
     s = fr.select("a", "target_fraction", 0.2)
     assert s.gap is None and s.gap_ci is None
@@ -131,3 +132,63 @@ def test_quantile_spec_pays_the_draft_answer_plus_a_speculative_target_answer():
         assert fast[i].draft_tokens == draft[i].draft_tokens + spec_on_target[i].draft_tokens
     for i in set(range(30)) - set(routed):
         assert fast[i].target_tokens == 0 and fast[i].draft_tokens == draft[i].draft_tokens
+
+
+def _costs():
+    return PassCosts(draft_step_ms=10.0, draft_position_ms=1.0, target_step_ms=30.0, target_position_ms=2.0)
+
+
+def test_ttft_of_a_request_level_policy_is_its_draft_answers_time():
+    """quantile holds every token back until the draft's answer is scored: a kept answer's first token
+    comes after the draft's whole answer, a routed one's after that and the target's first round."""
+    from cascade.bench.sweeps import quantile_records
+
+    _, draft, target, dpaths, _ = _synthetic(30, seed=3)
+    costs = _costs()
+    kept = quantile_records(draft, target, dpaths, 0.0, -math.inf, "keep")
+    routed = quantile_records(draft, target, dpaths, 0.0, math.inf, "route")
+    for d, t, k, r in zip(draft, target, kept, routed):
+        assert costs.ttft_ms(k) == pytest.approx(costs.record_ms(d))
+        first_round = costs.target_step_ms + (t.prompt_tokens - 1) * costs.target_position_ms  # the prompt, one pass
+        assert costs.ttft_ms(r) == pytest.approx(costs.record_ms(d) + first_round)
+        assert costs.ttft_ms(k) > costs.ttft_ms(d)  # draft-only streams its first block
+
+
+def test_ttft_of_a_token_level_policy_is_its_first_round():
+    """A token-level policy's first token comes with its first round: the draft's prompt and block, and
+    the target's prompt and block when that round escalates."""
+    from cascade.bench.replay import replay_record
+    from cascade.policies import make_policy
+
+    problems, draft, target, dpaths, tpaths = _synthetic(30, seed=4)
+    costs = _costs()
+    for pol in (make_policy("speculative", k=4), make_policy("chow", alpha=1.0, k=4)):  # always / never escalates
+        for p, dp, tp, d, t in zip(problems, dpaths, tpaths, draft, target):
+            r = replay_record(pol, p, dp, tp, d.correct, t.correct)
+            draft_part = 3 * costs.draft_step_ms + dp.prompt_tokens * costs.draft_position_ms  # prompt, then k - 1 steps
+            if pol.name == "speculative":  # one target pass over the prompt and the 4 drafted tokens
+                expected = draft_part + costs.target_step_ms + (dp.prompt_tokens + 4 - 1) * costs.target_position_ms
+            else:
+                expected = draft_part
+            assert costs.ttft_ms(r) == pytest.approx(expected)
+            assert costs.ttft_ms(r) < costs.record_ms(r)
+
+
+def test_frontier_reports_ttft_against_draft_only_with_intervals():
+    problems, draft, target, dpaths, tpaths = _synthetic(40, seed=6)
+    from cascade.bench.sweeps import sweep_records
+
+    runs = sweep_records(["chow", "quantile"], problems, draft, target, dpaths, tpaths, dpaths)
+    costs = _costs()
+    fr = Frontier("syn", runs, draft, target, list(range(0, 40, 2)), list(range(1, 40, 2)),
+                  lambda fam, cfg, src, recs, tgt, drf: aggregate("syn", fam, cfg, src, recs, tgt, 1, 3, costs, drf),
+                  reps=300, costs=costs)
+    spec_like = fr.select("chow", "passes_per_token", 1.0)
+    router = fr.select("quantile", "target_fraction", 1.0)
+    for s in (spec_like, router):
+        lo, hi = s.ttft_ci
+        assert lo <= s.test.ttft <= hi and s.latency_ci[0] <= s.test.modelled_time <= s.latency_ci[1]
+    assert router.test.ttft > 5  # the whole draft answer (20-40 tokens) before the first token, vs one block
+    assert fr.select("quantile", "ttft", 1.5).config == "draft-only"  # no router configuration streams early
+    md, _ = frontier_markdown(fr, ["chow", "quantile"])
+    assert "ttft" in md and "each family minus `quantile`" in md

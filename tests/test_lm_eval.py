@@ -49,11 +49,11 @@ def _task_dir(tmp_path, problems, tokenizer) -> str:
     data = tmp_path / "gsm8k_cascade.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "utils.py").write_text(textwrap.dedent('''
-        from cascade.bench.scoring import extract_number, normalize_number
+        from cascade.bench.datasets import math_problem
+        from cascade.bench.scoring import score
 
         def process_results(doc, results):
-            predicted = extract_number(results[0])
-            return {"acc": float(predicted is not None and predicted == normalize_number(doc["answer"]))}
+            return {"acc": float(score(math_problem("gsm8k", doc["problem_id"], "", doc["answer"]), results[0]).correct)}
     '''))
     stops = json.dumps(list(problems[0].stop))
     for name, text in (("gsm8k_cascade_text", "{{prompt_text}}"), ("gsm8k_cascade_chat", "{{user}}")):

@@ -85,13 +85,15 @@ def test_cli_bench_end_to_end_on_a_task_file(tmp_path):
     _pair_dirs()
     out_dir = tmp_path / "out"
     out = subprocess.run([sys.executable, "-m", "cascade.cli", "bench", "--dataset", str(_task_file(tmp_path)),
-                          "--limit", "0", "--policies", "chow,quantile", "--real-budget", "0.5", "--real-limit", "2",
+                          "--limit", "0", "--policies", "chow,quantile", "--real-check", "target:0.5", "--real-limit", "2",
                           "--out", str(out_dir), "--tag", "t", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     md = (out_dir / "t.md").read_text()
     assert "jsonl:tiny_tasks" in md and "chow" in md and "draft-only" in md and "oracle" in md
-    assert "test split (n = 2" in md and "passes_per_token" in md and "modelled_time" in md
+    assert "test split (n = 2" in md and "passes_per_token" in md and "modelled_time" in md and "`ttft`" in md
+    assert "## The regime" in md and "terciles of target-only answer length" in md and "What this split can detect" in md
+    assert "## Replay vs real runs" in md and "TTFT s (measured / modelled)" in md
     csv_text = (out_dir / "t.csv").read_text()
     assert csv_text.count("\n") > 10 and ",replay-dev," in csv_text and ",replay-test," in csv_text
     assert ",derived-test," in csv_text and ",real," in csv_text

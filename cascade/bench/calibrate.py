@@ -48,7 +48,7 @@ def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord]
     runs = sweep_records([family], problems, draft, target, dpaths, tpaths,
                          dpaths if tau_paths is None else tau_paths)[family]
     source = "derived" if family in REQUEST_LEVEL else "replay"
-    return [aggregate(dataset, family, config, source, recs, target, draft_params, target_params, costs)
+    return [aggregate(dataset, family, config, source, recs, target, draft_params, target_params, costs, draft)
             for config, recs in runs]
 
 
@@ -171,7 +171,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
             per_family[fam][ds] = sweep_points(fam, ds, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params,
                                                bench.target_params, bench.costs, tau_paths=pooled_dev_paths)
         ref = lambda recs, name: aggregate(ds, name, name, "real", recs, d_target, bench.draft_params,  # noqa: E731
-                                           bench.target_params, bench.costs)
+                                           bench.target_params, bench.costs, d_draft)
         dev_refs[ds] = (ref(d_draft, "draft-only"), ref(d_target, "target-only"))
         floors[ds] = (dev_refs[ds][0].quality, dev_refs[ds][1].quality)
     family, config = pooled_choice(per_family, floors, budget, axis)
@@ -190,7 +190,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
             recs[config] = sweep_one(family, config, sub, recs["draft-only"], recs["target-only"], dpaths, tpaths, bench)
             source = "replay-test"
         pt = lambda name, cfg, src: aggregate(ds, family, cfg, src, recs[name], recs["target-only"],  # noqa: E731
-                                              bench.draft_params, bench.target_params, bench.costs)
+                                              bench.draft_params, bench.target_params, bench.costs, recs["draft-only"])
         t_real, t_draft, t_target = pt(config, config, source), pt("draft-only", "draft-only", "real"), pt("target-only", "target-only", "real")
         out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
     candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())

@@ -9,6 +9,11 @@ holds those two figures per model, fitted from ``benchmarks/runner_cost.py``'s C
 - draft: one pass per drafted position (``draft_tokens`` steps) plus its prompt positions;
 - target: ``target_passes`` steps plus every other position it processed (catch-up, block, prompt).
 
+The same pricing of a record's counters at its first reported token gives the modelled time to first
+token (``ttft_ms``): a token-level policy pays its first round (the draft's prompt and first block, and the
+target's prompt and block if that round escalates); a request-level router pays the draft's whole answer
+first (``runs.first_token_counters``). Both are batch-1 figures: one request alone on the machine.
+
 GPU figures replace the CPU ones when a GPU run of the runner benchmark has written its CSV; the report
 names the file and machine the figures came from.
 """
@@ -36,13 +41,24 @@ class PassCosts:
     target_position_ms: float
     source: str = ""  # where the figures come from (file, machine, dtype, implementation)
 
-    def record_ms(self, r: "RunRecord") -> float:
-        """Modelled wall time of one record's passes (both models, prompts included)."""
-        passes = r.passes
-        target_positions = r.target_tokens + r.target_prefill_tokens
+    def counters_ms(self, c: dict) -> float:
+        """Modelled wall time of cost counters (``runs.COUNTERS``: both models' positions and target passes)."""
+        passes = c["target_passes"]
+        target_positions = c["target_tokens"] + c["target_prefill_tokens"]
         target = passes * self.target_step_ms + max(0, target_positions - passes) * self.target_position_ms
-        draft = r.draft_tokens * self.draft_step_ms + r.draft_prefill_tokens * self.draft_position_ms
+        draft = c["draft_tokens"] * self.draft_step_ms + c["draft_prefill_tokens"] * self.draft_position_ms
         return draft + target
+
+    def record_ms(self, r: "RunRecord") -> float:
+        """Modelled wall time of one record's passes (both models, prompts included): its end-to-end latency
+        alone on the machine."""
+        return self.counters_ms(r.counters())
+
+    def ttft_ms(self, r: "RunRecord") -> float:
+        """Modelled time to the record's first reported token (alone on the machine)."""
+        from cascade.bench.runs import first_token_counters
+
+        return self.counters_ms(first_token_counters(r))
 
     @classmethod
     def from_runner_cost_csv(cls, path: str | Path = DEFAULT_COST_FILE, draft_shape: str = "0.5b",

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -67,6 +69,7 @@ class PathStats:
     logp_x: list[float]  # log p(x), the target's T = 1 log-prob of the draft's proposal
     router_score: list[float] | None = None  # the learned router's P(target disagrees) per position, set by
     #   ``score_paths`` (not recorded: it depends on the router, not on the pair)
+    record_s: float = 0.0  # seconds the recording took (both teacher-forced passes), for the report
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -83,22 +86,43 @@ class PathStats:
 
 @torch.no_grad()
 def record_path(draft, target, prompt_ids: Sequence[int], answer_ids: Sequence[int], *, ended_on_eos: bool,
-                eos_token_ids: Iterable[int], path_model: str, row: int = 0) -> PathStats:
+                eos_token_ids: Iterable[int], path_model: str, row: int = 0, trace: dict | None = None) -> PathStats:
     """Teacher-force prompt + answer through both runners (one forward pass each) on cache ``row``, which
     must be free; it is freed again afterwards. ``path_model`` ("draft" | "target") says whose answer it is:
-    its argmax after the last token decides which EOS token ended the answer."""
+    its argmax after the last token decides which EOS token ended the answer.
+
+    ``trace``: the answer's own model's statistics, kept while it was decoded (``cascade.trace``, from
+    ``PolicyRunner.run(trace=True)``). Then only the other model reads the answer: one pass instead of two.
+    The traced figures are the decode's (fp32: within ~1e-6 of a teacher-forced pass's, the difference the
+    engine's own rounds have). A trace that does not match the answer, or a target trace whose top
+    alternatives miss the draft's token somewhere (log p(x) unknown), falls back to both passes."""
+    t_start = time.perf_counter()
+    prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
+    path = None
+    if trace is not None and trace.get("model") == path_model and _trace_fits(trace, answer_ids, ended_on_eos, eos_token_ids):
+        path = _path_from_trace(draft, target, prompt_ids, answer_ids, trace, row)
+    if path is None:
+        path = _path_teacher_forced(draft, target, prompt_ids, answer_ids, ended_on_eos, eos_token_ids, path_model, row)
+    path.record_s = time.perf_counter() - t_start
+    return path
+
+
+def _forward(runner, row: int, span: list[int], n: int) -> torch.Tensor:
+    """[n, V] fp32 logits of the last n positions of ``span``, teacher-forced on a free ``row`` (freed after)."""
+    try:
+        return runner.forward_span([row], [span], num_logits=[n]).float()
+    finally:
+        runner.free([row])
+
+
+def _path_teacher_forced(draft, target, prompt_ids, answer_ids, ended_on_eos, eos_token_ids, path_model, row) -> PathStats:
     from cascade.confidence import confidence_stats
     from cascade.verification import verify_stats
 
-    prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
     n = len(answer_ids) + 1
     span = prompt_ids + answer_ids
-    try:
-        q_logits = draft.forward_span([row], [span], num_logits=[n]).float()  # [n, V]
-        p_logits = target.forward_span([row], [span], num_logits=[n]).float().to(q_logits.device)  # [n, V]
-    finally:
-        draft.free([row])
-        target.free([row])
+    q_logits = _forward(draft, row, span, n)  # [n, V]
+    p_logits = _forward(target, row, span, n).to(q_logits.device)  # [n, V]
     owner = q_logits if path_model == "draft" else p_logits
     tokens = list(answer_ids)
     last = int(owner[-1].argmax())
@@ -115,6 +139,52 @@ def record_path(draft, target, prompt_ids: Sequence[int], answer_ids: Sequence[i
         q_entropy=qc.entropy.tolist(), p_argmax=pc.argmax.tolist(), p_max=pc.max_prob.tolist(),
         tv=v.tv.tolist(), logp_x=v.logp_token.tolist(),
     )
+
+
+def _trace_fits(trace: dict, answer_ids: list[int], ended_on_eos: bool, eos_token_ids: Iterable[int]) -> bool:
+    """The trace covers exactly the answer, plus the EOS it ended on (an answer a stop string or max_tokens
+    ended has none)."""
+    tokens = trace.get("tokens", [])
+    if tokens[: len(answer_ids)] != answer_ids:
+        return False
+    extra = tokens[len(answer_ids):]
+    return extra == [] or (ended_on_eos and len(extra) == 1 and extra[0] in set(eos_token_ids))
+
+
+def _path_from_trace(draft, target, prompt_ids, answer_ids, trace: dict, row: int) -> PathStats | None:
+    """The path from the answer's own traced statistics and one teacher-forced pass of the other model."""
+    from cascade.confidence import confidence_stats
+
+    tokens = list(trace["tokens"])
+    L, span = len(tokens), prompt_ids + answer_ids
+    if trace["model"] == "draft":  # the draft wrote it: x = the drafted token; the target reads it
+        p_logits = _forward(target, row, span, len(answer_ids) + 1)[:L]  # [L, V]
+        pc = confidence_stats(p_logits, 0.0)
+        x = torch.tensor(tokens, dtype=torch.int64, device=p_logits.device)
+        logp_x = torch.log_softmax(p_logits, dim=-1).gather(1, x.view(L, 1)).squeeze(1)
+        p_argmax = pc.argmax.tolist()
+        return PathStats(
+            tokens=tokens, emitted=len(answer_ids), prompt_tokens=len(prompt_ids), q_argmax=tokens,
+            q_max=list(trace["max_prob"]), q_margin=list(trace["margin"]), q_entropy=list(trace["entropy"]),
+            p_argmax=p_argmax, p_max=pc.max_prob.tolist(), tv=[float(a != b) for a, b in zip(tokens, p_argmax)],
+            logp_x=logp_x.tolist())
+    # the target wrote it: p's argmax and max are the decode's; the draft reads it; log p(x) from the top list
+    q_logits = _forward(draft, row, span, len(answer_ids) + 1)[:L]
+    qc = confidence_stats(q_logits, 0.0)
+    q_argmax = qc.argmax.tolist()
+    logp_x = []
+    for j, x in enumerate(q_argmax):
+        if x == tokens[j]:
+            logp_x.append(float(trace["logprob"][j]))
+        elif x in trace["top_ids"][j]:
+            logp_x.append(float(trace["top_logprobs"][j][trace["top_ids"][j].index(x)]))
+        else:  # outside the target's top alternatives: log p(x) needs the target's pass
+            return None
+    return PathStats(
+        tokens=tokens, emitted=len(answer_ids), prompt_tokens=len(prompt_ids), q_argmax=q_argmax,
+        q_max=qc.max_prob.tolist(), q_margin=qc.margin.tolist(), q_entropy=qc.entropy.tolist(),
+        p_argmax=tokens, p_max=[math.exp(lp) for lp in trace["logprob"]],
+        tv=[float(a != b) for a, b in zip(q_argmax, tokens)], logp_x=logp_x)
 
 
 def path_features(path: PathStats) -> torch.Tensor:
@@ -153,6 +223,9 @@ class WalkResult:
     diverged_at: int | None  # first position whose emitted token differs from the recorded one
     disagreements: int  # positions where argmax q != argmax p
     resolved_to_target: int  # of those, positions where the walk emitted the target's token
+    first_draft_tokens: int = 0  # the counters at the end of the first round that emitted a token
+    first_target_tokens: int = 0  #   (the modelled time to first token prices them)
+    first_escalations: int = 0
 
 
 _FIELDS = ("tokens", "q_argmax", "p_argmax", "q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x")
@@ -231,6 +304,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
     window = torch.zeros(N)  # the policy's state between rounds (``Policy.window_after``), as Sequence.window_left
     draft_tokens, target_tokens, scored, escalations, resolved = (torch.zeros(N, dtype=torch.int64) for _ in range(5))
     diverged = torch.full((N,), -1, dtype=torch.int64)
+    first = torch.full((3, N), -1, dtype=torch.int64)  # draft tokens, target tokens, escalations at the first emission
     ar = torch.arange(k)
     while True:
         act = (pos < L).nonzero().squeeze(1)  # [A] paths with a round left
@@ -284,17 +358,22 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         here = torch.where(first_x < k, p + first_x, torch.where(extra_mis, extra_at, -1))
         diverged[act] = torch.where((diverged[act] < 0) & (here >= 0), here, diverged[act])
         resolved[act] += (has_extra & flat_t["disagree"][extra_flat]).long()
+        emitted = torch.where(esc, n_acc + has_extra.long(), keep)  # [A] tokens this round emitted
         if policy.keeps_window:
-            emitted = torch.where(esc, n_acc + has_extra.long(), keep)
             window[act] = policy.window_after(conf.window_left, esc, emitted).float()
+        now = (first[0, act] < 0) & (emitted > 0)  # [A] paths whose first token this round emitted
+        first[:, act] = torch.where(now, torch.stack([draft_tokens[act], target_tokens[act], escalations[act]]), first[:, act])
         # the draft cache lags by the block's last token after a whole kept block, and by d_n and the
         # extra token after a whole accepted escalated block
         pending[act] = torch.where(esc, torch.where(n_acc == n, 2, 1), torch.where(keep == n, 1, 0))
         target_len[act] = torch.where(esc, p + n_acc, target_len[act])
         pos[act] = torch.where(esc, extra_at + 1, p + keep)
     disagreements = flat_t["disagree"].view(N, width).sum(1)  # zero past each path's end
+    totals = torch.stack([draft_tokens, target_tokens, escalations])
+    first = torch.where(first < 0, totals, first)  # a path that never emitted: its whole walk
     return [WalkResult(int(draft_tokens[i]), int(target_tokens[i]), int(scored[i]), int(escalations[i]),
-                       None if int(diverged[i]) < 0 else int(diverged[i]), int(disagreements[i]), int(resolved[i]))
+                       None if int(diverged[i]) < 0 else int(diverged[i]), int(disagreements[i]), int(resolved[i]),
+                       int(first[0, i]), int(first[1, i]), int(first[2, i]))
             for i in range(N)]
 
 
@@ -362,4 +441,8 @@ def _record(policy: Policy, problem, draft_path: PathStats, target_path: PathSta
         target_prefill_tokens=path.prompt_tokens if walk.escalations else 0, escalations=walk.escalations,
         target_scored_tokens=walk.target_scored_tokens,
         mode=mode, extra={"diverged_at": on_draft.diverged_at},
+        first_token={"draft_tokens": walk.first_draft_tokens, "draft_prefill_tokens": path.prompt_tokens,
+                     "target_tokens": walk.first_target_tokens,
+                     "target_prefill_tokens": path.prompt_tokens if walk.first_escalations else 0,
+                     "target_passes": walk.first_escalations},
     )

@@ -19,7 +19,12 @@ Definitions (DESIGN.md, "Cost accounting"), per dataset, summed over its problem
   tokens the target was consulted on (what the Speculative Cascades paper counts as large-model calls; on a
   GPU the catch-up runs as a parallel prefill and costs little latency).
 - passes_per_token: sequential target forward calls / emitted tokens (the memory-bound regime).
-- modelled_time: modelled time of both models' passes (``costs.PassCosts``) / target-only's.
+- modelled_time: modelled time of both models' passes (``costs.PassCosts``) / target-only's: each
+  request's end-to-end latency alone on the machine, summed.
+- ttft: the mean modelled time to first token (``PassCosts.ttft_ms``) / draft-only's on the same problems
+  (a streamed request's wait; a request-level router pays its draft's whole answer first). ``ttft_ms`` and
+  ``latency_ms`` are the means in milliseconds; ``ttft_s`` / ``latency_s`` the measured means of real runs
+  (from admission into the running batch, at the run's batch size).
 - gap recovered: (Q - Q_draft) / (Q_target - Q_draft), undefined (NaN) when Q_target = Q_draft.
 - gap recovered at budget b: the best quality among a policy's points whose target_fraction (or another
   axis) <= b
@@ -55,6 +60,12 @@ class Point:
     scored_fraction: float = 0.0
     passes_per_token: float = 0.0  # sequential target forward calls / emitted tokens (memory-bound regime)
     modelled_time: float = float("nan")  # modelled time (``costs.PassCosts``) / target-only's on the same problems
+    ttft: float = float("nan")  # mean modelled time to first token / draft-only's on the same problems
+    ttft_ms: float = float("nan")  # mean modelled time to first token per request
+    latency_ms: float = float("nan")  # mean modelled end-to-end latency per request
+    ttft_s: float | None = None  # measured means (real runs), from admission into the running batch
+    latency_s: float | None = None
+    emitted_mean: float = 0.0  # mean answer length, tokens
     tokens_per_s: float | None = None  # real runs only
     exact_share: float | None = None  # replay: share of problems whose figures are exact (not estimated)
     ref_draft_quality: float | None = None  # draft-only / target-only quality on the same problems, when the
@@ -72,9 +83,10 @@ class Point:
 
 def aggregate(dataset: str, family: str, config: str, source: str, records: Sequence[RunRecord],
               target_only: Sequence[RunRecord], draft_params: int, target_params: int,
-              costs: "PassCosts | None" = None) -> Point:
+              costs: "PassCosts | None" = None, draft_only: Sequence[RunRecord] | None = None) -> Point:
     """One point from per-problem records; ``target_only`` are the real target-only records of the same
-    problems (the cost denominator of the relative figures)."""
+    problems (the cost denominator of the relative figures), ``draft_only`` the draft-only ones (the
+    denominator of the time-to-first-token axis; without them that axis is NaN)."""
     if not records:
         raise ValueError(f"no records for {family} on {dataset}")
     emitted = sum(r.emitted_tokens for r in records)
@@ -86,6 +98,15 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
     exact = None
     if source == "replay":
         exact = sum(1 for r in records if r.mode != "replay-estimate") / len(records)
+    n = len(records)
+    ttft_ms = latency_ms = ttft = float("nan")
+    if costs is not None:
+        ttft_ms = sum(map(costs.ttft_ms, records)) / n
+        latency_ms = sum(map(costs.record_ms, records)) / n
+        if draft_only:
+            base_ttft = sum(map(costs.ttft_ms, draft_only)) / len(draft_only)
+            ttft = ttft_ms / base_ttft if base_ttft > 0 else float("nan")
+    measured = [r for r in records if r.ttft_s is not None and r.latency_s is not None]
     return Point(
         dataset=dataset, family=family, config=config, source=source, n=len(records),
         quality=sum(r.correct for r in records) / len(records),
@@ -96,7 +117,10 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
         modelled_time=(sum(map(costs.record_ms, records)) / max(1e-9, sum(map(costs.record_ms, target_only)))
                        if costs is not None else float("nan")),
         tokens_per_s=(emitted / time_s) if source == "real" and time_s > 0 else None,
-        exact_share=exact,
+        exact_share=exact, ttft=ttft, ttft_ms=ttft_ms, latency_ms=latency_ms,
+        ttft_s=sum(r.ttft_s for r in measured) / len(measured) if measured and source == "real" else None,
+        latency_s=sum(r.latency_s for r in measured) / len(measured) if measured and source == "real" else None,
+        emitted_mean=emitted / n,
     )
 
 

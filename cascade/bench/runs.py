@@ -12,27 +12,38 @@ not part of the key: greedy output does not depend on the batch (tests/test_engi
 
 Time: each round's wall time is shared equally among the sequences that ran in it, so a record's
 ``time_share_s`` summed over a run is the run's wall time and ``sum(emitted) / sum(time_share_s)`` is the
-run's throughput at that batch size.
+run's throughput at that batch size. Latency, as a streaming client sees it: ``ttft_s`` runs from the start
+of the request's first round (admission into the running batch; the harness queues every problem at once,
+so queueing is left out) to the end of the round that first reported tokens to it (for a request-level
+policy: once its answer is decided), and ``latency_s`` from the same start to the end of its last round.
+``first_token`` keeps the request's counters at that first report, so the modelled-time axis can price its
+time to first token (``costs.PassCosts.ttft_ms``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from cascade.config import SamplingParams
+from cascade.config import MAX_TOP_LOGPROBS, SamplingParams
 from cascade.policies import Policy, parse_policy
+from cascade.trace import Trace
 
 if TYPE_CHECKING:
     from cascade.bench.datasets import Problem
     from cascade.library import Cascade
 
+TRACED = {"draft-only": "draft", "target-only": "target"}  # the baselines whose answers can be traced
+TRANSIENT_EXTRA = ("trace",)  # record fields that live in the local cache only, never exported (large, and
+#   only needed until the answer's path is recorded)
 CACHE_VERSION = 2  # 2: blocks end at a drafted EOS / stop string, tokens past a stop trimmed, BiLD hand-over. Bump when a change in the engine changes what a cached generation would be
 
 
@@ -60,6 +71,13 @@ class RunRecord:
     time_share_s: float = 0.0  # this request's share of the run's wall time (real runs only)
     wall_time_s: float = 0.0  # arrival to finish, queueing included (real runs only)
     extra: dict = field(default_factory=dict)
+    ttft_s: float | None = None  # measured time to first reported token from admission (real runs; see above)
+    latency_s: float | None = None  # measured admission to finish (real runs)
+    first_token: dict | None = None  # the cost counters (``COUNTERS``) when the first token was reported
+
+    def counters(self) -> dict:
+        """The record's cost counters (``COUNTERS``) over the whole answer."""
+        return {name: getattr(self, name) if name != "target_passes" else self.passes for name in COUNTERS}
 
     @property
     def scored(self) -> int:
@@ -88,6 +106,35 @@ class RunRecord:
     @classmethod
     def from_json(cls, d: dict) -> "RunRecord":
         return cls(**d)
+
+
+COUNTERS = ("draft_tokens", "draft_prefill_tokens", "target_tokens", "target_prefill_tokens", "target_passes")
+
+
+def stats_counters(stats) -> dict:
+    """``COUNTERS`` of a ``metrics.RequestStats`` (target passes = escalations + target-only steps)."""
+    return {"draft_tokens": stats.draft_tokens, "draft_prefill_tokens": stats.draft_prefill_tokens,
+            "target_tokens": stats.target_tokens, "target_prefill_tokens": stats.target_prefill_tokens,
+            "target_passes": stats.escalations + stats.target_only_steps}
+
+
+def add_counters(a: dict, b: dict) -> dict:
+    return {name: a[name] + b[name] for name in COUNTERS}
+
+
+def first_token_counters(r: RunRecord) -> dict:
+    """The record's counters at its first reported token. Records written before the harness kept them
+    are baseline runs, whose first round is fixed by the policy: draft-only feeds the prompt and drafts one
+    block of k (k - 1 decode steps after the prompt pass), target-only prefills the prompt in one pass."""
+    if r.first_token is not None:
+        return r.first_token
+    policy = parse_policy(r.policy)
+    zero = dict.fromkeys(COUNTERS, 0)
+    if policy.name == "draft-only":
+        return {**zero, "draft_tokens": max(0, policy.k - 1), "draft_prefill_tokens": r.prompt_tokens}
+    if policy.name == "target-only":
+        return {**zero, "target_prefill_tokens": r.prompt_tokens, "target_passes": 1}
+    raise ValueError(f"record of {r.dataset}/{r.problem_id} ({r.policy}) has no first_token counters")
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -162,23 +209,29 @@ class RunCache:
         """Every stored key, sorted (torn temp files left out)."""
         return sorted(f.stem for f in self.root.glob("*/*.json")) if self.root.exists() else []
 
-    def export(self, path: str | Path, runs_only: bool = False) -> int:
-        """Write every entry (``runs_only``: real-run records, not the teacher-forced paths, which are
-        recomputed in minutes) to one gzipped JSON-lines file of ``{"key", "value"}``; returns the count.
+    def export(self, path: str | Path, runs_only: bool = False, keys: Iterable[str] | None = None) -> int:
+        """Write every entry (``runs_only``: real-run records, not the teacher-forced paths; ``keys``: only
+        these, those present) to one gzipped JSON-lines file of ``{"key", "value"}``; returns the count.
         The keys hold both models' fingerprints (config + weight file names and sizes, not the machine), so
-        the file resumes or reproduces a bench on any machine holding the same converted pair."""
+        the file resumes or reproduces a bench on any machine holding the same converted pair. The gzip
+        header carries no time stamp and entries are sorted, so the same entries on the same machine give
+        the same bytes."""
         import gzip
 
         from cascade.machine import machine_info
 
+        wanted = self.keys() if keys is None else sorted(set(keys))
         n = 0
-        with gzip.open(path, "wt", encoding="utf-8") as out:
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+                io.TextIOWrapper(gz, encoding="utf-8") as out:
             out.write(json.dumps({"meta": {"format": 1, "machine": machine_info()}}) + "\n")
-            for key in self.keys():
+            for key in wanted:
                 if runs_only and key.startswith("replay-"):
                     continue
                 value = self.get(key)
                 if value is not None:
+                    if isinstance(value.get("extra"), dict):
+                        value["extra"] = {k: v for k, v in value["extra"].items() if k not in TRANSIENT_EXTRA}
                     out.write(json.dumps({"key": key, "value": value}, sort_keys=True) + "\n")
                     n += 1
         return n
@@ -241,13 +294,17 @@ class PolicyRunner:
         return self._cascade() if callable(self._cascade) else self._cascade
 
     def run(self, policy: "str | Policy", problems: Sequence["Problem"], *, progress: bool = True,
-            label: str | None = None, fresh: bool = False) -> tuple[list[RunRecord], RunStats]:
+            label: str | None = None, fresh: bool = False, trace: bool = False) -> tuple[list[RunRecord], RunStats]:
         """Answer every problem with ``policy``; returns records in problem order (cached ones included).
         ``fresh``: generate even where the cache has an answer (to time a baseline in the same conditions
-        as the runs it is compared with); the new records replace the cached ones."""
+        as the runs it is compared with); the new records replace the cached ones. ``trace`` (draft-only and
+        target-only only): keep each generated answer's own per-position statistics in the record's
+        ``extra["trace"]`` (``cascade.trace``; target-only then asks for 20 top log-probs per token, which
+        changes nothing it answers), so that recording its path needs one teacher-forced pass, not two."""
         from cascade.bench.scoring import score
 
         pol = parse_policy(policy)
+        traced = TRACED.get(pol.name) if trace else None
         fp = self.pair_fingerprint + (f"-router-{self.router_fingerprint}" if pol.uses_router else "")
         keys = [run_key(fp, p, pol, sampling_for(p)) for p in problems]
         if pol.benchmark_only:
@@ -263,26 +320,40 @@ class PolicyRunner:
         if todo:
             engine = self.cascade.engine
             ids = {f"bench-{os.getpid()}-{time.monotonic_ns()}-{i}": i for i in todo}
+            own_trace = traced is not None and engine.trace is None
+            if own_trace:
+                engine.trace = Trace()
             for rid, i in ids.items():
-                engine.add_request(rid, self.cascade.encode(problems[i].as_prompt()), sampling_for(problems[i]), pol)
+                params = sampling_for(problems[i])
+                if traced == "target":
+                    params = dataclasses.replace(params, logprobs=MAX_TOP_LOGPROBS)
+                engine.add_request(rid, self.cascade.encode(problems[i].as_prompt()), params, pol)
+                if traced is not None:
+                    engine.trace.watch(rid, traced)
             shares = {rid: 0.0 for rid in ids}
             tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+            timing = {rid: _Timing() for rid in ids}
             bar = _bar(progress, len(todo), label or pol.describe())
             t_run = time.perf_counter()
             try:
                 while engine.has_work():
                     t0 = time.perf_counter()
                     outputs = [o for o in engine.step() if o.request_id in ids]
-                    dt = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    dt = t1 - t0
                     for o in outputs:
                         shares[o.request_id] += dt / max(1, len(outputs))
                         tokens[o.request_id] += o.new_token_ids
+                        timing[o.request_id].observe(o, t0, t1)
                     for o in outputs:
                         if not o.finished:
                             continue
                         i = ids[o.request_id]
                         s = score(problems[i], o.text)
-                        rec = _record(problems[i], pol, o, s, shares[o.request_id], tokens[o.request_id])
+                        rec = _record(problems[i], pol, o, s, shares[o.request_id], tokens[o.request_id],
+                                      timing[o.request_id])
+                        if traced is not None:
+                            rec.extra["trace"] = engine.trace.pop(o.request_id)
                         self.cache.put(keys[i], rec.to_json())
                         records[i] = rec
                         stats.generated += 1
@@ -296,14 +367,37 @@ class PolicyRunner:
                     engine.abort(rid)
                 raise
             finally:
+                if own_trace:
+                    engine.trace = None
                 stats.generated_time_s = time.perf_counter() - t_run
                 if bar is not None:
                     bar.close()
         return [records[i] for i in range(len(problems))], stats
 
 
-def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids: list[int]) -> RunRecord:
+@dataclass
+class _Timing:
+    """One request's round times in a real run: admission, first reported token, finish (perf_counter)."""
+
+    admitted: float | None = None
+    first: float | None = None
+    first_counters: dict | None = None
+    finished: float | None = None
+
+    def observe(self, out, round_start: float, round_end: float) -> None:
+        """After each round the request was in (the engine reports every running request every round)."""
+        if self.admitted is None:
+            self.admitted = round_start
+        if self.first is None and (out.new_token_ids or out.finished):
+            self.first, self.first_counters = round_end, stats_counters(out.stats)
+        if out.finished:
+            self.finished = round_end
+
+
+def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids: list[int],
+            timing: _Timing | None = None) -> RunRecord:
     st = out.stats
+    timing = timing or _Timing()
     return RunRecord(
         dataset=problem.dataset, problem_id=problem.problem_id, policy=policy.describe(),
         correct=1.0 if s.correct else 0.0, emitted_tokens=st.emitted_tokens, prompt_tokens=st.prompt_tokens,
@@ -314,6 +408,9 @@ def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids:
         score_detail=s.detail, time_share_s=share, wall_time_s=st.wall_time_s,
         extra={"accepted_tokens": st.accepted_tokens, "bonus_tokens": st.bonus_tokens,
                "replaced_tokens": st.replaced_tokens, "token_ids": list(token_ids)},
+        ttft_s=None if timing.first is None else timing.first - timing.admitted,
+        latency_s=None if timing.finished is None else timing.finished - timing.admitted,
+        first_token=timing.first_counters,
     )
 
 

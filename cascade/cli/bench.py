@@ -27,15 +27,17 @@ def add_parsers(sub) -> None:
     b.add_argument("--policies", default=None,
                    help="comma-separated policy families to sweep (default: every cascade policy and quantile)")
     b.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95 %% intervals (default: 2000)")
-    b.add_argument("--real-budget", type=float, default=0.2,
-                   help="budget at which each policy's dev choice is also run for real (default: 0.2; negative: skip)")
-    b.add_argument("--real-axis", choices=["target", "passes", "scored", "time"], default="target",
-                   help="axis of --real-budget: target = target FLOPs (prompt prefill + positions incl. catch-up, / target-only's), passes = target passes "
-                        "per token, scored = positions that decided a token, time = modelled time (default: target)")
-    b.add_argument("--real-limit", type=int, default=40,
-                   help="test problems per dataset for those real runs, the first of the test split (default: 40; 0 = all)")
+    b.add_argument("--real-check", action="append", default=None, metavar="AXIS:BUDGET",
+                   help="run for real, on the first --real-limit test problems, the dev choices at this budget on this "
+                        "axis (target = target FLOPs: prompt prefill + positions incl. catch-up, / target-only's; passes = "
+                        "target passes per token; scored = positions that decided a token; time = modelled time; ttft = "
+                        "modelled time to first token / draft-only's), and check replay against them; repeatable "
+                        "(default: target:0.2 and passes:0.2; 'none': no real runs)")
+    b.add_argument("--real-limit", type=int, default=60,
+                   help="test problems per dataset for those real runs, the first of the test split (default: 60; 0 = all)")
     b.add_argument("--real-policies", default=None, metavar="A,B",
-                   help="comma-separated families to run for real at the budget (default: every swept family)")
+                   help="comma-separated families to run for real at each check (default: quantile and the two "
+                        "token-level families with the best dev quality there)")
     b.add_argument("--cost-file", default=None, metavar="CSV",
                    help="benchmarks/runner_cost.py CSV whose per-pass costs give the modelled-time axis "
                         "(default: the committed CPU figures)")
@@ -54,10 +56,10 @@ def add_parsers(sub) -> None:
     c.add_argument("--policy", required=True, metavar="FAMILY[,FAMILY...]",
                    help="policy families to choose among, e.g. chow or handoff,chow,token-v3,quantile")
     c.add_argument("--budget", type=float, required=True, help="budget on --axis, e.g. 0.2")
-    c.add_argument("--axis", choices=["target", "passes", "scored", "time"], default="target",
+    c.add_argument("--axis", choices=list(AXIS_NAMES), default="target",
                    help="the budget's cost axis: target = target FLOPs (prompt prefill + positions incl. catch-up, / target-only's), "
                         "passes = target passes per token, scored = positions that decided a token, time = modelled "
-                        "time / target-only (default: target)")
+                        "time / target-only, ttft = modelled time to first token / draft-only's (default: target)")
     add_dataset_options(c, default_names="gsm8k", limit=40)
     c.add_argument("--test-limit", type=int, default=None,
                    help="real test runs on the first N test problems per dataset (default: the whole test split; 0 = none)")
@@ -103,7 +105,28 @@ def add_parsers(sub) -> None:
 
 
 AXIS_NAMES = {"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
-              "time": "modelled_time"}  # --real-axis / --axis -> cascade.bench.frontier.AXES
+              "time": "modelled_time", "ttft": "ttft"}  # --real-check / --axis -> cascade.bench.frontier.AXES
+
+
+def real_checks(specs: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """``--real-check AXIS:BUDGET`` values -> ((axis, budget), ...); None: the default; ['none']: ()."""
+    if specs is None:
+        return (("target_fraction", 0.2), ("passes_per_token", 0.2))
+    if specs == ["none"]:
+        return ()
+    out = []
+    for spec in specs:
+        axis, sep, budget = spec.partition(":")
+        if not sep or axis not in AXIS_NAMES:
+            raise ValueError(f"--real-check: {spec!r} is not AXIS:BUDGET with AXIS one of {', '.join(AXIS_NAMES)} (or 'none')")
+        try:
+            value = float(budget)
+        except ValueError:
+            raise ValueError(f"--real-check: budget {budget!r} of {spec!r} is not a number") from None
+        if value < 0:
+            raise ValueError(f"--real-check: budget {value} of {spec!r} must be >= 0")
+        out.append((AXIS_NAMES[axis], value))
+    return tuple(out)
 
 
 def _bench_config(args: argparse.Namespace, **overrides):
@@ -137,10 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     limits = dataset_limits(args.dataset_limit)
     cfg = _bench_config(args, datasets=tuple(args.dataset or ("humaneval", "gsm8k")), families=families,
                         dataset_limits=limits, dev_fraction=args.dev_fraction, bootstrap=args.bootstrap,
-                        real_axis=AXIS_NAMES[args.real_axis],
+                        real_checks=real_checks(args.real_check),
                         cost_file=Path(args.cost_file) if args.cost_file else None,
                         real_families=_families(args.real_policies, "--real-policies") if args.real_policies else None,
-                        real_budget=args.real_budget if args.real_budget >= 0 else None,
                         real_limit=args.real_limit or None, out_dir=Path(args.out), tag=args.tag)
     md = run_bench(cfg)
     print(md.read_text())

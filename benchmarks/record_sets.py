@@ -1,0 +1,131 @@
+"""Record what ``cascade bench`` needs for whole datasets (the draft-only and target-only answers, and both
+answers' teacher-forced paths) in pieces that survive an interruption and travel between machines.
+
+Recording HumanEval 164, GSM8K 1,319 and MATH-500 takes many hours on 2 CPU cores, longer than one
+sitting. So, per dataset, problems are taken in the order of ``datasets.select`` (a seeded shuffle: any
+prefix is a uniform random sample, so a recording stopped midway still benches a fair subset with
+``--dataset-limit``), chunk by chunk:
+
+1. draft-only, then target-only answers of the chunk (the bench's real runs, cached per request);
+2. the teacher-forced paths of both answers (cached per answer);
+3. the chunk's cache entries exported to ``<out>/<dataset>-seed<seed>-chunk<size>-<number>.jsonl.gz``
+   (rewritten only when its set of entries changed: a finished chunk's file never changes again, so git
+   keeps one copy).
+
+It starts by importing every ``*.jsonl.gz`` in ``<out>`` (``cascade bench-cache import``), so a new machine
+resumes where the last one stopped. Then ``cascade bench`` reads everything from the cache.
+
+    .venv/bin/python benchmarks/record_sets.py                      # math500, gsm8k, humaneval, whole
+    .venv/bin/python benchmarks/record_sets.py --dataset gsm8k --chunk 200 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATASETS = ("math500", "gsm8k", "humaneval")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run nothing else heavy beside it: the fp32 pair at batch 32 holds ~15 GB.")
+    p.add_argument("--dataset", action="append", choices=DATASETS, default=None,
+                   help="dataset to record, repeatable, in this order (default: math500, gsm8k, humaneval)")
+    p.add_argument("--limit", type=int, default=0, help="problems per dataset, a seeded sample (default: 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="the sample's seed, as cascade bench's --seed (default: 0)")
+    p.add_argument("--chunk", type=int, default=128, help="problems per chunk and export file (default: 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="engine rows for the runs (default: 32)")
+    p.add_argument("--max-len", type=int, default=1536, help="KV-cache positions per request (default: 1536: "
+                   "the longest prompt + MATH-500's 1024 answer tokens)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="both models' dtype, part of every cache key (default: float32, where replay is exact)")
+    p.add_argument("--no-paths", action="store_true", help="record the answers only, not the teacher-forced paths")
+    p.add_argument("--out", default="benchmarks/cache", help="where the chunk files go (default: benchmarks/cache)")
+    p.add_argument("--cache-dir", default=None, help="the bench cache (default: $CASCADE_HOME/bench-cache)")
+    return p.parse_args(argv)
+
+
+def chunks(items: list, size: int) -> list[list]:
+    if size < 1:
+        raise ValueError(f"--chunk must be >= 1, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def file_keys(path: Path) -> set[str]:
+    """The entry keys of an export file (empty if there is none)."""
+    if not path.exists():
+        return set()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return {json.loads(line)["key"] for n, line in enumerate(f) if n > 0}
+
+
+def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> list[str]:
+    """The cache keys of a chunk's baseline answers and (``with_paths``) their teacher-forced paths."""
+    from cascade.bench.replay import path_key
+    from cascade.bench.runs import run_key, sampling_for
+    from cascade.policies import parse_policy
+
+    keys = []
+    for policy, model in (("draft-only", "draft"), ("target-only", "target")):
+        pol = parse_policy(policy)
+        for problem, rec in zip(problems, records[policy]):
+            keys.append(run_key(bench.pair_fp, problem, pol, sampling_for(problem)))
+            if with_paths:
+                keys.append(path_key(bench.pair_fp, problem.key(), model, rec.extra["token_ids"]))
+    return keys
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cascade.bench.datasets import load_dataset, select
+    from cascade.bench.harness import Bench, BenchConfig
+    from cascade.bench.runs import RunCache
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = RunCache.at(args.cache_dir)
+    for f in sorted(out.glob("*.jsonl.gz")):
+        added, kept = cache.import_file(f)
+        print(f"[record] imported {f.name}: {added} new, {kept} already here", flush=True)
+    cfg = BenchConfig(batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, device="cpu",
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, real_checks=())
+    bench = Bench(cfg, say=lambda m: print(f"[record {time.strftime('%H:%M:%S')}] {m}", flush=True))
+    for ds in args.dataset or DATASETS:
+        everything = load_dataset(ds)
+        order = {p.problem_id: i for i, p in enumerate(everything)}
+        n = args.limit or len(everything)
+        # select() is nested: problems in the order they join ever larger seeded samples
+        ranked, seen = [], set()
+        for size in range(args.chunk, n + args.chunk, args.chunk):
+            for p in select(everything, min(size, n), args.seed):
+                if p.problem_id not in seen:
+                    seen.add(p.problem_id)
+                    ranked.append(p)
+        for number, part in enumerate(chunks(ranked, args.chunk)):
+            part = sorted(part, key=lambda p: order[p.problem_id])  # the dataset's order within a chunk
+            name = out / f"{ds}-seed{args.seed}-chunk{args.chunk}-{number:03d}.jsonl.gz"
+            t0 = time.perf_counter()
+            records = {policy: bench.run(policy, part, f"{ds} {policy} ({len(part)} problems, chunk {name.name})")
+                       for policy in ("draft-only", "target-only")}
+            if not args.no_paths:
+                bench.paths(part, records["draft-only"], "draft")
+                bench.paths(part, records["target-only"], "target")
+            keys = chunk_keys(bench, part, records, not args.no_paths)
+            if set(keys) != file_keys(name):
+                count = cache.export(name, keys=keys)
+                bench.say(f"{name.name}: {count} entries exported ({len(part)} problems, {time.perf_counter() - t0:.0f} s)")
+            else:
+                bench.say(f"{name.name}: up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
