@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the sample's seed, as cascade bench's --seed (default: 0)")
     p.add_argument("--chunk", type=int, default=128, help="problems per chunk and export file (default: 128)")
     p.add_argument("--batch-size", type=int, default=32, help="engine rows for the runs (default: 32)")
-    p.add_argument("--max-len", type=int, default=1536, help="KV-cache positions per request (default: 1536: "
-                   "the longest prompt + MATH-500's 1024 answer tokens)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV-cache positions per request (default: per dataset, the longest prompt + max_tokens + 1, "
+                        "rounded up to 64: MATH-500 1920, GSM8K 768, HumanEval 768)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="both models' dtype, part of every cache key (default: float32, where replay is exact)")
     p.add_argument("--no-paths", action="store_true", help="record the answers only, not the teacher-forced paths")
@@ -83,6 +84,18 @@ def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> l
     return keys
 
 
+def needed_len(problems) -> int:
+    """KV-cache positions the longest request of ``problems`` needs (prompt + max_tokens + 1), rounded up to
+    64: a smaller cache would cut answers short; a larger one holds memory the batch could use."""
+    from cascade.library import encode_text, load_tokenizer
+    from cascade.models.resolve import resolve_model
+    from cascade.weights import DEFAULT_PAIR
+
+    tokenizer = load_tokenizer(resolve_model(DEFAULT_PAIR[0].name))
+    need = max(len(encode_text(tokenizer, p.as_prompt())) + p.max_tokens + 1 for p in problems)
+    return -(-need // 64) * 64
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from cascade.bench.datasets import load_dataset, select
@@ -95,11 +108,14 @@ def main(argv=None) -> int:
     for f in sorted(out.glob("*.jsonl.gz")):
         added, kept = cache.import_file(f)
         print(f"[record] imported {f.name}: {added} new, {kept} already here", flush=True)
-    cfg = BenchConfig(batch_size=args.batch_size, max_len=args.max_len, dtype=args.dtype, device="cpu",
-                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, real_checks=())
-    bench = Bench(cfg, say=lambda m: print(f"[record {time.strftime('%H:%M:%S')}] {m}", flush=True))
+    say = lambda m: print(f"[record {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
     for ds in args.dataset or DATASETS:
         everything = load_dataset(ds)
+        max_len = args.max_len or needed_len(everything)
+        say(f"{ds}: {len(everything)} problems, max_len {max_len}, batch {args.batch_size}, {args.dtype}")
+        cfg = BenchConfig(batch_size=args.batch_size, max_len=max_len, dtype=args.dtype, device="cpu",
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else None, real_checks=())
+        bench = Bench(cfg, say=say)
         order = {p.problem_id: i for i, p in enumerate(everything)}
         n = args.limit or len(everything)
         # select() is nested: problems in the order they join ever larger seeded samples

@@ -179,25 +179,11 @@ class Cascade:
             if "prompt" in prompt:
                 return self.encode(prompt["prompt"])
             raise ValueError("prompt: a prompt dict needs 'prompt_token_ids' or 'prompt'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            tokenizer = self._require_tokenizer()
-            with self._tokenizer_lock:
-                return list(tokenizer.encode(prompt, add_special_tokens=False))
-        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            for i, m in enumerate(prompt):
-                if "role" not in m or "content" not in m:
-                    raise ValueError(f"messages[{i}]: needs 'role' and 'content'")
-            tokenizer = self._require_tokenizer()
-            with self._tokenizer_lock:
-                ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
         if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
-        raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
+        tokenizer = self._require_tokenizer() if isinstance(prompt, (str, Sequence)) and prompt else None
+        with self._tokenizer_lock:
+            return encode_text(tokenizer, prompt)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens skipped); safe to call from any thread."""
@@ -333,6 +319,24 @@ class Cascade:
         finally:
             if not done:
                 self.engine.abort(rid)
+
+
+def encode_text(tokenizer, prompt: "str | Sequence[Message]") -> list[int]:
+    """Token ids of a raw string (no special tokens added) or of a chat conversation (the tokenizer's chat
+    template, with the generation prompt): how ``Cascade.encode`` turns text into a prompt."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}]: needs 'role' and 'content'")
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
 
 
 def load_tokenizer(path: str | Path):

@@ -15,7 +15,7 @@ from test_engine import make_cascade
 
 
 def _problems(n=5):
-    return [math_problem("tiny", str(i), f"question {i} " + "x" * i, str(i)) for i in range(n)]
+    return [math_problem("tiny", str(i), f"question {i} " + "x" * i, str(i), max_tokens=48) for i in range(n)]
 
 
 @pytest.fixture()
@@ -43,7 +43,7 @@ def test_cache_key_tracks_policy_and_problem(runner):
     runner.run("chow(alpha=0.2)", problems, progress=False)
     _, other_policy = runner.run("chow(alpha=0.3)", problems, progress=False)
     assert other_policy.generated == 2
-    changed = [math_problem("tiny", "0", "question 0", "1")]  # same id, other reference answer
+    changed = [math_problem("tiny", "0", "question 0", "1", max_tokens=48)]  # same id, other reference answer
     _, other_problem = runner.run("chow(alpha=0.2)", changed, progress=False)
     assert other_problem.generated == 1
 
@@ -169,3 +169,13 @@ def test_traced_baselines_keep_their_trace_locally_and_export_without_it(runner,
     elsewhere.import_file(out)
     assert all("trace" not in elsewhere.get(k)["extra"] for k in keys[:2])
     assert any("trace" in runner.cache.get(k)["extra"] for k in keys)  # the local cache keeps it
+
+
+def test_a_problem_the_cache_cannot_hold_is_refused(runner):
+    """An answer cut short by the KV cache would be cached as if it were the model's whole answer."""
+    from cascade.bench.datasets import math_problem
+
+    too_long = [math_problem("tiny", "big", "question", "1", max_tokens=200)]  # the tiny engine holds 128 positions
+    with pytest.raises(ValueError, match="max_len: tiny/big needs .* the engine holds 128"):
+        runner.run("draft-only", too_long, progress=False)
+    assert not runner.cascade.engine.has_work()

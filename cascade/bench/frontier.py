@@ -98,6 +98,7 @@ class Frontier:
         self.draft_ttft_test = self._times(self.draft, "ttft_ms")
         self.target_latency_test = self._times(self.target, "record_ms")
         self._dev_points: dict[str, list[Point]] = {}
+        self._tested: dict[tuple[str, str], tuple] = {}
         self.floor_dev = self._point("draft-only", "draft-only", self.draft, self.dev_idx)
         self.floor_test = self._point("draft-only", "draft-only", self.draft, self.test_idx)
         self.target_point_test = self._point("target-only", "target-only", self.target, self.test_idx)
@@ -135,6 +136,14 @@ class Frontier:
             config, records, dev = self.runs[family][best][0], self.runs[family][best][1], pts[best]
         else:  # nothing of this family fits: the user would run the draft alone
             config, records, dev = "draft-only", self.draft, self.floor_dev
+        return Selection(family, axis, budget, config, dev, *self._on_test(family, config, records))
+
+    def _on_test(self, family: str, config: str, records: Sequence[RunRecord]) -> tuple:
+        """A configuration's test figures (memoised: the report and the plot select the same ones many times):
+        (point, quality interval, gap, gap interval, per-problem scores, ttft interval, latency interval)."""
+        key = (family, config)
+        if key in self._tested:
+            return self._tested[key]
         test = self._point(family, config, records, self.test_idx)
         correct = self._scores(records)
         b = self.boot
@@ -149,7 +158,8 @@ class Frontier:
             gap, gap_ci = gap_recovered(test.quality, q_draft, q_target), percentile_ci(boot_gap)
         ttft_ci = self._ratio_ci(self._times(records, "ttft_ms"), self.draft_ttft_test)
         latency_ci = self._ratio_ci(self._times(records, "record_ms"), self.target_latency_test)
-        return Selection(family, axis, budget, config, dev, test, quality_ci, gap, gap_ci, correct, ttft_ci, latency_ci)
+        self._tested[key] = (test, quality_ci, gap, gap_ci, correct, ttft_ci, latency_ci)
+        return self._tested[key]
 
     def paired_difference(self, a: Selection, b: Selection) -> tuple[float, tuple[float, float]]:
         """Test quality of a minus b, and its paired bootstrap 95 % interval."""

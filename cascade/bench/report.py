@@ -189,7 +189,7 @@ def plot_frontier(frontiers: dict, families: Sequence[str], path: Path, title: s
         for i, axis in enumerate(AXES):
             ax = axes[i][j]
             budgets = AXIS_BUDGETS[axis]
-            top = 1.5 if max(budgets) >= 1.0 else 1.0
+            top = 1.0 if max(budgets) < 1.0 else 1.5 * max(budgets)  # fractions of target-only up to 1, or ratios
             grid = [top * k / 30 for k in range(31)]
             for fam in families:
                 if fam not in fr.runs:

@@ -319,6 +319,11 @@ class PolicyRunner:
         todo = [i for i in range(len(problems)) if i not in records]
         if todo:
             engine = self.cascade.engine
+            prompts = {i: self.cascade.encode(problems[i].as_prompt()) for i in todo}
+            for i, ids in prompts.items():  # an answer cut short by the cache would be cached as if complete
+                if len(ids) + problems[i].max_tokens + 1 > engine.max_len:
+                    raise ValueError(f"max_len: {problems[i].dataset}/{problems[i].problem_id} needs {len(ids)} prompt "
+                                     f"+ {problems[i].max_tokens} answer + 1 positions, the engine holds {engine.max_len}")
             ids = {f"bench-{os.getpid()}-{time.monotonic_ns()}-{i}": i for i in todo}
             own_trace = traced is not None and engine.trace is None
             if own_trace:
@@ -327,7 +332,7 @@ class PolicyRunner:
                 params = sampling_for(problems[i])
                 if traced == "target":
                     params = dataclasses.replace(params, logprobs=MAX_TOP_LOGPROBS)
-                engine.add_request(rid, self.cascade.encode(problems[i].as_prompt()), params, pol)
+                engine.add_request(rid, prompts[i], params, pol)
                 if traced is not None:
                     engine.trace.watch(rid, traced)
             shares = {rid: 0.0 for rid in ids}
