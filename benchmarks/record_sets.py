@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="engine rows for the runs (default: 32)")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV-cache positions per request (default: per dataset, the longest prompt + max_tokens + 1, "
-                        "rounded up to 64: MATH-500 1920, GSM8K 768, HumanEval 768)")
+                        "rounded up to 64: MATH-500 1920, GSM8K 768, HumanEval 704)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="both models' dtype, part of every cache key (default: float32, where replay is exact)")
     p.add_argument("--no-paths", action="store_true", help="record the answers only, not the teacher-forced paths")
@@ -54,10 +54,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def chunks(items: list, size: int) -> list[list]:
+def sample_chunks(problems: list, size: int, n: int, seed: int) -> list[list]:
+    """``n`` problems in chunks of ``size``: chunk j holds the problems that ``select(problems, (j + 1) *
+    size, seed)`` adds to ``select(problems, j * size, seed)`` (seeded samples are nested), each chunk in the
+    dataset's order; so the first j chunks are exactly the seeded sample of j * size problems."""
+    from cascade.bench.datasets import select
+
     if size < 1:
         raise ValueError(f"--chunk must be >= 1, got {size}")
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    order = {p.problem_id: i for i, p in enumerate(problems)}
+    out, seen = [], set()
+    for end in range(size, n + size, size):
+        part = [p for p in select(problems, min(end, n), seed) if p.problem_id not in seen]
+        seen.update(p.problem_id for p in part)
+        if part:
+            out.append(sorted(part, key=lambda p: order[p.problem_id]))
+    return out
 
 
 def file_keys(path: Path) -> set[str]:
@@ -68,14 +80,24 @@ def file_keys(path: Path) -> set[str]:
         return {json.loads(line)["key"] for n, line in enumerate(f) if n > 0}
 
 
+def export(cache, name: Path, keys: list[str], say) -> None:
+    """Write the chunk file with these entries, unless it already holds exactly them."""
+    if set(keys) == file_keys(name):
+        return
+    say(f"{name.name}: {cache.export(name, keys=keys)} entries exported")
+
+
 def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> list[str]:
-    """The cache keys of a chunk's baseline answers and (``with_paths``) their teacher-forced paths."""
+    """The cache keys of a chunk's baseline answers recorded so far (``records``: policy -> records) and
+    (``with_paths``) their teacher-forced paths."""
     from cascade.bench.replay import path_key
     from cascade.bench.runs import run_key, sampling_for
     from cascade.policies import parse_policy
 
     keys = []
     for policy, model in (("draft-only", "draft"), ("target-only", "target")):
+        if policy not in records:
+            continue
         pol = parse_policy(policy)
         for problem, rec in zip(problems, records[policy]):
             keys.append(run_key(bench.pair_fp, problem, pol, sampling_for(problem)))
@@ -98,7 +120,7 @@ def needed_len(problems) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cascade.bench.datasets import load_dataset, select
+    from cascade.bench.datasets import load_dataset
     from cascade.bench.harness import Bench, BenchConfig
     from cascade.bench.runs import RunCache
 
@@ -116,30 +138,18 @@ def main(argv=None) -> int:
         cfg = BenchConfig(batch_size=args.batch_size, max_len=max_len, dtype=args.dtype, device="cpu",
                           cache_dir=Path(args.cache_dir) if args.cache_dir else None, real_checks=())
         bench = Bench(cfg, say=say)
-        order = {p.problem_id: i for i, p in enumerate(everything)}
-        n = args.limit or len(everything)
-        # select() is nested: problems in the order they join ever larger seeded samples
-        ranked, seen = [], set()
-        for size in range(args.chunk, n + args.chunk, args.chunk):
-            for p in select(everything, min(size, n), args.seed):
-                if p.problem_id not in seen:
-                    seen.add(p.problem_id)
-                    ranked.append(p)
-        for number, part in enumerate(chunks(ranked, args.chunk)):
-            part = sorted(part, key=lambda p: order[p.problem_id])  # the dataset's order within a chunk
+        for number, part in enumerate(sample_chunks(everything, args.chunk, args.limit or len(everything), args.seed)):
             name = out / f"{ds}-seed{args.seed}-chunk{args.chunk}-{number:03d}.jsonl.gz"
             t0 = time.perf_counter()
-            records = {policy: bench.run(policy, part, f"{ds} {policy} ({len(part)} problems, chunk {name.name})")
-                       for policy in ("draft-only", "target-only")}
+            records: dict[str, list] = {}
+            for policy in ("draft-only", "target-only"):  # each step exported as it ends: a machine that stops
+                records[policy] = bench.run(policy, part, f"{ds} {policy} ({len(part)} problems, {name.name})")
+                export(cache, name, chunk_keys(bench, part, records, False), bench.say)  # mid-chunk loses less
             if not args.no_paths:
                 bench.paths(part, records["draft-only"], "draft")
                 bench.paths(part, records["target-only"], "target")
-            keys = chunk_keys(bench, part, records, not args.no_paths)
-            if set(keys) != file_keys(name):
-                count = cache.export(name, keys=keys)
-                bench.say(f"{name.name}: {count} entries exported ({len(part)} problems, {time.perf_counter() - t0:.0f} s)")
-            else:
-                bench.say(f"{name.name}: up to date")
+                export(cache, name, chunk_keys(bench, part, records, True), bench.say)
+            bench.say(f"{name.name}: done ({len(part)} problems, {time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -65,3 +65,4 @@ def test_detectable_difference_matches_the_formula():
 def test_min_significant_difference():
     assert min_significant_difference(100) == pytest.approx(0.06)  # six problems, all one way
     assert min_significant_difference(60, alpha=0.01) == pytest.approx(8 / 60)  # 2 * 0.5^8 < 0.01 <= 2 * 0.5^7
+

@@ -34,6 +34,10 @@ def test_top_level_help(capsys):
     (["generate", "hi", "--param", "oops"], "name=value"),
     (["bench", "--policies", "chow,nope"], "--policies"),
     (["bench", "--dataset", "nope"], "dataset"),
+    (["bench", "--real-check", "nope:0.2"], "--real-check"),
+    (["bench", "--real-check", "target"], "--real-check"),
+    (["bench", "--real-check", "target:lots"], "--real-check"),
+    (["bench", "--real-check", "passes:-1"], "--real-check"),
     (["calibrate", "--policy", "speculative", "--budget", "0.2"], "--policy"),
     (["calibrate", "--policy", "chow", "--budget", "-1"], "--budget"),
     (["calibrate", "--policy", "chow", "--budget", "0.2", "--dataset", "nope"], "dataset"),
@@ -170,3 +174,11 @@ def test_generate_says_what_a_request_level_policy_decided():
         parse_policy("quantile"), routed)
     assert "kept" in _routing(parse_policy("quantile"), RequestStats(draft_tokens=7))
     assert _routing(parse_policy("chow(alpha=0.2)"), routed) == ""  # token-level policies have no such decision
+
+
+def test_real_check_option():
+    from cascade.cli.bench import real_checks
+
+    assert real_checks(None) == (("target_fraction", 0.2), ("passes_per_token", 0.2))
+    assert real_checks(["none"]) == ()
+    assert real_checks(["ttft:1.5", "time:0.8"]) == (("ttft", 1.5), ("modelled_time", 0.8))
