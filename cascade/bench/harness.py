@@ -75,7 +75,6 @@ class DatasetResult:
     requests: list[dict] = field(default_factory=list)  # one row per real-run request (the per-request CSV)
     lengths: dict = field(default_factory=dict)  # regime.lengths_row of the dataset
     path_seconds: float = 0.0  # time the teacher-forced paths took to record (where they were recorded)
-    real_n: int = 0  # test problems of the real runs
 
 
 class Bench:
@@ -254,7 +253,6 @@ class Bench:
         draft-only and target-only timed on the same problems right before (same machine state)."""
         cfg = self.cfg
         idx = test_idx[: cfg.real_limit] if cfg.real_limit else list(test_idx)
-        res.real_n = len(idx)
         sub = [problems[i] for i in idx]
         targets, drafts = [target[i] for i in idx], [draft[i] for i in idx]
         timed = {}
