@@ -254,6 +254,38 @@ def significance_lines(fr: Frontier, selections: Sequence[Selection], budget: fl
     return lines
 
 
+def summary_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str] = ("target_fraction", "passes_per_token"),
+                     budgets: Sequence[float] = BUDGETS) -> str:
+    """One table per dataset: each family's test quality [95 % interval] at each budget of the two main cost
+    axes, its lead over ``quantile`` marked where significant (* paired, p < 0.05 and interval excluding 0),
+    and its modelled time to first token ÷ draft-only's at each axis's middle budget."""
+    mid = budgets[len(budgets) // 2]
+    head = [f"{int(100 * b)} % {'FLOPs' if a == 'target_fraction' else 'passes'}" for a in axes for b in budgets]
+    lines = [f"#### {fr.dataset}: summary (test n = {len(fr.test_idx)}; draft-only {pct(fr.draft_test.mean())}, "
+             f"target-only {pct(fr.target_test.mean())})", "",
+             "Test quality of each family's dev choice [95 % interval]; `+` / `-` after a figure: significantly above / "
+             f"below `{REQUEST_BASELINE}` at that budget (paired); TTFT: modelled time to first token ÷ draft-only's at "
+             f"{int(100 * mid)} %.", "",
+             "| policy | " + " | ".join(head) + " | " + " | ".join(f"TTFT @ {int(100 * mid)} % {'FLOPs' if a == 'target_fraction' else 'passes'}" for a in axes) + " |",
+             "|" + "---|" * (1 + len(head) + len(axes))]
+    for fam in families:
+        if fam not in fr.runs or fam in REFERENCES:
+            continue
+        cells, ttfts = [], []
+        for axis in axes:
+            for b in budgets:
+                s = fr.select(fam, axis, b)
+                mark = ""
+                if fam != REQUEST_BASELINE and REQUEST_BASELINE in fr.runs:
+                    r = fr.compare(s, fr.select(REQUEST_BASELINE, axis, b))
+                    mark = ("+" if r.difference > 0 else "-") if r.significant else ""
+                cells.append(f"{pct(s.test.quality)}{ci(s.quality_ci)}{mark}")
+            s = fr.select(fam, axis, mid)
+            ttfts.append(_times(s.test.ttft, s.ttft_ci))
+        lines.append(f"| {fam} | " + " | ".join(cells) + " | " + " | ".join(ttfts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def frontier_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str] = tuple(AXES)) -> tuple[str, list[Selection]]:
     """The dataset's report section: references with intervals and what the split can detect, then per
     axis a table of each family's dev choice at each budget on the test split (quality with its interval,

@@ -293,11 +293,24 @@ class PolicyRunner:
     def cascade(self) -> "Cascade":
         return self._cascade() if callable(self._cascade) else self._cascade
 
+    def keys(self, policy: "str | Policy", problems: Sequence["Problem"], tag: str = "") -> list[str]:
+        """The cache key of each problem's answer under ``policy`` (``tag``: a separate set of answers, e.g.
+        baselines re-timed beside a real run)."""
+        pol = parse_policy(policy)
+        fp = self.pair_fingerprint + (f"-router-{self.router_fingerprint}" if pol.uses_router else "")
+        fp += f"-{tag}" if tag else ""
+        return [run_key(fp, p, pol, sampling_for(p)) for p in problems]
+
+    def is_cached(self, policy: "str | Policy", problems: Sequence["Problem"], tag: str = "") -> bool:
+        """Every problem's answer under ``policy`` is in the cache."""
+        return all(self.cache.get(k) is not None for k in self.keys(policy, problems, tag))
+
     def run(self, policy: "str | Policy", problems: Sequence["Problem"], *, progress: bool = True,
-            label: str | None = None, fresh: bool = False, trace: bool = False) -> tuple[list[RunRecord], RunStats]:
+            label: str | None = None, fresh: bool = False, trace: bool = False, tag: str = "") -> tuple[list[RunRecord], RunStats]:
         """Answer every problem with ``policy``; returns records in problem order (cached ones included).
         ``fresh``: generate even where the cache has an answer (to time a baseline in the same conditions
-        as the runs it is compared with); the new records replace the cached ones. ``trace`` (draft-only and
+        as the runs it is compared with); the new records replace the cached ones. ``tag``: keep these answers
+        apart from the untagged ones (``keys``). ``trace`` (draft-only and
         target-only only): keep each generated answer's own per-position statistics in the record's
         ``extra["trace"]`` (``cascade.trace``; target-only then asks for 20 top log-probs per token, which
         changes nothing it answers), so that recording its path needs one teacher-forced pass, not two."""
@@ -305,8 +318,7 @@ class PolicyRunner:
 
         pol = parse_policy(policy)
         traced = TRACED.get(pol.name) if trace else None
-        fp = self.pair_fingerprint + (f"-router-{self.router_fingerprint}" if pol.uses_router else "")
-        keys = [run_key(fp, p, pol, sampling_for(p)) for p in problems]
+        keys = self.keys(pol, problems, tag)
         if pol.benchmark_only:
             raise ValueError(f"policy: {pol.name} is derived by the harness from the baseline runs, not run")
         records: dict[int, RunRecord] = {}
