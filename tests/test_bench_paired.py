@@ -66,3 +66,19 @@ def test_min_significant_difference():
     assert min_significant_difference(100) == pytest.approx(0.06)  # six problems, all one way
     assert min_significant_difference(60, alpha=0.01) == pytest.approx(8 / 60)  # 2 * 0.5^8 < 0.01 <= 2 * 0.5^7
 
+
+
+def test_fractional_scores_carry_an_outcomes_variance():
+    """A replay estimate (the probability the real answer would be right) is drawn as an outcome in each
+    resample: its interval is as wide as a coin's, not zero; 0/1 scores resample exactly as before."""
+    from cascade.bench.paired import resample_means
+
+    boot = np.random.default_rng(0).integers(0, 100, size=(2000, 100))
+    coin = resample_means(np.array([0.5]), np.zeros((2000, 1), dtype=int))  # one problem, drawn each time
+    assert set(coin.tolist()) == {0.0, 1.0} and 0.4 < coin.mean() < 0.6  # a coin, not a constant 0.5
+    binary = (np.arange(100) % 2).astype(float)
+    assert np.array_equal(resample_means(binary, boot), binary[boot].mean(axis=1))
+    half = np.full(100, 0.5)
+    _, (lo, hi) = paired_bootstrap(half, np.zeros(100), boot)
+    assert lo < 0.45 and hi > 0.55  # not the zero-width interval a constant 0.5 would give
+    assert resample_means(half, boot, seed=3).tolist() == resample_means(half, boot, seed=3).tolist()  # seeded

@@ -20,7 +20,8 @@ Axes (all as a fraction of what target-only spends on the same problems, so 1 is
 - ``ttft``: the modelled time to first token / draft-only's (a streamed request's wait).
 
 Intervals: percentile bootstrap over test problems (resampled with replacement, the same resample for the
-policy, draft-only and target-only, so the gap's interval carries the baselines' noise too); a selection
+policy, draft-only and target-only, so the gap's interval carries the baselines' noise too; a replay
+estimate's fractional score is drawn as an outcome in each resample); a selection
 also carries its modelled time to first token (÷ draft-only's) and latency (÷ target-only's) with their
 intervals. Significance: every comparison of two policies is paired on the same test problems
 (``paired.compare``: paired bootstrap interval of the difference, and McNemar's exact test where scores
@@ -35,7 +36,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cascade.bench.paired import PairedResult, compare, detectable_difference, min_significant_difference, percentile_ci
+from cascade.bench.paired import (PairedResult, compare, detectable_difference, min_significant_difference, percentile_ci,
+                                  resample_means)
 from cascade.bench.report import Point, gap_recovered
 from cascade.bench.runs import RunRecord
 from cascade.bench.scoring import NO_ANSWER, NO_BOX, NO_CODE
@@ -148,11 +150,12 @@ class Frontier:
         correct = self._scores(records)
         b = self.boot
         q_draft, q_target = self.draft_test.mean(), self.target_test.mean()
-        quality_ci = percentile_ci(correct[b].mean(axis=1))
+        qc = resample_means(correct, b)  # replay estimates drawn as outcomes (``paired.resample_means``)
+        quality_ci = percentile_ci(qc)
         if math.isclose(q_draft, q_target):
             gap, gap_ci = None, None
         else:
-            qd, qt, qc = self.draft_test[b].mean(axis=1), self.target_test[b].mean(axis=1), correct[b].mean(axis=1)
+            qd, qt = self.draft_test[b].mean(axis=1), self.target_test[b].mean(axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 boot_gap = np.where(np.isclose(qt, qd), np.nan, (qc - qd) / (qt - qd))
             gap, gap_ci = gap_recovered(test.quality, q_draft, q_target), percentile_ci(boot_gap)
@@ -212,6 +215,11 @@ def _times(x: float, ci: tuple[float, float]) -> str:
     return f"{x:.2f}x" + ("" if math.isnan(ci[0]) else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
+def _estimated(s: Selection) -> str:
+    share = s.test.exact_share
+    return "" if share is None or share >= 1.0 else f" · {100 * (1 - share):.0f} % estimated"
+
+
 def _p(r: PairedResult) -> str:
     return "" if r.p_value is None else f", p = {r.p_value:.3f}"
 
@@ -264,8 +272,8 @@ def summary_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str] 
     lines = [f"#### {fr.dataset}: summary (test n = {len(fr.test_idx)}; draft-only {pct(fr.draft_test.mean())}, "
              f"target-only {pct(fr.target_test.mean())})", "",
              "Test quality of each family's dev choice [95 % interval]; `+` / `-` after a figure: significantly above / "
-             f"below `{REQUEST_BASELINE}` at that budget (paired); TTFT: modelled time to first token ÷ draft-only's at "
-             f"{int(100 * mid)} %.", "",
+             f"below `{REQUEST_BASELINE}` at that budget (paired); `~` before it: over 10 % of its test figures are "
+             f"replay estimates; TTFT: modelled time to first token ÷ draft-only's at {int(100 * mid)} %.", "",
              "| policy | " + " | ".join(head) + " | " + " | ".join(f"TTFT @ {int(100 * mid)} % {'FLOPs' if a == 'target_fraction' else 'passes'}" for a in axes) + " |",
              "|" + "---|" * (1 + len(head) + len(axes))]
     for fam in families:
@@ -279,7 +287,8 @@ def summary_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str] 
                 if fam != REQUEST_BASELINE and REQUEST_BASELINE in fr.runs:
                     r = fr.compare(s, fr.select(REQUEST_BASELINE, axis, b))
                     mark = ("+" if r.difference > 0 else "-") if r.significant else ""
-                cells.append(f"{pct(s.test.quality)}{ci(s.quality_ci)}{mark}")
+                est = "" if s.test.exact_share is None or s.test.exact_share >= 0.9 else "~"
+                cells.append(f"{est}{pct(s.test.quality)}{ci(s.quality_ci)}{mark}")
             s = fr.select(fam, axis, mid)
             ttfts.append(_times(s.test.ttft, s.ttft_ci))
         lines.append(f"| {fam} | " + " | ".join(cells) + " | " + " | ".join(ttfts) + " |")
@@ -311,7 +320,8 @@ def frontier_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str]
         budgets = AXIS_BUDGETS[axis]
         lines += [f"#### budget on {AXES[axis]} (`{axis}`)", "",
                   "Cells: test quality [95 % interval] · gap recovered · cost on this axis · modelled time to first "
-                  "token ÷ draft-only's · modelled latency ÷ target-only's.", "",
+                  "token ÷ draft-only's · modelled latency ÷ target-only's · where some test problems' figures are "
+                  "replay estimates (the replayed run left both recorded answers), their share.", "",
                   "| policy | " + " | ".join(f"@ {b:g}" for b in budgets) + " | configs (dev choice) |",
                   "|" + "---|" * (len(budgets) + 2)]
         by_budget: dict[float, list[Selection]] = {b: [] for b in budgets}
@@ -323,7 +333,8 @@ def frontier_markdown(fr: Frontier, families: Sequence[str], axes: Sequence[str]
                 by_budget[b].append(s)
             selections += row
             cells = [f"{pct(s.test.quality)}{ci(s.quality_ci)} · gap {pct(s.gap)} · cost {getattr(s.test, axis):.3f} · "
-                     f"ttft {_times(s.test.ttft, s.ttft_ci)} · lat {_times(s.test.modelled_time, s.latency_ci)}" for s in row]
+                     f"ttft {_times(s.test.ttft, s.ttft_ci)} · lat {_times(s.test.modelled_time, s.latency_ci)}"
+                     f"{_estimated(s)}" for s in row]
             configs = " · ".join(f"`{s.config}`" for s in row)
             lines.append(f"| {fam} | " + " | ".join(cells) + f" | {configs} |")
         lines.append("")

@@ -4,7 +4,10 @@ Two policies answer the same problems, so their per-problem outcomes are paired:
 them is only the problems where they disagree (the discordant pairs). Both tests here use that:
 
 - ``paired_bootstrap``: the mean per-problem difference and its percentile interval over resamples of the
-  problems (the same resamples for both policies). Works for fractional scores too (replay estimates).
+  problems (the same resamples for both policies). A fractional score (a replay estimate: the probability
+  that the real answer would be right, not an outcome) is drawn as a Bernoulli outcome in every resample
+  (``resample_means``), so an estimate carries an outcome's variance instead of looking certain; 0/1
+  scores are untouched.
 - ``mcnemar``: McNemar's exact test, a two-sided binomial test on the discordant pairs (b problems only
   the first policy solved, c only the second: p = P(|X - (b + c) / 2| >= |b - (b + c) / 2|), X ~ Bin(b + c,
   1/2)). Defined for 0/1 outcomes only.
@@ -51,14 +54,24 @@ def percentile_ci(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def resample_means(scores: np.ndarray, boot: np.ndarray, seed: int = 0) -> np.ndarray:
+    """scores [n] in [0, 1]; boot [reps, n] resample indices -> [reps] resample means, each fractional score
+    drawn as a Bernoulli outcome with that probability (seeded: the same inputs give the same means)."""
+    picked = np.asarray(scores, dtype=np.float64)[boot]
+    if _binary(picked):
+        return picked.mean(axis=1)
+    draws = np.random.default_rng(seed).random(picked.shape) < picked  # exact for 0 and 1
+    return draws.mean(axis=1)
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, boot: np.ndarray) -> tuple[float, tuple[float, float]]:
     """a, b [n] per-problem scores on the same problems; boot [reps, n] resample indices -> mean(a - b) and
-    its percentile interval."""
+    its percentile interval (fractional scores drawn as outcomes, independently for a and b: conservative)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired scores differ in length: {a.shape} vs {b.shape}")
-    diff = a - b
-    return float(diff.mean()), percentile_ci(diff[boot].mean(axis=1))
+    diff = resample_means(a, boot, seed=1) - resample_means(b, boot, seed=2)
+    return float((a - b).mean()), percentile_ci(diff)
 
 
 def _binary(x: np.ndarray) -> bool:

@@ -67,7 +67,8 @@ class Point:
     latency_s: float | None = None
     emitted_mean: float = 0.0  # mean answer length, tokens
     tokens_per_s: float | None = None  # real runs only
-    exact_share: float | None = None  # replay: share of problems whose figures are exact (not estimated)
+    exact_share: float | None = None  # share of problems whose figures are exact (real, derived or an exact
+    #   replay), not a replay estimate
     ref_draft_quality: float | None = None  # draft-only / target-only quality on the same problems, when the
     ref_target_quality: float | None = None  #   point covers a subset (real runs at the reported budget)
     ref_draft_tokens_per_s: float | None = None  # draft-only / target-only throughput on the same problems,
@@ -95,9 +96,7 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
     flops = sum(r.flops(draft_params, target_params) for r in records)
     base = sum(r.flops(draft_params, target_params) for r in target_only)
     time_s = sum(r.time_share_s for r in records)
-    exact = None
-    if source == "replay":
-        exact = sum(1 for r in records if r.mode != "replay-estimate") / len(records)
+    exact = sum(1 for r in records if r.mode != "replay-estimate") / len(records)
     n = len(records)
     ttft_ms = latency_ms = ttft = float("nan")
     if costs is not None:
