@@ -81,4 +81,8 @@ def test_fractional_scores_carry_an_outcomes_variance():
     half = np.full(100, 0.5)
     _, (lo, hi) = paired_bootstrap(half, np.zeros(100), boot)
     assert lo < 0.45 and hi > 0.55  # not the zero-width interval a constant 0.5 would give
-    assert resample_means(half, boot, seed=3).tolist() == resample_means(half, boot, seed=3).tolist()  # seeded
+    assert resample_means(half, boot).tolist() == resample_means(half, boot).tolist()  # seeded by the scores
+    other = np.linspace(0.1, 0.9, 100)
+    d1, ci1 = paired_bootstrap(other, half, boot)
+    d2, ci2 = paired_bootstrap(half, other, boot)
+    assert d1 == -d2 and ci1 == pytest.approx((-ci2[1], -ci2[0]))  # a - b mirrors b - a

@@ -63,6 +63,7 @@ class BenchConfig:
     target: str | None = None
     out_dir: Path = Path("benchmarks/results")
     tag: str = "bench"
+    export_runs: Path | None = None  # a directory: each dataset's real-check runs exported there (carried with git)
     cache_dir: Path | None = None  # default: $CASCADE_HOME/bench-cache
     progress: bool = True
 
@@ -75,6 +76,7 @@ class DatasetResult:
     requests: list[dict] = field(default_factory=list)  # one row per real-run request (the per-request CSV)
     lengths: dict = field(default_factory=dict)  # regime.lengths_row of the dataset
     path_seconds: float = 0.0  # time the teacher-forced paths took to record (where they were recorded)
+    real_keys: list[str] = field(default_factory=list)  # cache keys of the real checks' runs (re-timed baselines too)
 
 
 class Bench:
@@ -269,7 +271,9 @@ class Bench:
             res.points.append(pt)
         tps = {name: sum(r.emitted_tokens for r in recs) / max(1e-9, sum(r.time_share_s for r in recs))
                for name, recs in timed.items()}
+        res.real_keys += [k for name in timed for k in self.runner.keys(name, sub, "timing")]
         for fam, config, axis, budget in configs:
+            res.real_keys += self.runner.keys(config, sub)
             recs = self.run(config, sub, f"{ds} {config} (real)")
             self._request_rows(res, recs, targets)
             pt = self.point(ds, fam, config, "real", recs, targets, drafts)
@@ -359,6 +363,10 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> Path:
     for spec, probs in problems.items():
         name = probs[0].dataset if probs else spec  # "humaneval", "gsm8k", "jsonl:<stem>"
         results[name] = bench.dataset(name, probs)
+        if cfg.export_runs is not None and results[name].real_keys:
+            Path(cfg.export_runs).mkdir(parents=True, exist_ok=True)
+            path = Path(cfg.export_runs) / f"{name.replace(':', '-')}-real-checks-{cfg.tag}.jsonl.gz"
+            say(f"[{name}] {bench.cache.export(path, keys=results[name].real_keys)} real-check runs exported to {path}")
     elapsed = time.perf_counter() - t0
     return write_outputs(cfg, results, elapsed, commit, bench.costs.source if bench.costs else "none",
                          imported_timings=sorted(bench.timed_on))

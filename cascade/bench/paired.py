@@ -22,6 +22,7 @@ can beat: McNemar's exact test needs at least 6 discordant problems, all one way
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,23 +55,26 @@ def percentile_ci(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def resample_means(scores: np.ndarray, boot: np.ndarray, seed: int = 0) -> np.ndarray:
+def resample_means(scores: np.ndarray, boot: np.ndarray) -> np.ndarray:
     """scores [n] in [0, 1]; boot [reps, n] resample indices -> [reps] resample means, each fractional score
-    drawn as a Bernoulli outcome with that probability (seeded: the same inputs give the same means)."""
-    picked = np.asarray(scores, dtype=np.float64)[boot]
+    drawn as a Bernoulli outcome with that probability. The draws are seeded by the scores themselves, so a
+    policy's draws are the same in every comparison it enters (a - b and b - a mirror each other)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    picked = scores[boot]
     if _binary(picked):
         return picked.mean(axis=1)
+    seed = zlib.crc32(scores.tobytes()) ^ zlib.crc32(np.asarray(boot).tobytes()[:4096])
     draws = np.random.default_rng(seed).random(picked.shape) < picked  # exact for 0 and 1
     return draws.mean(axis=1)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, boot: np.ndarray) -> tuple[float, tuple[float, float]]:
     """a, b [n] per-problem scores on the same problems; boot [reps, n] resample indices -> mean(a - b) and
-    its percentile interval (fractional scores drawn as outcomes, independently for a and b: conservative)."""
+    its percentile interval (fractional scores drawn as outcomes, each policy's from its own scores)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired scores differ in length: {a.shape} vs {b.shape}")
-    diff = resample_means(a, boot, seed=1) - resample_means(b, boot, seed=2)
+    diff = resample_means(a, boot) - resample_means(b, boot)
     return float((a - b).mean()), percentile_ci(diff)
 
 

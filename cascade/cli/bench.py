@@ -38,6 +38,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--real-policies", default=None, metavar="A,B",
                    help="comma-separated families to run for real at each check (default: quantile and the two "
                         "token-level families with the best dev quality there)")
+    b.add_argument("--export-runs", default=None, metavar="DIR",
+                   help="export each dataset's real-check runs (and their re-timed baselines) from the cache to "
+                        "DIR/<dataset>-real-checks-<tag>.jsonl.gz, so another machine reproduces the report without "
+                        "running them (e.g. benchmarks/cache)")
     b.add_argument("--cost-file", default=None, metavar="CSV",
                    help="benchmarks/runner_cost.py CSV whose per-pass costs give the modelled-time axis "
                         "(default: the committed CPU figures)")
@@ -163,7 +167,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         real_checks=real_checks(args.real_check),
                         cost_file=Path(args.cost_file) if args.cost_file else None,
                         real_families=_families(args.real_policies, "--real-policies") if args.real_policies else None,
-                        real_limit=args.real_limit or None, out_dir=Path(args.out), tag=args.tag)
+                        real_limit=args.real_limit or None, out_dir=Path(args.out), tag=args.tag,
+                        export_runs=Path(args.export_runs) if args.export_runs else None)
     md = run_bench(cfg)
     print(md.read_text())
     print(f"wrote {md} and its .csv / .png beside it")
