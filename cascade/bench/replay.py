@@ -94,8 +94,9 @@ def record_path(draft, target, prompt_ids: Sequence[int], answer_ids: Sequence[i
     ``trace``: the answer's own model's statistics, kept while it was decoded (``cascade.trace``, from
     ``PolicyRunner.run(trace=True)``). Then only the other model reads the answer: one pass instead of two.
     The traced figures are the decode's (fp32: within ~1e-6 of a teacher-forced pass's, the difference the
-    engine's own rounds have). A trace that does not match the answer, or a target trace whose top
-    alternatives miss the draft's token somewhere (log p(x) unknown), falls back to both passes."""
+    engine's own rounds have). Where a target trace's top alternatives miss the draft's token somewhere
+    (log p(x) unknown), the target reads the answer too; a trace that does not match the answer is not used
+    (both passes)."""
     t_start = time.perf_counter()
     prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
     path = None
@@ -178,8 +179,10 @@ def _path_from_trace(draft, target, prompt_ids, answer_ids, trace: dict, row: in
             logp_x.append(float(trace["logprob"][j]))
         elif x in trace["top_ids"][j]:
             logp_x.append(float(trace["top_logprobs"][j][trace["top_ids"][j].index(x)]))
-        else:  # outside the target's top alternatives: log p(x) needs the target's pass
-            return None
+        else:  # outside the target's top alternatives somewhere: log p(x) from the target's own pass
+            p_logits = _forward(target, row, span, len(answer_ids) + 1)[:L].to(q_logits.device)
+            logp_x = torch.log_softmax(p_logits, dim=-1).gather(1, qc.argmax.view(L, 1)).squeeze(1).tolist()
+            break
     return PathStats(
         tokens=tokens, emitted=len(answer_ids), prompt_tokens=len(prompt_ids), q_argmax=q_argmax,
         q_max=qc.max_prob.tolist(), q_margin=qc.margin.tolist(), q_entropy=qc.entropy.tolist(),
