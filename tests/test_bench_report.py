@@ -11,7 +11,8 @@ import pytest
 
 from cascade.bench.calibrate import choose_config, sweep_points
 from cascade.bench.replay import PathStats
-from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, plot_frontier, write_csv
+from cascade.bench.plot import plot_frontier
+from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, write_csv
 from cascade.bench.runs import RunRecord
 from cascade.policies import parse_policy
 from cascade.bench.sweeps import draft_logprob_quantile, oracle_records, quantile_records, quantile_taus

@@ -28,7 +28,8 @@ from cascade.bench.costs import PassCosts
 from cascade.bench.datasets import split_indices
 from cascade.bench.frontier import REQUEST_BASELINE, Frontier, frontier_markdown, pct, summary_markdown
 from cascade.bench.regime import lengths_markdown, lengths_row, tercile_markdown
-from cascade.bench.report import Point, aggregate, plot_frontier, write_csv
+from cascade.bench.plot import plot_frontier
+from cascade.bench.report import Point, aggregate, write_csv
 from cascade.bench.replay import PathStats, path_key, record_path, score_paths
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
 from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, oracle_records, sweep_records
