@@ -67,13 +67,17 @@ class DatasetCalibration:
     def summary(self, axis: str) -> dict:
         out = {"dataset": self.dataset,
                "dev": {"n": self.dev.n, "quality": self.dev.quality, "cost": getattr(self.dev, axis),
-                       "target_fraction": self.dev.target_fraction, "source": self.dev.source,
+                       "target_fraction": self.dev.target_fraction, "passes_per_token": self.dev.passes_per_token,
+                       "ttft_vs_draft_only": self.dev.ttft, "modelled_ttft_ms": self.dev.ttft_ms,
+                       "modelled_latency_ms": self.dev.latency_ms, "source": self.dev.source,
                        "draft_only_quality": self.dev_draft.quality, "target_only_quality": self.dev_target.quality,
                        "gap_recovered": gap_recovered(self.dev.quality, self.dev_draft.quality, self.dev_target.quality)}}
         if self.test is not None:
             out["test"] = {"source": self.test.source, "n": self.test.n, "quality": self.test.quality, "cost": getattr(self.test, axis),
                            "target_fraction": self.test.target_fraction, "relative_cost": self.test.relative_cost,
-                           "tokens_per_s": self.test.tokens_per_s,
+                           "passes_per_token": self.test.passes_per_token, "ttft_vs_draft_only": self.test.ttft,
+                           "modelled_ttft_ms": self.test.ttft_ms, "measured_ttft_s": self.test.ttft_s,
+                           "measured_latency_s": self.test.latency_s, "tokens_per_s": self.test.tokens_per_s,
                            "gap_recovered": gap_recovered(self.test.quality, self.test_draft.quality, self.test_target.quality),
                            "draft_only_quality": self.test_draft.quality, "target_only_quality": self.test_target.quality,
                            "draft_only_tokens_per_s": self.test_draft.tokens_per_s,
