@@ -17,7 +17,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from cascade.weights import ModelFetchError, ModelSpec, _status
+from cascade.model_spec import ModelFetchError, ModelSpec
+from cascade.progress import status as _status
 
 # Used only when a GGUF carries no chat template. Renders exactly like Qwen2.5's own template for
 # conversations without tools (the default system prompt is Qwen's).

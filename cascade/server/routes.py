@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cascade.engine import RequestOutput
 from cascade.policies import Policy, policy_names
-from cascade.policies.base import _REGISTRY
 from cascade.server import protocol as P
 from cascade.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from cascade.server.serving import EngineLoop, Handle, QueueFull, RequestFailed, ServerStopping
@@ -113,8 +112,7 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         created = int(time.time())
-        names = [config.served_name] + [f"{config.served_name}:{n}" for n in policy_names()
-                                        if not _REGISTRY[n].benchmark_only]
+        names = [config.served_name] + [f"{config.served_name}:{n}" for n in policy_names(runnable=True)]
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "cascade", "root": config.served_name,
              "max_model_len": loop.engine.max_len} for n in names]})
