@@ -3,6 +3,10 @@
 ``/v1/chat/completions`` and ``/v1/completions`` (plain JSON or SSE with ``stream=true``, ending with
 ``data: [DONE]``), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus text format).
 
+Every handler is a module-level function on one ``APIRouter``; what a handler needs besides its request (the
+engine loop, the config, the metrics) is the ``ServerState`` that ``build_app`` puts on ``app.state.server``
+and ``_state(request)`` reads back, so a handler can be read, and tested, on its own.
+
 Every refusal has OpenAI's error shape (``cascade.server.protocol.error_body``) with the offending field in
 ``param``: 400 for malformed JSON, bad or out-of-range fields and too long prompts, 404 for an unknown
 model, 401 without the server's API key (when it has one: ``/v1`` routes only), 429 with ``Retry-After``
@@ -22,12 +26,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cascade.engine import RequestOutput
-from cascade.policies import Policy, policy_names
+from cascade.policies import Policy, parse_policy, policy_names
 from cascade.server import protocol as P
 from cascade.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from cascade.server.serving import EngineLoop, Handle, QueueFull, RequestFailed, ServerStopping
@@ -47,165 +51,211 @@ class ServerConfig:
     api_key: str | None = None  # when set, every /v1 route needs ``Authorization: Bearer <api_key>``
 
 
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the handlers share: one per app, on ``app.state.server``."""
+
+    loop: EngineLoop
+    config: ServerConfig
+    metrics: ServerMetrics
+    default_policy: Policy
+
+
 def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) -> FastAPI:
     """The app; its lifespan starts the engine thread and, at shutdown, drains it."""
-    from cascade.policies import parse_policy
-
-    default_policy = config.default_policy or parse_policy("speculative")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        loop.start(asyncio.get_running_loop())
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(loop.stop, drain=True, timeout_s=config.drain_timeout_s)
-
-    app = FastAPI(title="cascade", lifespan=lifespan)
-
-    def refuse(exc: P.InvalidRequest, headers: dict | None = None) -> JSONResponse:
-        metrics.refused(exc.status)
-        return JSONResponse(P.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
-                            status_code=exc.status, headers=headers)
-
+    app = FastAPI(title="cascade", lifespan=_lifespan)
+    app.state.server = ServerState(loop, config, metrics, config.default_policy or parse_policy("speculative"))
     if config.api_key:
-        expected = f"Bearer {config.api_key}".encode()
-
-        @app.middleware("http")
-        async def _authorize(request: Request, call_next):
-            # /health and /metrics stay open (as vLLM's): probes and scrapers carry no key
-            if request.url.path.startswith("/v1") and not hmac.compare_digest(
-                    request.headers.get("authorization", "").encode(), expected):
-                metrics.refused(401)
-                return JSONResponse(P.error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                                 type="invalid_request_error", code="invalid_api_key"),
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return refuse(_validation_error(exc))
-
-    @app.exception_handler(P.InvalidRequest)
-    async def _invalid(request: Request, exc: P.InvalidRequest) -> JSONResponse:
-        return refuse(exc)
-
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
-        return refuse(P.InvalidRequest(str(exc), status=429, type="rate_limit_error", code="queue_full"),
-                      headers={"Retry-After": str(exc.retry_after_s)})
-
-    @app.exception_handler(ServerStopping)
-    async def _stopping(request: Request, exc: ServerStopping) -> JSONResponse:
-        return refuse(P.InvalidRequest(str(exc), status=503, type="server_error", code="shutting_down"))
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not loop.alive:
-            return JSONResponse({"status": "engine not running"}, status_code=503)
-        return JSONResponse({"status": "ok", "in_flight": loop.in_flight()})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        created = int(time.time())
-        names = [config.served_name] + [f"{config.served_name}:{n}" for n in policy_names(runnable=True)]
-        return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "cascade", "root": config.served_name,
-             "max_model_len": loop.engine.max_len} for n in names]})
-
-    def policy_of(body: P._Body) -> Policy:
-        return P.resolve_policy(body.model, body.cascade, served_name=config.served_name, default=default_policy)
-
-    def fit_context(prompt_ids: list[int], params_per_choice, asked: int | None, field: str):
-        """A request's answer must fit the context: an explicit ``max_tokens`` past the room the prompt
-        leaves is a 400 (as vLLM answers it); without one, the default is cut to that room."""
-        max_len = loop.engine.max_len
-        room = max_len - 1 - len(prompt_ids)
-        if room < 1:
-            return params_per_choice  # the engine refuses the prompt itself, naming it
-        if asked is not None and asked > room:
-            raise P.InvalidRequest(f"{field}: this model's maximum context length is {max_len} tokens; you requested "
-                                   f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the prompt, {asked} for the "
-                                   f"completion); at most {room} completion tokens fit", param=field)
-        return [dataclasses.replace(p, max_tokens=min(p.max_tokens, room)) for p in params_per_choice]
-
-    def submit(prompt_ids: list[list[int]], params_per_choice, policy: Policy) -> list[Handle]:
-        pairs = [(ids, params) for ids in prompt_ids for params in params_per_choice]
-        try:
-            return loop.submit(pairs, policy)
-        except ValueError as exc:
-            raise P.from_value_error(exc, default_param="prompt") from None
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: P.ChatCompletionRequest, request: Request):
-        policy = policy_of(body)
-        params = body.engine_params(config.default_max_tokens)
-        conversation = body.conversation()
-        try:
-            prompt_ids = loop.encode(conversation)
-        except ValueError as exc:
-            raise P.from_value_error(exc, default_param="messages") from None
-        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        params = fit_context(prompt_ids, params, body.max_completion_tokens or body.max_tokens, field)
-        try:
-            handles = submit([prompt_ids], params, policy)
-        except P.InvalidRequest as exc:
-            if exc.param == "prompt":
-                exc.param = "messages"
-            raise
-        return await respond(request, handles, policy, body, chat=True, prompt_tokens=len(prompt_ids))
-
-    @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest, request: Request):
-        policy = policy_of(body)
-        params = body.engine_params(config.default_max_tokens)
-        try:
-            prompt_ids = [loop.encode(p) for p in body.prompts()]
-        except ValueError as exc:
-            raise P.from_value_error(exc, default_param="prompt") from None
-        pairs = [(ids, fit_context(ids, params, body.max_tokens, "max_tokens")) for ids in prompt_ids]
-        try:
-            handles = loop.submit([(ids, p) for ids, ps in pairs for p in ps], policy)
-        except ValueError as exc:
-            raise P.from_value_error(exc, default_param="prompt") from None
-        return await respond(request, handles, policy, body, chat=False,
-                             prompt_tokens=sum(len(p) for p in prompt_ids))
-
-    async def respond(request: Request, handles: list[Handle], policy: Policy, body, *, chat: bool, prompt_tokens: int):
-        rid = P.new_id("chatcmpl" if chat else "cmpl")
-        want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
-        token_text = _token_texts(loop)
-        if body.stream:
-            events = _stream(request, loop, handles, policy, body, rid=rid, chat=chat, prompt_tokens=prompt_tokens,
-                             want_logprobs=want_logprobs, token_text=token_text, keepalive_s=config.keepalive_s)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        finals = await _collect(request, loop, handles)
-        if finals is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        failed = [f for f in finals if isinstance(f, RequestFailed)]
-        if failed:
-            metrics.refused(failed[0].status)
-            return JSONResponse(P.error_body(failed[0].error, type="server_error", code=failed[0].code),
-                                status_code=failed[0].status)
-        choices = []
-        for i, (out, tokens, lps, tops) in enumerate(finals):
-            choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["text"] = out.text
-            choice["logprobs"] = _logprobs(token_text, chat, tokens, lps, tops) if want_logprobs else None
-            choices.append(choice)
-        usage = P.usage(prompt_tokens, [out.stats for out, _, _, _ in finals], policy)
-        make = P.chat_response if chat else P.completion_response
-        return JSONResponse(make(rid, body.model, choices, usage))
-
+        app.middleware("http")(_authorize)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(P.InvalidRequest, _on_invalid_request)
+    app.add_exception_handler(QueueFull, _on_queue_full)
+    app.add_exception_handler(ServerStopping, _on_stopping)
+    app.include_router(router)
     return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.server
+    state.loop.start(asyncio.get_running_loop())
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(state.loop.stop, drain=True, timeout_s=state.config.drain_timeout_s)
+
+
+# --- refusals ------------------------------------------------------------------------------------------------
+
+
+def _refuse(state: ServerState, exc: P.InvalidRequest, headers: dict | None = None) -> JSONResponse:
+    state.metrics.refused(exc.status)
+    return JSONResponse(P.error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
+                        status_code=exc.status, headers=headers)
+
+
+async def _authorize(request: Request, call_next):
+    """With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>``; /health and /metrics stay
+    open (as vLLM's): probes and scrapers carry no key."""
+    state = _state(request)
+    expected = f"Bearer {state.config.api_key}".encode()
+    if request.url.path.startswith("/v1") and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), expected):
+        state.metrics.refused(401)
+        return JSONResponse(P.error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                         type="invalid_request_error", code="invalid_api_key"),
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _refuse(_state(request), _validation_error(exc))
+
+
+async def _on_invalid_request(request: Request, exc: P.InvalidRequest) -> JSONResponse:
+    return _refuse(_state(request), exc)
+
+
+async def _on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    return _refuse(_state(request), P.InvalidRequest(str(exc), status=429, type="rate_limit_error",
+                                                     code="queue_full"),
+                   headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _on_stopping(request: Request, exc: ServerStopping) -> JSONResponse:
+    return _refuse(_state(request), P.InvalidRequest(str(exc), status=503, type="server_error",
+                                                     code="shutting_down"))
+
+
+# --- routes --------------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    loop = _state(request).loop
+    if not loop.alive:
+        return JSONResponse({"status": "engine not running"}, status_code=503)
+    return JSONResponse({"status": "ok", "in_flight": loop.in_flight()})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    state = _state(request)
+    served, created = state.config.served_name, int(time.time())
+    names = [served] + [f"{served}:{n}" for n in policy_names(runnable=True)]
+    return JSONResponse({"object": "list", "data": [
+        {"id": n, "object": "model", "created": created, "owned_by": "cascade", "root": served,
+         "max_model_len": state.loop.engine.max_len} for n in names]})
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: P.ChatCompletionRequest, request: Request):
+    state = _state(request)
+    policy = _policy_of(state, body)
+    params = body.engine_params(state.config.default_max_tokens)
+    try:
+        prompt_ids = state.loop.encode(body.conversation())
+    except ValueError as exc:
+        raise P.from_value_error(exc, default_param="messages") from None
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = _fit_context(state, prompt_ids, params, body.max_completion_tokens or body.max_tokens, field)
+    try:
+        handles = _submit(state, [(prompt_ids, p) for p in params], policy)
+    except P.InvalidRequest as exc:
+        if exc.param == "prompt":
+            exc.param = "messages"
+        raise
+    return await _respond(request, state, handles, policy, body, chat=True, prompt_tokens=len(prompt_ids))
+
+
+@router.post("/v1/completions")
+async def completions(body: P.CompletionRequest, request: Request):
+    state = _state(request)
+    policy = _policy_of(state, body)
+    params = body.engine_params(state.config.default_max_tokens)
+    try:
+        prompt_ids = [state.loop.encode(p) for p in body.prompts()]
+    except ValueError as exc:
+        raise P.from_value_error(exc, default_param="prompt") from None
+    pairs = [(ids, p) for ids in prompt_ids
+             for p in _fit_context(state, ids, params, body.max_tokens, "max_tokens")]
+    handles = _submit(state, pairs, policy)
+    return await _respond(request, state, handles, policy, body, chat=False,
+                          prompt_tokens=sum(len(p) for p in prompt_ids))
+
+
+# --- what the two completion routes share ---------------------------------------------------------------------
+
+
+def _policy_of(state: ServerState, body: P._Body) -> Policy:
+    return P.resolve_policy(body.model, body.cascade, served_name=state.config.served_name,
+                            default=state.default_policy)
+
+
+def _fit_context(state: ServerState, prompt_ids: list[int], params_per_choice, asked: int | None, field: str):
+    """A request's answer must fit the context: an explicit ``max_tokens`` past the room the prompt
+    leaves is a 400 (as vLLM answers it); without one, the default is cut to that room."""
+    max_len = state.loop.engine.max_len
+    room = max_len - 1 - len(prompt_ids)
+    if room < 1:
+        return params_per_choice  # the engine refuses the prompt itself, naming it
+    if asked is not None and asked > room:
+        raise P.InvalidRequest(f"{field}: this model's maximum context length is {max_len} tokens; you requested "
+                               f"{len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the prompt, {asked} for the "
+                               f"completion); at most {room} completion tokens fit", param=field)
+    return [dataclasses.replace(p, max_tokens=min(p.max_tokens, room)) for p in params_per_choice]
+
+
+def _submit(state: ServerState, pairs: list, policy: Policy) -> list[Handle]:
+    """Queue (prompt ids, params) pairs; the engine's ValueError becomes a 400 naming the field."""
+    try:
+        return state.loop.submit(pairs, policy)
+    except ValueError as exc:
+        raise P.from_value_error(exc, default_param="prompt") from None
+
+
+async def _respond(request: Request, state: ServerState, handles: list[Handle], policy: Policy, body, *,
+                   chat: bool, prompt_tokens: int):
+    loop, metrics = state.loop, state.metrics
+    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+    token_text = _token_texts(loop)
+    if body.stream:
+        events = _stream(request, loop, handles, policy, body, rid=rid, chat=chat, prompt_tokens=prompt_tokens,
+                         want_logprobs=want_logprobs, token_text=token_text, keepalive_s=state.config.keepalive_s)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finals = await _collect(request, loop, handles)
+    if finals is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    failed = [f for f in finals if isinstance(f, RequestFailed)]
+    if failed:
+        metrics.refused(failed[0].status)
+        return JSONResponse(P.error_body(failed[0].error, type="server_error", code=failed[0].code),
+                            status_code=failed[0].status)
+    choices = []
+    for i, (out, tokens, lps, tops) in enumerate(finals):
+        choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        choice["logprobs"] = _logprobs(token_text, chat, tokens, lps, tops) if want_logprobs else None
+        choices.append(choice)
+    usage = P.usage(prompt_tokens, [out.stats for out, _, _, _ in finals], policy)
+    make = P.chat_response if chat else P.completion_response
+    return JSONResponse(make(rid, body.model, choices, usage))
 
 
 def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[tuple[str, bytes]]]:
