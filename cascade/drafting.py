@@ -11,6 +11,7 @@ The engine keeps the rest of the round: the target pass, acceptance, commit and 
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Sequence as Seq
 
@@ -19,6 +20,7 @@ import torch
 from cascade.acceptance import Block, group_by_policy, natural_logprob
 from cascade.confidence import confidence_stats
 from cascade.policies import BlockConfidence
+from cascade.policies.state import has_fields, stack
 from cascade.round import segment_starts, settle_trigger
 from cascade.sampling import filter_logits, needs_filter, sample, top_lists, top_logprobs
 from cascade.scheduler import Sequence
@@ -214,15 +216,16 @@ class DraftSteps:
             token_logprob=pad(conf.token_logprob), valid=valid, drafted=lens,
             catch_up=torch.tensor([len(s.tokens) - max(s.target_len, len(s.prompt_ids)) for s in seqs],
                                   dtype=torch.int64).to(dev, non_blocking=True),
-            window_left=torch.tensor([s.window_left for s in seqs], dtype=torch.float32).to(dev, non_blocking=True),
             router=pad(router) if router is not None else None,
         )
         keep = torch.zeros(B, dtype=torch.int64, device=dev)
         escalate = torch.zeros(B, dtype=torch.bool, device=dev)
         for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
             idx = torch.tensor(members, dtype=torch.int64).to(dev, non_blocking=True)
-            sub = BlockConfidence(*(None if getattr(block_conf, f.name) is None else getattr(block_conf, f.name)[idx]
-                                    for f in fields(BlockConfidence)))
+            sub = BlockConfidence(**{f.name: getattr(block_conf, f.name)[idx] for f in fields(BlockConfidence)
+                                     if isinstance(getattr(block_conf, f.name), torch.Tensor)})
+            if has_fields(policy.State):  # its requests' states, stacked (``cascade.policies.state``)
+                sub = dataclasses.replace(sub, state=stack([seqs[i].policy_state for i in members], dev))
             kp, esc = settle_trigger(*policy.trigger(sub), sub.drafted)
             keep = keep.index_copy(0, idx, kp.to(dev, torch.int64))
             escalate = escalate.index_copy(0, idx, esc.to(dev, torch.bool))

@@ -19,9 +19,12 @@ One ``Engine.step()``:
    deferral rule and acceptance test (or, for rules that need them, the full distributions: see
    ``cascade.policies.base``), and emits accepted tokens plus one replacement or bonus token
    (``cascade.acceptance``);
-7. rolls both caches back to the accepted length (a length update), applies stop conditions, carries the
-   state of windowed policies to the next round (``handoff``'s window: ``Policy.window_after``) and settles
-   request-level decisions.
+7. rolls both caches back to the accepted length (a length update), applies stop conditions, lets each
+   policy update its requests' state (``Policy.after_round``: ``handoff``'s window) and, where an answer
+   ended, decide on it (``Policy.at_finish``: ``quantile``'s routing).
+
+What a request's round is (does the draft propose, is the output held back) is its policy's declaration
+from the request's state (``Policy.plan``, ``cascade.policies.state``), not a field of the sequence.
 
 Per emitted token the engine records its source (``TokenSource``) and ``token_logprobs``: the natural
 (T = 1) log-softmax, at the token, of the logits row of the model that decided it, as the engine sampled
@@ -36,8 +39,8 @@ the tokenizer: 151,665 ids), so every logits row a runner returns is cut to its 
 columns (a view, no copy) before anything reads it: a padding row is never drafted, accepted, sampled or
 counted in a confidence statistic.
 
-Held-back output: tokens emitted from ``Sequence.pending_from`` on are not reported yet (empty deltas): a
-request-level policy's answer until it is decided. A finished request reports everything.
+Held-back output: while a request's plan holds its output (``RoundPlan.holds_output``: a request-level
+policy's answer until it is decided), its deltas are empty.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from cascade.config import EngineConfig, SamplingParams
 from cascade.metrics import EngineStats, RequestStats, TokenSource
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.policies import Policy, make_policy
+from cascade.policies.state import has_fields, stack, unstack
 from cascade.router import DeferralRouter
 from cascade.round import target_layout
 from cascade.host import fetch
@@ -120,8 +124,6 @@ class Engine(DraftSteps):
         prompt_ids = self.check_request(prompt_ids, params, policy)
         seq = Sequence(request_id, prompt_ids, params, policy, RequestRng(params.seed),
                        end_ids=params.end_ids(self.eos_token_ids))
-        if policy.request_level:
-            seq.pending_from = 0  # nothing is reported until the request-level decision
         self.scheduler.add(seq)
 
     def check_request(self, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> list[int]:
@@ -231,7 +233,7 @@ class Engine(DraftSteps):
         emitted_before = [s.num_emitted for s in cascading]
         for s in cascading:
             self._commit_cascade(s, blocks[s.request_id], verdicts.get(s.request_id))
-        self._update_windows(cascading, blocks, emitted_before)
+        self._after_round(cascading, blocks, emitted_before)
         if target_only:
             tops = top_lists(sampled[2], sampled[3], sampled[2].shape[1]) if len(sampled) > 2 else [[]] * len(target_only)
             for s, tok, lp, top in zip(target_only, sampled[0].tolist(), sampled[1].tolist(), tops):
@@ -319,16 +321,16 @@ class Engine(DraftSteps):
         self.stats.host_syncs += 1
         return fetch(*tensors)
 
-    def _update_windows(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
-        """Carry each windowed policy's state (``Policy.window_after``) to the next round."""
-        members = [i for i, s in enumerate(seqs) if s.policy.keeps_window]
+    def _after_round(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
+        """Let each policy with a state update its requests' (``Policy.after_round``, on the host: no sync)."""
+        members = [i for i, s in enumerate(seqs) if has_fields(s.policy.State)]
         for policy, group in group_by_policy(members, [seqs[i].policy for i in members]).items():
-            left = policy.window_after(
-                torch.tensor([seqs[i].window_left for i in group], dtype=torch.float32),
+            after = policy.after_round(
+                stack([seqs[i].policy_state for i in group]),
                 torch.tensor([blocks[seqs[i].request_id].escalate for i in group]),
                 torch.tensor([seqs[i].num_emitted - emitted_before[i] for i in group], dtype=torch.int64))
-            for i, w in zip(group, left.tolist()):
-                seqs[i].window_left = w
+            for i, state in zip(group, unstack(after)):
+                seqs[i].policy_state = state
 
     # ------------------------------------------------------------------ 4. target pass
     def _target_pass(
@@ -419,7 +421,7 @@ class Engine(DraftSteps):
             block.escalate, block.keep = False, len(block.tokens)
         fallback = make_policy("draft-only")
         for s in target_only:
-            s.policy, s.routed_to_target, s.pending_from = fallback, False, None
+            s.policy, s.policy_state = fallback, fallback.init_state()
 
     # ------------------------------------------------------------------ 6. commit
     def _commit_cascade(self, s: Sequence, block: Block, verdict: Verdict | None) -> None:
@@ -484,21 +486,20 @@ class Engine(DraftSteps):
 
     # ------------------------------------------------------------------ 7. settle
     def _settle(self, s: Sequence) -> None:
-        """At the end of a request: a request-level policy decides whether the target answers again;
-        otherwise every held-back token is released."""
+        """At the end of a request its policy decides on the answer (``Policy.at_finish``): it stands (what
+        was held back is released with the decided state) or the target answers again from the prompt."""
         if not s.finished or s.finish_reason == "abort":
             return
-        if s.policy.request_level and not s.routed_to_target and s.policy.route_to_target(s.token_logprobs):
+        s.policy_state, answer_again = s.policy.at_finish(s.policy_state, s.token_logprobs)
+        if answer_again:
             self._restart_on_target(s)
-            return
-        s.pending_from = None
 
     def _restart_on_target(self, s: Sequence) -> None:
-        """Discard the draft's answer (its work stays counted) and let the target answer from the prompt."""
+        """Discard the draft's answer (its work stays counted) and let the target answer from the prompt (the
+        policy's state, set by ``at_finish``, now plans target rounds)."""
         n_prompt = len(s.prompt_ids)
         s.cut_output(0)
         s.text, s.detok_prefix, s.detok_read, s.finished, s.finish_reason = "", 0, 0, False, None
-        s.routed_to_target, s.pending_from = True, None
         s.stats.routed_to_target = 1
         if s.draft_len > n_prompt:
             self.draft.truncate([s.row], [n_prompt])
@@ -530,7 +531,7 @@ class Engine(DraftSteps):
         ready, start = s.num_ready, s.emitted_reported
         s.emitted_reported = max(start, ready)
         lengths, s.escalation_lengths = s.escalation_lengths, []
-        if s.pending_from is None:
+        if not s.plan.holds_output:
             text = s.text
         else:
             text = self.detokenize(s.output_ids[:ready]) if self.detokenize is not None and ready else ""
@@ -558,8 +559,9 @@ def shared_vocab_size(draft_rows: int, target_rows: int, vocab_size: int | None)
 
 
 def _drafts(s: Sequence) -> bool:
-    """Does this sequence's next round start with the draft? (A routed request-level one no longer does.)"""
-    return s.policy.uses_draft and not s.routed_to_target
+    """Does this sequence's next round start with the draft? (Its policy's plan: not target-only, not a
+    request-level one routed to the target.)"""
+    return s.plan.drafts
 
 
 def _first_stop(text: str, stops: Seq[str], start: int = 0) -> int | None:

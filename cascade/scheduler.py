@@ -12,12 +12,14 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from cascade.config import SamplingParams
 from cascade.metrics import RequestStats, TokenSource
 from cascade.policies import Policy
+from cascade.policies.state import RoundPlan
 from cascade.sampling import RequestRng
 
 
@@ -40,12 +42,10 @@ class Sequence:
     #   under the model that decided it (see Engine)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per emitted token when
     #   params.logprobs > 0 (else empty): that model's most likely tokens, (id, natural log-prob)
-    pending_from: int | None = None  # emitted tokens from this index on are held back (not yet reported):
-    #   a request-level policy's undecided answer
-    routed_to_target: bool = False  # request-level policy: the draft's answer was discarded, target decodes
+    policy_state: Any = None  # what the policy carries between rounds (``Policy.State``, set at admission by
+    #   ``Policy.init_state``; only the policy's own hooks change it: ``cascade.policies.state``)
     draft_len: int = 0
     target_len: int = 0
-    window_left: float = 0.0  # tokens left in the policy's escalated window (``Policy.window_after``)
     text: str = ""  # detokenized output, cut at a stop string
     detok_prefix: int = 0  # output ids [detok_prefix, detok_read) are the context of the next detokenisation
     detok_read: int = 0  #   (``cascade.detokenize.extend_text``); ids from detok_read on have no text yet
@@ -60,6 +60,13 @@ class Sequence:
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
         self.stats.prompt_tokens = len(self.prompt_ids)
+        if self.policy_state is None:
+            self.policy_state = self.policy.init_state()
+
+    @property
+    def plan(self) -> RoundPlan:
+        """What its policy declares for its next round (``Policy.plan`` of its state)."""
+        return self.policy.plan(self.policy_state)
 
     @property
     def output_ids(self) -> list[int]:
@@ -71,8 +78,9 @@ class Sequence:
 
     @property
     def num_ready(self) -> int:
-        """Emitted tokens that may be reported (all but the held-back ones)."""
-        return self.num_emitted if self.pending_from is None else self.pending_from
+        """Emitted tokens that may be reported: none while its policy holds the output back (an undecided
+        request-level answer), else all."""
+        return 0 if self.plan.holds_output else self.num_emitted
 
     def cut_output(self, keep: int) -> None:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
@@ -92,7 +100,7 @@ class SequenceSnapshot:
     stats: RequestStats
     rng_state: dict[torch.device, torch.Tensor]
 
-    _SCALARS = ("policy", "pending_from", "routed_to_target", "draft_len", "target_len", "window_left", "text",
+    _SCALARS = ("policy", "policy_state", "draft_len", "target_len", "text",
                 "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths",
                 "top_logprobs")
 

@@ -93,7 +93,7 @@ def test_a_restored_round_restores_the_policy_too(tiny_pair_dirs):
     c.engine._degrade_to_draft([], {}, [s])
     assert s.policy.name == "draft-only"
     snap.restore(s, c.draft, c.target)
-    assert s.policy.name == "target-only" and not s.routed_to_target
+    assert s.policy.name == "target-only" and s.policy_state == s.policy.init_state()
     # and a real run afterwards is the plain target-only answer
     [want] = make_cascade(tiny_pair_dirs, max_rows=1).generate([PROMPTS[0]], SamplingParams(max_tokens=8), policy="target-only")
     while c.engine.has_work():

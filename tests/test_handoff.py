@@ -11,6 +11,8 @@ import torch
 
 from cascade import SamplingParams, TokenSource
 from cascade.policies import BlockConfidence, make_policy, parse_policy
+from cascade.policies.handoff import HandoffState
+from cascade.policies.state import stack, unstack
 
 from scripted_pair import chain, scripted_cascade
 
@@ -21,7 +23,7 @@ def conf(max_prob, catch_up=None, window_left=None):
     return BlockConfidence(max_prob=m, margin=m, entropy=torch.zeros(B, K), token_logprob=m.log(),
                            valid=torch.ones(B, K, dtype=torch.bool), drafted=torch.full((B,), K),
                            catch_up=None if catch_up is None else torch.tensor(catch_up),
-                           window_left=None if window_left is None else torch.tensor(window_left, dtype=torch.float32))
+                           state=None if window_left is None else stack([HandoffState(w) for w in window_left]))
 
 
 def test_entry_by_threshold_and_inside_a_window():
@@ -44,15 +46,21 @@ def test_cost_aware_entry_weighs_expected_errors_against_the_positions_paid():
     assert esc.tolist() == [False]
 
 
+def window_after(policy, window_left, escalated, emitted) -> list[float]:
+    """The windows left after a round, through the policy's state contract (stack -> after_round -> unstack)."""
+    after = policy.after_round(stack([HandoffState(w) for w in window_left]), torch.tensor(escalated),
+                               torch.tensor(emitted))
+    return [s.window_left for s in unstack(after)]
+
+
 def test_window_bookkeeping():
     p = make_policy("handoff", window=8.0)
-    left = p.window_after(torch.tensor([0.0, 5.0, 2.0, 0.0]), torch.tensor([True, True, True, False]),
-                          torch.tensor([3, 2, 4, 5]))
-    assert left.tolist() == [5.0, 3.0, 0.0, 0.0]  # opens 8 - 3; goes on 5 - 2; ends; no escalation, no window
+    assert p.init_state() == HandoffState(window_left=0.0)  # a request starts outside a window
+    left = window_after(p, [0.0, 5.0, 2.0, 0.0], [True, True, True, False], [3, 2, 4, 5])
+    assert left == [5.0, 3.0, 0.0, 0.0]  # opens 8 - 3; goes on 5 - 2; ends; no escalation, no window
     forever = make_policy("handoff", window=math.inf)
-    assert forever.window_after(torch.tensor([0.0]), torch.tensor([True]), torch.tensor([6])).tolist() == [math.inf]
-    assert make_policy("handoff", window=0.0).window_after(torch.tensor([0.0]), torch.tensor([True]),
-                                                           torch.tensor([3])).tolist() == [0.0]
+    assert window_after(forever, [0.0], [True], [6]) == [math.inf]
+    assert window_after(make_policy("handoff", window=0.0), [0.0], [True], [3]) == [0.0]
 
 
 @pytest.mark.parametrize("bad", [{"window": -1.0}, {"price": -0.1}, {"trigger_below": 1.5}, {"window": float("nan")}])
@@ -63,7 +71,7 @@ def test_bad_parameters_name_the_field(bad):
 
 def test_describe_round_trips_with_an_infinite_window():
     p = make_policy("handoff-v3", alpha=0.2, trigger_below=0.7, price=0.01, window=math.inf, k=4)
-    assert parse_policy(p.describe()) == p and p.keeps_window and p.needs_distributions
+    assert parse_policy(p.describe()) == p and p.State is HandoffState and p.needs_distributions
 
 
 # ------------------------------------------------------------------ the engine's rounds, by hand

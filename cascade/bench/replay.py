@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 
 from cascade.policies import BlockConfidence, Policy
+from cascade.policies.state import has_fields, initial_batch, put, take
 from cascade.round import accepted_counts, settle_trigger, target_layout
 
 if TYPE_CHECKING:
@@ -304,7 +305,9 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
     pos = torch.zeros(N, dtype=torch.int64)  # round 1 feeds only the prompt (prefill, counted apart)
     target_len = torch.zeros(N, dtype=torch.int64)
     pending = torch.zeros(N, dtype=torch.int64)
-    window = torch.zeros(N)  # the policy's state between rounds (``Policy.window_after``), as Sequence.window_left
+    stateful = has_fields(policy.State)
+    state = initial_batch(policy, N) if stateful else None  # every path's policy state, as the engine's
+    #   Sequence.policy_state (``cascade.policies.state``)
     draft_tokens, target_tokens, scored, escalations, resolved = (torch.zeros(N, dtype=torch.int64) for _ in range(5))
     diverged = torch.full((N,), -1, dtype=torch.int64)
     first = torch.full((3, N), -1, dtype=torch.int64)  # draft tokens, target tokens, escalations at the first emission
@@ -331,7 +334,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
             max_prob=torch.where(valid, g["q_max"], zero), margin=torch.where(valid, g["q_margin"], zero),
             entropy=torch.where(valid, g["q_entropy"], zero),
             token_logprob=torch.where(valid, g["q_max"].clamp_min(1e-30).log(), zero), valid=valid, drafted=n,
-            catch_up=p - target_len[act], window_left=window[act],
+            catch_up=p - target_len[act], state=take(state, act) if stateful else None,
             router=torch.where(valid, g["router_score"], zero) if has_router else None,
         )
         keep, esc = settle_trigger(*policy.trigger(conf), n)
@@ -362,8 +365,8 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         diverged[act] = torch.where((diverged[act] < 0) & (here >= 0), here, diverged[act])
         resolved[act] += (has_extra & flat_t["disagree"][extra_flat]).long()
         emitted = torch.where(esc, n_acc + has_extra.long(), keep)  # [A] tokens this round emitted
-        if policy.keeps_window:
-            window[act] = policy.window_after(conf.window_left, esc, emitted).float()
+        if stateful:
+            put(state, act, policy.after_round(conf.state, esc, emitted))
         now = (first[0, act] < 0) & (emitted > 0)  # [A] paths whose first token this round emitted
         first[:, act] = torch.where(now, torch.stack([draft_tokens[act], target_tokens[act], escalations[act]]), first[:, act])
         # the draft cache lags by the block's last token after a whole kept block, and by d_n and the

@@ -1,7 +1,8 @@
 """Cascade policies: a trigger (draft-only test: escalate this block or not) and a deferral rule (at
 each verified position, the distribution the draft token is verified against), behind one registry.
 
-Modules: ``base`` (the Policy contract, registry, parsing, distribution-level speculative sampling),
+Modules: ``base`` (the Policy contract, registry, parsing, distribution-level speculative sampling), ``state``
+(the per-request state a policy carries between rounds, and the ``RoundPlan`` it declares from it),
 ``baselines`` (speculative, draft-only, target-only), ``speculative_cascades`` (chow, diff, opt,
 token-v1..v3), ``bild`` (bild), ``handoff`` (handoff, handoff-v3), ``learned`` (learned), ``routing`` (quantile, oracle). Add a policy by writing one class with
 ``@register("name")``; ``make_policy`` / ``parse_policy`` turn a name and parameters (from the library,

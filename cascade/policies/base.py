@@ -6,9 +6,12 @@ engine calls, each on whole tensors for all sequences that share the policy:
 - ``trigger(conf) -> (block_len [B], escalate [B])``: the draft-only test over a drafted block;
 - ``stop_drafting(max_prob [B]) -> stop [B] | None``: optional, stops a sequence's drafting right after
   the current token (BiLD's fallback); the base policy never stops early;
-- ``window_after(window_left [B], escalated [B], emitted [B]) -> window_left [B]``: only for policies with
-  ``keeps_window`` (``handoff``): the state a policy carries from one round to the next, the tokens left
-  in the sequence's escalated window; the trigger reads it back as ``conf.window_left``;
+- per-request state (``cascade.policies.state``): ``State`` (a frozen dataclass of scalars, ``NoState`` by
+  default), ``init_state()``, ``plan(state) -> RoundPlan`` (does the draft propose this round, is the output
+  held back), ``after_round(state, escalated [B], emitted [B]) -> state`` over its requests' stacked states
+  after every round they drafted in (``handoff``'s window), and ``at_finish(state, token_logprobs) ->
+  (state, answer_again)`` when a request's answer ends (``quantile``'s routing decision). The trigger reads
+  the stacked state as ``conf.state``;
 - ``deferral(v) -> delta [R]`` and ``acceptance(v, delta) -> accept_prob [R]`` from the fused verify
   statistics ``v`` (``cascade.verification.VerifyStats``) of escalated positions: speculative sampling
   against ``pi = (1 - delta) q + delta p``, i.e. ``min(1, pi(x) / q(x))``. At the first rejection the
@@ -27,8 +30,8 @@ request's generator. Accepting with that probability and resampling from that re
 ``pi`` (the speculative sampling lemma), whatever ``pi`` is. ``deferred`` labels the kept tokens
 (``VERIFIED`` where 1, ``DRAFT`` where 0).
 
-Request-level policies (``request_level = True``) let the draft answer the whole request and decide once,
-when it finishes, with ``route_to_target(token_logprobs)``; see ``cascade.policies.routing``.
+Request-level policies let the draft answer the whole request, holding it back (``RoundPlan.holds_output``),
+and decide once, when it finishes (``at_finish``); see ``cascade.policies.routing``.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
+
+from cascade.policies.state import NoState, RoundPlan
 
 if TYPE_CHECKING:
     from cascade.verification import VerifyStats
@@ -61,17 +66,16 @@ class BlockConfidence:
     # the round's context (None where a caller has none, read as zeros):
     catch_up: torch.Tensor | None = None  # [B] int64, generated tokens the target has not read yet (what an
     #   escalation now pays before the block; the prompt's prefill is counted apart)
-    window_left: torch.Tensor | None = None  # [B] float32, tokens left in an escalated window (``window_after``)
+    state: Any = None  # the policy's per-request state, stacked (``Policy.State`` with [B] tensor fields), or
+    #   None where the policy has none or the caller gives none (read as the initial state)
     router: torch.Tensor | None = None  # [B, K] float32, the learned router's P(target disagrees) per drafted
     #   position (``cascade.router``); given only to policies with ``uses_router``
 
-    def context(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(catch_up [B] int64, window_left [B] float32), zeros where the caller gave none."""
-        B = self.drafted.shape[0]
-        dev = self.drafted.device
-        catch_up = self.catch_up if self.catch_up is not None else torch.zeros(B, dtype=torch.int64, device=dev)
-        window = self.window_left if self.window_left is not None else torch.zeros(B, device=dev)
-        return catch_up, window
+    def catch_up_tokens(self) -> torch.Tensor:
+        """catch_up [B] int64, zeros where the caller gave none."""
+        if self.catch_up is not None:
+            return self.catch_up
+        return torch.zeros(self.drafted.shape[0], dtype=torch.int64, device=self.drafted.device)
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,13 @@ class Policy:
     """Base policy: the trigger and deferral rule of plain speculative decoding (always escalate, delta = 1)."""
 
     name: ClassVar[str] = "base"
-    uses_draft: ClassVar[bool] = True  # False: the target decodes every token itself
+    State: ClassVar[type] = NoState  # what it carries between rounds of a request (``cascade.policies.state``)
     replace_from_target: ClassVar[bool] = False  # at a rejection, draw from p instead of the residual
     needs_distributions: ClassVar[bool] = False  # True: the engine calls target_distribution (see module doc)
     stops_drafting: ClassVar[bool] = False  # True: the engine asks stop_drafting after every drafted token
-    request_level: ClassVar[bool] = False  # True: the draft answers alone, route_to_target decides at the end
+    request_level: ClassVar[bool] = False  # descriptive (CLI, reports): the draft answers alone and the policy
+    #   decides at the end; the engine reads ``plan`` / ``at_finish`` instead
     benchmark_only: ClassVar[bool] = False  # True: the engine refuses it (the benchmark harness derives it)
-    keeps_window: ClassVar[bool] = False  # True: the engine calls window_after after every round
     uses_router: ClassVar[bool] = False  # True: the trigger reads conf.router (the engine needs a router loaded)
     lossless: ClassVar[bool] = False  # True: the output is the target's whatever the block length (dynamic k applies)
     k: int = DEFAULT_K  # draft block length
@@ -159,10 +163,25 @@ class Policy:
         """max_prob [B] of the token just drafted -> stop [B] bool (stop drafting after it), or None."""
         return None
 
-    def window_after(self, window_left: torch.Tensor, escalated: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
-        """window_left [B] float32, escalated [B] bool (this round), emitted [B] int64 (tokens this round
-        emitted) -> the window left for the next round. Only called when ``keeps_window``."""
-        return torch.zeros_like(window_left)
+    # -- per-request state (``cascade.policies.state``) -----------------------------------------------
+    def init_state(self) -> Any:
+        """A new request's state."""
+        return self.State()
+
+    def plan(self, state: Any) -> RoundPlan:
+        """What the engine must know of a request (its state: one ``State``) before its round."""
+        return RoundPlan()
+
+    def after_round(self, state: Any, escalated: torch.Tensor, emitted: torch.Tensor) -> Any:
+        """state: the stacked states of requests that drafted this round; escalated [B] bool (this round's
+        block went to the target), emitted [B] int64 (tokens this round emitted) -> their next states
+        (host tensors). Not called for a policy whose ``State`` has no fields."""
+        return state
+
+    def at_finish(self, state: Any, token_logprobs: Sequence[float]) -> tuple[Any, bool]:
+        """A request's answer ended (EOS, stop, max_tokens); ``token_logprobs``: its emitted tokens'. ->
+        (its state, answer again: discard the answer and let the target answer from the prompt)."""
+        return state, False
 
     # -- deferral and acceptance ------------------------------------------------------------------
     def deferral(self, v: "VerifyStats") -> torch.Tensor:
@@ -179,12 +198,6 @@ class Policy:
         delta-mixture, so that a subclass can switch paths and keep its rule."""
         delta = self.deferral(v).float().to(d.q.device)
         return (1.0 - delta)[:, None] * d.q + delta[:, None] * d.p, delta
-
-    # -- request-level routing ---------------------------------------------------------------------
-    def route_to_target(self, token_logprobs: Sequence[float]) -> bool:
-        """Request-level policies: given the draft's finished answer's token log-probs, answer again with
-        the target?"""
-        return False
 
     # -- naming ------------------------------------------------------------------------------------
     def describe(self) -> str:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from cascade.policies.base import BlockConfidence, Policy, register
+from cascade.policies.state import RoundPlan
 
 
 @register("speculative")
@@ -35,4 +36,5 @@ class DraftOnly(Policy):
 class TargetOnly(Policy):
     """Baseline: the target decodes every token itself; the draft never runs (``k`` is ignored)."""
 
-    uses_draft: ClassVar[bool] = False
+    def plan(self, state) -> RoundPlan:
+        return RoundPlan(drafts=False)

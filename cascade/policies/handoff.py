@@ -24,9 +24,10 @@ escalated to the end (speculative decoding from the first uncertain token on).
 Cascades' token-specific variant 3, ``alpha``): a drafted token the target finds within a factor
 ``1 - alpha`` of its own top probability is kept, so a window accepts more of the draft.
 
-What the engine carries between rounds: ``Sequence.window_left``, read back by the trigger as
-``conf.window_left`` and updated by ``window_after``; ``conf.catch_up`` is computed per round. The replay
-(``cascade.bench.replay.simulate``) carries the same two values the same way.
+What a request carries between rounds is the policy's state, ``HandoffState.window_left`` (the tokens left
+in its window; ``cascade.policies.state``): the trigger reads it back as ``conf.state`` and ``after_round``
+updates it; ``conf.catch_up`` is computed per round. The engine and the replay
+(``cascade.bench.replay.simulate_paths``) keep it the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def worth_its_cost(conf: BlockConfidence, error_prob: torch.Tensor, price: float
     reach ``price`` times the target positions escalating it now costs (catch-up + block + bonus)."""
     if price <= 0.0:
         return torch.ones_like(conf.drafted, dtype=torch.bool)
-    catch_up, _ = conf.context()
+    catch_up = conf.catch_up_tokens()
     expected_errors = torch.where(conf.valid, error_prob.float(), 0.0).sum(dim=1)  # [B]
     paid = (catch_up + conf.drafted + 1).float()  # [B] target positions this escalation costs
     return expected_errors >= price * paid
@@ -60,11 +61,18 @@ def handoff_entry(conf: BlockConfidence, trigger_below: float, price: float) -> 
 
 
 @dataclass(frozen=True)
-class _HandoffWindow:
-    """The hand-off trigger and window bookkeeping, shared by ``handoff`` and ``handoff-v3``. A mixin:
-    its fields come after the rule's own in each registered class."""
+class HandoffState:
+    """A hand-off request's state between rounds."""
 
-    keeps_window: ClassVar[bool] = True
+    window_left: float = 0.0  # emitted tokens left in its verification window (0: outside a window)
+
+
+@dataclass(frozen=True)
+class _HandoffWindow:
+    """The hand-off trigger and window bookkeeping, shared by ``handoff``, ``handoff-v3`` and ``learned``. A
+    mixin: its fields come after the rule's own in each registered class."""
+
+    State: ClassVar[type] = HandoffState
 
     def _check_handoff(self) -> None:
         """The window's and the cost-aware entry's fields (each class checks its own entry threshold)."""
@@ -72,21 +80,21 @@ class _HandoffWindow:
         check_number("window", self.window, low=0.0)
 
     def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
-        _, window_left = conf.context()
-        escalate = (window_left > 0) | self.opens_window(conf)
+        window_left = conf.state.window_left if conf.state is not None else torch.zeros(conf.drafted.shape)
+        escalate = (window_left.to(conf.drafted.device) > 0) | self.opens_window(conf)
         return conf.drafted.clone(), escalate
 
     def opens_window(self, conf: BlockConfidence) -> torch.Tensor:
         """-> [B] bool: the entry test (Chow's threshold and the cost-aware price by default)."""
         return handoff_entry(conf, self.trigger_below, self.price)
 
-    def window_after(self, window_left: torch.Tensor, escalated: torch.Tensor, emitted: torch.Tensor) -> torch.Tensor:
+    def after_round(self, state: HandoffState, escalated: torch.Tensor, emitted: torch.Tensor) -> HandoffState:
         """Inside a window: what is left of it after this round's tokens; an escalation outside one opens a
         window of ``window`` tokens, the entry block's tokens counted; no escalation: no window."""
-        window_left = window_left.float()
+        window_left = state.window_left.float()
         start = torch.where(window_left > 0, window_left, torch.full_like(window_left, self.window))
         left = (start - emitted.float()).clamp_min(0.0)
-        return torch.where(escalated, left, torch.zeros_like(window_left))
+        return HandoffState(window_left=torch.where(escalated, left, torch.zeros_like(window_left)))
 
 
 @register("handoff")

@@ -15,6 +15,15 @@ from cascade.policies.base import (
     check_unit,
     register,
 )
+from cascade.policies.state import RoundPlan
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """A request-level request's state: has its policy decided, and did it send the request to the target?"""
+
+    decided: bool = False  # the draft's answer ended and was judged (until then it is held back)
+    routed: bool = False  # the draft's answer was discarded: the target answers from the prompt
 
 
 def linear_quantile(values: Sequence[float], level: float) -> float:
@@ -54,6 +63,7 @@ class Quantile(Policy):
     starting point; calibrate it on a dev set for a target-token budget."""
 
     request_level: ClassVar[bool] = True
+    State: ClassVar[type] = RoutingState
     tau: float = -1.0  # log-prob threshold, any real number or +-inf
     quantile: float = 0.1  # which quantile of the draft's token log-probs, in [0, 1]
 
@@ -70,6 +80,17 @@ class Quantile(Policy):
 
     def route_to_target(self, token_logprobs: Sequence[float]) -> bool:
         return self.score(token_logprobs) < self.tau
+
+    def plan(self, state: RoutingState) -> RoundPlan:
+        """The draft answers, held back, until the decision; a routed request is the target's, streamed."""
+        return RoundPlan(drafts=not state.routed, holds_output=not state.decided)
+
+    def at_finish(self, state: RoutingState, token_logprobs: Sequence[float]) -> tuple[RoutingState, bool]:
+        """The draft's answer ended: route it (answer again with the target) or keep it; decided once."""
+        if state.decided:
+            return state, False
+        routed = self.route_to_target(token_logprobs)
+        return RoutingState(decided=True, routed=routed), routed
 
 
 @register("oracle")
