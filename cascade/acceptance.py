@@ -20,7 +20,7 @@ import torch
 
 from cascade.metrics import TokenSource
 from cascade.policies import Policy, residual_distribution, speculative_acceptance, verify_distributions
-from cascade.round import accepted_counts, segment_starts
+from cascade.round import accepted_counts, rule_acceptance, segment_starts
 from cascade.sampling import filter_logits, noise_seeds, sample, top_lists, top_logprobs, uniforms
 from cascade.scheduler import Sequence
 from cascade.verification import VerifyStats, verify_stats
@@ -174,8 +174,7 @@ def decide_on_device(
                 accept = speculative_acceptance(pi, d.q, d.tokens)
                 dists[policy] = (members, pi, d.q, segment_starts([blocks[s.request_id].keep for s in members]))
             else:
-                delta = policy.deferral(sub).float()
-                accept = policy.acceptance(sub, delta.to(dev))
+                delta, accept = rule_acceptance(policy, sub)
             delta_all = delta_all.index_copy(0, idx, delta.float().to(dev))
             accept_all = accept_all.index_copy(0, idx, accept.float().to(dev))
         u = torch.cat([uniforms(blocks[s.request_id].keep, s.rng.on(dev)) for s in verified])
@@ -219,6 +218,20 @@ def decide_on_device(
     if K:  # the top log-probs of every verified position and of each extra token, in the same read
         tensors += top_p + [torch.where(rejected.view(S, 1), r, b) for r, b in zip(top_repl, top_bonus)]
     return PendingVerdicts(seqs, blocks, tensors, offsets)
+
+
+def sample_target_only(seqs: list[Sequence], target_logits: dict[str, torch.Tensor],
+                   eos_token_ids: Iterable[int] = ()) -> list[torch.Tensor]:
+    """The next token of every target-only sequence and its natural log-prob, on the device: [] or
+    [tokens [T] int64, logprobs [T] float32]."""
+    if not seqs:
+        return []
+    params = [s.params for s in seqs]
+    filtered = filter_logits(torch.cat([target_logits[s.request_id][-1:] for s in seqs]), params,
+                             [s.num_emitted for s in seqs], eos_token_ids)
+    toks = sample(filtered, params, [s.rng for s in seqs])
+    K = max(p.logprobs for p in params)
+    return [toks, natural_logprob(filtered, toks)] + (top_logprobs(filtered, K) if K else [])
 
 
 def natural_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ class EngineConfig:
     exact_verify: bool = False  # batch-invariant target: every position through the calls batch-1 target-only
     #   decoding makes (the prompt in a pass of its own, then one token of one sequence per pass): greedy
     #   speculative == batch-1 target-only token for token in any dtype at any batch, at the cost of a
-    #   sequential verification (see Engine._target_stepwise)
+    #   sequential verification (see TargetPass.stepwise, cascade.target_pass)
     adaptive_k: bool = False  # dynamic speculation: each round, lossless requests draft the block length the
     #   measured costs say is fastest, down to none (``cascade.speculation``); their output is unchanged
 

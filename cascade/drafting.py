@@ -1,18 +1,17 @@
-"""Steps 1-3 of a round, on the device: draft every cascading sequence's block, find where each block ends
-(EOS, stop ids, a policy's ``stop_drafting``, stop strings), score the draft's confidence (and the learned
-router's), and run each policy's trigger; then one host read of it all (``DraftSteps._settle_blocks``).
+"""The draft stage of a round, on the device: draft every cascading sequence's block (``Drafter.run``), then
+find where each block ends (EOS, stop ids, a policy's ``stop_drafting``, stop strings), score the draft's
+confidence (and the learned router's) and run each policy's trigger, with one host read of it all
+(``Drafter.settle``).
 
-``DraftSteps`` holds these steps for ``cascade.engine.Engine``, which inherits them: they read the engine's
-``draft`` runner, ``router``, ``eos_token_ids`` / ``_eos_ids``, ``detokenize``, ``stats``, ``trace`` and ``max_len``,
-and call its ``_vocab``, ``_block_size``, ``_count_positions`` and ``_fetch`` (the round's one read point).
-The engine keeps the rest of the round: the target pass, acceptance, commit and settling.
+A ``Drafter`` owns the draft runner and reads everything else through its arguments (the sequences and
+their block lengths) and the round's ``RoundContext`` (vocabulary, end ids, detokenizer, router, counters,
+the one host read point, the trace). The engine runs it between planning and the target pass.
 """
 
 from __future__ import annotations
 
 import time
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence as Seq
 
 import torch
@@ -21,39 +20,45 @@ from cascade.acceptance import Block, group_by_policy, natural_logprob
 from cascade.confidence import confidence_stats
 from cascade.policies import BlockConfidence
 from cascade.policies.state import has_fields, stack
-from cascade.round import segment_starts, settle_trigger
+from cascade.round import PolicyGroup, block_lengths, drafting_stops, run_triggers, segment_starts
 from cascade.sampling import filter_logits, needs_filter, sample, top_lists, top_logprobs
+from cascade.models.base import ModelRunner
+from cascade.round_context import RoundContext
 from cascade.scheduler import Sequence
 from cascade.speculation import RoundClock
 
 
-class DraftSteps:
-    """Drafting, block ends, confidence and triggers (see the module docstring); a base of ``Engine``."""
+class Drafter:
+    """Drafting, block ends, confidence and triggers over the draft runner (see the module docstring)."""
+
+    def __init__(self, runner: ModelRunner, context: RoundContext) -> None:
+        self.draft = runner
+        self.context = context
 
     # ------------------------------------------------------------------ 1. draft
-    def _draft(self, seqs: list[Sequence], k_round: int | None = None, clock: RoundClock | None = None) -> _Drafted:
+    def run(self, seqs: list[Sequence], ks: list[int], clock: RoundClock | None = None) -> Drafted:
         """Draft every sequence's block on the device: one ragged pass over the pending tokens, then one
         batched ``decode`` per further position, each fed the tokens the previous step sampled (device
         tensors: no host read between steps); where every step is a plain argmax, those decodes are one
-        ``decode_loop`` call (one CUDA graph for the whole block). Every sequence drafts its full block length here; where its
-        block ends (an EOS, a policy's ``stop_drafting``, a stop string) is settled after it, with the
-        trigger (``_settle_blocks``), and positions past it are discarded."""
+        ``decode_loop`` call (one CUDA graph for the whole block). Sequence i drafts ``ks[i]`` tokens (its
+        block length this round) here; where its block ends (an EOS, a policy's ``stop_drafting``, a stop
+        string) is settled after it, with the trigger (``settle``), and positions past it are discarded."""
         t0 = time.perf_counter()
+        ctx = self.context
         dev = self.draft.device
-        ks = [self._block_size(s, k_round) for s in seqs]
         rows = [s.row for s in seqs]
         pending = [s.tokens[s.draft_len:] for s in seqs]
         for s, span in zip(seqs, pending):
-            self._count_positions(s, s.draft_len, len(span), draft=True)
+            s.count_positions(s.draft_len, len(span), draft=True)
             s.draft_len += len(span)
-        logits = self._vocab(self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs)))  # [B, V]
+        logits = ctx.cut_vocab(self.draft.forward_span(rows, pending, num_logits=[1] * len(seqs)))  # [B, V]
         if clock is not None:
             clock.mark("draft_fed")  # the pending pass (a catch-up after rounds without drafting) is done
         step_members: list[list[int]] = []  # per step: the sequences drafted at it (indices into seqs)
         step_logits: list[torch.Tensor] = []  # per step: [A_j, V] filtered logits the tokens were drawn from
         step_tokens: list[torch.Tensor] = []  # per step: [A_j] int64 on the device
         active = list(range(len(seqs)))
-        loop_steps = self._greedy_loop_steps(seqs, ks)  # > 0: steps 1 .. k - 1 run as one greedy loop below
+        loop_steps = self.greedy_loop_steps(seqs, ks)  # > 0: steps 1 .. k - 1 run as one greedy loop below
         for j in range(1 if loop_steps else max(ks)):
             if j > 0:
                 slot = {i: a for a, i in enumerate(active)}
@@ -62,20 +67,20 @@ class DraftSteps:
                     break
                 pick = torch.tensor([slot[i] for i in active], dtype=torch.int64).to(dev, non_blocking=True)
                 row_t = torch.tensor([rows[i] for i in active], dtype=torch.int64)
-                logits = self._vocab(self.draft.decode(row_t, step_tokens[-1].to(dev).index_select(0, pick)))
+                logits = ctx.cut_vocab(self.draft.decode(row_t, step_tokens[-1].to(dev).index_select(0, pick)))
                 for i in active:
                     seqs[i].draft_len += 1
             params = [seqs[i].params for i in active]
-            filtered = filter_logits(logits, params, [seqs[i].num_emitted + j for i in active], self.eos_token_ids)
+            filtered = filter_logits(logits, params, [seqs[i].num_emitted + j for i in active], ctx.eos_token_ids)
             step_tokens.append(sample(filtered, params, [seqs[i].rng for i in active]))
             step_logits.append(filtered)
             step_members.append(active)
         if loop_steps:  # every step a plain argmax: the rest of the block in one runner call (one graph)
-            loop_logits, loop_tokens = self.draft.decode_loop(rows, step_tokens[0], loop_steps, self.vocab_size)
+            loop_logits, loop_tokens = self.draft.decode_loop(rows, step_tokens[0], loop_steps, ctx.vocab_size)
             for s in seqs:
                 s.draft_len += loop_steps
             for j in range(loop_steps):
-                step_logits.append(self._vocab(loop_logits[j]).float())  # [B, V]
+                step_logits.append(ctx.cut_vocab(loop_logits[j]).float())  # [B, V]
                 step_tokens.append(loop_tokens[j])
                 step_members.append(active)
         # the drafted positions, sequence-major: sequence i owns flat rows offsets[i] .. offsets[i] + ks[i]
@@ -83,14 +88,14 @@ class DraftSteps:
                  for a, i in enumerate(members)}
         order = torch.tensor([where[(i, j)] for i in range(len(seqs)) for j in range(ks[i])], dtype=torch.int64)
         order = order.to(step_logits[0].device, non_blocking=True)
-        drafted = _Drafted(seqs=seqs, ks=ks, logits=torch.cat(step_logits).index_select(0, order),
+        drafted = Drafted(seqs=seqs, ks=ks, logits=torch.cat(step_logits).index_select(0, order),
                            tokens=torch.cat(step_tokens).to(step_logits[0].device).index_select(0, order))
         if clock is not None:
             clock.mark("draft_steps_done")
-        self.stats.time_draft_s += time.perf_counter() - t0
+        ctx.stats.time_draft_s += time.perf_counter() - t0
         return drafted
 
-    def _greedy_loop_steps(self, seqs: list[Sequence], ks: list[int]) -> int:
+    def greedy_loop_steps(self, seqs: list[Sequence], ks: list[int]) -> int:
         """The steps after the first that the draft can run as one greedy loop (``decode_loop``), or 0:
         only when every sequence drafts the same k >= 2 and every step is a plain argmax (greedy, no
         logit processing at any of the block's positions), so the loop's tokens are exactly what the
@@ -98,23 +103,12 @@ class DraftSteps:
         if getattr(self.draft, "decode_loop", None) is None or not seqs or min(ks) != max(ks) or ks[0] < 2:
             return 0
         for s in seqs:
-            if not s.params.greedy or needs_filter(s.params, s.num_emitted + 1, self.eos_token_ids):
+            if not s.params.greedy or needs_filter(s.params, s.num_emitted + 1, self.context.eos_token_ids):
                 return 0
         return ks[0] - 1
 
-    def _completes_stop(self, s: Sequence, extra: Seq[int] = ()) -> bool:
-        """Does the text of the output (followed by ``extra`` tokens) hold a stop string? Only the last few
-        tokens are decoded: earlier ones were checked when they were emitted, so a new occurrence must end
-        within the tail (a stop string of n characters spans at most n tokens, plus partial UTF-8)."""
-        if not s.params.stop or self.detokenize is None:
-            return False
-        width = 2 * max(map(len, s.params.stop)) + 8
-        start = max(len(s.prompt_ids), len(s.tokens) + len(extra) - width)
-        text = self.detokenize((s.tokens[start:] + list(extra))[-width:])
-        return any(stop in text for stop in s.params.stop)
-
     # ------------------------------------------------------------------ 2-3. block ends, confidence, trigger
-    def _settle_blocks(self, d: _Drafted) -> dict[str, Block]:
+    def settle(self, d: Drafted) -> dict[str, Block]:
         """Where each block ends, the draft's confidence and each policy's trigger, on the device, then one
         host read of it all (a second one only when a stop string, which needs the text, ends a block
         earlier than the device could see).
@@ -124,9 +118,10 @@ class DraftSteps:
         scored or counted (the positions drafted past it cost a few draft steps, at most k - 1 per block
         end)."""
         t0 = time.perf_counter()
+        ctx = self.context
         seqs, ks = d.seqs, d.ks
         dev = d.logits.device
-        B, K, N = len(seqs), max(ks), sum(ks)
+        B, K = len(seqs), max(ks)
         temp_list = [s.params.temperature for s, k in zip(seqs, ks) for _ in range(k)]
         temps = torch.tensor(temp_list, dtype=torch.float32)
         conf = confidence_stats(d.logits, temps.to(dev, non_blocking=True), d.tokens)  # [N] each
@@ -136,21 +131,16 @@ class DraftSteps:
 
         # block ends the device can see: an EOS, a policy's stop_drafting
         eos_ok = torch.tensor([not s.params.ignore_eos for s, k in zip(seqs, ks) for _ in range(k)])
-        ends_flat = torch.isin(d.tokens, self._eos_ids.to(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
+        ends_flat = torch.isin(d.tokens, ctx.eos_ids.to(dev)) & eos_ok.to(dev, non_blocking=True)  # [N]
         for i, s in enumerate(seqs):  # a request's own stop_token_ids end its block too
             if s.params.stop_token_ids and ks[i]:
                 own = torch.tensor(s.params.stop_token_ids, dtype=torch.int64).to(dev, non_blocking=True)
                 ends_flat[offsets[i]:offsets[i] + ks[i]] |= torch.isin(d.tokens[offsets[i]:offsets[i] + ks[i]], own)
-        stop_flat = torch.zeros(N, dtype=torch.bool, device=dev)
-        for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
-            if policy.stops_drafting:
-                rows_m = torch.tensor([offsets[i] + j for i in members for j in range(ks[i])], dtype=torch.int64).to(dev)
-                stop = policy.stop_drafting(conf.max_prob.index_select(0, rows_m))
-                if stop is not None:
-                    stop_flat = stop_flat.index_copy(0, rows_m, stop.to(dev))
-        cut = _pad(ends_flat | stop_flat, index_d, valid_kd, False)  # [B, K]
+        groups = policy_groups(seqs, dev)
+        stops = drafting_stops(_pad(conf.max_prob.float(), index_d, valid_kd, 0.0), groups) & valid_kd  # [B, K]
+        cut = _pad(ends_flat, index_d, valid_kd, False) | stops  # [B, K]
         ks_d = torch.tensor(ks, dtype=torch.int64).to(dev, non_blocking=True)
-        lens = torch.minimum(ks_d, _first_true(cut, ks_d) + 1)  # [B] block length after the device-seen ends
+        lens = block_lengths(cut, ks_d)  # [B] block length after the device-seen ends
         ends_eos = _pad(ends_flat, index_d, valid_kd, False).gather(1, (lens - 1).view(B, 1)).squeeze(1)
 
         logprobs = conf.token_logprob.float()  # natural log q of each drafted token (stats at T = 1 for T in {0, 1})
@@ -158,13 +148,13 @@ class DraftSteps:
         if other_t:
             rows_t = torch.tensor(other_t, dtype=torch.int64).to(dev)
             logprobs = logprobs.index_copy(0, rows_t, natural_logprob(d.logits.index_select(0, rows_t), d.tokens.index_select(0, rows_t)))
-        router = (self.router.score(conf.max_prob, conf.margin, conf.entropy, conf.token_logprob)
-                  if self.router is not None and any(s.policy.uses_router for s in seqs) else None)
-        keep, escalate = self._trigger(seqs, conf, router, index_d, valid_kd, lens)
+        router = (ctx.router.score(conf.max_prob, conf.margin, conf.entropy, conf.token_logprob)
+                  if ctx.router is not None and any(s.policy.uses_router for s in seqs) else None)
+        keep, escalate = self._trigger(seqs, conf, router, index_d, valid_kd, lens, groups)
         K = max(s.params.logprobs for s in seqs)  # top log-probs asked for: read with the rest
-        traced = [i for i, s in enumerate(seqs) if self.trace is not None and self.trace.wants(s.request_id, "draft")]
+        traced = [i for i, s in enumerate(seqs) if ctx.trace is not None and ctx.trace.wants(s.request_id, "draft")]
         stats = [conf.max_prob, conf.margin, conf.entropy] if traced else []  # (cascade.trace: read with the rest)
-        tokens_h, lens_h, ends_h, keep_h, esc_h, lp_h, *rest = self._fetch(
+        tokens_h, lens_h, ends_h, keep_h, esc_h, lp_h, *rest = ctx.fetch(
             d.tokens, lens, ends_eos, keep, escalate, logprobs, *stats, *(top_logprobs(d.logits, K) if K else []))
         stats_h, top_h = rest[:len(stats)], rest[len(stats):]
         top_rows = top_lists(*top_h, K) if K else []
@@ -173,20 +163,20 @@ class DraftSteps:
         # stop strings: the host's text decides; a block they cut is triggered again on its new length
         recut = False
         for i, s in enumerate(seqs):
-            if not s.params.stop or self.detokenize is None:
+            if not s.params.stop or ctx.detokenize is None:
                 continue
             toks = tokens_h[offsets[i]:offsets[i] + lens_l[i]].tolist()
             for p in range(lens_l[i]):
-                if self._completes_stop(s, toks[: p + 1]):
+                if ctx.completes_stop(s, toks[: p + 1]):
                     recut |= p + 1 < lens_l[i]
                     lens_l[i], ends_l[i] = p + 1, True
                     break
         if recut:
             lens = torch.tensor(lens_l, dtype=torch.int64).to(dev, non_blocking=True)
-            keep_h, esc_h = self._fetch(*self._trigger(seqs, conf, router, index_d, valid_kd, lens))
+            keep_h, esc_h = ctx.fetch(*self._trigger(seqs, conf, router, index_d, valid_kd, lens, groups))
         for i in traced:  # the settled block, an ending EOS included: a draft-only request's answer
             start, stop = offsets[i], offsets[i] + lens_l[i]
-            self.trace.add_draft(seqs[i].request_id, tokens_h[start:stop].tolist(),
+            ctx.trace.add_draft(seqs[i].request_id, tokens_h[start:stop].tolist(),
                                  *(t[start:stop].tolist() for t in stats_h))
         blocks = {}
         for i, s in enumerate(seqs):
@@ -197,13 +187,14 @@ class DraftSteps:
                 logprobs=lp_h[start:start + n].tolist(), keep=int(keep_h[i]), escalate=bool(esc_h[i]),
                 final=bool(ends_l[i]) or n >= s.params.max_tokens - s.num_emitted,
                 top=[t[:s.params.logprobs] for t in top_rows[start:start + n]] if s.params.logprobs else [])
-        self.stats.time_kernels_s += time.perf_counter() - t0
+        ctx.stats.time_kernels_s += time.perf_counter() - t0
         return blocks
 
     def _trigger(self, seqs: list[Sequence], conf, router: torch.Tensor | None, index: torch.Tensor,
-                 valid_k: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 valid_k: torch.Tensor, lens: torch.Tensor, groups: list[PolicyGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each policy's trigger over its sequences' blocks (confidence padded to [B, K], positions past each
-        block's length ``lens`` [B] invalid) -> (keep [B] int64, escalate [B] bool), on the device."""
+        block's length ``lens`` [B] invalid; ``cascade.round.run_triggers``) -> (keep [B] int64, escalate [B]
+        bool), on the device."""
         B, K = index.shape
         dev = index.device
         valid = valid_k & (torch.arange(K, device=dev).view(1, K) < lens.view(B, 1))
@@ -218,23 +209,24 @@ class DraftSteps:
                                   dtype=torch.int64).to(dev, non_blocking=True),
             router=pad(router) if router is not None else None,
         )
-        keep = torch.zeros(B, dtype=torch.int64, device=dev)
-        escalate = torch.zeros(B, dtype=torch.bool, device=dev)
-        for policy, members in group_by_policy(range(B), [s.policy for s in seqs]).items():
-            idx = torch.tensor(members, dtype=torch.int64).to(dev, non_blocking=True)
-            sub = BlockConfidence(**{f.name: getattr(block_conf, f.name)[idx] for f in fields(BlockConfidence)
-                                     if isinstance(getattr(block_conf, f.name), torch.Tensor)})
-            if has_fields(policy.State):  # its requests' states, stacked (``cascade.policies.state``)
-                sub = dataclasses.replace(sub, state=stack([seqs[i].policy_state for i in members], dev))
-            kp, esc = settle_trigger(*policy.trigger(sub), sub.drafted)
-            keep = keep.index_copy(0, idx, kp.to(dev, torch.int64))
-            escalate = escalate.index_copy(0, idx, esc.to(dev, torch.bool))
-        return keep, escalate
+        return run_triggers(block_conf, groups)
+
+
+def policy_groups(seqs: list[Sequence], device: torch.device) -> list[PolicyGroup]:
+    """The batch's sequences by policy, each group with its members' stacked state (``cascade.round``); one
+    group of every row where the whole batch shares a policy."""
+    by_policy = group_by_policy(range(len(seqs)), [s.policy for s in seqs])
+    groups = []
+    for policy, members in by_policy.items():
+        index = None if len(by_policy) == 1 else torch.tensor(members, dtype=torch.int64).to(device, non_blocking=True)
+        state = stack([seqs[i].policy_state for i in members], device) if has_fields(policy.State) else None
+        groups.append(PolicyGroup(policy, index, state))
+    return groups
 
 
 @dataclass
-class _Drafted:
-    """What ``Engine._draft`` drafted, before the block ends are settled: sequence i's ``ks[i]`` positions
+class Drafted:
+    """What ``Drafter.run`` drafted, before the block ends are settled: sequence i's ``ks[i]`` positions
     are flat rows ``sum(ks[:i]) ..`` of ``logits`` [N, V] (filtered, float32) and ``tokens`` [N] (device)."""
 
     seqs: list[Sequence]
@@ -258,8 +250,3 @@ def _padded_layout(lengths: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
 def _pad(flat: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, fill) -> torch.Tensor:
     """flat [N] -> [B, K] by ``index`` where ``valid``, ``fill`` elsewhere (same device, no host read)."""
     return torch.where(valid, flat[index], torch.full((), fill, dtype=flat.dtype, device=flat.device))
-
-
-def _first_true(mask: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
-    """mask [B, K] bool -> [B] int64: the first True column of each row, ``default`` [B] where none."""
-    return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), default)

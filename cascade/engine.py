@@ -1,9 +1,15 @@
 """The cascade round (DESIGN.md, "One round"), run for every active sequence at once. No HTTP, no CLI.
-Steps 2-4 (drafting, block ends, confidence, triggers) live in ``cascade.drafting``, step 6 in
-``cascade.acceptance``; this module owns the round's order, the target pass and the commit.
+
+``Engine.step`` is the round's stages in order, each a small object or function with explicit inputs: the
+plan (``Engine._plan`` -> ``RoundBatch``), the draft stage (``cascade.drafting.Drafter``: steps 2-4), the target
+pass (``cascade.target_pass.TargetPass``: step 5), verification (``cascade.acceptance``: step 6) and the commit
+(``cascade.commit.Committer``: step 7). What the stages share (vocabulary, end ids, detokenizer, router,
+counters, the one host read point) is one ``cascade.round_context.RoundContext``; the policy-dependent steps
+they run (block ends, triggers, the acceptance rule, policy state) are defined once in ``cascade.round``, where
+the benchmark's replay calls them too. This module owns the order, requests, target failures and reporting.
 
 One ``Engine.step()``:
-1. admits waiting requests into free cache rows;
+1. admits waiting requests into free cache rows and plans the round;
 2. drafts up to ``k`` tokens for every sequence whose policy uses the draft: one ragged draft pass feeds
    each sequence's pending tokens (the prompt on its first round, else the last one or two emitted
    tokens), then one batched ``decode`` per further position; a drafted EOS or a drafted token that
@@ -52,21 +58,21 @@ from typing import Sequence as Seq
 
 import torch
 
-from cascade.acceptance import Block, Verdict, decide_on_device, group_by_policy, natural_logprob
+from cascade.acceptance import Block, Verdict, decide_on_device, sample_target_only
+from cascade.commit import Committer
 from cascade.config import EngineConfig, SamplingParams
-from cascade.metrics import EngineStats, RequestStats, TokenSource
-from cascade.models.base import ModelRunner, TargetUnavailable
-from cascade.policies import Policy, make_policy
-from cascade.policies.state import has_fields, stack, unstack
-from cascade.router import DeferralRouter
-from cascade.round import target_layout
+from cascade.drafting import Drafter
 from cascade.host import fetch
-from cascade.detokenize import extend_text
-from cascade.drafting import DraftSteps
-from cascade.sampling import RequestRng, filter_logits, sample, top_lists, top_logprobs
-from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
+from cascade.metrics import RequestStats, TokenSource
+from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.models.cuda_graphs import buckets_for
+from cascade.policies import Policy, make_policy
+from cascade.round_context import RoundContext
+from cascade.router import DeferralRouter
+from cascade.sampling import RequestRng
+from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 from cascade.speculation import BlockLengthController, RoundClock, profile_pair
+from cascade.target_pass import TargetPass
 from cascade.trace import Trace
 
 
@@ -87,7 +93,28 @@ class RequestOutput:
     #   request asks for top log-probs (params.logprobs): (id, natural log-prob) of the deciding model's best
 
 
-class Engine(DraftSteps):
+@dataclass
+class RoundBatch:
+    """One round's plan over the running batch (``Engine._plan``), read by the stages that follow."""
+
+    running: list[Sequence]  # every sequence this round reports on (finished ones included)
+    cascading: list[Sequence]  # those the draft proposes a block for
+    target_only: list[Sequence]  # those the target decodes one token for, alone
+    lossless: list[Sequence]  # cascading lossless ones, when dynamic speculation chooses their k
+    moved: list[Sequence]  # lossless ones the target decodes alone this round (dynamic k = 0)
+    k_round: int | None  # dynamic speculation's block length this round (None: off)
+    ks: list[int]  # block length of each cascading sequence
+    draft_fed: int  # pending tokens the draft's first pass feeds
+    clock: RoundClock | None  # stage timestamps, for dynamic speculation
+    size: int  # unfinished sequences at the start of the round
+    escalated: list[Sequence] = field(default_factory=list)  # cascading ones whose block goes to the target
+
+    def mark(self, stage: str) -> None:
+        if self.clock is not None:
+            self.clock.mark(stage)
+
+
+class Engine:
     """Runs cascade rounds over a draft runner and a target runner that share a tokenizer."""
 
     def __init__(
@@ -101,21 +128,75 @@ class Engine(DraftSteps):
         router: DeferralRouter | None = None,
         vocab_size: int | None = None,
     ) -> None:
-        self.vocab_size = shared_vocab_size(draft.vocab_size, target.vocab_size, vocab_size)
-        self.draft, self.target = draft, target
         self.config = config or EngineConfig(max_rows=min(draft.max_rows, target.max_rows))
         self.max_rows = min(draft.max_rows, target.max_rows, self.config.max_rows)
-        self.max_len = min(draft.max_len, target.max_len)
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self._eos_ids = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int64, device=draft.device)  # [E]
-        self.detokenize = detokenize
-        self.router = router.to(draft.device) if router is not None else None  # scores for ``uses_router`` policies
+        eos = frozenset(eos_token_ids)
+        # what every stage of the round shares (``cascade.round_context``); the properties below are its fields
+        self.context = RoundContext(
+            vocab_size=shared_vocab_size(draft.vocab_size, target.vocab_size, vocab_size),
+            max_len=min(draft.max_len, target.max_len), eos_token_ids=eos,
+            eos_ids=torch.tensor(sorted(eos), dtype=torch.int64, device=draft.device),  # [E]
+            detokenize=detokenize, router=router.to(draft.device) if router is not None else None,
+            read=_read_host)
+        self.drafter = Drafter(draft, self.context)
+        self.target_pass = TargetPass(target, self.context)
+        self.committer = Committer(draft, target, self.context)
         # dynamic speculation: each round's block length for lossless requests (``cascade.speculation``)
         self.block_controller = BlockLengthController() if self.config.adaptive_k else None
         self.scheduler = Scheduler(self.max_rows)
-        self.stats = EngineStats()
-        self.trace: Trace | None = None  # per-position statistics of chosen requests (``cascade.trace``)
         self._device = target.device
+
+    # the runners, each held by the stages that use it
+    @property
+    def draft(self) -> ModelRunner:
+        """The draft runner (drafting, the commit's rollbacks)."""
+        return self.drafter.draft
+
+    @draft.setter
+    def draft(self, runner: ModelRunner) -> None:
+        self.drafter.draft = self.committer.draft = runner
+
+    @property
+    def target(self) -> ModelRunner:
+        """The target runner (the target pass, the commit's rollbacks)."""
+        return self.target_pass.target
+
+    @target.setter
+    def target(self, runner: ModelRunner) -> None:
+        self.target_pass.target = self.committer.target = runner
+
+    # the round's shared state, kept once in ``self.context`` (read by every stage)
+    vocab_size = property(lambda self: self.context.vocab_size, doc="the tokenizer's ids the pair cascades over")
+    max_len = property(lambda self: self.context.max_len, doc="positions per cache row")
+    eos_token_ids = property(lambda self: self.context.eos_token_ids, doc="the ids that end an answer")
+    stats = property(lambda self: self.context.stats, doc="engine-wide counters (``EngineStats``)")
+
+    @property
+    def detokenize(self) -> Callable[[list[int]], str] | None:
+        """ids -> text (stop strings, output text); None: ids only."""
+        return self.context.detokenize
+
+    @detokenize.setter
+    def detokenize(self, fn: Callable[[list[int]], str] | None) -> None:
+        self.context.detokenize = fn
+
+    @property
+    def router(self) -> DeferralRouter | None:
+        """The learned router that scores drafted positions for ``uses_router`` policies."""
+        return self.context.router
+
+    @router.setter
+    def router(self, router: DeferralRouter | None) -> None:
+        self.context.router = router
+
+    @property
+    def trace(self) -> Trace | None:
+        """Per-position statistics of chosen requests, kept while they decode (``cascade.trace``); None: off."""
+        return self.context.trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self.context.trace = trace
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> None:
@@ -182,15 +263,29 @@ class Engine(DraftSteps):
         return the new output of each. An exception leaves the round half done: use ``step_isolating``
         where other requests must go on."""
         t_start = time.perf_counter()
+        batch = self._plan(only)  # 1. admit; who drafts, block lengths
+        blocks = self.drafter.settle(self.drafter.run(batch.cascading, batch.ks, batch.clock)) if batch.cascading else {}
+        batch.mark("drafted")  # 2-4. drafted blocks, their ends, confidence, triggers
+        target_logits, target_positions = self._target(batch, blocks)  # 5. one target pass
+        batch.mark("verified")
+        verdicts, sampled = self._verify(batch, blocks, target_logits)  # 6. acceptance, one host read
+        self._commit(batch, blocks, verdicts, sampled)  # 7. emit, roll back, policy state, decisions
+        self._observe_speed(batch, blocks, verdicts, target_positions)
+        return self._report(batch.running, t_start)
+
+    def _plan(self, only: Collection[str] | None) -> RoundBatch:
+        """Admit waiting requests and plan the round: who is at max_tokens, who drafts (its policy's plan),
+        who the target decodes alone, this round's dynamic block length for lossless requests and each
+        drafting sequence's block length."""
         self.scheduler.admit()
         running = [s for s in self.scheduler.running.values()
                    if not s.finished and (only is None or s.request_id in only)]
         for s in running:
             if self._block_size(s) <= 0:
-                self._finish(s, "length")
+                self.committer.finish(s, "length")
         seqs = [s for s in running if not s.finished]
-        cascading = [s for s in seqs if _drafts(s)]
-        target_only = [s for s in seqs if not _drafts(s)]
+        cascading = [s for s in seqs if s.plan.drafts]
+        target_only = [s for s in seqs if not s.plan.drafts]
         lossless = [s for s in cascading if s.policy.lossless] if self.block_controller is not None else []
         k_round = None
         if lossless:  # (the draft lags after rounds without drafting: speculating again first catches it up)
@@ -204,56 +299,73 @@ class Engine(DraftSteps):
             cascading = [s for s in cascading if not s.policy.lossless]
             target_only = target_only + moved
         clock = RoundClock(self._device) if k_round is not None else None
-        if clock is not None:
-            clock.mark("start")
+        batch = RoundBatch(running=running, cascading=cascading, target_only=target_only, lossless=lossless,
+                           moved=moved, k_round=k_round, ks=[self._block_size(s, k_round) for s in cascading],
+                           draft_fed=fed, clock=clock, size=len(seqs))
+        batch.mark("start")
+        return batch
 
-        blocks = self._settle_blocks(self._draft(cascading, k_round, clock)) if cascading else {}
-        escalated = [s for s in cascading if blocks[s.request_id].escalate]
-        if clock is not None:
-            clock.mark("drafted")
-        target_logits, target_positions = self._target_pass(escalated, blocks, target_only)
-        if clock is not None:
-            clock.mark("verified")
-        if target_logits is None:  # the target is unavailable and on_target_error is "draft-only"
-            target_logits = {}
-            self._degrade_to_draft(escalated, blocks, [s for s in target_only if s not in moved])
-            escalated, target_only = [], []
+    def _target(self, batch: RoundBatch, blocks: dict[str, Block]) -> tuple[dict[str, torch.Tensor], int]:
+        """The target pass over the escalated blocks and the target-only sequences. An unreachable target
+        fails the round (``on_target_error == "fail"``) or the round goes on without it: blocks stand as
+        drafted and target-only sequences switch to the draft (``_degrade_to_draft``)."""
+        batch.escalated = [s for s in batch.cascading if blocks[s.request_id].escalate]
+        try:
+            return self.target_pass.run(batch.escalated, blocks, batch.target_only, exact=self.config.exact_verify)
+        except TargetUnavailable:
+            if self.config.on_target_error == "fail":
+                raise
+            self._degrade_to_draft(batch.escalated, blocks, [s for s in batch.target_only if s not in batch.moved])
+            batch.escalated, batch.target_only = [], []
+            return {}, 0
 
+    def _verify(self, batch: RoundBatch, blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, Verdict], list[torch.Tensor]]:
+        """Acceptance of every escalated block and the target's own token of every target-only sequence,
+        decided on the device and read in one host read -> (verdicts, host [tokens, log-probs, (top)])."""
         t0 = time.perf_counter()
-        pending = decide_on_device(escalated, blocks, target_logits, self.eos_token_ids)
-        sampled = self._sample_target_only(target_only, target_logits)
+        pending = decide_on_device(batch.escalated, blocks, target_logits, self.eos_token_ids)
+        sampled = sample_target_only(batch.target_only, target_logits, self.eos_token_ids)
+        verdicts: dict[str, Verdict] = {}
         if pending.tensors() or sampled:
-            host = self._fetch(*pending.tensors(), *sampled)
+            host = self.context.fetch(*pending.tensors(), *sampled)
             verdicts = pending.finish(host[: len(pending.tensors())])
             sampled = host[len(pending.tensors()):]
-        else:
-            verdicts = {}
         self.stats.time_kernels_s += time.perf_counter() - t0
+        return verdicts, sampled
 
-        emitted_before = [s.num_emitted for s in cascading]
-        for s in cascading:
-            self._commit_cascade(s, blocks[s.request_id], verdicts.get(s.request_id))
-        self._after_round(cascading, blocks, emitted_before)
-        if target_only:
-            tops = top_lists(sampled[2], sampled[3], sampled[2].shape[1]) if len(sampled) > 2 else [[]] * len(target_only)
-            for s, tok, lp, top in zip(target_only, sampled[0].tolist(), sampled[1].tolist(), tops):
-                if self.trace is not None and self.trace.wants(s.request_id, "target"):  # the EOS step too
-                    self.trace.add_target(s.request_id, tok, lp, top[:s.params.logprobs])
-                self._append(s, [tok], [TokenSource.TARGET], [lp], [top[:s.params.logprobs]])
-        if clock is not None:
-            clock.mark("end")
-            spec = [s for s in lossless if s.request_id in verdicts]
-            drafted_steps = max(0, k_round - 1) if cascading else 0
-            self.block_controller.observe(
-                batch=len(seqs), k=k_round, draft_s=clock.seconds("start", "drafted"),
-                decode_s=clock.seconds("draft_fed", "draft_steps_done") if drafted_steps else 0.0,
-                decode_steps=drafted_steps, target_s=clock.seconds("drafted", "verified"),
-                target_positions=target_positions, total_s=clock.seconds("start", "end"),
-                accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec),
-                fed_positions=fed if cascading else 0, fed_s=clock.seconds("start", "draft_fed") if cascading else 0.0)
-        for s in running:
-            self._settle(s)
+    def _commit(self, batch: RoundBatch, blocks: dict[str, Block], verdicts: dict[str, Verdict],
+                sampled: list[torch.Tensor]) -> None:
+        """Emit the round's tokens, update the policies' states, then let each finished answer be decided."""
+        emitted_before = [s.num_emitted for s in batch.cascading]
+        for s in batch.cascading:
+            self.committer.commit_block(s, blocks[s.request_id], verdicts.get(s.request_id))
+        self.committer.after_round(batch.cascading, blocks, emitted_before)
+        self.committer.commit_target_tokens(batch.target_only, sampled)
+        batch.mark("end")
+        for s in batch.running:
+            self.committer.settle(s)
 
+    def _observe_speed(self, batch: RoundBatch, blocks: dict[str, Block], verdicts: dict[str, Verdict],
+                       target_positions: int) -> None:
+        """Dynamic speculation learns this round's measured costs and acceptance (when it chose the round's k)."""
+        clock, k = batch.clock, batch.k_round
+        if clock is None:
+            return
+        spec = [s for s in batch.lossless if s.request_id in verdicts]
+        drafted = bool(batch.cascading)
+        drafted_steps = max(0, k - 1) if drafted else 0
+        self.block_controller.observe(
+            batch=batch.size, k=k, draft_s=clock.seconds("start", "drafted"),
+            decode_s=clock.seconds("draft_fed", "draft_steps_done") if drafted_steps else 0.0,
+            decode_steps=drafted_steps, target_s=clock.seconds("drafted", "verified"),
+            target_positions=target_positions, total_s=clock.seconds("start", "end"),
+            accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec),
+            fed_positions=batch.draft_fed if drafted else 0,
+            fed_s=clock.seconds("start", "draft_fed") if drafted else 0.0)
+
+    def _report(self, running: list[Sequence], t_start: float) -> list[RequestOutput]:
+        """Each request's new output; finished requests release their rows; the round's time is counted."""
         outputs = [self._output(s) for s in running]
         for s in running:
             if s.finished:
@@ -294,10 +406,6 @@ class Engine(DraftSteps):
                 self._release(seq)
         return outputs, failed
 
-    def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """A runner's logits [n, V_runner] -> [n, vocab_size]: the tokenizer's ids only (a view)."""
-        return logits if logits.shape[-1] == self.vocab_size else logits[:, : self.vocab_size]
-
     def _block_size(self, s: Sequence, k_round: int | None = None) -> int:
         """Tokens to draft this round: the policy's k (for a lossless policy, at most this round's dynamic
         block length ``k_round``), capped by max_tokens and by cache room (the block, plus the
@@ -305,113 +413,6 @@ class Engine(DraftSteps):
         room = self.max_len - len(s.tokens) - 1
         k = s.policy.k if k_round is None or not s.policy.lossless else min(s.policy.k, k_round)
         return min(k, s.params.max_tokens - s.num_emitted, room)
-
-    def _count_positions(self, s: Sequence, start: int, n: int, *, draft: bool) -> None:
-        """Count n positions from `start` as prefill (inside the prompt) or generated-region work."""
-        prompt_part = max(0, min(n, len(s.prompt_ids) - start))
-        if draft:
-            s.stats.draft_prefill_tokens += prompt_part
-            s.stats.draft_tokens += n - prompt_part
-        else:
-            s.stats.target_prefill_tokens += prompt_part
-            s.stats.target_tokens += n - prompt_part
-
-    def _fetch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Bring device results to the host: one sync (``cascade.host``), counted."""
-        self.stats.host_syncs += 1
-        return fetch(*tensors)
-
-    def _after_round(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
-        """Let each policy with a state update its requests' (``Policy.after_round``, on the host: no sync)."""
-        members = [i for i, s in enumerate(seqs) if has_fields(s.policy.State)]
-        for policy, group in group_by_policy(members, [seqs[i].policy for i in members]).items():
-            after = policy.after_round(
-                stack([seqs[i].policy_state for i in group]),
-                torch.tensor([blocks[seqs[i].request_id].escalate for i in group]),
-                torch.tensor([seqs[i].num_emitted - emitted_before[i] for i in group], dtype=torch.int64))
-            for i, state in zip(group, unstack(after)):
-                seqs[i].policy_state = state
-
-    # ------------------------------------------------------------------ 4. target pass
-    def _target_pass(
-        self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]
-    ) -> tuple[dict[str, torch.Tensor] | None, int]:
-        """One ragged target pass; returns (per request its logits [n, V]: the block positions + the bonus
-        position for escalated sequences (no bonus position after a kept block that ends the request), one
-        position for target-only sequences; the positions the pass processed).
-
-        A target that raises ``TargetUnavailable`` leaves every sequence as it was; the error propagates
-        when ``on_target_error == "fail"``, else None is returned and the caller degrades the round."""
-        members = escalated + target_only
-        if not members:
-            return {}, 0
-        t0 = time.perf_counter()
-        blks = [blocks[s.request_id] for s in escalated] + [None] * len(target_only)
-        # a block that ends the request is fed without its last token and has no bonus position (its catch-up
-        # is never empty: the target lags by at least the previous round's last token); target-only: 0 and 1
-        fed, num_logits = (t.tolist() for t in target_layout(
-            torch.tensor([blk.keep if blk is not None else 0 for blk in blks]),
-            torch.tensor([blk is not None and blk.ends_request for blk in blks])))
-        spans = [s.tokens[s.target_len:] + (blk.tokens[:n] if blk is not None else []) for s, blk, n in zip(members, blks, fed)]
-        try:
-            if self.config.exact_verify:
-                logits = self._target_stepwise(members, spans, num_logits)
-            else:
-                logits = self.target.forward_span([s.row for s in members], spans, num_logits=num_logits)
-            logits = self._vocab(logits)
-        except TargetUnavailable:
-            self.stats.time_target_s += time.perf_counter() - t0
-            for s in members:
-                s.stats.target_errors += 1
-            if self.config.on_target_error == "fail":
-                raise
-            return None, 0
-        out, start = {}, 0
-        for s, blk, span, n, n_block in zip(members, blks, spans, num_logits, fed):
-            catch_up = len(span) - n_block
-            self._count_positions(s, s.target_len, catch_up, draft=False)
-            s.stats.target_tokens += len(span) - catch_up
-            s.stats.target_scored_tokens += n
-            s.target_len += len(span)
-            if blk is not None:
-                s.stats.escalations += 1
-            else:
-                s.stats.target_only_steps += 1
-            out[s.request_id] = logits[start:start + n]
-            start += n
-        self.stats.time_target_s += time.perf_counter() - t0
-        return out, sum(len(span) for span in spans)
-
-    def _target_stepwise(self, members: list[Sequence], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
-        """``forward_span`` of the target pass, computed the way target-only decoding computes it at batch 1:
-        a prompt in a call of its own (as a target-only request's first round), then one token of one
-        sequence per call. A 1-row decode and a k-row verify reduce in different orders, and so do calls
-        whose row count differs (GEMM blocking depends on it), so in bf16 they part at near-ties; this path
-        makes every target position's arithmetic that of a batch-1 target-only decode, whatever else is in
-        the batch (batch-invariant), hence ``speculative`` greedy == batch-1 ``target-only`` greedy token
-        for token at any batch in any dtype (and so does ``target-only`` itself in this mode). The cost: a
-        block is verified in as many sequential target calls as it has tokens, one sequence at a time.
-        Returns logits [sum(num_logits), V] in ``forward_span``'s layout."""
-        rows = [s.row for s in members]
-        picked: list[list[torch.Tensor]] = [[] for _ in members]
-        pos = [0] * len(members)
-        for i, s in enumerate(members):
-            if s.target_len == 0:  # the prompt, alone, as target-only's first round feeds it
-                n = len(s.prompt_ids)
-                logits = self.target.forward_span([rows[i]], [spans[i][:n]], num_logits=[1])
-                if n > len(spans[i]) - num_logits[i]:
-                    picked[i].append(logits[0])
-                pos[i] = n
-        while True:
-            active = [i for i in range(len(members)) if pos[i] < len(spans[i])]
-            if not active:
-                break
-            for i in active:  # one row per call: a row's result never depends on the others
-                logits = self.target.forward_span([rows[i]], [[spans[i][pos[i]]]], num_logits=[1])
-                pos[i] += 1
-                if pos[i] > len(spans[i]) - num_logits[i]:
-                    picked[i].append(logits[0])
-        return torch.cat([torch.stack(p) for p in picked])
 
     def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:
         """on_target_error == "draft-only": escalated blocks are kept as drafted (unverified), and
@@ -422,104 +423,6 @@ class Engine(DraftSteps):
         fallback = make_policy("draft-only")
         for s in target_only:
             s.policy, s.policy_state = fallback, fallback.init_state()
-
-    # ------------------------------------------------------------------ 6. commit
-    def _commit_cascade(self, s: Sequence, block: Block, verdict: Verdict | None) -> None:
-        if verdict is None:  # not escalated: the kept block is emitted as drafted
-            kept = block.keep
-            new, sources, logprobs = block.tokens[:kept], [TokenSource.DRAFT] * kept, block.logprobs[:kept]
-            tops = block.top[:kept]
-        else:
-            kept = verdict.kept
-            new = block.tokens[:kept] + verdict.extra
-            s.escalation_lengths.append(len(new))
-            sources, logprobs, tops = verdict.sources, verdict.logprobs, verdict.top
-            s.target_len = min(s.target_len, len(s.tokens) + kept)  # (a block that ends the request was fed
-            self.target.truncate([s.row], [s.target_len])            #  without its last token)
-        # the draft cache keeps the kept tokens it was fed, and always lags the last token (it is fed next round)
-        end = min(len(s.tokens) + kept, len(s.tokens) + len(new) - 1)
-        if s.draft_len > end:
-            self.draft.truncate([s.row], [end])
-            s.draft_len = end
-        self._append(s, new, sources, logprobs, tops)
-
-    def _sample_target_only(self, seqs: list[Sequence], target_logits: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The next token of every target-only sequence and its natural log-prob, on the device: [] or
-        [tokens [T] int64, logprobs [T] float32]."""
-        if not seqs:
-            return []
-        params = [s.params for s in seqs]
-        filtered = filter_logits(torch.cat([target_logits[s.request_id][-1:] for s in seqs]), params,
-                                 [s.num_emitted for s in seqs], self.eos_token_ids)
-        toks = sample(filtered, params, [s.rng for s in seqs])
-        K = max(p.logprobs for p in params)
-        return [toks, natural_logprob(filtered, toks)] + (top_logprobs(filtered, K) if K else [])
-
-    def _append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float],
-                tops: list[list[tuple[int, float]]] | None = None) -> None:
-        """Emit tokens one by one, applying EOS, stop strings and max_tokens. Nothing after the token
-        that ends the request is kept: not in the tokens, the log-probs or the counts. The token that
-        completes a stop string is kept (its text is cut at the stop string)."""
-        for i, (tok, src, lp) in enumerate(zip(new, sources, logprobs)):
-            if tok in s.end_ids:
-                self._finish(s, "stop")
-                break
-            s.tokens.append(tok)
-            s.sources.append(src)
-            s.token_logprobs.append(lp)
-            if s.params.logprobs:
-                s.top_logprobs.append(tops[i])
-            s.stats.emitted_tokens += 1
-            if self._completes_stop(s):
-                self._finish(s, "stop")
-                break
-            if s.num_emitted >= s.params.max_tokens:
-                self._finish(s, "length")
-                break
-        if self.detokenize is not None:
-            searched = max(0, len(s.text) - max(map(len, s.params.stop), default=0))
-            self._extend_text(s)
-            cut = _first_stop(s.text, s.params.stop, searched)
-            if cut is not None:  # (found above already, unless a stop string spans more than the tail)
-                s.text = s.text[:cut]
-                self._finish(s, "stop")
-
-    # ------------------------------------------------------------------ 7. settle
-    def _settle(self, s: Sequence) -> None:
-        """At the end of a request its policy decides on the answer (``Policy.at_finish``): it stands (what
-        was held back is released with the decided state) or the target answers again from the prompt."""
-        if not s.finished or s.finish_reason == "abort":
-            return
-        s.policy_state, answer_again = s.policy.at_finish(s.policy_state, s.token_logprobs)
-        if answer_again:
-            self._restart_on_target(s)
-
-    def _restart_on_target(self, s: Sequence) -> None:
-        """Discard the draft's answer (its work stays counted) and let the target answer from the prompt (the
-        policy's state, set by ``at_finish``, now plans target rounds)."""
-        n_prompt = len(s.prompt_ids)
-        s.cut_output(0)
-        s.text, s.detok_prefix, s.detok_read, s.finished, s.finish_reason = "", 0, 0, False, None
-        s.stats.routed_to_target = 1
-        if s.draft_len > n_prompt:
-            self.draft.truncate([s.row], [n_prompt])
-            s.draft_len = n_prompt
-        if s.target_len > n_prompt:  # the target has not run for this request; kept for safety
-            self.target.truncate([s.row], [n_prompt])
-            s.target_len = n_prompt
-
-    def _extend_text(self, s: Sequence) -> None:
-        """Add the text of the tokens emitted since the last call (``cascade.detokenize.extend_text``; a
-        finished request's held-back partial character too)."""
-        added, s.detok_prefix, s.detok_read = extend_text(self.detokenize, s.output_ids, s.detok_prefix,
-                                                          s.detok_read, final=s.finished)
-        s.text += added
-
-    def _finish(self, s: Sequence, reason: str) -> None:
-        if not s.finished:
-            s.finished, s.finish_reason = True, reason
-            if self.detokenize is not None and reason not in ("stop", "abort"):
-                self._extend_text(s)  # an unfinished character held back is text now (as one decode would give)
 
     def _release(self, s: Sequence) -> None:
         if s.row >= 0:
@@ -558,12 +461,7 @@ def shared_vocab_size(draft_rows: int, target_rows: int, vocab_size: int | None)
     return vocab_size
 
 
-def _drafts(s: Sequence) -> bool:
-    """Does this sequence's next round start with the draft? (Its policy's plan: not target-only, not a
-    request-level one routed to the target.)"""
-    return s.plan.drafts
-
-
-def _first_stop(text: str, stops: Seq[str], start: int = 0) -> int | None:
-    hits = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
-    return min(hits) if hits else None
+def _read_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The round's one host read point, ``cascade.host.fetch``, looked up in this module at every call (where
+    ``tests/test_host_syncs.py`` counts the syncs)."""
+    return fetch(*tensors)

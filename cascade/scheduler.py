@@ -82,6 +82,17 @@ class Sequence:
         request-level answer), else all."""
         return 0 if self.plan.holds_output else self.num_emitted
 
+    def count_positions(self, start: int, n: int, *, draft: bool) -> None:
+        """Count n positions a model processed from ``start`` as prefill (inside the prompt) or as work in the
+        generated region, in the draft's or the target's counters."""
+        prompt_part = max(0, min(n, len(self.prompt_ids) - start))
+        if draft:
+            self.stats.draft_prefill_tokens += prompt_part
+            self.stats.draft_tokens += n - prompt_part
+        else:
+            self.stats.target_prefill_tokens += prompt_part
+            self.stats.target_tokens += n - prompt_part
+
     def cut_output(self, keep: int) -> None:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
         self.stats.emitted_tokens -= self.num_emitted - keep

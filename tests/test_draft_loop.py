@@ -30,13 +30,13 @@ def spy_loop(c):
 
 def run(c, policy, params, *, fused: bool):
     if not fused:
-        c.engine._greedy_loop_steps = lambda seqs, ks: 0
+        c.engine.drafter.greedy_loop_steps = lambda seqs, ks: 0
     try:
         return [(r.token_ids, [s.value for s in r.token_sources], [round(x, 4) for x in r.token_logprobs],
                  [[(t, round(lp, 4)) for t, lp in top] for top in r.top_logprobs], r.stats.escalations,
                  r.stats.target_tokens) for r in c.generate(PROMPTS, params, policy=policy)]
     finally:
-        c.engine.__dict__.pop("_greedy_loop_steps", None)
+        c.engine.drafter.__dict__.pop("greedy_loop_steps", None)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -76,8 +76,8 @@ def test_steps_that_are_not_a_plain_argmax_keep_the_step_path(tiny_pair_dirs, pa
 def test_inside_min_tokens_the_step_path_runs_and_after_it_the_loop(tiny_pair_dirs):
     c = make_cascade(tiny_pair_dirs, eos=(2,))
     seen = []
-    real = c.engine._greedy_loop_steps
-    c.engine._greedy_loop_steps = lambda seqs, ks: seen.append((seqs[0].num_emitted, real(seqs, ks))) or seen[-1][1]
+    real = c.engine.drafter.greedy_loop_steps
+    c.engine.drafter.greedy_loop_steps = lambda seqs, ks: seen.append((seqs[0].num_emitted, real(seqs, ks))) or seen[-1][1]
     c.generate(PROMPTS[:1], SamplingParams(max_tokens=40, min_tokens=6), policy="speculative")
     inside = [steps for emitted, steps in seen if emitted + 1 < 6]
     after = [steps for emitted, steps in seen if emitted + 1 >= 6]

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from cascade.round import accepted_counts, settle_trigger, target_layout
+from cascade.policies import make_policy
+from cascade.policies.state import stack, unstack
+from cascade.round import (
+    PolicyGroup,
+    accepted_counts,
+    block_lengths,
+    drafting_stops,
+    first_true,
+    next_states,
+    run_triggers,
+    settle_trigger,
+    target_layout,
+)
 
 
 def test_accepted_counts_over_flat_ragged_rows():
@@ -22,3 +34,55 @@ def test_settle_trigger_and_target_layout():
     assert keep.tolist() == [3, 0, 2, 0] and esc.tolist() == [False, True, True, True]
     fed, num_logits = target_layout(torch.tensor([3, 3, 0]), torch.tensor([False, True, False]))
     assert fed.tolist() == [3, 2, 0] and num_logits.tolist() == [4, 3, 1]  # target-only: nothing fed, one scored
+
+
+# ------------------------------------------------------------------ the policy-dependent steps, by group
+def _conf(max_prob, drafted, catch_up=None):
+    from cascade.policies import BlockConfidence
+
+    m = torch.tensor(max_prob, dtype=torch.float32)
+    B, K = m.shape
+    valid = torch.arange(K).view(1, K) < torch.tensor(drafted).view(B, 1)
+    return BlockConfidence(max_prob=m, margin=m, entropy=torch.zeros(B, K), token_logprob=m.clamp_min(1e-30).log(),
+                           valid=valid, drafted=torch.tensor(drafted),
+                           catch_up=None if catch_up is None else torch.tensor(catch_up))
+
+
+def test_block_lengths_end_at_the_first_cut_and_never_past_what_was_drafted():
+    cut = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
+    assert block_lengths(cut, torch.tensor([3, 2, 3])).tolist() == [2, 2, 1]
+    assert first_true(cut, torch.tensor([9, 9, 9])).tolist() == [1, 9, 0]
+
+
+def test_drafting_stops_ask_only_the_policies_that_stop_early_each_on_its_rows():
+    bild, chow = make_policy("bild", fallback=0.5), make_policy("chow", alpha=0.5)
+    max_prob = torch.tensor([[0.9, 0.4, 0.9], [0.9, 0.4, 0.9], [0.3, 0.9, 0.9]])
+    stops = drafting_stops(max_prob, [PolicyGroup(bild, torch.tensor([0, 2])), PolicyGroup(chow, torch.tensor([1]))])
+    assert stops.tolist() == [[False, True, False], [False, False, False], [True, False, False]]
+    # one group of every row (index None) gives the same rows as the grouped call
+    assert drafting_stops(max_prob, [PolicyGroup(bild)])[[0, 2]].tolist() == stops[[0, 2]].tolist()
+
+
+def test_run_triggers_applies_each_policy_to_its_own_rows_with_its_own_state():
+    from cascade.policies.handoff import HandoffState
+
+    conf = _conf([[0.9, 0.4], [0.9, 0.9], [0.9, 0.9], [0.2, 0.9]], [2, 2, 2, 1])
+    handoff, draft_only = make_policy("handoff", trigger_below=0.5, window=8.0), make_policy("draft-only")
+    state = stack([HandoffState(0.0), HandoffState(3.0)])  # rows 0 and 2: outside / inside a window
+    keep, esc = run_triggers(conf, [PolicyGroup(handoff, torch.tensor([0, 2]), state),
+                                    PolicyGroup(draft_only, torch.tensor([1, 3]))])
+    assert keep.tolist() == [2, 2, 2, 1]
+    assert esc.tolist() == [True, False, True, False]  # uncertain / draft-only / inside a window / draft-only
+    # settled: a trigger that keeps nothing escalates (chow-cut cuts before its first uncertain position)
+    keep, esc = run_triggers(conf, [PolicyGroup(make_policy("chow-cut", alpha=0.5))])
+    assert keep.tolist() == [1, 2, 2, 0] and esc.tolist() == [True, False, False, True]
+
+
+def test_next_states_update_only_the_groups_that_keep_one():
+    from cascade.policies.handoff import HandoffState
+
+    handoff = make_policy("handoff", window=8.0)
+    groups = [PolicyGroup(handoff, torch.tensor([0, 2]), stack([HandoffState(0.0), HandoffState(5.0)])),
+              PolicyGroup(make_policy("speculative"), torch.tensor([1]))]
+    after = next_states(groups, torch.tensor([True, True, True]), torch.tensor([3, 4, 2]))
+    assert after[1] is None and [s.window_left for s in unstack(after[0])] == [5.0, 3.0]

@@ -42,7 +42,17 @@ import torch
 
 from cascade.policies import BlockConfidence, Policy
 from cascade.policies.state import has_fields, initial_batch, put, take
-from cascade.round import accepted_counts, settle_trigger, target_layout
+from cascade.round import (
+    PolicyGroup,
+    accepted_counts,
+    block_lengths,
+    drafting_stops,
+    first_true,
+    next_states,
+    rule_acceptance,
+    run_triggers,
+    target_layout,
+)
 
 if TYPE_CHECKING:
     from cascade.bench.runs import RunRecord
@@ -275,18 +285,6 @@ class PathBatch:
         return out
 
 
-def greedy_acceptance(policy: Policy, v) -> torch.Tensor:
-    """-> accept [R] acceptance probabilities of greedy rows through the policy's own rule (0 or 1 there)."""
-    return policy.acceptance(v, policy.deferral(v).float()).float()
-
-
-def _first_true(mask: torch.Tensor) -> torch.Tensor:
-    """mask [A, K] bool -> [A] index of the first True per row, K where there is none."""
-    K = mask.shape[1]  # >= 1: callers pass a block (k >= 1) or its first k - 1 columns with k > 1
-    idx = torch.where(mask, torch.arange(K).expand_as(mask), torch.full_like(mask, K, dtype=torch.int64))
-    return idx.min(dim=1).values
-
-
 def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> list[WalkResult]:
     """Walk every path in the engine's greedy rounds under ``policy``, all paths in lockstep as one batch
     (see the module docstring): each iteration is one round of every unfinished path, the trigger over a
@@ -322,11 +320,9 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         flat = act[:, None] * width + cols  # [A, k] the same positions in the flattened [N * width] tensors
         g = {name: flat_t[name][flat] for name in ("q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x", "q_argmax",
                                                    "p_argmax", "mis_x", "mis_pa", "disagree") + (("router_score",) if has_router else ())}
-        if policy.stops_drafting and k > 1:
-            stop = policy.stop_drafting(g["q_max"][:, : k - 1].reshape(-1))
-            if stop is not None:
-                stop = stop.view(A, k - 1) & (ar[None, : k - 1] < (n - 1)[:, None])
-                n = torch.minimum(n, _first_true(stop) + 1)
+        group = PolicyGroup(policy, None, take(state, act) if stateful else None)
+        # a policy's early stop (BiLD's fallback) after a position before the block's last
+        n = block_lengths(drafting_stops(g["q_max"], [group]) & (ar[None, :] < (n - 1)[:, None]), n)
         valid = ar[None, :] < n[:, None]  # [A, k]
         draft_tokens[act] += pending[act] + n - 1
         zero = torch.zeros(())
@@ -334,10 +330,9 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
             max_prob=torch.where(valid, g["q_max"], zero), margin=torch.where(valid, g["q_margin"], zero),
             entropy=torch.where(valid, g["q_entropy"], zero),
             token_logprob=torch.where(valid, g["q_max"].clamp_min(1e-30).log(), zero), valid=valid, drafted=n,
-            catch_up=p - target_len[act], state=take(state, act) if stateful else None,
-            router=torch.where(valid, g["router_score"], zero) if has_router else None,
+            catch_up=p - target_len[act], router=torch.where(valid, g["router_score"], zero) if has_router else None,
         )
-        keep, esc = settle_trigger(*policy.trigger(conf), n)
+        keep, esc = run_triggers(conf, [group])
         ends_request = (keep == n) & (p + n == La)
         fed, num_logits = target_layout(keep, ends_request)
         escalations[act] += esc.long()
@@ -352,21 +347,21 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
                 q_token=torch.ones(int(rows.sum())), p_token=(xa == paa).float()[rows], max_q=g["q_max"][rows],
                 max_p=g["p_max"][rows], tv=g["tv"][rows], logp_token=g["logp_x"][rows], residual_token=paa[rows],
                 target_token=paa[rows], token=xa[rows])
-            accept = greedy_acceptance(policy, v)
+            _, accept = rule_acceptance(policy, v)
             n_acc = accepted_counts(accept, torch.full_like(accept, 0.5), verified)
         drafted_out = torch.where(esc, n_acc, keep)  # [A] draft tokens emitted from the block's start
         extra_at = p + n_acc  # an escalation's target token (replacement or bonus), if inside the path
         has_extra = esc & (extra_at < La)
         extra_flat = act * width + extra_at.clamp(max=width - 1)
         # where the walk leaves the recorded answer, and which disagreements it resolved to the target
-        first_x = _first_true(g["mis_x"] & (ar[None, :] < drafted_out[:, None]))
+        first_x = first_true(g["mis_x"] & (ar[None, :] < drafted_out[:, None]), torch.full((A,), k))
         extra_mis = has_extra & flat_t["mis_pa"][extra_flat]
         here = torch.where(first_x < k, p + first_x, torch.where(extra_mis, extra_at, -1))
         diverged[act] = torch.where((diverged[act] < 0) & (here >= 0), here, diverged[act])
         resolved[act] += (has_extra & flat_t["disagree"][extra_flat]).long()
         emitted = torch.where(esc, n_acc + has_extra.long(), keep)  # [A] tokens this round emitted
         if stateful:
-            put(state, act, policy.after_round(conf.state, esc, emitted))
+            put(state, act, next_states([group], esc, emitted)[0])
         now = (first[0, act] < 0) & (emitted > 0)  # [A] paths whose first token this round emitted
         first[:, act] = torch.where(now, torch.stack([draft_tokens[act], target_tokens[act], escalations[act]]), first[:, act])
         # the draft cache lags by the block's last token after a whole kept block, and by d_n and the
