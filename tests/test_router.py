@@ -150,5 +150,6 @@ def test_router_cost_benchmark_smoke_writes_its_figures(tmp_path):
     assert [r["batch"] for r in rows] == [1, 4] and [r["positions"] for r in rows] == [5, 20]
     for r in rows:
         assert r["router_us"] > 0 and r["confidence_ms"] > 0 and r["draft_step_ms"] > 0
-        assert 0 < r["router_share_of_draft_side"] < 1
+        # a ratio of two measured times: reported, not bounded (on a loaded machine it can exceed 1)
+        assert r["router_share_of_draft_side"] > 0
     assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("machine,device,dtype,batch")

@@ -19,9 +19,10 @@ def _add_pair_options(p) -> None:
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="compare every policy on quality / cost / latency on real datasets",
                        description="Run draft-only and target-only for real on each dataset subset, record both answers "
-                                   "by teacher forcing, sweep every policy's parameter by replay, run each policy for "
-                                   "real at the configuration calibrated for --real-budget, and write CSV, Markdown and a "
-                                   "PNG Pareto plot. Generations are cached on disk, so an interrupted run resumes and a "
+                                   "by teacher forcing, sweep every policy's parameter by replay, choose each family's "
+                                   "configuration on the dev split, report the test split with paired intervals, run the "
+                                   "dev choices for real at each --real-check, and write CSV, Markdown and a PNG Pareto "
+                                   "plot. Generations are cached on disk, so an interrupted run resumes and a "
                                    "repeated one costs nothing.")
     add_dataset_options(b, default_names="humaneval and gsm8k", limit=20)
     b.add_argument("--policies", default=None,

@@ -144,7 +144,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 # ---------------------------------------------------------------------- datasets (bench, calibrate, train-router)
 def add_dataset_options(p: argparse.ArgumentParser, *, default_names: str, limit: int, limit_help: str = "") -> None:
     p.add_argument("--dataset", action="append", default=None, metavar="NAME|PATH",
-                   help=f"humaneval, gsm8k or a JSONL task file (repeatable; default: {default_names}). MBPP is "
+                   help=f"humaneval, gsm8k, math500 or a JSONL task file (repeatable; default: {default_names}). MBPP is "
                         "reserved for checking that calibration transfers: do not tune on it")
     p.add_argument("--limit", type=int, default=limit,
                    help=limit_help or f"problems per dataset, a seeded sample (default: {limit}; 0 = all)")
