@@ -18,7 +18,7 @@ from typing import Iterable, Sequence as Seq
 
 import torch
 
-from cascade.metrics import TokenSource
+from cascade.metrics import EmittedToken, TokenSource
 from cascade.policies import Policy, residual_distribution, speculative_acceptance, verify_distributions
 from cascade.round import accepted_counts, rule_acceptance, segment_starts
 from cascade.sampling import filter_logits, noise_seeds, sample, top_lists, top_logprobs, uniforms
@@ -39,6 +39,10 @@ class Block:
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per drafted token when the request
     #   asks for top log-probs: the draft's most likely tokens (id, natural log-prob)
 
+    def emitted(self, j: int) -> EmittedToken:
+        """Drafted token j as emitted by the draft (not verified)."""
+        return EmittedToken(self.tokens[j], TokenSource.DRAFT, self.logprobs[j], tuple(self.top[j]) if self.top else ())
+
     @property
     def ends_request(self) -> bool:
         """The kept block ends the request if all of it is accepted (no bonus token follows it)."""
@@ -50,10 +54,8 @@ class Verdict:
     """What verification decided for one escalated sequence."""
 
     kept: int  # draft tokens of this round's block that were accepted
-    extra: list[int]  # the replacement or bonus token (one; none after a block that ends the request)
-    sources: list[TokenSource]  # of the kept tokens + extra
-    logprobs: list[float]  # of the kept tokens + extra
-    top: list[list[tuple[int, float]]] = field(default_factory=list)  # of the kept tokens + extra, when asked
+    emitted: list[EmittedToken]  # the kept tokens, then the replacement or bonus token (none after a block that
+    #   ends the request)
 
 
 class PendingVerdicts:
@@ -82,31 +84,29 @@ class PendingVerdicts:
             block = self.blocks[s.request_id]
             n, n_acc = block.keep, int(n_acc_l[i])
             off = self.offsets.get(s.request_id, 0)
-            sources: list[TokenSource] = []
-            logprobs: list[float] = []
             k = s.params.logprobs
-            top: list[list[tuple[int, float]]] = []
+            emitted = []
             for j in range(n_acc):
-                verified = delta_l[off + j] > 0
-                sources.append(TokenSource.VERIFIED if verified else TokenSource.DRAFT)
-                logprobs.append(float(logp_l[off + j]) if verified else block.logprobs[j])
-                if k:
-                    top.append(top_rows[off + j][:k] if verified else block.top[j])
+                if delta_l[off + j] > 0:  # deferred to the target: its log-prob and alternatives
+                    emitted.append(EmittedToken(block.tokens[j], TokenSource.VERIFIED, float(logp_l[off + j]),
+                                                tuple(top_rows[off + j][:k]) if k else ()))
+                else:
+                    emitted.append(block.emitted(j))
             s.stats.verified_draft_tokens += n
             s.stats.accepted_tokens += n_acc
             if n_acc < n:
-                sources.append(TokenSource.TARGET)
+                source = TokenSource.TARGET
                 s.stats.rejected_tokens += 1
                 s.stats.replaced_tokens += 1
             elif block.ends_request:  # everything kept and the request ends with it: no bonus
-                result[s.request_id] = Verdict(kept=n_acc, extra=[], sources=sources, logprobs=logprobs, top=top)
+                result[s.request_id] = Verdict(kept=n_acc, emitted=emitted)
                 continue
             else:
-                sources.append(TokenSource.BONUS)
+                source = TokenSource.BONUS
                 s.stats.bonus_tokens += 1
-            result[s.request_id] = Verdict(kept=n_acc, extra=[int(extra_l[i])], sources=sources,
-                                           logprobs=logprobs + [float(extra_lp_l[i])],
-                                           top=top + ([top_extra[i][:k]] if k else []))
+            emitted.append(EmittedToken(int(extra_l[i]), source, float(extra_lp_l[i]),
+                                        tuple(top_extra[i][:k]) if k else ()))
+            result[s.request_id] = Verdict(kept=n_acc, emitted=emitted)
         return result
 
 

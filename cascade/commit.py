@@ -16,7 +16,7 @@ import torch
 
 from cascade.acceptance import Block, Verdict, group_by_policy
 from cascade.detokenize import extend_text
-from cascade.metrics import TokenSource
+from cascade.metrics import EmittedToken, TokenSource
 from cascade.models.base import ModelRunner
 from cascade.policies.state import has_fields, stack, unstack
 from cascade.round import PolicyGroup, next_states
@@ -37,13 +37,10 @@ class Committer:
         the accepted prefix and the replacement / bonus token; roll both caches back to what stands."""
         if verdict is None:  # not escalated: the kept block is emitted as drafted
             kept = block.keep
-            new, sources, logprobs = block.tokens[:kept], [TokenSource.DRAFT] * kept, block.logprobs[:kept]
-            tops = block.top[:kept]
+            new = [block.emitted(j) for j in range(kept)]
         else:
-            kept = verdict.kept
-            new = block.tokens[:kept] + verdict.extra
+            kept, new = verdict.kept, verdict.emitted
             s.escalation_lengths.append(len(new))
-            sources, logprobs, tops = verdict.sources, verdict.logprobs, verdict.top
             s.target_len = min(s.target_len, len(s.tokens) + kept)  # (a block that ends the request was fed
             self.target.truncate([s.row], [s.target_len])            #  without its last token)
         # the draft cache keeps the kept tokens it was fed, and always lags the last token (it is fed next round)
@@ -51,22 +48,18 @@ class Committer:
         if s.draft_len > end:
             self.draft.truncate([s.row], [end])
             s.draft_len = end
-        self.append(s, new, sources, logprobs, tops)
+        self.append(s, new)
 
-    def append(self, s: Sequence, new: list[int], sources: list[TokenSource], logprobs: list[float],
-                tops: list[list[tuple[int, float]]] | None = None) -> None:
+    def append(self, s: Sequence, new: list[EmittedToken]) -> None:
         """Emit tokens one by one, applying EOS, stop strings and max_tokens. Nothing after the token
-        that ends the request is kept: not in the tokens, the log-probs or the counts. The token that
+        that ends the request is kept: not in the tokens, their records or the counts. The token that
         completes a stop string is kept (its text is cut at the stop string)."""
-        for i, (tok, src, lp) in enumerate(zip(new, sources, logprobs)):
-            if tok in s.end_ids:
+        for token in new:
+            if token.id in s.end_ids:
                 self.finish(s, "stop")
                 break
-            s.tokens.append(tok)
-            s.sources.append(src)
-            s.token_logprobs.append(lp)
-            if s.params.logprobs:
-                s.top_logprobs.append(tops[i])
+            s.tokens.append(token.id)
+            s.emitted.append(token)
             s.stats.emitted_tokens += 1
             if self.context.completes_stop(s):
                 self.finish(s, "stop")
@@ -129,7 +122,7 @@ class Committer:
         for s, tok, lp, top in zip(seqs, sampled[0].tolist(), sampled[1].tolist(), tops):
             if trace is not None and trace.wants(s.request_id, "target"):  # the EOS step too
                 trace.add_target(s.request_id, tok, lp, top[:s.params.logprobs])
-            self.append(s, [tok], [TokenSource.TARGET], [lp], [top[:s.params.logprobs]])
+            self.append(s, [EmittedToken(tok, TokenSource.TARGET, lp, tuple(top[:s.params.logprobs]))])
 
     def after_round(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
         """Let each policy with a state update its requests' (``Policy.after_round`` through

@@ -100,7 +100,7 @@ class Drafter:
         only when every sequence drafts the same k >= 2 and every step is a plain argmax (greedy, no
         logit processing at any of the block's positions), so the loop's tokens are exactly what the
         step-by-step path would sample."""
-        if getattr(self.draft, "decode_loop", None) is None or not seqs or min(ks) != max(ks) or ks[0] < 2:
+        if not seqs or min(ks) != max(ks) or ks[0] < 2:
             return 0
         for s in seqs:
             if not s.params.greedy or needs_filter(s.params, s.num_emitted + 1, self.context.eos_token_ids):

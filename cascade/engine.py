@@ -32,7 +32,9 @@ One ``Engine.step()``:
 What a request's round is (does the draft propose, is the output held back) is its policy's declaration
 from the request's state (``Policy.plan``, ``cascade.policies.state``), not a field of the sequence.
 
-Per emitted token the engine records its source (``TokenSource``) and ``token_logprobs``: the natural
+Per emitted token the engine keeps one record (``cascade.metrics.EmittedToken``: id, source, log-prob, top
+alternatives), passed as is to the library, the server and the metrics. Its source is who decided it
+(``TokenSource``) and its log-prob the natural
 (T = 1) log-softmax, at the token, of the logits row of the model that decided it, as the engine sampled
 from it (after the request's top-k / top-p filtering, which removes tokens but keeps the other logits;
 without a filter it is the model's own log-prob). DRAFT tokens get the draft's log q(x) (the confidence
@@ -63,7 +65,7 @@ from cascade.commit import Committer
 from cascade.config import EngineConfig, SamplingParams
 from cascade.drafting import Drafter
 from cascade.host import fetch
-from cascade.metrics import RequestStats, TokenSource
+from cascade.metrics import EmittedToken, RequestStats, TokenSource, top_logprob_lists
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.models.cuda_graphs import buckets_for
 from cascade.policies import Policy, make_policy
@@ -81,16 +83,31 @@ class RequestOutput:
     """What one round produced for one request (deltas since the previous output)."""
 
     request_id: str
-    new_token_ids: list[int]
-    new_sources: list[TokenSource]
-    new_logprobs: list[float]  # natural log-prob of each new token under the model that decided it
+    new_tokens: list[EmittedToken]  # one record per new token (id, source, log-prob, top alternatives)
     text: str  # the whole output text reported so far
     finished: bool
     finish_reason: str | None
     stats: RequestStats
     new_escalation_lengths: list[int] = field(default_factory=list)  # tokens each new escalation emitted
-    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per new token, when the
-    #   request asks for top log-probs (params.logprobs): (id, natural log-prob) of the deciding model's best
+
+    # views of the records, per field
+    @property
+    def new_token_ids(self) -> list[int]:
+        return [t.id for t in self.new_tokens]
+
+    @property
+    def new_sources(self) -> list[TokenSource]:
+        return [t.source for t in self.new_tokens]
+
+    @property
+    def new_logprobs(self) -> list[float]:
+        """Natural log-prob of each new token under the model that decided it."""
+        return [t.logprob for t in self.new_tokens]
+
+    @property
+    def new_top_logprobs(self) -> list[list[tuple[int, float]]]:
+        """Per new token, when the request asks for top log-probs: the deciding model's best (id, log-prob)."""
+        return top_logprob_lists(self.new_tokens)
 
 
 @dataclass
@@ -439,8 +456,7 @@ class Engine:
         else:
             text = self.detokenize(s.output_ids[:ready]) if self.detokenize is not None and ready else ""
         return RequestOutput(
-            request_id=s.request_id, new_token_ids=s.output_ids[start:ready], new_sources=s.sources[start:ready],
-            new_logprobs=s.token_logprobs[start:ready], new_top_logprobs=s.top_logprobs[start:ready],
+            request_id=s.request_id, new_tokens=s.emitted[start:ready],
             text=text, finished=s.finished,
             finish_reason=s.finish_reason, stats=s.stats, new_escalation_lengths=lengths,
         )

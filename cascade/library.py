@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 from cascade.config import EngineConfig, SamplingParams
 from cascade.defaults import default_policy
 from cascade.engine import Engine, RequestOutput
-from cascade.metrics import RequestStats, TokenSource
+from cascade.metrics import EmittedToken, RequestStats, TokenSource, top_logprob_lists
 from cascade.models.base import ModelRunner
 from cascade.policies import Policy, parse_policy
 from cascade.router import DeferralRouter, load_router
@@ -41,18 +41,35 @@ class GenerationResult:
     """One request's answer: text, token ids, who decided each token, and its cascade stats."""
 
     text: str
-    token_ids: list[int]
-    token_sources: list[TokenSource]
-    token_logprobs: list[float]  # per emitted token: natural log-prob under the model that decided it
+    tokens: list[EmittedToken]  # one record per emitted token: id, who decided it, its natural log-prob under
+    #   the model that decided it, and (with ``SamplingParams.logprobs`` > 0) that model's most likely tokens
     finish_reason: str | None
     stats: RequestStats
     policy: str
     prompt_token_ids: list[int]
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token with
-    #   ``SamplingParams.logprobs`` > 0: the deciding model's most likely tokens, (id, natural log-prob)
     index: int = 0  # which of the prompt's ``n`` choices this is
     outputs: list["GenerationResult"] = field(default_factory=list, repr=False, compare=False)  # every choice
     #   of the prompt, this one first (vLLM's ``RequestOutput.outputs``); each has the fields above
+
+    # views of the records, per field
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    @property
+    def token_sources(self) -> list[TokenSource]:
+        return [t.source for t in self.tokens]
+
+    @property
+    def token_logprobs(self) -> list[float]:
+        """Per emitted token: its natural log-prob under the model that decided it."""
+        return [t.logprob for t in self.tokens]
+
+    @property
+    def top_logprobs(self) -> list[list[tuple[int, float]]]:
+        """Per token, when asked (``SamplingParams.logprobs`` > 0): the deciding model's most likely tokens,
+        (id, natural log-prob); [] when not asked."""
+        return top_logprob_lists(self.tokens)
 
     @property
     def cumulative_logprob(self) -> float:
@@ -265,22 +282,16 @@ class Cascade:
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-        sources: dict[str, list[TokenSource]] = {rid: [] for rid in ids}
-        logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
-        tops: dict[str, list] = {rid: [] for rid in ids}
+        tokens: dict[str, list[EmittedToken]] = {rid: [] for rid in ids}
         bar = _progress(progress, sum(p.max_tokens for p in plist))
         try:
             while len(finals) < len(ids):
                 for out in self.engine.step():
                     if out.request_id not in tokens:
                         continue
-                    tokens[out.request_id] += out.new_token_ids
-                    sources[out.request_id] += out.new_sources
-                    logprobs[out.request_id] += out.new_logprobs
-                    tops[out.request_id] += out.new_top_logprobs
+                    tokens[out.request_id] += out.new_tokens
                     if bar is not None:
-                        bar.update(len(out.new_token_ids))
+                        bar.update(len(out.new_tokens))
                     if out.finished:
                         finals[out.request_id] = out
         except BaseException:
@@ -292,9 +303,8 @@ class Cascade:
             if bar is not None:
                 bar.close()
         return [
-            GenerationResult(text=finals[rid].text, token_ids=tokens[rid], token_sources=sources[rid],
-                             token_logprobs=logprobs[rid], finish_reason=finals[rid].finish_reason, stats=finals[rid].stats,
-                             policy=pol.describe(), prompt_token_ids=list(pids), top_logprobs=tops[rid])
+            GenerationResult(text=finals[rid].text, tokens=tokens[rid], finish_reason=finals[rid].finish_reason,
+                             stats=finals[rid].stats, policy=pol.describe(), prompt_token_ids=list(pids))
             for rid, pids in zip(ids, encoded)
         ]
 

@@ -39,6 +39,24 @@ class TokenSource(enum.IntEnum):
         return self in (TokenSource.VERIFIED, TokenSource.TARGET, TokenSource.BONUS)
 
 
+@dataclass(frozen=True)
+class EmittedToken:
+    """One emitted token, the one record every consumer reads (engine -> library, server, metrics): a new
+    per-token field is a field here, set where the round decides it (``cascade.acceptance`` for target-decided
+    tokens, ``cascade.commit`` for the draft's and the target-only ones) and read where it is shown."""
+
+    id: int
+    source: TokenSource  # who decided it
+    logprob: float  # natural (T = 1) log-prob under the model that decided it (see ``cascade.engine``)
+    top: tuple[tuple[int, float], ...] = ()  # when the request asks for top log-probs: that model's most likely
+    #   tokens, (id, natural log-prob), best first
+
+
+def top_logprob_lists(tokens: "list[EmittedToken]") -> list[list[tuple[int, float]]]:
+    """Per token its top alternatives as lists, where the request asked for them; [] where it did not."""
+    return [list(t.top) for t in tokens] if any(t.top for t in tokens) else []
+
+
 @dataclass
 class RequestStats:
     """Counters for one request."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cascade.config import SamplingParams
-from cascade.metrics import RequestStats, TokenSource
+from cascade.metrics import EmittedToken, RequestStats
 from cascade.policies import Policy
 from cascade.policies.state import RoundPlan
 from cascade.sampling import RequestRng
@@ -28,7 +28,7 @@ class Sequence:
     """One request in flight. ``tokens`` = prompt + emitted tokens. The draft cache holds
     ``tokens[:draft_len]`` and the target cache ``tokens[:target_len]``; both lag the last token, which is
     fed at the start of the next round (the target additionally lags by the catch-up tokens).
-    ``sources`` and ``token_logprobs`` are aligned with the emitted tokens ``output_ids``."""
+    ``emitted`` holds one record per emitted token (``EmittedToken``), aligned with ``output_ids``."""
 
     request_id: str
     prompt_ids: list[int]
@@ -37,11 +37,7 @@ class Sequence:
     rng: RequestRng  # the request's random streams, one generator per device (``cascade.sampling``)
     row: int = -1
     tokens: list[int] = field(default_factory=list)
-    sources: list[TokenSource] = field(default_factory=list)  # one per emitted token
-    token_logprobs: list[float] = field(default_factory=list)  # one per emitted token: natural log-prob
-    #   under the model that decided it (see Engine)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per emitted token when
-    #   params.logprobs > 0 (else empty): that model's most likely tokens, (id, natural log-prob)
+    emitted: list[EmittedToken] = field(default_factory=list)  # one record per emitted token
     policy_state: Any = None  # what the policy carries between rounds (``Policy.State``, set at admission by
     #   ``Policy.init_state``; only the policy's own hooks change it: ``cascade.policies.state``)
     draft_len: int = 0
@@ -93,11 +89,15 @@ class Sequence:
             self.stats.target_prefill_tokens += prompt_part
             self.stats.target_tokens += n - prompt_part
 
+    @property
+    def token_logprobs(self) -> list[float]:
+        """Each emitted token's natural log-prob under the model that decided it."""
+        return [t.logprob for t in self.emitted]
+
     def cut_output(self, keep: int) -> None:
         """Drop emitted tokens from output index ``keep`` on (they no longer count as emitted)."""
         self.stats.emitted_tokens -= self.num_emitted - keep
-        del self.tokens[len(self.prompt_ids) + keep:], self.sources[keep:], self.token_logprobs[keep:]
-        del self.top_logprobs[keep:]
+        del self.tokens[len(self.prompt_ids) + keep:], self.emitted[keep:]
 
 
 @dataclass
@@ -105,25 +105,23 @@ class SequenceSnapshot:
     """What a round may change in a sequence, saved before it so that a failed round can be undone."""
 
     tokens: list[int]
-    sources: list[TokenSource]
-    token_logprobs: list[float]
+    emitted: list[EmittedToken]
     scalars: dict
     stats: RequestStats
     rng_state: dict[torch.device, torch.Tensor]
 
     _SCALARS = ("policy", "policy_state", "draft_len", "target_len", "text",
-                "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths",
-                "top_logprobs")
+                "detok_prefix", "detok_read", "finished", "finish_reason", "emitted_reported", "escalation_lengths")
 
     @classmethod
     def of(cls, s: Sequence) -> "SequenceSnapshot":
-        return cls(list(s.tokens), list(s.sources), list(s.token_logprobs),
+        return cls(list(s.tokens), list(s.emitted),
                    {name: _copied(getattr(s, name)) for name in cls._SCALARS}, dataclasses.replace(s.stats),
                    s.rng.get_state())
 
     def restore(self, s: Sequence, draft, target) -> None:
         """Put ``s`` back as it was; cut cache rows the failed round wrote (``draft`` / ``target``: ModelRunners)."""
-        s.tokens, s.sources, s.token_logprobs = list(self.tokens), list(self.sources), list(self.token_logprobs)
+        s.tokens, s.emitted = list(self.tokens), list(self.emitted)
         for name, value in self.scalars.items():
             setattr(s, name, _copied(value))
         s.stats = dataclasses.replace(self.stats)

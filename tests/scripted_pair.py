@@ -13,6 +13,7 @@ import torch
 
 from cascade import Cascade
 from cascade.config import EngineConfig
+from cascade.models.base import decode_steps
 
 Table = Callable[[tuple[int, ...]], Mapping[int, float]]  # history -> {token: probability}
 
@@ -58,6 +59,9 @@ class ScriptedRunner:
 
     def decode(self, rows, ids):
         return self.forward_span([int(r) for r in rows], [[int(t)] for t in ids])
+
+    def decode_loop(self, rows, ids, steps, vocab=None):
+        return decode_steps(self, rows, ids, steps, vocab)
 
     def truncate(self, rows, lengths):
         for r, n in zip(rows, lengths):

@@ -64,3 +64,18 @@ def test_filtered_tokens_get_minus_infinity_and_limits_are_checked(cascade):
     assert all(math.isinf(top[2][1]) and top[2][1] < 0 for top in r.top_logprobs)  # outside the top-2
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("policy", ["speculative", "chow(alpha=0.3)", "target-only"])
+def test_each_emitted_token_is_one_record_from_the_engine_to_the_result(cascade, policy):
+    """One ``EmittedToken`` per token carries id, source, log-prob and top alternatives together: the
+    result's per-field lists are views of the records, and streamed deltas concatenate to the same records."""
+    asked = SamplingParams(max_tokens=12, logprobs=3)
+    [r] = cascade.generate(PROMPTS[:1], asked, policy=policy)
+    assert [t.id for t in r.tokens] == r.token_ids and [t.source for t in r.tokens] == r.token_sources
+    assert [t.logprob for t in r.tokens] == r.token_logprobs and all(len(t.top) == 3 for t in r.tokens)
+    assert r.top_logprobs == [list(t.top) for t in r.tokens]
+    streamed = [t for out in cascade.stream(PROMPTS[0], asked, policy=policy) for t in out.new_tokens]
+    assert streamed == r.tokens
+    [plain] = cascade.generate(PROMPTS[:1], SamplingParams(max_tokens=12), policy=policy)
+    assert plain.token_ids == r.token_ids and all(t.top == () for t in plain.tokens) and plain.top_logprobs == []

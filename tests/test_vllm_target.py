@@ -146,6 +146,21 @@ def test_runner_rows_roll_back_and_refuse_bad_spans(tiny_pair_dirs):
     assert runner.lengths([0, 2]) == [0, 0]
 
 
+def test_runner_decode_loop_is_its_decodes_fed_their_argmax(tiny_pair_dirs):
+    """A served target has no fused greedy loop: ``decode_loop`` (the runner contract) is its decodes."""
+    runner = vllm_like_cascade(tiny_pair_dirs).target
+    runner.forward_span([0, 1], [[1, 2, 3], [4, 5]], num_logits=[1, 1])
+    logits, tokens = runner.decode_loop([0, 1], torch.tensor([7, 8]), 3, vocab=runner.vocab_size - 5)
+    assert logits.shape == (3, 2, runner.vocab_size) and runner.lengths([0, 1]) == [6, 5]
+    runner.truncate([0, 1], [3, 2])
+    cur = torch.tensor([7, 8])
+    for j in range(3):
+        step = runner.decode(torch.tensor([0, 1]), cur)
+        torch.testing.assert_close(step, logits[j])
+        cur = step[:, : runner.vocab_size - 5].argmax(dim=-1)
+        assert cur.tolist() == tokens[j].tolist()
+
+
 # ------------------------------------------------------------------------------- target down
 def test_target_down_fails_the_request_when_asked_to(tiny_pair_dirs):
     c = vllm_like_cascade(tiny_pair_dirs, down_after=0, on_target_error="fail")

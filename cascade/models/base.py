@@ -48,6 +48,14 @@ class ModelRunner(Protocol):
         Same result as ``forward_span(rows, [[i] for i in ids])``; the fast path (CUDA graphs)."""
         ...
 
+    def decode_loop(self, rows: torch.Tensor | Sequence[int], ids: torch.Tensor, steps: int,
+                    vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy drafting in one call: ``steps`` one-token steps per row, step 0 fed ``ids [B]``, step j > 0 the
+        argmax (over ids < ``vocab``, default all) of step j - 1's logits -> (logits [steps, B, V] float32,
+        tokens [steps, B] int64), exactly ``steps`` ``decode`` calls with the argmax fed back. A runner without
+        a faster way (one CUDA graph) implements it with ``decode_steps``."""
+        ...
+
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Roll rows back to the given lengths (each <= current length)."""
         ...
@@ -55,3 +63,17 @@ class ModelRunner(Protocol):
     def free(self, rows: Sequence[int]) -> None:
         """Release rows: their length becomes 0."""
         ...
+
+
+def decode_steps(runner: ModelRunner, rows: torch.Tensor | Sequence[int], ids: torch.Tensor, steps: int,
+                 vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ModelRunner.decode_loop`` as ``steps`` ``decode`` calls, each fed the argmax (over ids < ``vocab``) of
+    the previous step's logits; the loop of a runner that has no fused one."""
+    vocab = runner.vocab_size if vocab is None else int(vocab)
+    logits, tokens, cur = [], [], ids
+    for _ in range(steps):
+        out = runner.decode(rows, cur)
+        cur = out[:, :vocab].argmax(dim=-1)
+        logits.append(out)
+        tokens.append(cur)
+    return torch.stack(logits), torch.stack(tokens)

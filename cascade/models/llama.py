@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cascade.models.base import decode_steps
 from cascade.models.loading import (
     DecoderConfig,
     default_dtype,
@@ -565,13 +566,7 @@ class LlamaRunner:
             if self._len[r] + steps > self.max_len:
                 raise ValueError(f"rows: row {r} has length {self._len[r]}, + {steps} steps > max_len {self.max_len}")
         if self._graphs is None:
-            logits, tokens, cur = [], [], ids
-            for _ in range(steps):
-                out = self.decode(row_list, cur)
-                cur = out[:, :vocab].argmax(dim=-1)
-                logits.append(out)
-                tokens.append(cur)
-            return torch.stack(logits), torch.stack(tokens)
+            return decode_steps(self, row_list, ids, steps, vocab)
         if not row_list or tuple(ids.shape) != (len(row_list),):
             raise ValueError(f"ids must have shape [{len(row_list)}], got {tuple(ids.shape)}")
         ids_t = ids.to(self.device, torch.long, non_blocking=True)

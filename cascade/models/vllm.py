@@ -50,7 +50,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from cascade.models.base import TargetUnavailable
+from cascade.models.base import TargetUnavailable, decode_steps
 
 DEFAULT_LOGPROBS = 20  # vLLM's default max_logprobs; raise it on the vLLM side for a larger k
 
@@ -408,6 +408,11 @@ class VLLMRunner:
 
     def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.forward_span(rows.tolist(), [[int(i)] for i in ids.tolist()])
+
+    def decode_loop(self, rows: torch.Tensor | Sequence[int], ids: torch.Tensor, steps: int,
+                    vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy steps one ``decode`` (one remote pass) each: a served model has no fused loop."""
+        return decode_steps(self, torch.as_tensor(rows, dtype=torch.int64), ids, steps, vocab)
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         for r, n in zip(rows, lengths):

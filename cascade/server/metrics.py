@@ -31,7 +31,7 @@ from typing import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 -- re-exported for the /metrics route
 
-from cascade.metrics import RequestStats, TokenSource
+from cascade.metrics import EmittedToken, RequestStats, TokenSource
 
 _SOURCE_LABEL = {TokenSource.DRAFT: "draft", TokenSource.VERIFIED: "verified", TokenSource.TARGET: "target",
                  TokenSource.BONUS: "bonus"}
@@ -80,10 +80,11 @@ class ServerMetrics:
         for source in _SOURCE_LABEL.values():  # export zeros from the start
             self._tokens.labels(model_name, source)
 
-    def count_tokens(self, sources: Sequence[TokenSource]) -> None:
+    def count_tokens(self, tokens: Sequence[EmittedToken]) -> None:
+        """Emitted tokens by who decided them."""
         counts: dict[str, int] = {}
-        for src in sources:
-            label = _SOURCE_LABEL[src]
+        for token in tokens:
+            label = _SOURCE_LABEL[token.source]
             counts[label] = counts.get(label, 0) + 1
         for label, n in counts.items():
             self._tokens.labels(self.model_name, label).inc(n)

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cascade.engine import RequestOutput
+from cascade.metrics import EmittedToken, top_logprob_lists
 from cascade.policies import Policy, parse_policy, policy_names
 from cascade.server import protocol as P
 from cascade.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -245,15 +246,15 @@ async def _respond(request: Request, state: ServerState, handles: list[Handle], 
         return JSONResponse(P.error_body(failed[0].error, type="server_error", code=failed[0].code),
                             status_code=failed[0].status)
     choices = []
-    for i, (out, tokens, lps, tops) in enumerate(finals):
+    for i, (out, tokens) in enumerate(finals):
         choice = {"index": i, "finish_reason": P.finish_reason(out.finish_reason)}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
-        choice["logprobs"] = _logprobs(token_text, chat, tokens, lps, tops) if want_logprobs else None
+        choice["logprobs"] = _logprobs(token_text, chat, tokens) if want_logprobs else None
         choices.append(choice)
-    usage = P.usage(prompt_tokens, [out.stats for out, _, _, _ in finals], policy)
+    usage = P.usage(prompt_tokens, [out.stats for out, _ in finals], policy)
     make = P.chat_response if chat else P.completion_response
     return JSONResponse(make(rid, body.model, choices, usage))
 
@@ -270,11 +271,13 @@ def _token_texts(loop: EngineLoop) -> Callable[[list[int]], list[tuple[str, byte
     return texts
 
 
-def _logprobs(token_text: Callable[[list[int]], list[tuple[str, bytes]]], chat: bool, ids: list[int],
-              lps: list[float], tops: list[list[tuple[int, float]]], offset: int = 0) -> dict:
+def _logprobs(token_text: Callable[[list[int]], list[tuple[str, bytes]]], chat: bool, tokens: list[EmittedToken],
+              offset: int = 0) -> dict:
     """The ``logprobs`` body of a choice or chunk: each token's text, bytes and log-prob, and its top
-    alternatives when the request asked for them (``tops``: per token (id, log-prob) pairs, or empty)."""
-    pieces = token_text(ids)
+    alternatives when the request asked for them (each record's ``top``)."""
+    pieces = token_text([t.id for t in tokens])
+    lps = [t.logprob for t in tokens]
+    tops = top_logprob_lists(tokens)
     alternatives = None
     if tops:
         flat = token_text([tid for top in tops for tid, _ in top])
@@ -305,14 +308,12 @@ def _validation_error(exc: RequestValidationError) -> P.InvalidRequest:
 
 
 async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
-    """Wait for every handle's final event. -> [(final output, token ids, logprobs, top logprobs) | RequestFailed], or
-    None if the client disconnected (its requests are then cancelled)."""
+    """Wait for every handle's final event. -> [(final output, its tokens' records) | RequestFailed], or None
+    if the client disconnected (its requests are then cancelled)."""
     results = []
     try:
         for h in handles:
-            tokens: list[int] = []
-            lps: list[float] = []
-            tops: list = []
+            tokens: list[EmittedToken] = []
             while True:
                 try:
                     event = await asyncio.wait_for(h.events.get(), timeout=DISCONNECT_POLL_S)
@@ -324,11 +325,9 @@ async def _collect(request: Request, loop: EngineLoop, handles: list[Handle]):
                 if isinstance(event, RequestFailed):
                     results.append(event)
                     break
-                tokens += event.new_token_ids
-                lps += event.new_logprobs
-                tops += event.new_top_logprobs
+                tokens += event.new_tokens
                 if event.finished:
-                    results.append((event, tokens, lps, tops))
+                    results.append((event, tokens))
                     break
     except asyncio.CancelledError:
         loop.cancel(handles)
@@ -377,8 +376,8 @@ async def _stream(request: Request, loop: EngineLoop, handles: list[Handle], pol
                 continue
             text = deltas[i](event.text, event.finished)
             lp = None
-            if want_logprobs and event.new_token_ids:
-                lp = _logprobs(token_text, chat, event.new_token_ids, event.new_logprobs, event.new_top_logprobs,
+            if want_logprobs and event.new_tokens:
+                lp = _logprobs(token_text, chat, event.new_tokens,
                                offset=len(deltas[i].sent) - len(text))
             if text or lp is not None:
                 choice = {"index": i, "logprobs": lp, "finish_reason": None}

@@ -234,7 +234,7 @@ class EngineLoop:
 
     def _deliver(self, h: Handle, event, *, status: str | None) -> None:
         """Hand an event to the request's queue on the event loop; a final one ends the request."""
-        if isinstance(event, RequestOutput) and event.new_token_ids and h.first_token_at is None:
+        if isinstance(event, RequestOutput) and event.new_tokens and h.first_token_at is None:
             h.first_token_at = time.perf_counter()
         final = status is not None
         if final:
@@ -253,7 +253,7 @@ class EngineLoop:
         """Per-round metrics of one request: tokens by source, escalations and their acceptance lengths."""
         if self.metrics is None:
             return
-        self.metrics.count_tokens(out.new_sources)
+        self.metrics.count_tokens(out.new_tokens)
         s: RequestStats = out.stats
         ver0, acc0, err0 = self._last_stats.get(out.request_id, (0, 0, 0))
         if out.new_escalation_lengths or s.verified_draft_tokens > ver0:
