@@ -65,7 +65,7 @@ from cascade.commit import Committer
 from cascade.config import EngineConfig, SamplingParams
 from cascade.drafting import Drafter
 from cascade.host import fetch
-from cascade.metrics import EmittedToken, RequestStats, TokenSource, top_logprob_lists
+from cascade.metrics import EmittedToken, EngineStats, RequestStats, TokenSource, top_logprob_lists
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.models.cuda_graphs import buckets_for
 from cascade.policies import Policy, make_policy
@@ -186,7 +186,15 @@ class Engine:
     vocab_size = property(lambda self: self.context.vocab_size, doc="the tokenizer's ids the pair cascades over")
     max_len = property(lambda self: self.context.max_len, doc="positions per cache row")
     eos_token_ids = property(lambda self: self.context.eos_token_ids, doc="the ids that end an answer")
-    stats = property(lambda self: self.context.stats, doc="engine-wide counters (``EngineStats``)")
+
+    @property
+    def stats(self) -> EngineStats:
+        """Engine-wide counters (a benchmark may replace them with fresh ones between phases)."""
+        return self.context.stats
+
+    @stats.setter
+    def stats(self, stats: EngineStats) -> None:
+        self.context.stats = stats
 
     @property
     def detokenize(self) -> Callable[[list[int]], str] | None:
