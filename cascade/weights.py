@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cascade.model_spec import ModelFetchError, ModelSpec
-from cascade.progress import byte_progress as _byte_progress, say as _say, status as _status
+from cascade.progress import byte_progress as _byte_progress, say as _say
 
 __all__ = [
     "DEFAULT_PAIR",
