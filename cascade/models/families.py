@@ -1,0 +1,71 @@
+"""Decoder families as data: what sets each family the runner supports apart from the others.
+
+``cascade.models.llama.LlamaRunner`` is the family-independent part (the ragged cache, the pass plan, the
+static steps and CUDA graphs, attention); a ``Family`` record says, for one checkpoint family, the names its
+``config.json`` goes by and its block differences: biases on the attention projections, per-head q / k
+RMSNorm, when its config's sliding window applies. ``cascade.models.loading.DecoderConfig.from_dict`` reads
+a config through its family's record, and ``FAMILIES`` is the one list of what the project runs (the model
+resolver's check reads it too). Adding a family of this block shape is one record here, plus its runner
+parity test (``tests/test_runner.py``). Importing this module has no side effects and needs no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+WINDOW_RULES = ("never", "always", "if_enabled")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One decoder family's differences from the shared block (see the module docstring)."""
+
+    architecture: str  # the ``architectures`` entry of its config.json
+    model_type: str  # its config.json ``model_type``
+    qkv_bias: bool | None = None  # bias on q / k / v: fixed by the family, or None: config's ``attention_bias``
+    o_bias: bool | None = None  # bias on the output projection: fixed, or None: config's ``attention_bias``
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE
+    sliding_window: str = "never"  # when config's ``sliding_window`` applies: never / always / if_enabled
+    #   (``use_sliding_window`` true)
+
+    def __post_init__(self) -> None:
+        if self.sliding_window not in WINDOW_RULES:
+            raise ValueError(f"sliding_window must be one of {WINDOW_RULES}, got {self.sliding_window!r}")
+
+    def block_options(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``DecoderConfig`` fields this family decides, read from a config.json dict."""
+        bias = bool(cfg.get("attention_bias", False))
+        applies = self.sliding_window == "always" or (self.sliding_window == "if_enabled"
+                                                      and bool(cfg.get("use_sliding_window")))
+        return {
+            "qkv_bias": bias if self.qkv_bias is None else self.qkv_bias,
+            "o_bias": bias if self.o_bias is None else self.o_bias,
+            "qk_norm": self.qk_norm,
+            "sliding_window": (cfg.get("sliding_window") or None) if applies else None,
+        }
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("LlamaForCausalLM", "llama"),
+    Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, o_bias=False, sliding_window="if_enabled"),
+    Family("Qwen3ForCausalLM", "qwen3", qk_norm=True, sliding_window="if_enabled"),
+    Family("MistralForCausalLM", "mistral", sliding_window="always"),
+)
+BY_ARCHITECTURE: dict[str, Family] = {f.architecture: f for f in FAMILIES}
+BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(BY_ARCHITECTURE)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(BY_MODEL_TYPE)
+
+
+def family_of(cfg: Mapping[str, Any]) -> Family:
+    """The family of a config.json dict: its first supported ``architectures`` entry, else its ``model_type``.
+    Raises ValueError naming an unsupported architecture."""
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[arch]
+    if not archs and cfg.get("model_type") in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[cfg["model_type"]]
+    named = archs[0] if archs else cfg.get("model_type")
+    raise ValueError(f"architecture {named!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
