@@ -121,7 +121,7 @@ class Drafter:
         ctx = self.context
         seqs, ks = d.seqs, d.ks
         dev = d.logits.device
-        B, K = len(seqs), max(ks)
+        B = len(seqs)
         temp_list = [s.params.temperature for s, k in zip(seqs, ks) for _ in range(k)]
         temps = torch.tensor(temp_list, dtype=torch.float32)
         conf = confidence_stats(d.logits, temps.to(dev, non_blocking=True), d.tokens)  # [N] each
@@ -137,8 +137,9 @@ class Drafter:
                 own = torch.tensor(s.params.stop_token_ids, dtype=torch.int64).to(dev, non_blocking=True)
                 ends_flat[offsets[i]:offsets[i] + ks[i]] |= torch.isin(d.tokens[offsets[i]:offsets[i] + ks[i]], own)
         groups = policy_groups(seqs, dev)
-        stops = drafting_stops(_pad(conf.max_prob.float(), index_d, valid_kd, 0.0), groups) & valid_kd  # [B, K]
-        cut = _pad(ends_flat, index_d, valid_kd, False) | stops  # [B, K]
+        cut = _pad(ends_flat, index_d, valid_kd, False)  # [B, K]
+        if any(g.policy.stops_drafting for g in groups):  # (most rounds: no policy of the batch stops early)
+            cut = cut | (drafting_stops(_pad(conf.max_prob.float(), index_d, valid_kd, 0.0), groups) & valid_kd)
         ks_d = torch.tensor(ks, dtype=torch.int64).to(dev, non_blocking=True)
         lens = block_lengths(cut, ks_d)  # [B] block length after the device-seen ends
         ends_eos = _pad(ends_flat, index_d, valid_kd, False).gather(1, (lens - 1).view(B, 1)).squeeze(1)

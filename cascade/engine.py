@@ -65,7 +65,7 @@ from cascade.commit import Committer
 from cascade.config import EngineConfig, SamplingParams
 from cascade.drafting import Drafter
 from cascade.host import fetch
-from cascade.metrics import EmittedToken, EngineStats, RequestStats, TokenSource, top_logprob_lists
+from cascade.metrics import EmittedToken, RequestStats, TokenSource, top_logprob_lists
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.models.cuda_graphs import buckets_for
 from cascade.policies import Policy, make_policy
@@ -75,7 +75,6 @@ from cascade.sampling import RequestRng
 from cascade.scheduler import Scheduler, Sequence, SequenceSnapshot
 from cascade.speculation import BlockLengthController, RoundClock, profile_pair
 from cascade.target_pass import TargetPass
-from cascade.trace import Trace
 
 
 @dataclass
@@ -108,6 +107,24 @@ class RequestOutput:
     def new_top_logprobs(self) -> list[list[tuple[int, float]]]:
         """Per new token, when the request asks for top log-probs: the deciding model's best (id, log-prob)."""
         return top_logprob_lists(self.new_tokens)
+
+
+class _InContext:
+    """An ``Engine`` attribute that lives in its ``RoundContext`` (one copy, which every stage reads)."""
+
+    def __init__(self, doc: str, *, settable: bool = True) -> None:
+        self.__doc__, self.settable = doc, settable
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, engine, owner=None):
+        return self if engine is None else getattr(engine.context, self.name)
+
+    def __set__(self, engine, value) -> None:
+        if not self.settable:
+            raise AttributeError(f"Engine.{self.name} is fixed when the engine is built")
+        setattr(engine.context, self.name, value)
 
 
 @dataclass
@@ -182,46 +199,15 @@ class Engine:
     def target(self, runner: ModelRunner) -> None:
         self.target_pass.target = self.committer.target = runner
 
-    # the round's shared state, kept once in ``self.context`` (read by every stage)
-    vocab_size = property(lambda self: self.context.vocab_size, doc="the tokenizer's ids the pair cascades over")
-    max_len = property(lambda self: self.context.max_len, doc="positions per cache row")
-    eos_token_ids = property(lambda self: self.context.eos_token_ids, doc="the ids that end an answer")
-
-    @property
-    def stats(self) -> EngineStats:
-        """Engine-wide counters (a benchmark may replace them with fresh ones between phases)."""
-        return self.context.stats
-
-    @stats.setter
-    def stats(self, stats: EngineStats) -> None:
-        self.context.stats = stats
-
-    @property
-    def detokenize(self) -> Callable[[list[int]], str] | None:
-        """ids -> text (stop strings, output text); None: ids only."""
-        return self.context.detokenize
-
-    @detokenize.setter
-    def detokenize(self, fn: Callable[[list[int]], str] | None) -> None:
-        self.context.detokenize = fn
-
-    @property
-    def router(self) -> DeferralRouter | None:
-        """The learned router that scores drafted positions for ``uses_router`` policies."""
-        return self.context.router
-
-    @router.setter
-    def router(self, router: DeferralRouter | None) -> None:
-        self.context.router = router
-
-    @property
-    def trace(self) -> Trace | None:
-        """Per-position statistics of chosen requests, kept while they decode (``cascade.trace``); None: off."""
-        return self.context.trace
-
-    @trace.setter
-    def trace(self, trace: Trace | None) -> None:
-        self.context.trace = trace
+    # the round's shared state, kept once in ``self.context`` (read by every stage); settable where a caller
+    # may swap it (a benchmark resets the counters, the bench traces requests, tests install a detokenizer)
+    vocab_size = _InContext("the tokenizer's ids the pair cascades over", settable=False)
+    max_len = _InContext("positions per cache row", settable=False)
+    eos_token_ids = _InContext("the ids that end an answer", settable=False)
+    stats = _InContext("engine-wide counters (``EngineStats``)")
+    detokenize = _InContext("ids -> text (stop strings, output text); None: ids only")
+    router = _InContext("the learned router that scores drafted positions for ``uses_router`` policies")
+    trace = _InContext("per-position statistics of chosen requests (``cascade.trace``); None: off")
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, policy: Policy) -> None:
@@ -309,8 +295,9 @@ class Engine:
             if self._block_size(s) <= 0:
                 self.committer.finish(s, "length")
         seqs = [s for s in running if not s.finished]
-        cascading = [s for s in seqs if s.plan.drafts]
-        target_only = [s for s in seqs if not s.plan.drafts]
+        drafts = [s.plan.drafts for s in seqs]  # each policy's declaration for its request
+        cascading = [s for s, d in zip(seqs, drafts) if d]
+        target_only = [s for s, d in zip(seqs, drafts) if not d]
         lossless = [s for s in cascading if s.policy.lossless] if self.block_controller is not None else []
         k_round = None
         if lossless:  # (the draft lags after rounds without drafting: speculating again first catches it up)

@@ -321,8 +321,8 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         g = {name: flat_t[name][flat] for name in ("q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x", "q_argmax",
                                                    "p_argmax", "mis_x", "mis_pa", "disagree") + (("router_score",) if has_router else ())}
         group = PolicyGroup(policy, None, take(state, act) if stateful else None)
-        # a policy's early stop (BiLD's fallback) after a position before the block's last
-        n = block_lengths(drafting_stops(g["q_max"], [group]) & (ar[None, :] < (n - 1)[:, None]), n)
+        if policy.stops_drafting:  # its early stop (BiLD's fallback) after a position before the block's last
+            n = block_lengths(drafting_stops(g["q_max"], [group]) & (ar[None, :] < (n - 1)[:, None]), n)
         valid = ar[None, :] < n[:, None]  # [A, k]
         draft_tokens[act] += pending[act] + n - 1
         zero = torch.zeros(())

@@ -20,7 +20,8 @@
 GQA is done without copying K/V per query head: the ``g = heads / kv_heads`` query heads that share a
 KV head are folded into the query-length axis, so one plain SDPA call serves all of them.
 
-Linear layers: q/k/v and gate/up are fused into one weight each. On CPU in float32 the weights are
+Weights (``cascade.models.decoder_weights``: read by name, shapes checked, laid out per device): q/k/v and
+gate/up are fused into one weight each. On CPU in float32 the weights are
 prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``); elsewhere ``F.linear``. On a 2-core AVX2
 EPYC (``benchmarks/results/runner_cost_cpu-avx2-2c.csv``, context 300, batch 1) a 5-token forward costs
 1.17x (0.5B) / 1.36x (1.5B) a 1-token step, against 2.3x / 3.0x for transformers eager (MKL GEMM with
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade.models.base import decode_steps
+from cascade.models.decoder_weights import LINEAR_IMPLS, Linear, load_decoder_weights, onednn_available
 from cascade.models.loading import (
     DecoderConfig,
     default_dtype,
@@ -47,9 +49,6 @@ from cascade.models.loading import (
 
 __all__ = ["LINEAR_IMPLS", "Linear", "LlamaRunner", "default_dtype"]
 
-LINEAR_IMPLS = ("auto", "torch", "onednn")
-
-
 def _as_int(x) -> int | None:
     """``x`` as a Python int if it is an integer (int, numpy / 0-d torch integer), else None."""
     if isinstance(x, bool):
@@ -58,36 +57,6 @@ def _as_int(x) -> int | None:
         return operator.index(x)
     except TypeError:
         return None
-
-
-def _onednn_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class Linear:
-    """``y = x @ W.T + b`` with the weight stored in the layout its implementation wants:
-    "torch": ``F.linear`` on the plain ``[out, in]`` weight; "onednn": oneDNN on a prepacked copy."""
-
-    __slots__ = ("bias", "impl", "out_features", "weight")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, impl: str):
-        # weight: [out, in] in the model dtype on the target device; bias: [out] or None
-        self.impl = impl
-        self.out_features = weight.shape[0]
-        self.bias = bias
-        if impl == "onednn":
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-        else:
-            self.weight = weight.contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-class _Layer:
-    __slots__ = ("down", "gate_up", "k_norm", "ln1", "ln2", "o", "q_norm", "qkv")
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,8 +143,8 @@ class LlamaRunner:
             raise ValueError(f"linear_impl must be one of {LINEAR_IMPLS}, got {linear_impl!r}")
         if linear_impl == "auto":
             cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-            linear_impl = "onednn" if cpu_fp32 and _onednn_ok() else "torch"
-        elif linear_impl == "onednn" and (self.device.type != "cpu" or not _onednn_ok()):
+            linear_impl = "onednn" if cpu_fp32 and onednn_available() else "torch"
+        elif linear_impl == "onednn" and (self.device.type != "cpu" or not onednn_available()):
             raise ValueError("linear_impl 'onednn' needs a CPU device with mkldnn available")
         elif linear_impl == "onednn" and self.dtype != torch.float32 and not (
             self.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -190,7 +159,8 @@ class LlamaRunner:
         self.max_rows = max_rows
         self.max_len = max_len
         self.num_params = config.num_params
-        self._load_weights(state_dict)
+        w = load_decoder_weights(config, state_dict, self.device, self.dtype, linear_impl)
+        self.embed, self.layers, self.norm, self.lm_head = w.embed, w.layers, w.norm, w.lm_head
 
         c = config
         self.scratch_row = max_rows  # padded graph slots write here; never handed out
@@ -237,63 +207,6 @@ class LlamaRunner:
     def from_hf_model(cls, model, max_rows: int, max_len: int, **options) -> LlamaRunner:
         """Wrap the weights of an in-memory transformers model (tests, conversions)."""
         return cls(DecoderConfig.from_hf(model.config), model.state_dict(), max_rows, max_len, **options)
-
-    def _load_weights(self, sd: Mapping[str, torch.Tensor]) -> None:
-        c, dev, dt, impl = self.config, self.device, self.dtype, self.linear_impl
-
-        def get(name: str, required: bool = True) -> torch.Tensor | None:
-            t = sd.get(name)
-            if t is None:
-                if required:
-                    raise ValueError(f"state_dict lacks {name!r}")
-                return None
-            return t.to(device=dev, dtype=dt)
-
-        def cat(names: list[str], required: bool = True) -> torch.Tensor | None:
-            parts = [get(n, required) for n in names]
-            return None if any(p is None for p in parts) else torch.cat(parts, 0)
-
-        def shaped(t: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
-            if tuple(t.shape) != shape:
-                raise ValueError(f"state_dict {name} has shape {tuple(t.shape)}, config implies {shape}")
-            return t
-
-        h, qd, kvd, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-
-        with torch.no_grad():
-            self.embed = get("model.embed_tokens.weight").contiguous()  # [V, hidden]
-            if tuple(self.embed.shape) != (c.vocab_size, c.hidden_size):
-                raise ValueError(f"state_dict embed_tokens has shape {tuple(self.embed.shape)}, config says "
-                                 f"{(c.vocab_size, c.hidden_size)}")
-            self.layers: list[_Layer] = []
-            for i in range(c.num_layers):
-                p = f"model.layers.{i}."
-                L = _Layer()
-                L.ln1 = get(p + "input_layernorm.weight")
-                L.ln2 = get(p + "post_attention_layernorm.weight")
-                a = p + "self_attn."
-                L.q_norm = shaped(get(a + "q_norm.weight"), (c.head_dim,), a + "q_norm.weight") if c.qk_norm else None
-                L.k_norm = shaped(get(a + "k_norm.weight"), (c.head_dim,), a + "k_norm.weight") if c.qk_norm else None
-                qkv_b = cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if c.qkv_bias else None
-                qkv = shaped(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), (qd + 2 * kvd, h),
-                             a + "q/k/v_proj.weight")
-                L.qkv = Linear(qkv, qkv_b, impl)
-                o = shaped(get(a + "o_proj.weight"), (h, qd), a + "o_proj.weight")
-                L.o = Linear(o, get(a + "o_proj.bias") if c.o_bias else None, impl)
-                m = p + "mlp."
-                gu_b = cat([m + "gate_proj.bias", m + "up_proj.bias"]) if c.mlp_bias else None
-                gu = shaped(cat([m + "gate_proj.weight", m + "up_proj.weight"]), (2 * inter, h), m + "gate/up_proj.weight")
-                L.gate_up = Linear(gu, gu_b, impl)
-                down = shaped(get(m + "down_proj.weight"), (h, inter), m + "down_proj.weight")
-                L.down = Linear(down, get(m + "down_proj.bias") if c.mlp_bias else None, impl)
-                self.layers.append(L)
-            self.norm = get("model.norm.weight")
-            head = None if c.tie_word_embeddings else get("lm_head.weight", required=False)
-            if head is None and not c.tie_word_embeddings:
-                raise ValueError("state_dict lacks 'lm_head.weight' (config has tie_word_embeddings=False)")
-            if head is not None:
-                shaped(head, (c.vocab_size, h), "lm_head.weight")
-            self.lm_head = Linear(self.embed if head is None else head, None, impl)
 
     def describe(self) -> dict:
         """What was chosen, for benchmark and log lines."""

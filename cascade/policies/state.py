@@ -66,8 +66,8 @@ def unstack(batch: Any) -> list[Any]:
 
 
 def initial_batch(policy, n: int) -> Any:
-    """The initial states of ``n`` requests under ``policy``, stacked."""
-    return stack([policy.init_state()] * n) if n else policy.init_state()
+    """The initial states of ``n`` >= 1 requests under ``policy``, stacked."""
+    return stack([policy.init_state()] * n)
 
 
 def take(batch: Any, index: torch.Tensor) -> Any:

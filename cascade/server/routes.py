@@ -165,18 +165,10 @@ async def chat(body: P.ChatCompletionRequest, request: Request):
     state = _state(request)
     policy = _policy_of(state, body)
     params = body.engine_params(state.config.default_max_tokens)
-    try:
-        prompt_ids = state.loop.encode(body.conversation())
-    except ValueError as exc:
-        raise P.from_value_error(exc, default_param="messages") from None
+    prompt_ids = _encode(state, body.conversation(), "messages")
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = _fit_context(state, prompt_ids, params, body.max_completion_tokens or body.max_tokens, field)
-    try:
-        handles = _submit(state, [(prompt_ids, p) for p in params], policy)
-    except P.InvalidRequest as exc:
-        if exc.param == "prompt":
-            exc.param = "messages"
-        raise
+    handles = _submit(state, [(prompt_ids, p) for p in params], policy, prompt_field="messages")
     return await _respond(request, state, handles, policy, body, chat=True, prompt_tokens=len(prompt_ids))
 
 
@@ -185,10 +177,7 @@ async def completions(body: P.CompletionRequest, request: Request):
     state = _state(request)
     policy = _policy_of(state, body)
     params = body.engine_params(state.config.default_max_tokens)
-    try:
-        prompt_ids = [state.loop.encode(p) for p in body.prompts()]
-    except ValueError as exc:
-        raise P.from_value_error(exc, default_param="prompt") from None
+    prompt_ids = [_encode(state, p, "prompt") for p in body.prompts()]
     pairs = [(ids, p) for ids in prompt_ids
              for p in _fit_context(state, ids, params, body.max_tokens, "max_tokens")]
     handles = _submit(state, pairs, policy)
@@ -218,12 +207,25 @@ def _fit_context(state: ServerState, prompt_ids: list[int], params_per_choice, a
     return [dataclasses.replace(p, max_tokens=min(p.max_tokens, room)) for p in params_per_choice]
 
 
-def _submit(state: ServerState, pairs: list, policy: Policy) -> list[Handle]:
-    """Queue (prompt ids, params) pairs; the engine's ValueError becomes a 400 naming the field."""
+def _encode(state: ServerState, prompt, field: str) -> list[int]:
+    """Token ids of a prompt or a conversation; a ValueError becomes a 400 naming ``field`` (or the field the
+    error names)."""
+    try:
+        return state.loop.encode(prompt)
+    except ValueError as exc:
+        raise P.from_value_error(exc, default_param=field) from None
+
+
+def _submit(state: ServerState, pairs: list, policy: Policy, prompt_field: str = "prompt") -> list[Handle]:
+    """Queue (prompt ids, params) pairs; the engine's ValueError becomes a 400 naming the field, the prompt
+    by the request's own name for it (``prompt_field``: chat calls it ``messages``)."""
     try:
         return state.loop.submit(pairs, policy)
     except ValueError as exc:
-        raise P.from_value_error(exc, default_param="prompt") from None
+        err = P.from_value_error(exc, default_param=prompt_field)
+        if err.param == "prompt":
+            err.param = prompt_field
+        raise err from None
 
 
 async def _respond(request: Request, state: ServerState, handles: list[Handle], policy: Policy, body, *,
