@@ -29,10 +29,9 @@ def main() -> None:
 
     from cascade.detokenize import extend_text
     from cascade.library import load_tokenizer
-    from cascade.models.resolve import resolve_model
-    from cascade.weights import DEFAULT_PAIR
+    from cascade.models.factory import resolve_member
 
-    tok = load_tokenizer(resolve_model(DEFAULT_PAIR[0].name))
+    tok = load_tokenizer(resolve_member(None, 0))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     source = Path(__file__).read_text() * 40  # real text: code and prose
     ids_all = tok.encode(source, add_special_tokens=False)

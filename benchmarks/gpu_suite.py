@@ -139,13 +139,13 @@ class Suite:
         return SMOKE_SHAPES if self.smoke else SHAPES
 
     def runner(self, shape: str, *, max_rows: int, max_len: int, graphs, seed: int = 0):
-        from runner_cost import RandomStateDict, shape_config
+        from runner_cost import shape_config
 
-        from cascade.models.llama import LlamaRunner
+        from cascade.models.factory import RunnerOptions, random_runner
 
         config = shape_config(shape, self.shapes())
-        weights = RandomStateDict(config, seed=seed, device=self.device, dtype=self.dtype)
-        return LlamaRunner(config, weights, max_rows, max_len, device=self.device, dtype=self.dtype, cuda_graphs=graphs)
+        options = RunnerOptions(max_rows=max_rows, max_len=max_len, device=self.device, dtype=self.dtype)
+        return random_runner(config, options, seed=seed, cuda_graphs=graphs)
 
     def weight_read_ms(self, runner) -> float | None:
         """Time to read every weight once at the peak HBM bandwidth: the bound of a batch-1 decode step."""

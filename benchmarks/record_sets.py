@@ -110,10 +110,9 @@ def needed_len(problems) -> int:
     """KV-cache positions the longest request of ``problems`` needs (prompt + max_tokens + 1), rounded up to
     64: a smaller cache would cut answers short; a larger one holds memory the batch could use."""
     from cascade.library import encode_text, load_tokenizer
-    from cascade.models.resolve import resolve_model
-    from cascade.weights import DEFAULT_PAIR
+    from cascade.models.factory import resolve_member
 
-    tokenizer = load_tokenizer(resolve_model(DEFAULT_PAIR[0].name))
+    tokenizer = load_tokenizer(resolve_member(None, 0))
     need = max(len(encode_text(tokenizer, p.as_prompt())) + p.max_tokens + 1 for p in problems)
     return -(-need // 64) * 64
 

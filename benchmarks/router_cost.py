@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from cascade.confidence import confidence_stats  # noqa: E402
 from cascade.router import FEATURES, DeferralRouter  # noqa: E402
-from runner_cost import SHAPES, VOCAB, RandomStateDict, _timed, default_machine_name, runner_ops, shape_config  # noqa: E402
+from runner_cost import SHAPES, VOCAB, _timed, default_machine_name, runner_ops, shape_config  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 SHIPPED_ROUTER = ROOT / "cascade" / "routers" / "qwen2.5-coder-0.5b-instruct.json"
@@ -94,12 +94,11 @@ def main(argv=None) -> int:
     stem = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"router_cost_{machine}"
     stem.parent.mkdir(parents=True, exist_ok=True)
 
-    from cascade.models.llama import LlamaRunner
+    from cascade.models.factory import RunnerOptions, random_runner
 
     cfg = shape_config("0.5b", shapes)
     vocab = cfg.vocab_size if a.smoke else VOCAB
-    draft = LlamaRunner(cfg, RandomStateDict(cfg, device=device, dtype=dtype), max_rows=max(batches),
-                        max_len=a.context + 8, device=device, dtype=dtype)
+    draft = random_runner(cfg, RunnerOptions(max_rows=max(batches), max_len=a.context + 8, device=device, dtype=dtype))
     rows_out = []
     for B in batches:
         n = B * a.k

@@ -24,15 +24,15 @@ import re
 import statistics
 import sys
 import time
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from cascade.models.factory import RunnerOptions, random_runner
 from cascade.models.llama import LlamaRunner
-from machine import machine_info
 from cascade.models.loading import DecoderConfig
+from machine import machine_info
 
 SHAPES = {
     "0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864),
@@ -50,39 +50,6 @@ def shape_config(name: str, shapes: Mapping[str, dict] = SHAPES) -> DecoderConfi
         architecture="Qwen2ForCausalLM", vocab_size=s.pop("vocab_size", VOCAB), head_dim=s["hidden_size"] // s["num_heads"],
         rope_theta=1e6, qkv_bias=True, tie_word_embeddings=False, **s,
     )
-
-
-class RandomStateDict(Mapping):
-    """HF-named random tensors of a config's shapes, generated on access (keeps peak memory at one model),
-    on ``device`` in ``dtype`` (a GPU makes a 7B model's weights in seconds; the CPU would take minutes)."""
-
-    def __init__(self, c: DecoderConfig, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.c, self.seed, self.device, self.dtype = c, seed, torch.device(device), dtype
-        q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-        self.shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,),
-                       "lm_head.weight": (c.vocab_size, h)}
-        for n in range(c.num_layers):
-            p = f"model.layers.{n}."
-            self.shapes.update({
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
-                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-            })
-
-    def __getitem__(self, k: str) -> torch.Tensor:
-        shape = self.shapes[k]
-        if k.endswith("norm.weight"):
-            return torch.ones(shape, device=self.device, dtype=self.dtype)
-        g = torch.Generator(device=self.device).manual_seed(self.seed + zlib.crc32(k.encode()))
-        return torch.empty(shape, device=self.device, dtype=self.dtype).normal_(0.0, 0.02, generator=g)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
 
 
 def default_machine_name(info: dict, device: str) -> str:
@@ -253,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             runners = {}
             for impl, decode in variants:  # all variants live at once: their timings are interleaved
                 t0 = time.perf_counter()
-                runners[(impl, decode)] = LlamaRunner(
-                    cfg, RandomStateDict(cfg), max_rows=max(batches), max_len=a.context + max(ks) + 8,
-                    device=device, dtype=dtype, linear_impl=impl, cuda_graphs=decode == "cuda_graph")
+                runners[(impl, decode)] = random_runner(
+                    cfg, RunnerOptions(max_rows=max(batches), max_len=a.context + max(ks) + 8, device=device, dtype=dtype),
+                    linear_impl=impl, cuda_graphs=decode == "cuda_graph")
                 print(f"built {model} {dtype} {impl} {decode} in {time.perf_counter() - t0:.1f}s "
                       f"{runners[(impl, decode)].describe()}", flush=True)
             hf = hf_model(model, getattr(torch, dtype)) if a.hf and not cuda else None

@@ -157,16 +157,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from cascade.library import Cascade, generation_config_eos, load_tokenizer
     from cascade.models.vllm import VLLMTargetOptions
-    from cascade.models.resolve import resolve_model
-    from cascade.weights import DEFAULT_PAIR
+    from cascade.models.factory import resolve_pair
 
     console = Console()
 
     def progress(items, desc):
         return tqdm(items, desc=desc, leave=False)
 
-    draft_dir = resolve_model(args.draft or DEFAULT_PAIR[0].name)
-    target_dir = resolve_model(args.target or DEFAULT_PAIR[1].name)
+    draft_dir, target_dir = resolve_pair(args.draft or None, args.target or None)
     tokenizer = load_tokenizer(draft_dir)
     prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
     eos = {tokenizer.eos_token_id} | generation_config_eos(draft_dir) | generation_config_eos(target_dir)

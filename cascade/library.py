@@ -11,7 +11,6 @@ tokenizer's chat template), or token-id lists.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -133,37 +132,17 @@ class Cascade:
         decoding's calls, so lossless policies are token-exact in any dtype at any batch; ``adaptive_k``: dynamic
         speculation for lossless requests (``EngineConfig``), seeded by a start-up profile of the pair
         (``Engine.profile_speculation``: a few synthetic passes per batch bucket, seconds on a CPU)."""
-        from cascade.models.llama import LlamaRunner
-        from cascade.models.resolve import resolve_model
+        from cascade.models.factory import RunnerOptions, load_pair_runners
         from cascade.weights import DEFAULT_PAIR
 
         config = EngineConfig(max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
                               max_draft_block=max_draft_block, on_target_error=on_target_error,
                               exact_verify=exact_verify, adaptive_k=adaptive_k)
-        device, dtype = config.device, config.dtype  # "auto" resolved: CUDA when present, dtype per device
-        draft_dir = resolve_model(draft if draft is not None else DEFAULT_PAIR[0].name)
-        draft_runner = LlamaRunner.from_pretrained(draft_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype,
-                                                   graph_loops=DRAFT_GRAPH_LOOPS)
-        in_vllm = target is not None and str(target).startswith("vllm:")
-        target_name = str(target).removeprefix("vllm:") if target is not None else None
-        if target_url is None or target_name is not None:
-            target_dir = resolve_model(target_name if target_name is not None else DEFAULT_PAIR[1].name)
-        else:
-            target_dir = None
-        if target_url is not None or in_vllm:
-            from cascade.models.vllm import VLLMTargetOptions, in_process_target, remote_target
-
-            options = vllm_options or VLLMTargetOptions()
-            if target_url is not None:
-                if options.config_dir is None and target_dir is not None:
-                    options = dataclasses.replace(options, config_dir=str(target_dir))
-                target_runner = remote_target(target_url, vocab_size=draft_runner.vocab_size, max_rows=max_rows,
-                                              max_len=max_len, options=options)
-            else:
-                target_runner = in_process_target(target_dir, max_rows=max_rows, max_len=max_len,
-                                                  dtype=dtype or "auto", options=options)
-        else:
-            target_runner = LlamaRunner.from_pretrained(target_dir, max_rows=max_rows, max_len=max_len, device=device, dtype=dtype)
+        # "auto" resolved: CUDA when present, dtype per device
+        options = RunnerOptions(max_rows=max_rows, max_len=max_len, device=config.device, dtype=config.dtype)
+        pair = load_pair_runners(draft, target, options, target_url=target_url, vllm_options=vllm_options,
+                                 draft_extra={"graph_loops": DRAFT_GRAPH_LOOPS})
+        draft_runner, target_runner, draft_dir, target_dir = pair.draft, pair.target, pair.draft_dir, pair.target_dir
         tokenizer = load_tokenizer(draft_dir)
         if target_dir is not None and has_tokenizer(target_dir):
             check_same_tokenizer(tokenizer, load_tokenizer(target_dir))

@@ -21,6 +21,8 @@ BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
      dict(qkv_bias=True, o_bias=True, qk_norm=False, sliding_window=None)),
     ("Qwen3ForCausalLM", {"sliding_window": 512}, dict(qkv_bias=False, o_bias=False, qk_norm=True, sliding_window=None)),
     ("MistralForCausalLM", {"sliding_window": 4096}, dict(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=4096)),
+    ("Phi3ForCausalLM", {"attention_bias": True, "sliding_window": 2047},
+     dict(qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=2047)),
 ])
 def test_each_family_decides_its_block_differences(arch, extra, want):
     cfg = DecoderConfig.from_dict({**BASE, "architectures": [arch], **extra})
@@ -39,8 +41,19 @@ def test_the_family_comes_from_architectures_then_model_type_and_unknown_ones_ar
         Family("X", "x", sliding_window="sometimes")
 
 
+def test_weight_names_take_split_or_fused_projections_only():
+    from cascade.models.families import FUSED_PROJECTIONS, WeightNames
+
+    assert len(WeightNames().qkv) == 3 and len(FUSED_PROJECTIONS.qkv) == 1 and len(FUSED_PROJECTIONS.gate_up) == 1
+    with pytest.raises(ValueError, match="qkv"):
+        WeightNames(qkv=("a", "b"))
+    with pytest.raises(ValueError, match="gate_up"):
+        WeightNames(gate_up=("a", "b", "c"))
+
+
 def test_one_list_of_families_serves_the_resolver_and_the_reader():
-    assert SUPPORTED_MODEL_TYPES == tuple(f.model_type for f in FAMILIES) == ("llama", "qwen2", "qwen3", "mistral")
+    assert SUPPORTED_MODEL_TYPES == tuple(f.model_type for f in FAMILIES) == ("llama", "qwen2", "qwen3", "mistral",
+                                                                                  "phi3")
     from cascade.weights import SUPPORTED_MODEL_TYPES as resolver_list
 
     assert resolver_list is SUPPORTED_MODEL_TYPES

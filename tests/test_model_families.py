@@ -1,4 +1,4 @@
-"""Any model a user has: Qwen3 / Llama / Mistral / Qwen2 pairs through the engine (runner parity per family
+"""Any model a user has: Qwen3 / Llama / Mistral / Qwen2 / Phi-3 pairs through the engine (runner parity per family
 is in test_runner), a repo id resolved from the local Hugging Face cache offline, a model converted into
 the cache found by name, and ``cascade convert FILE.gguf`` on a real GGUF file written here."""
 
@@ -12,7 +12,7 @@ import transformers
 
 from cascade import Cascade, SamplingParams
 from cascade.config import EngineConfig
-from cascade.models.llama import LlamaRunner
+from cascade.models.factory import RunnerOptions, local_runner
 from cascade.models.resolve import resolve_model
 
 PROMPTS = [[1, 2, 3], [5, 9, 17, 33, 2, 8], [7]]
@@ -42,11 +42,12 @@ def _hf_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("draft_kind, target_kind", [("Qwen3", "Qwen3"), ("Qwen2", "Llama"), ("Mistral", "Qwen3")])
+@pytest.mark.parametrize("draft_kind, target_kind", [("Qwen3", "Qwen3"), ("Qwen2", "Llama"), ("Mistral", "Qwen3"),
+                                                           ("Phi3", "Llama")])
 def test_pairs_of_every_family_are_lossless(tmp_path, draft_kind, target_kind):
     _, d = _tiny(draft_kind, tmp_path, 1, **({"head_dim": 16} if draft_kind == "Qwen3" else {}))
     target, t = _tiny(target_kind, tmp_path, 2, **({"head_dim": 8} if target_kind == "Qwen3" else {}))
-    runners = [LlamaRunner.from_pretrained(p, max_rows=3, max_len=64, dtype="float32") for p in (d, t)]
+    runners = [local_runner(p, RunnerOptions(max_rows=3, max_len=64, dtype="float32")) for p in (d, t)]
     c = Cascade(*runners, None, eos_token_ids=[], config=EngineConfig(max_rows=3, max_len=64))
     want = [_hf_greedy(target, p, 12) for p in PROMPTS]
     for policy in ("target-only", "speculative", "speculative(k=3)"):
@@ -93,7 +94,7 @@ def test_cascade_convert_turns_a_gguf_into_a_checkpoint_the_runner_loads(tmp_pat
     assert main(["convert", str(gguf_path), "--out", str(out), "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert f"{kind}ForCausalLM" in said and str(TOKENS.index("<|im_end|>")) in said
-    runner = LlamaRunner.from_pretrained(out, max_rows=1, max_len=64, dtype="float32")
+    runner = local_runner(out, RunnerOptions(max_rows=1, max_len=64, dtype="float32"))
     seq = [3, 7, 11, 2, 40]
     with torch.no_grad():
         want = model(torch.tensor([seq])).logits[0].float()

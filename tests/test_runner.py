@@ -39,6 +39,8 @@ MODELS = {
     "mistral": ("Mistral", dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen3-qknorm-tied-headdim": ("Qwen3", dict(tie_word_embeddings=True, head_dim=32, rope_theta=1e6)),
     "qwen3-attnbias-untied": ("Qwen3", dict(tie_word_embeddings=False, attention_bias=True)),
+    # Phi-3 stores q / k / v and gate / up fused (its family record's weight names); window wider than max_len
+    "phi3-fused-untied": ("Phi3", dict(tie_word_embeddings=False, sliding_window=64, pad_token_id=0)),
 }
 
 
@@ -458,6 +460,27 @@ def test_sliding_window_limits_max_len():
     LlamaRunner(c, model.state_dict(), 1, 16)
     with pytest.raises(ValueError, match="max_len"):
         LlamaRunner(c, model.state_dict(), 1, 17)
+
+
+def test_parameter_shapes_are_the_checkpoints(saved):
+    """The family's names and shapes (``parameter_shapes``) are exactly what transformers saves, for split
+    and fused projections, tied and untied heads, biases and q / k norms."""
+    from cascade.models.decoder_weights import parameter_shapes
+
+    for kind in MODELS:
+        model, _ = saved(kind)
+        c = DecoderConfig.from_hf(model.config)
+        sd = model.state_dict()
+        expected = {k: tuple(v.shape) for k, v in sd.items() if not (c.tie_word_embeddings and k == "lm_head.weight")}
+        assert parameter_shapes(c) == expected, kind
+
+
+def test_partial_rotary_rejected():
+    model = make_hf("phi3-fused-untied")
+    cfg = model.config.to_dict()
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": 0.75}
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        DecoderConfig.from_dict(cfg)
 
 
 def test_missing_or_misshaped_weight_named(qwen):

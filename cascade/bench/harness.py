@@ -84,9 +84,8 @@ class Bench:
     """Holds the loaded pair, the run cache and the recorded paths for one ``cascade bench`` invocation."""
 
     def __init__(self, cfg: BenchConfig, say: Callable[[str], None] = print) -> None:
+        from cascade.models.factory import resolve_pair
         from cascade.models.loading import read_config
-        from cascade.models.resolve import resolve_model
-        from cascade.weights import DEFAULT_PAIR
 
         from cascade.config import resolve_device
         from cascade.models.loading import default_dtype
@@ -94,8 +93,7 @@ class Bench:
         self.device = resolve_device(cfg.device)
         self.dtype = cfg.dtype if cfg.dtype != "auto" else str(default_dtype(self.device)).removeprefix("torch.")
         self.cfg, self.say = cfg, say
-        self.draft_dir = resolve_model(cfg.draft or DEFAULT_PAIR[0].name)
-        self.target_dir = resolve_model(cfg.target or DEFAULT_PAIR[1].name)
+        self.draft_dir, self.target_dir = resolve_pair(cfg.draft or None, cfg.target or None)
         # the dtype is part of every cached generation's key: bf16 and fp32 runs answer differently (and so is
         # a device other than the CPU, whose records' timings are not the CPU's)
         where = "" if self.device == "cpu" else f"-{self.device}"

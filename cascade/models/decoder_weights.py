@@ -1,8 +1,9 @@
 """A decoder checkpoint's weights laid out for ``LlamaRunner``: the linear layers as the device wants them
 (``Linear``: ``F.linear`` on the plain weight, or oneDNN on a prepacked copy on a CPU in fp32), q / k / v and
 gate / up fused into one weight each, one ``BlockWeights`` per transformer block, and
-``load_decoder_weights``, which reads them from a state dict by their Hugging Face names and checks every
-shape against the config (a missing or misshaped weight is a ValueError naming it).
+``load_decoder_weights``, which reads them from a state dict by the names its family's record gives
+(``parameter_shapes``: every name and shape a config implies) and checks every shape against the config (a
+missing or misshaped weight is a ValueError naming it).
 
 This is the part of the runner that knows parameter names; the runner itself (cache, pass plan, static
 steps, attention) knows only the tensors.
@@ -65,61 +66,76 @@ class DecoderWeights:
     lm_head: Linear  # [V, hidden] (the embedding itself when tied)
 
 
+def parameter_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter a checkpoint of config ``c`` holds, by its family's name (``c.family.names``), with
+    its shape: what ``load_decoder_weights`` reads and what a random stand-in must provide."""
+    names = c.family.names
+    h, q, kv, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {names.embed: (c.vocab_size, h), names.norm: (h,)}
+    if not c.tie_word_embeddings:
+        shapes[names.lm_head] = (c.vocab_size, h)
+    qkv_parts = [q + 2 * kv] if len(names.qkv) == 1 else [q, kv, kv]
+    gate_up_parts = [2 * inter] if len(names.gate_up) == 1 else [inter, inter]
+    for i in range(c.num_layers):
+        shapes[names.ln1.format(i=i)] = (h,)
+        shapes[names.ln2.format(i=i)] = (h,)
+        if c.qk_norm:
+            shapes[names.q_norm.format(i=i)] = (c.head_dim,)
+            shapes[names.k_norm.format(i=i)] = (c.head_dim,)
+        for module, rows in zip(names.qkv, qkv_parts):
+            shapes[module.format(i=i) + ".weight"] = (rows, h)
+            if c.qkv_bias:
+                shapes[module.format(i=i) + ".bias"] = (rows,)
+        shapes[names.o.format(i=i) + ".weight"] = (h, q)
+        if c.o_bias:
+            shapes[names.o.format(i=i) + ".bias"] = (h,)
+        for module, rows in zip(names.gate_up, gate_up_parts):
+            shapes[module.format(i=i) + ".weight"] = (rows, h)
+            if c.mlp_bias:
+                shapes[module.format(i=i) + ".bias"] = (rows,)
+        shapes[names.down.format(i=i) + ".weight"] = (h, inter)
+        if c.mlp_bias:
+            shapes[names.down.format(i=i) + ".bias"] = (h,)
+    return shapes
+
+
 def load_decoder_weights(c: DecoderConfig, sd: Mapping[str, torch.Tensor], dev: torch.device, dt: torch.dtype,
                          impl: str) -> DecoderWeights:
-    """The weights of ``sd`` (HF parameter names -> tensors, any dtype / device) for config ``c``, copied to
-    ``dev`` in ``dt``, linears in ``impl`` ("torch" or "onednn")."""
+    """The weights of ``sd`` (parameter names, as the family names them -> tensors, any dtype / device) for
+    config ``c``, copied to ``dev`` in ``dt``, linears in ``impl`` ("torch" or "onednn"). Split projections
+    are fused (q / k / v, gate / up); a missing or misshaped parameter is a ValueError naming it."""
+    shapes = parameter_shapes(c)
+    names = c.family.names
 
-    def get(name: str, required: bool = True) -> torch.Tensor | None:
+    def get(name: str) -> torch.Tensor:
         t = sd.get(name)
         if t is None:
-            if required:
-                raise ValueError(f"state_dict lacks {name!r}")
-            return None
+            if name == names.lm_head:
+                raise ValueError(f"state_dict lacks {name!r} (config has tie_word_embeddings=False)")
+            raise ValueError(f"state_dict lacks {name!r}")
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"state_dict {name} has shape {tuple(t.shape)}, config implies {shapes[name]}")
         return t.to(device=dev, dtype=dt)
 
-    def cat(names: list[str], required: bool = True) -> torch.Tensor | None:
-        parts = [get(n, required) for n in names]
-        return None if any(p is None for p in parts) else torch.cat(parts, 0)
-
-    def shaped(t: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
-        if tuple(t.shape) != shape:
-            raise ValueError(f"state_dict {name} has shape {tuple(t.shape)}, config implies {shape}")
-        return t
-
-    h, qd, kvd, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    def linear(modules: tuple[str, ...], i: int, bias: bool) -> Linear:
+        weight = torch.cat([get(m.format(i=i) + ".weight") for m in modules], 0)
+        b = torch.cat([get(m.format(i=i) + ".bias") for m in modules], 0) if bias else None
+        return Linear(weight, b, impl)
 
     with torch.no_grad():
-        embed = get("model.embed_tokens.weight").contiguous()  # [V, hidden]
-        if tuple(embed.shape) != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"state_dict embed_tokens has shape {tuple(embed.shape)}, config says "
-                             f"{(c.vocab_size, c.hidden_size)}")
+        embed = get(names.embed).contiguous()  # [V, hidden]
         layers: list[BlockWeights] = []
         for i in range(c.num_layers):
-            p = f"model.layers.{i}."
             L = BlockWeights()
-            L.ln1 = get(p + "input_layernorm.weight")
-            L.ln2 = get(p + "post_attention_layernorm.weight")
-            a = p + "self_attn."
-            L.q_norm = shaped(get(a + "q_norm.weight"), (c.head_dim,), a + "q_norm.weight") if c.qk_norm else None
-            L.k_norm = shaped(get(a + "k_norm.weight"), (c.head_dim,), a + "k_norm.weight") if c.qk_norm else None
-            qkv_b = cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]) if c.qkv_bias else None
-            qkv = shaped(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), (qd + 2 * kvd, h),
-                         a + "q/k/v_proj.weight")
-            L.qkv = Linear(qkv, qkv_b, impl)
-            o = shaped(get(a + "o_proj.weight"), (h, qd), a + "o_proj.weight")
-            L.o = Linear(o, get(a + "o_proj.bias") if c.o_bias else None, impl)
-            m = p + "mlp."
-            gu_b = cat([m + "gate_proj.bias", m + "up_proj.bias"]) if c.mlp_bias else None
-            gu = shaped(cat([m + "gate_proj.weight", m + "up_proj.weight"]), (2 * inter, h), m + "gate/up_proj.weight")
-            L.gate_up = Linear(gu, gu_b, impl)
-            down = shaped(get(m + "down_proj.weight"), (h, inter), m + "down_proj.weight")
-            L.down = Linear(down, get(m + "down_proj.bias") if c.mlp_bias else None, impl)
+            L.ln1 = get(names.ln1.format(i=i))
+            L.ln2 = get(names.ln2.format(i=i))
+            L.q_norm = get(names.q_norm.format(i=i)) if c.qk_norm else None
+            L.k_norm = get(names.k_norm.format(i=i)) if c.qk_norm else None
+            L.qkv = linear(names.qkv, i, c.qkv_bias)  # [q + 2 kv, hidden]
+            L.o = linear((names.o,), i, c.o_bias)
+            L.gate_up = linear(names.gate_up, i, c.mlp_bias)  # [2 inter, hidden]
+            L.down = linear((names.down,), i, c.mlp_bias)
             layers.append(L)
-        norm = get("model.norm.weight")
-        head = None if c.tie_word_embeddings else get("lm_head.weight", required=False)
-        if head is None and not c.tie_word_embeddings:
-            raise ValueError("state_dict lacks 'lm_head.weight' (config has tie_word_embeddings=False)")
-        if head is not None:
-            shaped(head, (c.vocab_size, h), "lm_head.weight")
-        return DecoderWeights(embed, layers, norm, Linear(embed if head is None else head, None, impl))
+        norm = get(names.norm)
+        head = embed if c.tie_word_embeddings else get(names.lm_head)
+        return DecoderWeights(embed, layers, norm, Linear(head, None, impl))

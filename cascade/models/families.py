@@ -2,11 +2,13 @@
 
 ``cascade.models.llama.LlamaRunner`` is the family-independent part (the ragged cache, the pass plan, the
 static steps and CUDA graphs, attention); a ``Family`` record says, for one checkpoint family, the names its
-``config.json`` goes by and its block differences: biases on the attention projections, per-head q / k
-RMSNorm, when its config's sliding window applies. ``cascade.models.loading.DecoderConfig.from_dict`` reads
-a config through its family's record, and ``FAMILIES`` is the one list of what the project runs (the model
-resolver's check reads it too). Adding a family of this block shape is one record here, plus its runner
-parity test (``tests/test_runner.py``). Importing this module has no side effects and needs no torch.
+``config.json`` goes by, its block differences (biases on the attention projections, per-head q / k
+RMSNorm, when its config's sliding window applies) and its parameter names (``WeightNames``: which
+projections its checkpoints store split, which fused). ``cascade.models.loading.DecoderConfig.from_dict``
+reads a config through its family's record, ``cascade.models.decoder_weights`` reads the weights through its
+names, and ``FAMILIES`` is the one list of what the project runs (the model resolver's check reads it too).
+Adding a family of this block shape is one record here, plus its runner parity test
+(``tests/test_runner.py``). Importing this module has no side effects and needs no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,39 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 WINDOW_RULES = ("never", "always", "if_enabled")
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """A family's parameter names in its checkpoints, ``{i}`` standing for the block index.
+
+    ``qkv`` and ``gate_up`` name modules (``.weight`` / ``.bias`` are appended): three (q, k, v) or two
+    (gate, up) entries where the checkpoint stores the projections apart, one where it stores them fused in
+    that order, the layout the runner keeps either way. The defaults are the Hugging Face Llama names."""
+
+    embed: str = "model.embed_tokens.weight"
+    norm: str = "model.norm.weight"  # the final RMSNorm
+    lm_head: str = "lm_head.weight"  # absent when the embedding is tied
+    ln1: str = "model.layers.{i}.input_layernorm.weight"
+    ln2: str = "model.layers.{i}.post_attention_layernorm.weight"
+    q_norm: str = "model.layers.{i}.self_attn.q_norm.weight"  # families with qk_norm only
+    k_norm: str = "model.layers.{i}.self_attn.k_norm.weight"
+    qkv: tuple[str, ...] = ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                            "model.layers.{i}.self_attn.v_proj")
+    o: str = "model.layers.{i}.self_attn.o_proj"
+    gate_up: tuple[str, ...] = ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj")
+    down: str = "model.layers.{i}.mlp.down_proj"
+
+    def __post_init__(self) -> None:
+        if len(self.qkv) not in (1, 3):
+            raise ValueError(f"qkv must name 1 (fused) or 3 (q, k, v) modules, got {len(self.qkv)}")
+        if len(self.gate_up) not in (1, 2):
+            raise ValueError(f"gate_up must name 1 (fused) or 2 (gate, up) modules, got {len(self.gate_up)}")
+
+
+# Phi-3's checkpoints store q / k / v as one ``qkv_proj`` and gate / up as one ``gate_up_proj``
+FUSED_PROJECTIONS = WeightNames(qkv=("model.layers.{i}.self_attn.qkv_proj",),
+                                gate_up=("model.layers.{i}.mlp.gate_up_proj",))
 
 
 @dataclass(frozen=True)
@@ -28,6 +63,7 @@ class Family:
     qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE
     sliding_window: str = "never"  # when config's ``sliding_window`` applies: never / always / if_enabled
     #   (``use_sliding_window`` true)
+    names: WeightNames = WeightNames()  # its parameter names
 
     def __post_init__(self) -> None:
         if self.sliding_window not in WINDOW_RULES:
@@ -51,6 +87,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, o_bias=False, sliding_window="if_enabled"),
     Family("Qwen3ForCausalLM", "qwen3", qk_norm=True, sliding_window="if_enabled"),
     Family("MistralForCausalLM", "mistral", sliding_window="always"),
+    Family("Phi3ForCausalLM", "phi3", qkv_bias=False, o_bias=False, sliding_window="always", names=FUSED_PROJECTIONS),
 )
 BY_ARCHITECTURE: dict[str, Family] = {f.architecture: f for f in FAMILIES}
 BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}

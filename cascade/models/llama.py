@@ -1,4 +1,5 @@
-"""Compact decoder for the Llama / Qwen2 / Mistral family with a batched, ragged KV cache.
+"""Compact decoder for every family of ``cascade.models.families`` (Llama, Qwen2, Qwen3, Mistral, Phi-3: they
+differ in data, not code) with a batched, ragged KV cache. Runners are made by ``cascade.models.factory``.
 
 ``LlamaRunner`` implements ``cascade.models.base.ModelRunner``:
 

@@ -1,4 +1,4 @@
-"""Checkpoint reading for the Llama / Qwen2 / Qwen3 / Mistral decoder family.
+"""Checkpoint reading for the decoder families of ``cascade.models.families`` (Llama, Qwen2, Qwen3, Mistral, Phi-3).
 
 ``DecoderConfig`` is the small, validated subset of an HF ``config.json`` that ``LlamaRunner`` needs, its
 block differences read through the checkpoint's family record (``cascade.models.families``);
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cascade.models.families import SUPPORTED_ARCHITECTURES, family_of
+from cascade.models.families import BY_ARCHITECTURE, SUPPORTED_ARCHITECTURES, Family, family_of
 
 _ROPE_TYPES = (None, "default", "llama3")
 
@@ -77,6 +77,9 @@ class DecoderConfig:
         legacy = cfg.get("rope_scaling")
         if legacy:
             rope.update(legacy)
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor {partial!r} is not supported (RoPE on the whole head only)")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type"))
         scaling = None
@@ -112,6 +115,11 @@ class DecoderConfig:
     def from_hf(cls, config: Any) -> DecoderConfig:
         """Build from a ``transformers`` config object (anything with ``to_dict()``)."""
         return cls.from_dict(config.to_dict())
+
+    @property
+    def family(self) -> Family:
+        """Its family's record (``cascade.models.families``): block differences and parameter names."""
+        return BY_ARCHITECTURE[self.architecture]
 
     @property
     def num_params(self) -> int:
