@@ -14,12 +14,13 @@ from typing import Sequence as Seq
 
 import torch
 
-from cascade.acceptance import Block, Verdict, group_by_policy
+from cascade.acceptance import Verdict, group_by_policy
 from cascade.detokenize import extend_text
 from cascade.metrics import EmittedToken, TokenSource
 from cascade.models.base import ModelRunner
 from cascade.policies.state import has_fields, stack, unstack
-from cascade.round import PolicyGroup, next_states
+from cascade.round import PolicyGroup, draft_cache_keeps, next_states
+from cascade.round_batch import Block
 from cascade.round_context import RoundContext
 from cascade.sampling import top_lists
 from cascade.scheduler import Sequence
@@ -44,7 +45,7 @@ class Committer:
             s.target_len = min(s.target_len, len(s.tokens) + kept)  # (a block that ends the request was fed
             self.target.truncate([s.row], [s.target_len])            #  without its last token)
         # the draft cache keeps the kept tokens it was fed, and always lags the last token (it is fed next round)
-        end = min(len(s.tokens) + kept, len(s.tokens) + len(new) - 1)
+        end = len(s.tokens) + draft_cache_keeps(s.draft_len - len(s.tokens), kept, len(new))
         if s.draft_len > end:
             self.draft.truncate([s.row], [end])
             s.draft_len = end
@@ -124,7 +125,7 @@ class Committer:
                 trace.add_target(s.request_id, tok, lp, top[:s.params.logprobs])
             self.append(s, [EmittedToken(tok, TokenSource.TARGET, lp, tuple(top[:s.params.logprobs]))])
 
-    def after_round(self, seqs: list[Sequence], blocks: dict[str, Block], emitted_before: list[int]) -> None:
+    def after_round(self, seqs: list[Sequence], blocks: list[Block], emitted_before: list[int]) -> None:
         """Let each policy with a state update its requests' (``Policy.after_round`` through
         ``cascade.round.next_states``, as the replay does; on the host: no sync)."""
         members = [i for i, s in enumerate(seqs) if has_fields(s.policy.State)]
@@ -132,7 +133,7 @@ class Committer:
             return
         groups = [PolicyGroup(policy, torch.tensor(group, dtype=torch.int64), stack([seqs[i].policy_state for i in group]))
                   for policy, group in group_by_policy(members, [seqs[i].policy for i in members]).items()]
-        escalated = torch.tensor([blocks[s.request_id].escalate for s in seqs])
+        escalated = torch.tensor([b.escalate for b in blocks])
         emitted = torch.tensor([s.num_emitted - before for s, before in zip(seqs, emitted_before)], dtype=torch.int64)
         for g, after in zip(groups, next_states(groups, escalated, emitted)):
             for i, state in zip(g.index.tolist(), unstack(after)):

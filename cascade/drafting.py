@@ -16,13 +16,14 @@ from typing import Sequence as Seq
 
 import torch
 
-from cascade.acceptance import Block, group_by_policy, natural_logprob
+from cascade.acceptance import group_by_policy, natural_logprob
 from cascade.confidence import confidence_stats
 from cascade.policies import BlockConfidence
 from cascade.policies.state import has_fields, stack
 from cascade.round import PolicyGroup, block_lengths, drafting_stops, run_triggers, segment_starts
 from cascade.sampling import filter_logits, needs_filter, sample, top_lists, top_logprobs
 from cascade.models.base import ModelRunner
+from cascade.round_batch import Block, DraftedBlocks
 from cascade.round_context import RoundContext
 from cascade.scheduler import Sequence
 from cascade.speculation import RoundClock
@@ -108,7 +109,7 @@ class Drafter:
         return ks[0] - 1
 
     # ------------------------------------------------------------------ 2-3. block ends, confidence, trigger
-    def settle(self, d: Drafted) -> dict[str, Block]:
+    def settle(self, d: Drafted) -> DraftedBlocks:
         """Where each block ends, the draft's confidence and each policy's trigger, on the device, then one
         host read of it all (a second one only when a stop string, which needs the text, ends a block
         earlier than the device could see).
@@ -116,7 +117,7 @@ class Drafter:
         A block ends at its first EOS (unless ``ignore_eos``) or its first position after which its policy
         ``stop_drafting`` (BiLD's fallback), else at its full length; nothing past the end is triggered on,
         scored or counted (the positions drafted past it cost a few draft steps, at most k - 1 per block
-        end)."""
+        end). Returns the settled blocks, flat: the drafted rows stay where ``run`` put them."""
         t0 = time.perf_counter()
         ctx = self.context
         seqs, ks = d.seqs, d.ks
@@ -179,17 +180,16 @@ class Drafter:
             start, stop = offsets[i], offsets[i] + lens_l[i]
             ctx.trace.add_draft(seqs[i].request_id, tokens_h[start:stop].tolist(),
                                  *(t[start:stop].tolist() for t in stats_h))
-        blocks = {}
+        blocks = []
         for i, s in enumerate(seqs):
             n, start = lens_l[i], offsets[i]
             s.stats.draft_tokens += n - 1  # the decode steps of the block (its first position was a pending pass)
-            blocks[s.request_id] = Block(
-                tokens=tokens_h[start:start + n].tolist(), logits=d.logits[start:start + n],
-                logprobs=lp_h[start:start + n].tolist(), keep=int(keep_h[i]), escalate=bool(esc_h[i]),
-                final=bool(ends_l[i]) or n >= s.params.max_tokens - s.num_emitted,
-                top=[t[:s.params.logprobs] for t in top_rows[start:start + n]] if s.params.logprobs else [])
+            blocks.append(Block(
+                tokens=tokens_h[start:start + n].tolist(), logprobs=lp_h[start:start + n].tolist(),
+                keep=int(keep_h[i]), escalate=bool(esc_h[i]), final=bool(ends_l[i]) or n >= s.params.max_tokens - s.num_emitted,
+                top=[t[:s.params.logprobs] for t in top_rows[start:start + n]] if s.params.logprobs else []))
         ctx.stats.time_kernels_s += time.perf_counter() - t0
-        return blocks
+        return DraftedBlocks(blocks=blocks, offsets=offsets, logits=d.logits)
 
     def _trigger(self, seqs: list[Sequence], conf, router: torch.Tensor | None, index: torch.Tensor,
                  valid_k: torch.Tensor, lens: torch.Tensor, groups: list[PolicyGroup]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,10 @@
 """The cascade round (DESIGN.md, "One round"), run for every active sequence at once. No HTTP, no CLI.
 
-``Engine.step`` is the round's stages in order, each a small object or function with explicit inputs: the
-plan (``Engine._plan`` -> ``RoundBatch``), the draft stage (``cascade.drafting.Drafter``: steps 2-4), the target
-pass (``cascade.target_pass.TargetPass``: step 5), verification (``cascade.acceptance``: step 6) and the commit
-(``cascade.commit.Committer``: step 7). What the stages share (vocabulary, end ids, detokenizer, router,
+``Engine.step`` is the round's stages in order, each a small object or function with explicit inputs, over one
+``cascade.round_batch.RoundBatch`` that each stage extends (flat tensors, per-sequence offsets): the plan
+(``Engine._plan``), the draft stage (``cascade.drafting.Drafter``: steps 2-4 -> ``DraftedBlocks``), the target
+pass (``cascade.target_pass.TargetPass``: step 5 -> ``TargetLogits``), verification (``cascade.acceptance``:
+step 6 -> verdicts) and the commit (``cascade.commit.Committer``: step 7). What the stages share (vocabulary, end ids, detokenizer, router,
 counters, the one host read point) is one ``cascade.round_context.RoundContext``; the policy-dependent steps
 they run (block ends, triggers, the acceptance rule, policy state) are defined once in ``cascade.round``, where
 the benchmark's replay calls them too. This module owns the order, requests, target failures and reporting.
@@ -60,7 +61,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from cascade.acceptance import Block, Verdict, decide_on_device, sample_target_only
+from cascade.acceptance import decide_on_device, sample_target_only
 from cascade.commit import Committer
 from cascade.config import EngineConfig, SamplingParams
 from cascade.drafting import Drafter
@@ -69,6 +70,7 @@ from cascade.metrics import EmittedToken, RequestStats, TokenSource, top_logprob
 from cascade.models.base import ModelRunner, TargetUnavailable
 from cascade.models.cuda_graphs import buckets_for
 from cascade.policies import Policy, make_policy
+from cascade.round_batch import DraftedBlocks, RoundBatch
 from cascade.round_context import RoundContext
 from cascade.router import DeferralRouter
 from cascade.sampling import RequestRng
@@ -125,27 +127,6 @@ class _InContext:
         if not self.settable:
             raise AttributeError(f"Engine.{self.name} is fixed when the engine is built")
         setattr(engine.context, self.name, value)
-
-
-@dataclass
-class RoundBatch:
-    """One round's plan over the running batch (``Engine._plan``), read by the stages that follow."""
-
-    running: list[Sequence]  # every sequence this round reports on (finished ones included)
-    cascading: list[Sequence]  # those the draft proposes a block for
-    target_only: list[Sequence]  # those the target decodes one token for, alone
-    lossless: list[Sequence]  # cascading lossless ones, when dynamic speculation chooses their k
-    moved: list[Sequence]  # lossless ones the target decodes alone this round (dynamic k = 0)
-    k_round: int | None  # dynamic speculation's block length this round (None: off)
-    ks: list[int]  # block length of each cascading sequence
-    draft_fed: int  # pending tokens the draft's first pass feeds
-    clock: RoundClock | None  # stage timestamps, for dynamic speculation
-    size: int  # unfinished sequences at the start of the round
-    escalated: list[Sequence] = field(default_factory=list)  # cascading ones whose block goes to the target
-
-    def mark(self, stage: str) -> None:
-        if self.clock is not None:
-            self.clock.mark(stage)
 
 
 class Engine:
@@ -275,13 +256,14 @@ class Engine:
         where other requests must go on."""
         t_start = time.perf_counter()
         batch = self._plan(only)  # 1. admit; who drafts, block lengths
-        blocks = self.drafter.settle(self.drafter.run(batch.cascading, batch.ks, batch.clock)) if batch.cascading else {}
-        batch.mark("drafted")  # 2-4. drafted blocks, their ends, confidence, triggers
-        target_logits, target_positions = self._target(batch, blocks)  # 5. one target pass
+        if batch.cascading:  # 2-4. drafted blocks, their ends, confidence, triggers
+            batch.blocks = self.drafter.settle(self.drafter.run(batch.cascading, batch.ks, batch.clock))
+        batch.mark("drafted")
+        self._target(batch)  # 5. one target pass
         batch.mark("verified")
-        verdicts, sampled = self._verify(batch, blocks, target_logits)  # 6. acceptance, one host read
-        self._commit(batch, blocks, verdicts, sampled)  # 7. emit, roll back, policy state, decisions
-        self._observe_speed(batch, blocks, verdicts, target_positions)
+        self._verify(batch)  # 6. acceptance, one host read
+        self._commit(batch)  # 7. emit, roll back, policy state, decisions
+        self._observe_speed(batch)
         return self._report(batch.running, t_start)
 
     def _plan(self, only: Collection[str] | None) -> RoundBatch:
@@ -317,62 +299,66 @@ class Engine:
         batch.mark("start")
         return batch
 
-    def _target(self, batch: RoundBatch, blocks: dict[str, Block]) -> tuple[dict[str, torch.Tensor], int]:
-        """The target pass over the escalated blocks and the target-only sequences. An unreachable target
-        fails the round (``on_target_error == "fail"``) or the round goes on without it: blocks stand as
-        drafted and target-only sequences switch to the draft (``_degrade_to_draft``)."""
-        batch.escalated = [s for s in batch.cascading if blocks[s.request_id].escalate]
+    def _target(self, batch: RoundBatch) -> None:
+        """The target pass over the escalated blocks and the target-only sequences (``batch.target``). An
+        unreachable target fails the round (``on_target_error == "fail"``) or the round goes on without it:
+        blocks stand as drafted and target-only sequences switch to the draft (``_degrade_to_draft``)."""
+        blocks = batch.blocks
+        batch.escalated = blocks.escalated() if blocks is not None else []
         try:
-            return self.target_pass.run(batch.escalated, blocks, batch.target_only, exact=self.config.exact_verify)
+            batch.target = self.target_pass.run(batch.escalated_seqs(), [blocks.blocks[i] for i in batch.escalated]
+                                                 if blocks is not None else [], batch.target_only,
+                                                 exact=self.config.exact_verify)
         except TargetUnavailable:
             if self.config.on_target_error == "fail":
                 raise
-            self._degrade_to_draft(batch.escalated, blocks, [s for s in batch.target_only if s not in batch.moved])
+            self._degrade_to_draft(blocks, batch.escalated, [s for s in batch.target_only if s not in batch.moved])
             batch.escalated, batch.target_only = [], []
-            return {}, 0
 
-    def _verify(self, batch: RoundBatch, blocks: dict[str, Block], target_logits: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, Verdict], list[torch.Tensor]]:
+    def _verify(self, batch: RoundBatch) -> None:
         """Acceptance of every escalated block and the target's own token of every target-only sequence,
-        decided on the device and read in one host read -> (verdicts, host [tokens, log-probs, (top)])."""
+        decided on the device and read in one host read (``batch.verdicts``, ``batch.sampled``)."""
+        if batch.target is None:
+            return
         t0 = time.perf_counter()
-        pending = decide_on_device(batch.escalated, blocks, target_logits, self.eos_token_ids)
-        sampled = sample_target_only(batch.target_only, target_logits, self.eos_token_ids)
-        verdicts: dict[str, Verdict] = {}
-        if pending.tensors() or sampled:
-            host = self.context.fetch(*pending.tensors(), *sampled)
-            verdicts = pending.finish(host[: len(pending.tensors())])
-            sampled = host[len(pending.tensors()):]
+        pending = decide_on_device(batch.cascading, batch.blocks, batch.escalated, batch.target, self.eos_token_ids) \
+            if batch.escalated else None
+        sampled = sample_target_only(batch.target_only, batch.target, len(batch.escalated), self.eos_token_ids)
+        tensors = pending.tensors() if pending is not None else []
+        if tensors or sampled:
+            host = self.context.fetch(*tensors, *sampled)
+            batch.verdicts = pending.finish(host[: len(tensors)]) if pending is not None else {}
+            batch.sampled = host[len(tensors):]
         self.stats.time_kernels_s += time.perf_counter() - t0
-        return verdicts, sampled
 
-    def _commit(self, batch: RoundBatch, blocks: dict[str, Block], verdicts: dict[str, Verdict],
-                sampled: list[torch.Tensor]) -> None:
+    def _commit(self, batch: RoundBatch) -> None:
         """Emit the round's tokens, update the policies' states, then let each finished answer be decided."""
         emitted_before = [s.num_emitted for s in batch.cascading]
-        for s in batch.cascading:
-            self.committer.commit_block(s, blocks[s.request_id], verdicts.get(s.request_id))
+        blocks = batch.blocks.blocks if batch.blocks is not None else []
+        for i, (s, block) in enumerate(zip(batch.cascading, blocks)):
+            self.committer.commit_block(s, block, batch.verdicts.get(i))
         self.committer.after_round(batch.cascading, blocks, emitted_before)
-        self.committer.commit_target_tokens(batch.target_only, sampled)
+        self.committer.commit_target_tokens(batch.target_only, batch.sampled)
         batch.mark("end")
         for s in batch.running:
             self.committer.settle(s)
 
-    def _observe_speed(self, batch: RoundBatch, blocks: dict[str, Block], verdicts: dict[str, Verdict],
-                       target_positions: int) -> None:
+    def _observe_speed(self, batch: RoundBatch) -> None:
         """Dynamic speculation learns this round's measured costs and acceptance (when it chose the round's k)."""
         clock, k = batch.clock, batch.k_round
         if clock is None:
             return
-        spec = [s for s in batch.lossless if s.request_id in verdicts]
+        lossless = {id(s) for s in batch.lossless}
+        spec = [i for i in batch.verdicts if id(batch.cascading[i]) in lossless]
         drafted = bool(batch.cascading)
         drafted_steps = max(0, k - 1) if drafted else 0
         self.block_controller.observe(
             batch=batch.size, k=k, draft_s=clock.seconds("start", "drafted"),
             decode_s=clock.seconds("draft_fed", "draft_steps_done") if drafted_steps else 0.0,
             decode_steps=drafted_steps, target_s=clock.seconds("drafted", "verified"),
-            target_positions=target_positions, total_s=clock.seconds("start", "end"),
-            accepted=sum(verdicts[s.request_id].kept for s in spec), verified=sum(blocks[s.request_id].keep for s in spec),
+            target_positions=batch.target.positions if batch.target is not None else 0,
+            total_s=clock.seconds("start", "end"),
+            accepted=sum(batch.verdicts[i].kept for i in spec), verified=sum(batch.blocks.blocks[i].keep for i in spec),
             fed_positions=batch.draft_fed if drafted else 0,
             fed_s=clock.seconds("start", "draft_fed") if drafted else 0.0)
 
@@ -426,11 +412,11 @@ class Engine:
         k = s.policy.k if k_round is None or not s.policy.lossless else min(s.policy.k, k_round)
         return min(k, s.params.max_tokens - s.num_emitted, room)
 
-    def _degrade_to_draft(self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence]) -> None:
+    def _degrade_to_draft(self, blocks: DraftedBlocks | None, escalated: list[int], target_only: list[Sequence]) -> None:
         """on_target_error == "draft-only": escalated blocks are kept as drafted (unverified), and
         sequences that only the target was decoding switch to the draft for the rest of the request."""
-        for s in escalated:  # the whole drafted block stands: a block its policy cut to 0 tokens (bild,
-            block = blocks[s.request_id]  # chow-cut) would otherwise be drafted and cut again every round
+        for i in escalated:  # the whole drafted block stands: a block its policy cut to 0 tokens (bild,
+            block = blocks.blocks[i]  # chow-cut) would otherwise be drafted and cut again every round
             block.escalate, block.keep = False, len(block.tokens)
         fallback = make_policy("draft-only")
         for s in target_only:

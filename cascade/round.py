@@ -10,7 +10,9 @@ Layout (as vLLM v1's rejection sampler lays out a batch): ``B`` sequences, each 
   empty kept block must be escalated, the target decides its position);
 - ``target_layout``: what one escalation feeds the target and scores (a block that ends the request is
   fed without its last token, and has no bonus position);
-- ``accepted_counts``: per sequence, the accepted prefix of its block (the first rejection ends it).
+- ``accepted_counts``: per sequence, the accepted prefix of its block (the first rejection ends it);
+- ``draft_cache_keeps``: what of a committed block the draft's cache keeps (it always lags the last emitted
+  token, fed next round), so the draft's catch-up next round is the same number in both callers.
 
 Both callers count positions from these: the target processes catch-up + ``fed`` positions and scores
 ``num_logits`` of them; the draft processes its pending tokens and one decode step per further token.
@@ -83,6 +85,18 @@ def accepted_counts(accept: torch.Tensor, uniforms: torch.Tensor, keep: torch.Te
     local = torch.arange(rejected.numel(), device=accept.device) - starts[owner]  # [R] row index within its block
     candidate = torch.where(rejected, local, keep[owner])  # a rejection's index, else the block's length
     return keep.scatter_reduce(0, owner, candidate, reduce="amin")
+
+
+def draft_cache_keeps(fed, kept, emitted):
+    """Block tokens the draft's cache keeps after a round's commit, per sequence (ints, or int64 tensors of
+    one shape): of the ``fed`` block tokens it holds after drafting (its decode steps were fed the drafted
+    tokens before the last), those that stand (``kept``: the accepted prefix of an escalated block, else the
+    trigger's kept block), never the round's last emitted token (``emitted`` tokens this round: it is fed
+    next round, to score the position after it). The draft is fed ``emitted - draft_cache_keeps(...)``
+    tokens at the start of the next round."""
+    if isinstance(fed, torch.Tensor):
+        return torch.minimum(torch.minimum(fed, kept), emitted - 1)
+    return min(fed, kept, emitted - 1)
 
 
 # --- the policy-dependent steps of a round, over a padded [B, K] batch (the engine's drafting stage and the

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from cascade.acceptance import Block
 from cascade.models.base import ModelRunner, TargetUnavailable
-from cascade.round import target_layout
+from cascade.round import segment_starts, target_layout
+from cascade.round_batch import Block, TargetLogits
 from cascade.round_context import RoundContext
 from cascade.scheduler import Sequence
 
@@ -30,20 +30,21 @@ class TargetPass:
         self.context = context
 
     def run(
-        self, escalated: list[Sequence], blocks: dict[str, Block], target_only: list[Sequence], *, exact: bool = False
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """One ragged target pass; returns (per request its logits [n, V]: the block positions + the bonus
-        position for escalated sequences (no bonus position after a kept block that ends the request), one
-        position for target-only sequences; the positions the pass processed).
+        self, escalated: list[Sequence], blocks: list[Block], target_only: list[Sequence], *, exact: bool = False
+    ) -> TargetLogits | None:
+        """One ragged target pass over ``escalated`` (with their ``blocks``, aligned) then ``target_only``;
+        returns its logits, flat (``TargetLogits``: per member the block positions + the bonus position for
+        an escalated sequence, none after a kept block that ends the request; one position for a target-only
+        sequence), or None when there is no member.
 
         ``exact``: the batch-invariant stepwise pass (``EngineConfig.exact_verify``, see ``stepwise``). A target
         that raises ``TargetUnavailable`` leaves every sequence as it was (its error counted in each member's
         stats) and the error propagates: the engine fails or degrades the round."""
         members = escalated + target_only
         if not members:
-            return {}, 0
+            return None
         t0 = time.perf_counter()
-        blks = [blocks[s.request_id] for s in escalated] + [None] * len(target_only)
+        blks: list[Block | None] = list(blocks) + [None] * len(target_only)
         # a block that ends the request is fed without its last token and has no bonus position (its catch-up
         # is never empty: the target lags by at least the previous round's last token); target-only: 0 and 1
         fed, num_logits = (t.tolist() for t in target_layout(
@@ -61,7 +62,6 @@ class TargetPass:
             for s in members:
                 s.stats.target_errors += 1
             raise
-        out, start = {}, 0
         for s, blk, span, n, n_block in zip(members, blks, spans, num_logits, fed):
             catch_up = len(span) - n_block
             s.count_positions(s.target_len, catch_up, draft=False)
@@ -72,10 +72,9 @@ class TargetPass:
                 s.stats.escalations += 1
             else:
                 s.stats.target_only_steps += 1
-            out[s.request_id] = logits[start:start + n]
-            start += n
         self.context.stats.time_target_s += time.perf_counter() - t0
-        return out, sum(len(span) for span in spans)
+        return TargetLogits(logits=logits, starts=segment_starts(num_logits), counts=num_logits,
+                            positions=sum(len(span) for span in spans))
 
     def stepwise(self, members: list[Sequence], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
         """``forward_span`` of the target pass, computed the way target-only decoding computes it at batch 1:

@@ -10,6 +10,7 @@ from cascade.round import (
     PolicyGroup,
     accepted_counts,
     block_lengths,
+    draft_cache_keeps,
     drafting_stops,
     first_true,
     next_states,
@@ -86,3 +87,21 @@ def test_next_states_update_only_the_groups_that_keep_one():
               PolicyGroup(make_policy("speculative"), torch.tensor([1]))]
     after = next_states(groups, torch.tensor([True, True, True]), torch.tensor([3, 4, 2]))
     assert after[1] is None and [s.window_left for s in unstack(after[0])] == [5.0, 3.0]
+
+
+def test_the_draft_cache_keeps_what_stands_but_never_the_last_emitted_token():
+    """After a commit the draft is fed ``emitted - keeps`` tokens: 2 after a fully accepted escalated block
+    (d_n and the bonus), 1 after a rejection or a block kept as drafted; a block cut short by an early stop
+    keeps what its decode steps were fed. Ints (the engine's commit) and tensors (the replay) agree."""
+    cases = [  # (fed, kept, emitted) -> keeps
+        ((4, 5, 6), 4),  # k = 5 escalated, all 5 accepted + bonus: lag 2
+        ((4, 2, 3), 2),  # rejection at 3: 2 accepted + the replacement: lag 1
+        ((4, 5, 5), 4),  # kept as drafted, not escalated: lag 1
+        ((4, 3, 3), 2),  # kept a prefix without escalating: lag 1
+        ((4, 2, 3), 2),  # an early stop at 3 of 5, the 2 before it accepted + bonus: lag 1
+        ((4, 0, 1), 0),  # nothing accepted: only the replacement, fed next round
+    ]
+    for (fed, kept, emitted), want in cases:
+        assert draft_cache_keeps(fed, kept, emitted) == want
+    fed, kept, emitted = (torch.tensor(v) for v in zip(*(c for c, _ in cases)))
+    assert draft_cache_keeps(fed, kept, emitted).tolist() == [w for _, w in cases]

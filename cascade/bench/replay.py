@@ -46,6 +46,7 @@ from cascade.round import (
     PolicyGroup,
     accepted_counts,
     block_lengths,
+    draft_cache_keeps,
     drafting_stops,
     first_true,
     next_states,
@@ -316,6 +317,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
             break
         A, p, La = act.numel(), pos[act], L[act]
         n = torch.clamp(La - p, max=k)  # [A] drafted this round
+        drafted_fed = n - 1  # [A] block tokens the draft's decode steps were fed (before any early stop)
         cols = p[:, None] + ar[None, :]  # [A, k] answer positions of the block
         flat = act[:, None] * width + cols  # [A, k] the same positions in the flattened [N * width] tensors
         g = {name: flat_t[name][flat] for name in ("q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x", "q_argmax",
@@ -364,9 +366,8 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
             put(state, act, next_states([group], esc, emitted)[0])
         now = (first[0, act] < 0) & (emitted > 0)  # [A] paths whose first token this round emitted
         first[:, act] = torch.where(now, torch.stack([draft_tokens[act], target_tokens[act], escalations[act]]), first[:, act])
-        # the draft cache lags by the block's last token after a whole kept block, and by d_n and the
-        # extra token after a whole accepted escalated block
-        pending[act] = torch.where(esc, torch.where(n_acc == n, 2, 1), torch.where(keep == n, 1, 0))
+        # the draft's catch-up next round: what this round emitted beyond what its cache keeps (the engine's rule)
+        pending[act] = emitted - draft_cache_keeps(drafted_fed, drafted_out, emitted)
         target_len[act] = torch.where(esc, p + n_acc, target_len[act])
         pos[act] = torch.where(esc, extra_at + 1, p + keep)
     disagreements = flat_t["disagree"].view(N, width).sum(1)  # zero past each path's end
