@@ -15,8 +15,13 @@ prefix is a uniform random sample, so a recording stopped midway still benches a
 It starts by importing every ``*.jsonl.gz`` in ``<out>`` (``cascade bench-cache import``), so a new machine
 resumes where the last one stopped. Then ``cascade bench`` reads everything from the cache.
 
+A step's answers are cached one by one as they finish but exported when the step ends; before a machine is
+given up mid-step, ``--export-only`` writes each chunk's file with whatever of it is recorded (no model is
+loaded, nothing generated), so the next machine starts from every finished answer.
+
     .venv/bin/python benchmarks/record_sets.py                      # math500, gsm8k, humaneval, whole
     .venv/bin/python benchmarks/record_sets.py --dataset gsm8k --chunk 200 --batch-size 32
+    .venv/bin/python benchmarks/record_sets.py --dataset math500 --export-only   # before leaving a machine
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="both models' dtype, part of every cache key (default: float32, where replay is exact)")
     p.add_argument("--no-paths", action="store_true", help="record the answers only, not the teacher-forced paths")
+    p.add_argument("--export-only", action="store_true",
+                   help="generate nothing: write each chunk's file with the entries recorded so far (stop the "
+                        "recorder first; run it before a machine is given up mid-chunk)")
     p.add_argument("--out", default="benchmarks/cache", help="where the chunk files go (default: benchmarks/cache)")
     p.add_argument("--cache-dir", default=None, help="the bench cache (default: $CASCADE_HOME/bench-cache)")
     return p.parse_args(argv)
@@ -106,6 +114,30 @@ def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> l
     return keys
 
 
+def recorded_keys(bench, cache, problems) -> list[str]:
+    """The cache keys of a chunk's entries recorded so far: each baseline answer that is cached, and the
+    teacher-forced path of each such answer that is cached too."""
+    from cascade.bench.replay import path_key
+    from cascade.bench.runs import run_key, sampling_for
+    from cascade.policies import parse_policy
+
+    keys = []
+    for policy, model in (("draft-only", "draft"), ("target-only", "target")):
+        pol = parse_policy(policy)
+        for problem in problems:
+            key = run_key(bench.pair_fp, problem, pol, sampling_for(problem))
+            answer = cache.get(key)
+            if answer is None:
+                continue
+            keys.append(key)
+            token_ids = (answer.get("extra") or {}).get("token_ids")
+            if token_ids is not None:
+                path = path_key(bench.pair_fp, problem.key(), model, token_ids)
+                if cache.get(path) is not None:
+                    keys.append(path)
+    return keys
+
+
 def needed_len(problems) -> int:
     """KV-cache positions the longest request of ``problems`` needs (prompt + max_tokens + 1), rounded up to
     64: a smaller cache would cut answers short; a larger one holds memory the batch could use."""
@@ -139,6 +171,11 @@ def main(argv=None) -> int:
         bench = Bench(cfg, say=say)
         for number, part in enumerate(sample_chunks(everything, args.chunk, args.limit or len(everything), args.seed)):
             name = out / f"{ds}-seed{args.seed}-chunk{args.chunk}-{number:03d}.jsonl.gz"
+            if args.export_only:
+                keys = recorded_keys(bench, cache, part)
+                if keys:
+                    export(cache, name, keys, bench.say)
+                continue
             t0 = time.perf_counter()
             records: dict[str, list] = {}
             for policy in ("draft-only", "target-only"):  # each step exported as it ends: a machine that stops

@@ -41,3 +41,27 @@ def test_a_chunk_file_is_rewritten_only_when_its_entries_change(record_sets, tmp
     assert name.stat().st_mtime_ns == first and len(said) == 1 and record_sets.file_keys(name) == {"a" * 64, "b" * 64}
     record_sets.export(cache, name, ["a" * 64, "b" * 64, "c" * 64], said.append)
     assert len(said) == 2 and record_sets.file_keys(name) == {k * 64 for k in "abc"}
+
+
+def test_export_only_takes_the_answers_and_paths_recorded_so_far(record_sets, tmp_path):
+    """``--export-only`` (before a machine is given up mid-chunk): every cached answer of the chunk and the
+    path of each such answer that is cached too; nothing of what is still missing."""
+    from types import SimpleNamespace
+
+    from cascade.bench.replay import path_key
+    from cascade.bench.runs import RunCache, run_key, sampling_for
+    from cascade.policies import parse_policy
+
+    cache, bench = RunCache(tmp_path / "cache"), SimpleNamespace(pair_fp="fp")
+    problems = [math_problem("d", str(i), f"q{i}", "1") for i in range(3)]
+
+    def answer_key(policy, p):
+        return run_key("fp", p, parse_policy(policy), sampling_for(p))
+
+    for p in problems:  # draft answers of all three; the target answered the first only
+        cache.put(answer_key("draft-only", p), {"extra": {"token_ids": [int(p.problem_id), 7]}})
+    cache.put(answer_key("target-only", problems[0]), {"extra": {"token_ids": [9]}})
+    cache.put(path_key("fp", problems[1].key(), "draft", [1, 7]), {"tokens": [1, 7]})  # one path so far
+    keys = record_sets.recorded_keys(bench, cache, problems)
+    assert set(keys) == {answer_key("draft-only", p) for p in problems} | {
+        answer_key("target-only", problems[0]), path_key("fp", problems[1].key(), "draft", [1, 7])}
