@@ -89,10 +89,12 @@ def file_keys(path: Path) -> set[str]:
 
 
 def export(cache, name: Path, keys: list[str], say) -> None:
-    """Write the chunk file with these entries, unless it already holds exactly them."""
-    if set(keys) == file_keys(name):
+    """Write the chunk file with these entries and those it already holds (a step's export never drops what
+    an ``--export-only`` run put there), unless it already holds them all."""
+    held = file_keys(name)
+    if set(keys) <= held:
         return
-    say(f"{name.name}: {cache.export(name, keys=keys)} entries exported")
+    say(f"{name.name}: {cache.export(name, keys=sorted(held | set(keys)))} entries exported")
 
 
 def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> list[str]:

@@ -28,7 +28,7 @@ def test_chunks_are_the_seeded_samples_in_turn(record_sets):
         record_sets.sample_chunks(problems, 0, 50, seed=3)
 
 
-def test_a_chunk_file_is_rewritten_only_when_its_entries_change(record_sets, tmp_path):
+def test_a_chunk_file_is_rewritten_only_when_it_gains_entries(record_sets, tmp_path):
     from cascade.bench.runs import RunCache
 
     cache = RunCache(tmp_path / "cache")
@@ -40,6 +40,8 @@ def test_a_chunk_file_is_rewritten_only_when_its_entries_change(record_sets, tmp
     record_sets.export(cache, name, ["b" * 64, "a" * 64], said.append)  # the same entries: untouched
     assert name.stat().st_mtime_ns == first and len(said) == 1 and record_sets.file_keys(name) == {"a" * 64, "b" * 64}
     record_sets.export(cache, name, ["a" * 64, "b" * 64, "c" * 64], said.append)
+    assert len(said) == 2 and record_sets.file_keys(name) == {k * 64 for k in "abc"}
+    record_sets.export(cache, name, ["a" * 64], said.append)  # a step's fewer keys: nothing dropped, untouched
     assert len(said) == 2 and record_sets.file_keys(name) == {k * 64 for k in "abc"}
 
 
