@@ -9,7 +9,7 @@ prefix is a uniform random sample, so a recording stopped midway still benches a
 1. draft-only, then target-only answers of the chunk (the bench's real runs, cached per request);
 2. the teacher-forced paths of both answers (cached per answer);
 3. the chunk's cache entries exported to ``<out>/<dataset>-seed<seed>-chunk<size>-<number>.jsonl.gz``
-   (rewritten only when its set of entries changed: a finished chunk's file never changes again, so git
+   (rewritten only when it gains entries, never dropping one: a finished chunk's file never changes again, so git
    keeps one copy).
 
 It starts by importing every ``*.jsonl.gz`` in ``<out>`` (``cascade bench-cache import``), so a new machine
