@@ -82,20 +82,14 @@ def parameter_shapes(c: DecoderConfig) -> dict[str, tuple[int, ...]]:
         if c.qk_norm:
             shapes[names.q_norm.format(i=i)] = (c.head_dim,)
             shapes[names.k_norm.format(i=i)] = (c.head_dim,)
-        for module, rows in zip(names.qkv, qkv_parts):
-            shapes[module.format(i=i) + ".weight"] = (rows, h)
-            if c.qkv_bias:
-                shapes[module.format(i=i) + ".bias"] = (rows,)
-        shapes[names.o.format(i=i) + ".weight"] = (h, q)
-        if c.o_bias:
-            shapes[names.o.format(i=i) + ".bias"] = (h,)
-        for module, rows in zip(names.gate_up, gate_up_parts):
-            shapes[module.format(i=i) + ".weight"] = (rows, h)
-            if c.mlp_bias:
-                shapes[module.format(i=i) + ".bias"] = (rows,)
-        shapes[names.down.format(i=i) + ".weight"] = (h, inter)
-        if c.mlp_bias:
-            shapes[names.down.format(i=i) + ".bias"] = (h,)
+        # each linear: (its modules, their output rows, in_features, biased)
+        for modules, parts, width, bias in ((names.qkv, qkv_parts, h, c.qkv_bias), ((names.o,), [h], q, c.o_bias),
+                                            (names.gate_up, gate_up_parts, h, c.mlp_bias),
+                                            ((names.down,), [h], inter, c.mlp_bias)):
+            for module, rows in zip(modules, parts):
+                shapes[module.format(i=i) + ".weight"] = (rows, width)
+                if bias:
+                    shapes[module.format(i=i) + ".bias"] = (rows,)
     return shapes
 
 
