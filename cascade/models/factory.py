@@ -45,9 +45,6 @@ class RunnerOptions:
     dtype: "str | torch.dtype | None" = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def with_extra(self, **extra: Any) -> RunnerOptions:
-        return dataclasses.replace(self, extra={**self.extra, **extra})
-
 
 @dataclass
 class PairRunners:
