@@ -18,7 +18,7 @@ from cascade.acceptance import Verdict, group_by_policy
 from cascade.detokenize import extend_text
 from cascade.metrics import EmittedToken, TokenSource
 from cascade.models.base import ModelRunner
-from cascade.policies.state import has_fields, stack, unstack
+from cascade.policies.state import RoundOutcome, has_fields, stack, unstack
 from cascade.round import PolicyGroup, draft_cache_keeps, next_states
 from cascade.round_batch import Block
 from cascade.round_context import RoundContext
@@ -133,9 +133,13 @@ class Committer:
             return
         groups = [PolicyGroup(policy, torch.tensor(group, dtype=torch.int64), stack([seqs[i].policy_state for i in group]))
                   for policy, group in group_by_policy(members, [seqs[i].policy for i in members]).items()]
-        escalated = torch.tensor([b.escalate for b in blocks])
-        emitted = torch.tensor([s.num_emitted - before for s, before in zip(seqs, emitted_before)], dtype=torch.int64)
-        for g, after in zip(groups, next_states(groups, escalated, emitted)):
+        new = [[t.logprob for t in s.emitted[before:]] for s, before in zip(seqs, emitted_before)]
+        logprobs = torch.zeros(len(seqs), max(map(len, new), default=0))
+        for i, lps in enumerate(new):
+            logprobs[i, :len(lps)] = torch.tensor(lps)
+        outcome = RoundOutcome(escalated=torch.tensor([b.escalate for b in blocks]),
+                               emitted=torch.tensor(list(map(len, new)), dtype=torch.int64), logprobs=logprobs)
+        for g, after in zip(groups, next_states(groups, outcome)):
             for i, state in zip(g.index.tolist(), unstack(after)):
                 seqs[i].policy_state = state
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from cascade.policies import BlockConfidence, Policy
+from cascade.policies.state import RoundOutcome
 
 if TYPE_CHECKING:
     from cascade.verification import VerifyStats
@@ -168,15 +169,13 @@ def rule_acceptance(policy: Policy, v: VerifyStats) -> tuple[torch.Tensor, torch
     return delta, policy.acceptance(v, delta.to(v.q_token.device)).float()
 
 
-def next_states(groups: Sequence[PolicyGroup], escalated: torch.Tensor, emitted: torch.Tensor) -> list[Any]:
-    """Each stateful group's states after a round (``Policy.after_round``): escalated [B] bool, emitted [B]
-    int64 over the whole batch (host tensors) -> per group its members' next stacked state (None where the
-    group keeps none)."""
+def next_states(groups: Sequence[PolicyGroup], outcome: RoundOutcome) -> list[Any]:
+    """Each stateful group's states after a round (``Policy.after_round``): ``outcome`` over the whole batch
+    (host tensors) -> per group its members' next stacked state (None where the group keeps none)."""
     out = []
     for g in groups:
         if g.state is None:
             out.append(None)
             continue
-        esc, emi = (escalated, emitted) if g.index is None else (escalated[g.index.cpu()], emitted[g.index.cpu()])
-        out.append(g.policy.after_round(g.state, esc, emi))
+        out.append(g.policy.after_round(g.state, outcome if g.index is None else outcome.take(g.index.cpu())))
     return out

@@ -27,6 +27,10 @@ POLICIES = [
     ("handoff", {"trigger_below": 0.08, "window": 6.0, "k": 3}), ("handoff", {"trigger_below": 0.07, "window": float("inf")}),
     ("handoff", {"trigger_below": 1.0, "price": 0.75, "window": 0.0}), ("handoff", {"trigger_below": 0.1, "price": 0.7, "window": 8.0}),
     ("handoff-v3", {"alpha": 0.3, "trigger_below": 0.08, "window": 8.0, "k": 4}),
+    # (log max q of the tiny pair: about -2.1 .. -3: tau -2.5 hands some answers over, not all)
+    ("takeover", {"tau": -2.5, "quantile": 0.25, "after": 4.0}), ("takeover", {"tau": 1.0, "after": 6.0, "until": 6.0, "k": 3}),
+    ("takeover-spec", {"tau": -2.5, "quantile": 0.25, "after": 4.0}), ("takeover-spec", {"tau": 1.0, "after": 6.0, "k": 3}),
+    ("takeover-spec", {"tau": -2.5, "quantile": 0.5, "after": 8.0, "until": 8.0, "k": 4}),
 ]
 
 
@@ -218,10 +222,10 @@ def test_batched_walk_equals_walking_each_path_alone(family):
     paths = _random_paths(24, seed=len(family))
     policies = grid_policies(family)
     escalated = mixed = 0
-    for policy in policies[:: max(1, len(policies) // 10)]:
+    for policy in policies[:: max(1, len(policies) // 10)] + policies[-4:]:  # (the last: the most eager)
         together = simulate_paths(policy, paths)
         assert together == [simulate(policy, p) for p in paths], policy.describe()
-        escalated += sum(w.escalations for w in together)
+        escalated += sum(w.escalations + w.target_alone_steps for w in together)  # target passes
         mixed += len({w.diverged_at is None for w in together}) == 2  # some paths left, some kept their answer
     assert escalated > 0 and mixed > 0
 

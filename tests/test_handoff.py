@@ -12,7 +12,7 @@ import torch
 from cascade import SamplingParams, TokenSource
 from cascade.policies import BlockConfidence, make_policy, parse_policy
 from cascade.policies.handoff import HandoffState
-from cascade.policies.state import stack, unstack
+from cascade.policies.state import RoundOutcome, stack, unstack
 
 from scripted_pair import chain, scripted_cascade
 
@@ -48,8 +48,8 @@ def test_cost_aware_entry_weighs_expected_errors_against_the_positions_paid():
 
 def window_after(policy, window_left, escalated, emitted) -> list[float]:
     """The windows left after a round, through the policy's state contract (stack -> after_round -> unstack)."""
-    after = policy.after_round(stack([HandoffState(w) for w in window_left]), torch.tensor(escalated),
-                               torch.tensor(emitted))
+    after = policy.after_round(stack([HandoffState(w) for w in window_left]),
+                               RoundOutcome(torch.tensor(escalated), torch.tensor(emitted), torch.zeros(len(emitted), 8)))
     return [s.window_left for s in unstack(after)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cascade.policies import make_policy
-from cascade.policies.state import stack, unstack
+from cascade.policies.state import RoundOutcome, stack, unstack
 from cascade.round import (
     PolicyGroup,
     accepted_counts,
@@ -85,7 +85,7 @@ def test_next_states_update_only_the_groups_that_keep_one():
     handoff = make_policy("handoff", window=8.0)
     groups = [PolicyGroup(handoff, torch.tensor([0, 2]), stack([HandoffState(0.0), HandoffState(5.0)])),
               PolicyGroup(make_policy("speculative"), torch.tensor([1]))]
-    after = next_states(groups, torch.tensor([True, True, True]), torch.tensor([3, 4, 2]))
+    after = next_states(groups, RoundOutcome(torch.tensor([True, True, True]), torch.tensor([3, 4, 2]), torch.zeros(3, 4)))
     assert after[1] is None and [s.window_left for s in unstack(after[0])] == [5.0, 3.0]
 
 

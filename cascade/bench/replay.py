@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 
 from cascade.policies import BlockConfidence, Policy
-from cascade.policies.state import has_fields, initial_batch, put, take
+from cascade.policies.state import RoundOutcome, has_fields, initial_batch, put, take, unstack
 from cascade.round import (
     PolicyGroup,
     accepted_counts,
@@ -240,7 +240,8 @@ class WalkResult:
     resolved_to_target: int  # of those, positions where the walk emitted the target's token
     first_draft_tokens: int = 0  # the counters at the end of the first round that emitted a token
     first_target_tokens: int = 0  #   (the modelled time to first token prices them)
-    first_escalations: int = 0
+    first_escalations: int = 0  # (target passes: escalations, plus target-alone steps)
+    target_alone_steps: int = 0  # rounds in which the target decoded one token alone (the policy's plan said so)
 
 
 _FIELDS = ("tokens", "q_argmax", "p_argmax", "q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x")
@@ -311,8 +312,30 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
     diverged = torch.full((N,), -1, dtype=torch.int64)
     first = torch.full((3, N), -1, dtype=torch.int64)  # draft tokens, target tokens, escalations at the first emission
     ar = torch.arange(k)
+    plans = stateful and type(policy).plan is not Policy.plan  # its requests' rounds depend on their state
+    alone_steps = torch.zeros(N, dtype=torch.int64)
     while True:
         act = (pos < L).nonzero().squeeze(1)  # [A] paths with a round left
+        if plans and act.numel():  # paths whose plan lets the target decode alone: walked to their end at once
+            alone = torch.tensor([not policy.plan(s).drafts for s in unstack(take(state, act))], dtype=torch.bool)
+            if bool(alone.any()):
+                done = act[alone]
+                m = L[done] - pos[done]  # [D] tokens left, one target pass each
+                rest = torch.arange(width)[None, :]
+                rest = (rest >= pos[done][:, None]) & (rest < L[done][:, None])  # [D, width]
+                mis = flat_t["mis_pa"].view(N, width)[done] & rest
+                here = torch.where(mis.any(dim=1), mis.int().argmax(dim=1), -1)
+                diverged[done] = torch.where((diverged[done] < 0) & (here >= 0), here, diverged[done])
+                resolved[done] += (flat_t["disagree"].view(N, width)[done] & rest).sum(dim=1)
+                catch_up = pos[done] - target_len[done]  # the first alone pass reads the streamed tokens
+                now = first[0, done] < 0  # (a first token from the target alone: its first pass)
+                first[:, done] = torch.where(now, torch.stack([draft_tokens[done], target_tokens[done] + catch_up,
+                                                               escalations[done] + 1]), first[:, done])
+                target_tokens[done] += catch_up + m - 1  # then one new token per pass
+                scored[done] += m
+                alone_steps[done] += m
+                pos[done] = L[done]
+                act = act[~alone]
         if act.numel() == 0:
             break
         A, p, La = act.numel(), pos[act], L[act]
@@ -363,7 +386,8 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         resolved[act] += (has_extra & flat_t["disagree"][extra_flat]).long()
         emitted = torch.where(esc, n_acc + has_extra.long(), keep)  # [A] tokens this round emitted
         if stateful:
-            put(state, act, next_states([group], esc, emitted)[0])
+            outcome = RoundOutcome(esc, emitted, _emitted_logprobs(flat_t, act * width, p, esc, keep, n_acc, emitted, width))
+            put(state, act, next_states([group], outcome)[0])
         now = (first[0, act] < 0) & (emitted > 0)  # [A] paths whose first token this round emitted
         first[:, act] = torch.where(now, torch.stack([draft_tokens[act], target_tokens[act], escalations[act]]), first[:, act])
         # the draft's catch-up next round: what this round emitted beyond what its cache keeps (the engine's rule)
@@ -371,12 +395,26 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         target_len[act] = torch.where(esc, p + n_acc, target_len[act])
         pos[act] = torch.where(esc, extra_at + 1, p + keep)
     disagreements = flat_t["disagree"].view(N, width).sum(1)  # zero past each path's end
-    totals = torch.stack([draft_tokens, target_tokens, escalations])
+    totals = torch.stack([draft_tokens, target_tokens, escalations + alone_steps])
     first = torch.where(first < 0, totals, first)  # a path that never emitted: its whole walk
     return [WalkResult(int(draft_tokens[i]), int(target_tokens[i]), int(scored[i]), int(escalations[i]),
                        None if int(diverged[i]) < 0 else int(diverged[i]), int(disagreements[i]), int(resolved[i]),
-                       int(first[0, i]), int(first[1, i]), int(first[2, i]))
+                       int(first[0, i]), int(first[1, i]), int(first[2, i]), int(alone_steps[i]))
             for i in range(N)]
+
+
+def _emitted_logprobs(flat_t: dict[str, torch.Tensor], base: torch.Tensor, p: torch.Tensor, esc: torch.Tensor,
+                      keep: torch.Tensor, n_acc: torch.Tensor, emitted: torch.Tensor, width: int) -> torch.Tensor:
+    """-> [A, k + 1]: the natural log-prob of each token a greedy round emitted, as the engine's records give it
+    (a drafted token kept unverified: log q(x) = log max q; an accepted verified one: log p(x); the
+    escalation's replacement or bonus token, the target's argmax: log max p), 0 past ``emitted``. ``base``
+    [A]: each path's first flat index, ``p`` [A] the round's first answer position."""
+    j = torch.arange(int(keep.max()) + 2 if keep.numel() else 1).view(1, -1)
+    flat = base[:, None] + (p[:, None] + j).clamp(max=width - 1)
+    log_q = flat_t["q_max"][flat].clamp_min(1e-30).log()
+    verified = torch.where(j < n_acc[:, None], flat_t["logp_x"][flat], flat_t["p_max"][flat].clamp_min(1e-30).log())
+    lp = torch.where(esc[:, None], verified, log_q)
+    return torch.where(j < emitted[:, None], lp, torch.zeros(()))
 
 
 def simulate(policy: Policy, path: PathStats) -> WalkResult:
@@ -440,7 +478,8 @@ def _record(policy: Policy, problem, draft_path: PathStats, target_path: PathSta
         dataset=problem.dataset, problem_id=problem.problem_id, policy=policy.describe(), correct=float(correct),
         emitted_tokens=path.emitted, prompt_tokens=path.prompt_tokens, draft_tokens=walk.draft_tokens,
         draft_prefill_tokens=path.prompt_tokens, target_tokens=walk.target_tokens,
-        target_prefill_tokens=path.prompt_tokens if walk.escalations else 0, escalations=walk.escalations,
+        target_prefill_tokens=path.prompt_tokens if walk.escalations + walk.target_alone_steps else 0,
+        escalations=walk.escalations, target_passes=walk.escalations + walk.target_alone_steps,
         target_scored_tokens=walk.target_scored_tokens,
         mode=mode, extra={"diverged_at": on_draft.diverged_at},
         first_token={"draft_tokens": walk.first_draft_tokens, "draft_prefill_tokens": path.prompt_tokens,

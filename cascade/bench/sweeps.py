@@ -7,7 +7,8 @@ every family: ``RESOLUTION`` values of each policy's main threshold (for ``quant
 quantiles of its own score over the dev split, not every midpoint of the observed scores, which fitted
 ~300 configurations in-sample). Two-parameter families cross it with a short second axis: the rules'
 draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), handoff's window (its entry either
-Chow's threshold or the cost-aware price), quantile's level.
+Chow's threshold or the cost-aware price), quantile's level; ``takeover`` crosses its log-prob level with
+quantile's levels and two decision points, each once or continuously.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ RESOLUTION = len(ALPHAS)  # values of each family's main threshold
 TRIGGERS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 WINDOWS = (0.0, 16.0, 64.0, math.inf)  # handoff's window: the entry block alone .. to the end of the request
 PRICES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # handoff's cost-aware entry (expected errors per position paid)
+TAKEOVER_TAUS = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.5)  # log-prob levels (0.5: hand over
+#   at the first chance, as no log-prob is above 0)
 FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
@@ -44,6 +47,10 @@ GRIDS: dict[str, list[dict]] = {
                + [{"threshold": 0.0, "price": c, "window": w} for c in PRICES for w in WINDOWS],
     "handoff-v3": [{"alpha": a, "trigger_below": t, "window": w} for a in ALPHAS for t in (0.3, 0.5, 0.7, 0.9, 1.0)
                    for w in (16.0, math.inf)],
+    # the hand-over's evidence: quantile's score over the answer so far (tau x level), decided once at a fixed
+    # early point (until = after) or continuously from it (until = inf)
+    **{fam: [{"tau": t, "quantile": q, "after": a, "until": u} for t in TAKEOVER_TAUS for q in (0.05, 0.1, 0.25)
+             for a in (16.0, 64.0) for u in (a, math.inf)] for fam in ("takeover", "takeover-spec")},
 }
 TOKEN_LEVEL = tuple(GRIDS)  # replayed families
 QUANTILE_LEVELS = (0.0, 0.05, 0.1, 0.25, 0.5)  # which quantile of the draft's token log-probs

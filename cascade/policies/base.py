@@ -8,8 +8,9 @@ engine calls, each on whole tensors for all sequences that share the policy:
   the current token (BiLD's fallback); the base policy never stops early;
 - per-request state (``cascade.policies.state``): ``State`` (a frozen dataclass of scalars, ``NoState`` by
   default), ``init_state()``, ``plan(state) -> RoundPlan`` (does the draft propose this round, is the output
-  held back), ``after_round(state, escalated [B], emitted [B]) -> state`` over its requests' stacked states
-  after every round they drafted in (``handoff``'s window), and ``at_finish(state, token_logprobs) ->
+  held back), ``after_round(state, outcome) -> state`` over its requests' stacked states after every round
+  they drafted in (``outcome``: a ``RoundOutcome``, what the round escalated and emitted; ``handoff``'s window,
+  ``takeover``'s evidence), and ``at_finish(state, token_logprobs) ->
   (state, answer_again)`` when a request's answer ends (``quantile``'s routing decision). The trigger reads
   the stacked state as ``conf.state``;
 - ``deferral(v) -> delta [R]`` and ``acceptance(v, delta) -> accept_prob [R]`` from the fused verify
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
-from cascade.policies.state import NoState, RoundPlan
+from cascade.policies.state import NoState, RoundOutcome, RoundPlan
 
 if TYPE_CHECKING:
     from cascade.verification import VerifyStats
@@ -172,10 +173,10 @@ class Policy:
         """What the engine must know of a request (its state: one ``State``) before its round."""
         return RoundPlan()
 
-    def after_round(self, state: Any, escalated: torch.Tensor, emitted: torch.Tensor) -> Any:
-        """state: the stacked states of requests that drafted this round; escalated [B] bool (this round's
-        block went to the target), emitted [B] int64 (tokens this round emitted) -> their next states
-        (host tensors). Not called for a policy whose ``State`` has no fields."""
+    def after_round(self, state: Any, outcome: RoundOutcome) -> Any:
+        """state: the stacked states of requests that drafted this round; ``outcome``: what the round did for
+        them (escalated [B], emitted [B], the emitted tokens' log-probs [B, W]) -> their next states (host
+        tensors). Not called for a policy whose ``State`` has no fields."""
         return state
 
     def at_finish(self, state: Any, token_logprobs: Sequence[float]) -> tuple[Any, bool]:

@@ -39,6 +39,7 @@ import torch
 
 from cascade.policies.base import BlockConfidence, Policy, check_number, check_unit, register
 from cascade.policies.speculative_cascades import TokenV3
+from cascade.policies.state import RoundOutcome
 
 
 def worth_its_cost(conf: BlockConfidence, error_prob: torch.Tensor, price: float) -> torch.Tensor:
@@ -88,9 +89,10 @@ class _HandoffWindow:
         """-> [B] bool: the entry test (Chow's threshold and the cost-aware price by default)."""
         return handoff_entry(conf, self.trigger_below, self.price)
 
-    def after_round(self, state: HandoffState, escalated: torch.Tensor, emitted: torch.Tensor) -> HandoffState:
+    def after_round(self, state: HandoffState, outcome: RoundOutcome) -> HandoffState:
         """Inside a window: what is left of it after this round's tokens; an escalation outside one opens a
         window of ``window`` tokens, the entry block's tokens counted; no escalation: no window."""
+        escalated, emitted = outcome.escalated, outcome.emitted
         window_left = state.window_left.float()
         start = torch.where(window_left > 0, window_left, torch.full_like(window_left, self.window))
         left = (start - emitted.float()).clamp_min(0.0)

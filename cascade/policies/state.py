@@ -30,6 +30,24 @@ class NoState:
 
 
 @dataclass(frozen=True)
+class RoundOutcome:
+    """What one round did for a batch of requests (host tensors), as ``Policy.after_round`` reads it."""
+
+    escalated: torch.Tensor  # [B] bool: the round's block went to the target
+    emitted: torch.Tensor  # [B] int64: tokens the round emitted
+    logprobs: torch.Tensor  # [B, W] float32: each emitted token's natural log-prob under the model that decided
+    #   it (``EmittedToken.logprob``: a DRAFT token's log q(x), a verified or target token's log p), 0 past emitted[b]
+
+    def take(self, index: torch.Tensor) -> "RoundOutcome":
+        """Rows ``index`` [A] of the batch."""
+        return RoundOutcome(self.escalated[index], self.emitted[index], self.logprobs[index])
+
+    def emitted_mask(self) -> torch.Tensor:
+        """-> [B, W] bool: the columns of ``logprobs`` that hold an emitted token."""
+        return torch.arange(self.logprobs.shape[1]).view(1, -1) < self.emitted.view(-1, 1)
+
+
+@dataclass(frozen=True)
 class RoundPlan:
     """What the engine must know of one request before its round, as its policy declares it from its state."""
 
