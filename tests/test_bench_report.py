@@ -161,6 +161,27 @@ def test_pooled_choice_fits_every_dataset_and_weighs_each_dataset_once():
         pooled_choice(per_family, floors, 0.05, "target_fraction")
 
 
+def test_pooled_choice_meets_every_further_limit_on_every_dataset():
+    """The shipped default's criterion: within the FLOPs budget AND within the time-to-first-token limit (and a
+    point without a modelled figure fits no limit)."""
+    import dataclasses
+
+    from cascade.bench.calibrate import pooled_choice
+
+    floors = {"a": (0.4, 0.6), "b": (0.2, 0.8)}
+    with_ttft = lambda p, t: dataclasses.replace(p, ttft=t)  # noqa: E731
+    per_family = {
+        # y: the best gap, but a router's first token (8x draft-only's) on b; x: streams everywhere
+        "f": {"a": [with_ttft(_pt("a", "x", 0.5, 0.1), 1.1), with_ttft(_pt("a", "y", 0.6, 0.2), 1.2)],
+              "b": [with_ttft(_pt("b", "x", 0.5, 0.2), 1.3), with_ttft(_pt("b", "y", 0.8, 0.2), 8.0)]},
+        "g": {"a": [_pt("a", "z", 0.6, 0.1)], "b": [_pt("b", "z", 0.8, 0.1)]},  # no modelled ttft (NaN)
+    }
+    assert pooled_choice(per_family, floors, 0.2, "target_fraction") == ("g", "z")
+    assert pooled_choice(per_family, floors, 0.2, "target_fraction", {"ttft": 1.5}) == ("f", "x")
+    with pytest.raises(ValueError, match="ttft <= 1.05"):
+        pooled_choice(per_family, floors, 0.2, "target_fraction", {"ttft": 1.05})
+
+
 def test_quantile_pooled_over_two_datasets_is_one_policy_string_on_both():
     """quantile's tau grid is data-dependent: with each dataset's own grid the same grid index is a different
     threshold per dataset and no single policy string is ever deployable. The pooled grid makes them one."""

@@ -40,6 +40,8 @@ def test_top_level_help(capsys):
     (["bench", "--real-check", "passes:-1"], "--real-check"),
     (["calibrate", "--policy", "speculative", "--budget", "0.2"], "--policy"),
     (["calibrate", "--policy", "chow", "--budget", "-1"], "--budget"),
+    (["calibrate", "--policy", "chow", "--budget", "0.2", "--limit-axis", "ttft"], "--limit-axis"),
+    (["calibrate", "--policy", "chow", "--budget", "0.2", "--limit-axis", "latency:1"], "--limit-axis"),
     (["calibrate", "--policy", "chow", "--budget", "0.2", "--dataset", "nope"], "dataset"),
     (["serve", "--policy", "nope"], "unknown policy"),
     (["serve", "--policy", "chow", "--calibration", "x.json"], "--policy and --calibration"),

@@ -95,13 +95,17 @@ class Calibration:
     candidates: int  # configurations compared on the dev splits
     machine: dict | None = None  # where the real runs ran (``cascade.machine.machine_info``)
     imported_timings: Sequence[str] = ()  # machines that timed records read from an imported cache
+    limits: dict[str, float] | None = None  # further axis limits every dataset's dev point met (``pooled_choice``)
 
     def summary(self) -> dict:
         """The JSON ``cascade calibrate`` writes (and ``cascade serve --calibration`` / the shipped default
         read: the key every reader needs is ``policy``)."""
+        within = "".join(f", {name} <= {bound:g}" for name, bound in (self.limits or {}).items())
         out = {"policy": self.policy, "family": self.family, "budget": self.budget, "axis": self.axis,
-               "chosen_on": "dev splits (every dataset's cost within the budget; the highest mean dev gap recovered)",
+               "chosen_on": f"dev splits (every dataset's cost within the budget{within}; the highest mean dev gap recovered)",
                "candidates": self.candidates, "datasets": [d.summary(self.axis) for d in self.per_dataset]}
+        if self.limits:
+            out["limits"] = dict(self.limits)
         if self.machine is not None:
             out["machine"] = self.machine
         if self.imported_timings:  # tokens/s of those records are the other machine's, quality and cost are the pair's
@@ -118,13 +122,16 @@ class Calibration:
 
 
 def pooled_choice(per_family: dict[str, dict[str, list[Point]]], floors: dict[str, tuple[float, float]],
-                  budget: float, axis: str) -> tuple[str, str]:
-    """(family, config) with every dataset's dev cost on ``axis`` within ``budget`` and the highest mean dev
-    gap recovered over the datasets (each dataset counts once, whatever its size; a dataset whose draft and
-    target score the same contributes its quality difference instead), ties to the cheaper.
-    ``per_family``: family -> dataset -> one point per configuration; a configuration is compared only
-    where every dataset has it (same policy string); ``floors``: dataset -> (draft-only, target-only) dev
-    quality. ValueError naming ``budget`` if none fits."""
+                  budget: float, axis: str, limits: dict[str, float] | None = None) -> tuple[str, str]:
+    """(family, config) with every dataset's dev cost on ``axis`` within ``budget`` (and on each axis of
+    ``limits`` within its limit: e.g. ``{"ttft": 1.5, "modelled_time": 1.0}``, modelled time to first token
+    within 1.5x draft-only's and latency below target-only's) and the highest mean dev gap recovered over the
+    datasets (each dataset counts once, whatever its size; a dataset whose draft and target score the same
+    contributes its quality difference instead), ties to the cheaper. ``per_family``: family -> dataset -> one
+    point per configuration; a configuration is compared only where every dataset has it (same policy
+    string); ``floors``: dataset -> (draft-only, target-only) dev quality. ValueError naming ``budget`` if
+    none fits."""
+    bounds = {**(limits or {}), axis: budget}
     best, best_key = None, None
     for family, by_ds in per_family.items():
         columns = [{p.config: p for p in col} for col in by_ds.values()]
@@ -132,8 +139,8 @@ def pooled_choice(per_family: dict[str, dict[str, list[Point]]], floors: dict[st
             if any(config not in col for col in columns):
                 continue
             pts = [col[config] for col in columns]
-            if any(getattr(p, axis) > budget + 1e-9 for p in pts):
-                continue
+            if any(not getattr(p, name) <= bound + 1e-9 for p in pts for name, bound in bounds.items()):
+                continue  # (an axis the point lacks, NaN, fits no bound)
             gains = []
             for p in pts:
                 qd, qt = floors[p.dataset]
@@ -142,15 +149,17 @@ def pooled_choice(per_family: dict[str, dict[str, list[Point]]], floors: dict[st
             if best_key is None or key > best_key:
                 best, best_key = (family, pts[0].config), key
     if best is None:
-        raise ValueError(f"budget {budget:.3f}: no configuration of {', '.join(per_family)} fits on {axis} on every dataset")
+        extra = "".join(f", {name} <= {bound:g}" for name, bound in (limits or {}).items())
+        raise ValueError(f"budget {budget:.3f}: no configuration of {', '.join(per_family)} fits on {axis}{extra} on every dataset")
     return best
 
 
 def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str, list], dev_fraction: float = 0.5,
-              seed: int = 0, axis: str = "target_fraction", test_limit: int | None = None) -> Calibration:
+              seed: int = 0, axis: str = "target_fraction", test_limit: int | None = None,
+              limits: dict[str, float] | None = None) -> Calibration:
     """Dev splits of every dataset: baselines + replay sweep of every family → one choice for all
-    (``pooled_choice``). Test splits: real runs of the choice and of both baselines on the first
-    ``test_limit`` test problems of each dataset (None: all; 0: none)."""
+    (``pooled_choice``, with the further axis ``limits``). Test splits: real runs of the choice and of both
+    baselines on the first ``test_limit`` test problems of each dataset (None: all; 0: none)."""
     from cascade.bench.datasets import split
 
     if budget < 0:
@@ -178,7 +187,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
                                            bench.target_params, bench.costs, d_draft)
         dev_refs[ds] = (ref(d_draft, "draft-only"), ref(d_target, "target-only"))
         floors[ds] = (dev_refs[ds][0].quality, dev_refs[ds][1].quality)
-    family, config = pooled_choice(per_family, floors, budget, axis)
+    family, config = pooled_choice(per_family, floors, budget, axis, limits)
     bench.say(f"[calibrate] dev choice: {config}")
     out = []
     for ds, (dev, test) in splits.items():
@@ -199,7 +208,7 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         out.append(DatasetCalibration(ds, dev_pt, *dev_refs[ds], t_real, t_draft, t_target))
     candidates = sum(len(next(iter(by_ds.values()))) for by_ds in per_family.values())
     return Calibration(policy=config, family=family, budget=budget, axis=axis, per_dataset=out, candidates=candidates,
-                       machine=machine_info(), imported_timings=sorted(bench.timed_on))
+                       machine=machine_info(), imported_timings=sorted(bench.timed_on), limits=dict(limits or {}))
 
 
 def sweep_one(family: str, config: str, problems, draft, target, dpaths, tpaths, bench) -> list[RunRecord]:

@@ -65,6 +65,10 @@ def add_parsers(sub) -> None:
                    help="the budget's cost axis: target = target FLOPs (prompt prefill + positions incl. catch-up, / target-only's), "
                         "passes = target passes per token, scored = positions that decided a token, time = modelled "
                         "time / target-only, ttft = modelled time to first token / draft-only's (default: target)")
+    c.add_argument("--limit-axis", action="append", default=[], metavar="AXIS:MAX",
+                   help="a further limit every dataset's dev point must meet, on an axis named as for --axis, "
+                        "repeatable: e.g. ttft:1.5 (modelled time to first token within 1.5x draft-only's) and time:1.0 "
+                        "(modelled latency below target-only's), the shipped default's criterion")
     add_dataset_options(c, default_names="gsm8k", limit=40)
     c.add_argument("--test-limit", type=int, default=None,
                    help="real test runs on the first N test problems per dataset (default: the whole test split; 0 = none)")
@@ -113,25 +117,36 @@ AXIS_NAMES = {"target": "target_fraction", "passes": "passes_per_token", "scored
               "time": "modelled_time", "ttft": "ttft"}  # --real-check / --axis -> cascade.bench.frontier.AXES
 
 
+def axis_values(specs: list[str], option: str) -> list[tuple[str, float]]:
+    """``AXIS:VALUE`` option values -> [(the ``frontier.AXES`` name, value)]; ValueError naming ``option``."""
+    out = []
+    for spec in specs:
+        axis, sep, budget = spec.partition(":")
+        if not sep or axis not in AXIS_NAMES:
+            raise ValueError(f"{option}: {spec!r} is not AXIS:BUDGET with AXIS one of {', '.join(AXIS_NAMES)}"
+                             + (" (or 'none')" if option == "--real-check" else ""))
+        try:
+            value = float(budget)
+        except ValueError:
+            raise ValueError(f"{option}: budget {budget!r} of {spec!r} is not a number") from None
+        if not value >= 0:
+            raise ValueError(f"{option}: budget {value} of {spec!r} must be >= 0")
+        out.append((AXIS_NAMES[axis], value))
+    return out
+
+
 def real_checks(specs: list[str] | None) -> tuple[tuple[str, float], ...]:
     """``--real-check AXIS:BUDGET`` values -> ((axis, budget), ...); None: the default; ['none']: ()."""
     if specs is None:
         return (("target_fraction", 0.2), ("passes_per_token", 0.2))
     if specs == ["none"]:
         return ()
-    out = []
-    for spec in specs:
-        axis, sep, budget = spec.partition(":")
-        if not sep or axis not in AXIS_NAMES:
-            raise ValueError(f"--real-check: {spec!r} is not AXIS:BUDGET with AXIS one of {', '.join(AXIS_NAMES)} (or 'none')")
-        try:
-            value = float(budget)
-        except ValueError:
-            raise ValueError(f"--real-check: budget {budget!r} of {spec!r} is not a number") from None
-        if value < 0:
-            raise ValueError(f"--real-check: budget {value} of {spec!r} must be >= 0")
-        out.append((AXIS_NAMES[axis], value))
-    return tuple(out)
+    return tuple(axis_values(specs, "--real-check"))
+
+
+def axis_limits(specs: list[str]) -> dict[str, float]:
+    """``calibrate --limit-axis AXIS:MAX`` values -> {axis: max}."""
+    return dict(axis_values(specs, "--limit-axis"))
 
 
 def _bench_config(args: argparse.Namespace, **overrides):
@@ -195,12 +210,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
     if args.test_limit is not None and args.test_limit < 0:
         raise ValueError(f"--test-limit must be >= 0, got {args.test_limit}")
+    limits = axis_limits(args.limit_axis)
     names = args.dataset or ["gsm8k"]
     limits = dataset_limits(args.dataset_limit)
     datasets = {name: select(load_dataset(name), limits.get(name, args.limit or None), args.seed) for name in names}
     bench = Bench(_bench_config(args))
     cal = calibrate(bench, families, args.budget, datasets, args.dev_fraction, args.seed, axis=AXIS_NAMES[args.axis],
-                    test_limit=args.test_limit)
+                    test_limit=args.test_limit, limits=limits)
     stem = "+".join(Path(n).stem if n.endswith((".jsonl", ".gz")) else n for n in names)
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{'+'.join(families)}-{stem}.json"
     write_calibration(cal, out)
