@@ -53,7 +53,8 @@ def verify(q, p, max_q=None, max_p=None):
 
 def test_registry_has_the_issue_policies():
     assert set(policy_names()) == {"draft-only", "target-only", "speculative", "chow", "chow-cut", "diff", "opt", "token-v1",
-                                   "token-v2", "token-v3", "bild", "handoff", "handoff-v3", "learned", "quantile", "oracle"}
+                                   "token-v2", "token-v3", "bild", "handoff", "handoff-v3", "learned", "quantile", "oracle",
+                                   "takeover", "takeover-spec"}
 
 
 @pytest.mark.parametrize("name", policy_names())

@@ -28,8 +28,9 @@ RESOLUTION = len(ALPHAS)  # values of each family's main threshold
 TRIGGERS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 WINDOWS = (0.0, 16.0, 64.0, math.inf)  # handoff's window: the entry block alone .. to the end of the request
 PRICES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # handoff's cost-aware entry (expected errors per position paid)
-TAKEOVER_TAUS = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.5)  # log-prob levels (0.5: hand over
-#   at the first chance, as no log-prob is above 0)
+# takeover's log-prob levels, RESOLUTION of them, down to near-certain tokens (quantile's dev choices on MATH-500 sit
+# at the median log-prob < -0.007); 0.5: hand over at the first chance, as no log-prob is above 0
+TAKEOVER_TAUS = (-8.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02, -0.01, -0.005, -0.002, 0.5)
 FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
@@ -49,7 +50,7 @@ GRIDS: dict[str, list[dict]] = {
                    for w in (16.0, math.inf)],
     # the hand-over's evidence: quantile's score over the answer so far (tau x level), decided once at a fixed
     # early point (until = after) or continuously from it (until = inf)
-    **{fam: [{"tau": t, "quantile": q, "after": a, "until": u} for t in TAKEOVER_TAUS for q in (0.05, 0.1, 0.25)
+    **{fam: [{"tau": t, "quantile": q, "after": a, "until": u} for t in TAKEOVER_TAUS for q in (0.05, 0.1, 0.25, 0.5)
              for a in (16.0, 64.0) for u in (a, math.inf)] for fam in ("takeover", "takeover-spec")},
 }
 TOKEN_LEVEL = tuple(GRIDS)  # replayed families

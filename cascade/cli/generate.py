@@ -82,14 +82,28 @@ def run(args: argparse.Namespace) -> int:
             by_draft = sum(1 for src in r.token_sources if src == TokenSource.DRAFT)
             console.print(
                 f"[dim]tokens {s.emitted_tokens} · {by_draft} ({by_draft / max(1, s.emitted_tokens):.0%}) decided by the "
-                f"draft alone · target read {s.target_tokens} answer positions ({s.target_token_fraction:.0%} of what "
-                f"target-only reads) · escalations {s.escalations} · mean acceptance {s.mean_acceptance_length:.2f} · "
-                f"{rate:.2f} tok/s · finish {r.finish_reason}{_routing(policy, s)}[/dim]"
+                f"draft alone{_target_part(r.token_sources)} · target read {s.target_tokens} answer positions "
+                f"({s.target_token_fraction:.0%} of what target-only reads) · target passes "
+                f"{s.escalations + s.target_only_steps} ({s.escalations} verifying blocks, {s.target_only_steps} decoding "
+                f"alone) · mean acceptance {s.mean_acceptance_length:.2f} · {rate:.2f} tok/s · finish "
+                f"{r.finish_reason}{_routing(policy, s)}[/dim]"
             )
     console.print("[dim]legend: plain = draft · [green]green[/green] = verified by target · "
                   "[bold black on yellow]yellow[/bold black on yellow] = target replaced · "
                   "[bold magenta]magenta[/bold magenta] = bonus from target[/dim]")
     return 0
+
+
+def _target_part(sources) -> str:
+    """Where the target's tokens are in the answer: " · the target's from token N on" when every token after the
+    first one it decided is the target's (a hand-over: ``takeover``, a window to the end), else how many."""
+    first = next((i for i, src in enumerate(sources) if src != TokenSource.DRAFT), None)
+    if first is None:
+        return ""
+    if all(src != TokenSource.DRAFT for src in sources[first:]):
+        return f" · handed to the target at token {first + 1} (it decided all {len(sources) - first} after)"
+    decided = sum(1 for src in sources if src != TokenSource.DRAFT)
+    return f" · {decided} decided by the target (the first at token {first + 1})"
 
 
 def _routing(policy, stats) -> str:

@@ -126,7 +126,8 @@ def has_policy_options(args: argparse.Namespace) -> bool:
 
 # ---------------------------------------------------------------------- sampling
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most per prompt (default: 128)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="tokens to generate at most per prompt (default: 512, enough for the built-in answers to finish)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
