@@ -250,3 +250,15 @@ def test_target_flops_count_the_prompt_prefill_of_every_request_the_target_touch
     assert aggregate("d", "r", "c", "derived", router, target, 1, 3).target_fraction == pytest.approx(240 / 1200)
     # the positions that decided a token stay per emitted token and leave the prompt out
     assert aggregate("d", "t", "c", "replay", token_level, target, 1, 3).scored_fraction == pytest.approx(60 / 200)
+
+
+def test_a_calibration_summary_states_its_further_limits():
+    from cascade.bench.calibrate import Calibration
+
+    cal = Calibration(policy="takeover(k=5)", family="takeover", budget=0.2, axis="target_fraction", per_dataset=[],
+                      candidates=3, limits={"ttft": 1.5, "modelled_time": 1.0})
+    out = cal.summary()
+    assert out["limits"] == {"ttft": 1.5, "modelled_time": 1.0}
+    assert "ttft <= 1.5, modelled_time <= 1" in out["chosen_on"]
+    assert "limits" not in Calibration(policy="chow(k=5)", family="chow", budget=0.2, axis="target_fraction",
+                                       per_dataset=[], candidates=1).summary()
