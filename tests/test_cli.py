@@ -184,3 +184,29 @@ def test_real_check_option():
     assert real_checks(None) == (("target_fraction", 0.2), ("passes_per_token", 0.2))
     assert real_checks(["none"]) == ()
     assert real_checks(["ttft:1.5", "time:0.8"]) == (("ttft", 1.5), ("modelled_time", 0.8))
+
+
+def test_calibrate_passes_its_axis_limits_beside_the_dataset_limits(monkeypatch):
+    """--limit-axis and --dataset-limit are different limits: the calibration gets the axis ones."""
+    import cascade.bench.calibrate as calibrate_mod
+    import cascade.bench.datasets as datasets_mod
+    import cascade.bench.harness as harness_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_calibrate(bench, families, budget, datasets, *args, **kwargs):
+        seen.update(families=families, datasets=datasets, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(calibrate_mod, "calibrate", fake_calibrate)
+    monkeypatch.setattr(datasets_mod, "load_dataset", lambda name: [f"{name}-{i}" for i in range(200)])
+    monkeypatch.setattr(datasets_mod, "select", lambda problems, limit, seed: problems[:limit])
+    monkeypatch.setattr(harness_mod, "Bench", lambda cfg: object())
+    with pytest.raises(Stop):
+        main(["calibrate", "--policy", "takeover,chow", "--budget", "0.2", "--limit-axis", "ttft:1.5", "--limit-axis",
+              "time:1", "--dataset", "humaneval", "--dataset-limit", "humaneval=7"])
+    assert seen["limits"] == {"ttft": 1.5, "modelled_time": 1.0}
+    assert seen["families"] == ["takeover", "chow"] and len(seen["datasets"]["humaneval"]) == 7

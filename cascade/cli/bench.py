@@ -210,13 +210,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget must be >= 0, got {args.budget}")
     if args.test_limit is not None and args.test_limit < 0:
         raise ValueError(f"--test-limit must be >= 0, got {args.test_limit}")
-    limits = axis_limits(args.limit_axis)
+    bounds = axis_limits(args.limit_axis)
     names = args.dataset or ["gsm8k"]
     limits = dataset_limits(args.dataset_limit)
     datasets = {name: select(load_dataset(name), limits.get(name, args.limit or None), args.seed) for name in names}
     bench = Bench(_bench_config(args))
     cal = calibrate(bench, families, args.budget, datasets, args.dev_fraction, args.seed, axis=AXIS_NAMES[args.axis],
-                    test_limit=args.test_limit, limits=limits)
+                    test_limit=args.test_limit, limits=bounds)
     stem = "+".join(Path(n).stem if n.endswith((".jsonl", ".gz")) else n for n in names)
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"calibration-{'+'.join(families)}-{stem}.json"
     write_calibration(cal, out)
