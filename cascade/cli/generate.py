@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
                 f"[dim]tokens {s.emitted_tokens} · {by_draft} ({by_draft / max(1, s.emitted_tokens):.0%}) decided by the "
                 f"draft alone{_target_part(r.token_sources)} · target read {s.target_tokens} answer positions "
                 f"({s.target_token_fraction:.0%} of what target-only reads) · target passes "
-                f"{s.escalations + s.target_only_steps} ({s.escalations} verifying blocks, {s.target_only_steps} decoding "
-                f"alone) · mean acceptance {s.mean_acceptance_length:.2f} · {rate:.2f} tok/s · finish "
+                f"{s.escalations + s.target_only_steps} (escalations {s.escalations}, decoding alone {s.target_only_steps}) · "
+                f"mean acceptance {s.mean_acceptance_length:.2f} · {rate:.2f} tok/s · finish "
                 f"{r.finish_reason}{_routing(policy, s)}[/dim]"
             )
     console.print("[dim]legend: plain = draft · [green]green[/green] = verified by target · "
