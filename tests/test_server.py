@@ -166,6 +166,26 @@ def test_completions_streamed_equals_not_streamed_and_library(server, alone):
         assert r.choices[0].text == lib.text, policy
 
 
+def test_a_takeover_streams_from_its_first_round_and_a_router_holds_its_answer(server, alone):
+    """takeover hands over mid-answer (tau = 1: at its first chance) and streams throughout: several content chunks,
+    adding up to the non-streamed answer and the library's; quantile's draft answer arrives in one piece at its end."""
+    client = server.client()
+
+    def content_chunks(policy):
+        chunks = client.chat.completions.create(model="cascade", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                stream=True, extra_body={"cascade": {"policy": policy}})
+        return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+
+    for policy in ("takeover(tau=1.0, after=6)", "takeover-spec(tau=1.0, after=6)"):
+        pieces = content_chunks(policy)
+        r = client.chat.completions.create(model="cascade", messages=MESSAGES, max_tokens=24, temperature=0,
+                                           extra_body={"cascade": {"policy": policy}})
+        [lib] = alone.generate(MESSAGES, SamplingParams(max_tokens=24), policy=policy)
+        assert "".join(pieces) == r.choices[0].message.content == lib.text, policy
+        assert len(pieces) >= 3 and lib.stats.target_tokens > 0, policy  # streamed round by round; the target ran
+    assert len(content_chunks("quantile(tau=-1e9)")) == 1  # kept: the whole draft answer at once, at its end
+
+
 def test_stop_strings_streamed_equals_not_streamed(server, alone):
     client = server.client()
     [lib] = alone.generate(MESSAGES, SamplingParams(max_tokens=40), policy="chow(alpha=0.3)")
@@ -235,7 +255,7 @@ def test_sixteen_concurrent_requests_equal_each_request_alone(server, alone):
     """Different prompts, lengths and policies at once (4 rows, so most of them queue and join the running
     batch between rounds): each answer and its usage equal the same request run alone."""
     policies = ["chow(alpha=0.3)", "speculative", "target-only", "bild", "chow-cut(alpha=0.5)", "draft-only",
-                "quantile(tau=-1.0)", "token-v2(alpha=0.2)"]
+                "quantile(tau=-1.0)", "token-v2(alpha=0.2)", "takeover(tau=1.0, after=4)", "takeover-spec(tau=1.0, after=3)"]
     jobs = [(f"question {i}: what is {i} + {2 * i}?", 6 + 3 * (i % 5), policies[i % len(policies)]) for i in range(16)]
     client = server.client()
 
