@@ -321,3 +321,28 @@ def test_first_token_counters_of_real_runs_equal_replays_where_exact(tiny_pair_d
         for r, rep in zip(real, reps):
             assert rep.mode == "replay-exact" and r.first_token == rep.first_token, policy.describe()
             assert 0 < r.ttft_s <= r.latency_s
+
+
+def test_placed_alphas_fill_the_cost_gap_the_fixed_ones_leave():
+    """Draft confidences clustered in (0.2, 0.3): every fixed alpha escalates almost no block (alpha >= 0.8) or
+    almost every one (alpha <= 0.7); alphas placed at the dev split's block-confidence quantiles escalate the
+    shares in between, and the grid is the same whatever paths are walked (placed on the dev paths only)."""
+    from cascade.bench.sweeps import ALPHAS, placed_alphas
+
+    g = torch.Generator().manual_seed(3)
+    paths = [_path((0.2 + 0.1 * torch.rand(40, generator=g)).tolist(), [True] * 40) for _ in range(30)]
+
+    def escalated_share(policies):
+        blocks = sum(-(-len(p) // 5) for p in paths)
+        return sorted(sum(w.escalations for w in simulate_paths(pol, paths)) / blocks for pol in policies)
+
+    def widest_gap(shares):
+        return max(b - a for a, b in zip(shares, shares[1:]))
+
+    fixed = escalated_share(grid_policies("chow"))
+    placed = escalated_share(grid_policies("chow", placed_on=paths))
+    assert widest_gap(fixed) > 0.8 and widest_gap(placed) < 0.2
+    alphas = placed_alphas(paths)
+    assert alphas and not set(alphas) & set(ALPHAS) and all(0.7 < a < 0.8 for a in alphas)
+    assert [p.describe() for p in grid_policies("chow", placed_on=paths)][: len(ALPHAS)] == \
+        [p.describe() for p in grid_policies("chow")]

@@ -32,7 +32,7 @@ from cascade.bench.plot import plot_frontier
 from cascade.bench.report import Point, aggregate, write_csv
 from cascade.bench.replay import PathStats, path_key, record_path, score_paths
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
-from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, oracle_records, sweep_records
+from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, grid_policies, oracle_records, sweep_records
 from cascade.policies import make_policy
 from cascade.router import ROUTER_FILE, load_router
 
@@ -183,10 +183,10 @@ class Bench:
             fams = [f for f in fams if f not in GRIDS or not make_policy(f).uses_router]
             self.say(f"  no learned router next to the draft ({self.draft_dir / ROUTER_FILE}): `learned` not swept "
                      "(train one with `cascade train-router`)")
-        bar = tqdm(total=sum(len(GRIDS.get(f, ())) for f in fams), desc=f"{ds} replay sweeps", unit="config",
-                   disable=not self.cfg.progress)
-        runs = sweep_records(fams, problems, draft, target, dpaths, tpaths, [dpaths[i] for i in dev_idx],
-                             on_config=lambda: bar.update(1))
+        dev_paths = [dpaths[i] for i in dev_idx]
+        bar = tqdm(total=sum(len(grid_policies(f, dev_paths)) for f in fams if f in GRIDS), desc=f"{ds} replay sweeps",
+                   unit="config", disable=not self.cfg.progress)
+        runs = sweep_records(fams, problems, draft, target, dpaths, tpaths, dev_paths, on_config=lambda: bar.update(1))
         bar.close()
         return runs
 
