@@ -8,9 +8,9 @@ quantiles of its own score over the dev split, not every midpoint of the observe
 ~300 configurations in-sample). Two-parameter families cross it with a short second axis: the rules'
 draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), handoff's window (its entry either
 Chow's threshold or the cost-aware price), quantile's level; ``takeover`` crosses its log-prob level with
-quantile's levels and two decision points, each once or continuously. ``chow`` and ``chow-cut`` also get up to
-``RESOLUTION`` alphas placed at quantiles of the dev split's block confidence (``placed_alphas``), so that their
-cost has no jump the fixed alphas leave.
+quantile's levels and two decision points, each once or continuously. ``chow`` and ``chow-cut`` also get up
+to 2 x ``RESOLUTION`` alphas placed at quantiles of the dev split's answer and block confidence
+(``placed_alphas``), so that their cost has no jump the fixed alphas leave.
 """
 
 from __future__ import annotations
@@ -74,14 +74,17 @@ def block_min_confidence(paths: Sequence[PathStats], k: int = DEFAULT_K) -> list
 
 
 def placed_alphas(paths: Sequence[PathStats], resolution: int = RESOLUTION, k: int = DEFAULT_K) -> list[float]:
-    """Alphas at evenly spaced quantiles of ``block_min_confidence`` over ``paths`` (pass the dev split's): each
-    escalates about 1 / ``resolution`` more of the blocks than the one before, where the fixed ``ALPHAS`` leave
-    gaps (chow on MATH-500 jumped from 14 % to 48 % of target FLOPs between alpha 0.8 and 0.7). Rounded to 4
-    decimals, without the fixed ones."""
-    mins = block_min_confidence(paths, k)
-    if not mins:
-        return []
-    placed = {round(1.0 - linear_quantile(mins, (i + 0.5) / resolution), 4) for i in range(resolution)}
+    """Alphas at evenly spaced quantiles, over ``paths`` (pass the dev split's), of two confidences: each answer's
+    least confident position (``1 - alpha`` above it: the answer is escalated at least once, and its catch-up
+    makes the target read it up to there, which is most of Chow's target FLOPs on long answers) and each block's
+    (``block_min_confidence``: the share of rounds escalated). The fixed ``ALPHAS`` leave gaps there (chow on
+    MATH-500 jumped from 14 % to 48 % of target FLOPs between alpha 0.8 and 0.7). Rounded to 4 decimals, without
+    the fixed ones."""
+    per_answer = [min(p.q_max[: max(p.emitted, 1)]) for p in paths if p.q_max]
+    placed = set()
+    for values in (per_answer, block_min_confidence(paths, k)):
+        if values:
+            placed |= {round(1.0 - linear_quantile(values, (i + 0.5) / resolution), 4) for i in range(resolution)}
     return sorted(a for a in placed - set(ALPHAS) if 0.0 <= a <= 1.0)
 
 
