@@ -31,6 +31,8 @@ POLICIES = [
     ("takeover", {"tau": -2.5, "quantile": 0.25, "after": 4.0}), ("takeover", {"tau": 1.0, "after": 6.0, "until": 6.0, "k": 3}),
     ("takeover-spec", {"tau": -2.5, "quantile": 0.25, "after": 4.0}), ("takeover-spec", {"tau": 1.0, "after": 6.0, "k": 3}),
     ("takeover-spec", {"tau": -2.5, "quantile": 0.5, "after": 8.0, "until": 8.0, "k": 4}),
+    ("takeover", {"tau": float("-inf"), "trigger_below": 0.08, "k": 4}),
+    ("takeover-spec", {"tau": -2.5, "quantile": 0.25, "after": 8.0, "trigger_below": 0.07, "k": 3}),
 ]
 
 

@@ -72,14 +72,22 @@ def test_a_fixed_point_decides_once_and_continuous_decides_later_too():
     assert after_round(cont, later, [3], uncertain) == [TakeoverState(8, 1, True)]
 
 
-@pytest.mark.parametrize("field,value", [("tau", float("nan")), ("quantile", 1.5), ("after", 0.0), ("until", -1.0)])
+def test_an_escalated_round_hands_over():
+    """The token-level entry's block was verified: the request is handed over, whatever the log-prob evidence."""
+    p = make_policy("takeover", tau=-9.0, after=64.0, trigger_below=0.3)
+    out = after_round(p, [TakeoverState()] * 2, [3, 5], [[-0.1] * 3, [-0.1] * 5], escalated=[True, False])
+    assert out == [TakeoverState(3, 0, True), TakeoverState(5, 0, False)]
+
+
+@pytest.mark.parametrize("field,value", [("tau", float("nan")), ("quantile", 1.5), ("after", 0.0), ("until", -1.0),
+                                         ("trigger_below", 1.5)])
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         make_policy("takeover", **{field: value})
 
 
 def test_describe_reads_back():
-    p = make_policy("takeover", tau=-2.0, quantile=0.1, after=16.0, until=16.0, k=4)
+    p = make_policy("takeover", tau=-2.0, quantile=0.1, after=16.0, until=16.0, trigger_below=0.2, k=4)
     assert parse_policy(p.describe()) == p
 
 
@@ -158,3 +166,35 @@ def test_the_hand_over_fires_at_the_first_round_end_where_the_evidence_says(pair
         assert h == expected, (lps, h, fires)
         outcomes.add(h is None)
     assert outcomes == {True, False}  # some answers handed over, some not
+
+
+@pytest.mark.parametrize("name", ["takeover", "takeover-spec"])
+def test_the_token_level_entry_verifies_the_first_uncertain_block_and_hands_over(pair, name):
+    """With ``trigger_below`` (and no log-prob evidence: tau = -inf) the first draft block holding a position less
+    confident than it is verified, and the target answers from there: the output is the draft's answer up to that
+    block, then the target's greedy continuation of it (lossless verification, then the target)."""
+    k = 4
+    policy = make_policy(name, tau=-math.inf, trigger_below=0.08, k=k)  # the tiny pair's max q: ~0.05 .. 0.3
+    results = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy=policy)
+    draft = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy="draft-only")
+    outcomes = set()
+    for prompt, r, d in zip(PROMPTS, results, draft):
+        confident = [math.exp(lp) >= policy.trigger_below for lp in d.token_logprobs]
+        blocks = [b for b in range(0, MAX_TOKENS, k) if not all(confident[b:b + k])]
+        h = hand_over_point(r.tokens)
+        if not blocks:
+            assert h is None and r.token_ids == d.token_ids
+            outcomes.add(None)
+            continue
+        assert h == blocks[0], (confident, h)
+        rest = pair.generate([prompt + d.token_ids[:h]], SamplingParams(max_tokens=MAX_TOKENS - h), policy="target-only")[0]
+        assert r.token_ids == d.token_ids[:h] + rest.token_ids
+        outcomes.add(h == 0)
+    assert len(outcomes) >= 2  # the entry fires in different places
+
+
+def test_an_entry_at_every_block_is_target_only(pair):
+    """``trigger_below = 1``: the first block is verified and the target decodes the rest: target-only's answer."""
+    results = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy="takeover(tau=-inf, trigger_below=1)")
+    target = pair.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS), policy="target-only")
+    assert [r.token_ids for r in results] == [t.token_ids for t in target]

@@ -8,7 +8,7 @@ quantiles of its own score over the dev split, not every midpoint of the observe
 ~300 configurations in-sample). Two-parameter families cross it with a short second axis: the rules'
 draft-only trigger, BiLD's rollback and ``k`` (its hand-over interval), handoff's window (its entry either
 Chow's threshold or the cost-aware price), quantile's level; ``takeover`` crosses its log-prob level with
-quantile's levels and two decision points, each once or continuously. ``chow`` and ``chow-cut`` also get up
+quantile's levels and two decision points, each once or continuously, and adds its token-level entry. ``chow`` and ``chow-cut`` also get up
 to 2 x ``RESOLUTION`` alphas placed at quantiles of the dev split's answer and block confidence
 (``placed_alphas``), so that their cost has no jump the fixed alphas leave.
 """
@@ -33,6 +33,9 @@ PRICES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # handoff's cost-aware
 # takeover's log-prob levels, RESOLUTION of them, down to near-certain tokens (quantile's dev choices on MATH-500 sit
 # at the median log-prob < -0.007); 0.5: hand over at the first chance, as no log-prob is above 0
 TAKEOVER_TAUS = (-8.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.7, -0.5, -0.3, -0.2, -0.1, -0.05, -0.02, -0.01, -0.005, -0.002, 0.5)
+# takeover's token-level entry (a block with a drafted max q below it is verified and hands the request over),
+# crossed with no log-prob evidence (tau = -inf) and with quantile's at one level, decided continuously
+TAKEOVER_ENTRIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 FALLBACKS = tuple(round(0.05 + 0.9 * i / (RESOLUTION - 1), 4) for i in range(RESOLUTION))  # 0.05 .. 0.95
 
 GRIDS: dict[str, list[dict]] = {
@@ -53,7 +56,9 @@ GRIDS: dict[str, list[dict]] = {
     # the hand-over's evidence: quantile's score over the answer so far (tau x level), decided once at a fixed
     # early point (until = after) or continuously from it (until = inf)
     **{fam: [{"tau": t, "quantile": q, "after": a, "until": u} for t in TAKEOVER_TAUS for q in (0.05, 0.1, 0.25, 0.5)
-             for a in (16.0, 64.0) for u in (a, math.inf)] for fam in ("takeover", "takeover-spec")},
+             for a in (16.0, 64.0) for u in (a, math.inf)]
+          + [{"tau": t, "quantile": 0.25, "after": 16.0, "until": math.inf, "trigger_below": e}
+             for e in TAKEOVER_ENTRIES for t in (-math.inf, *TAKEOVER_TAUS)] for fam in ("takeover", "takeover-spec")},
 }
 TOKEN_LEVEL = tuple(GRIDS)  # replayed families
 QUANTILE_LEVELS = (0.0, 0.05, 0.1, 0.25, 0.5)  # which quantile of the draft's token log-probs

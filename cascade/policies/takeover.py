@@ -29,6 +29,15 @@ pass and one position per token: the fewest target FLOPs); under ``takeover-spec
 target passes, a few rejected positions more). Either way the greedy output from the hand-over on is the
 target's greedy continuation of the streamed prefix.
 
+A second, token-level entry (``trigger_below``, off at 0): a block in which some drafted position's confidence
+``max q`` is below ``trigger_below`` (Chow's trigger) is escalated before it is streamed, the target verifies it
+(lossless: the draft's first wrong token there is replaced by the target's), and the request is handed over from
+that round on. It is the router's evidence in the one form a streaming policy can act on before the token is
+out: a confidently wrong answer (the run command's pencil prompt: "$1 x 27") keeps a high log-prob quantile, and
+only a single uncertain token says where it went wrong. Both entries hand over for good; ``takeover`` with
+``tau = -inf`` and a ``trigger_below`` is Chow's first escalation followed by the target alone
+(``handoff(window=inf)`` with the target decoding instead of verifying).
+
 The state (``cascade.policies.state``) is three scalars per request; ``after_round`` updates it from the round's
 emitted log-probs (``RoundOutcome``), in the engine and in the replay alike.
 """
@@ -71,6 +80,8 @@ class _TakeoverEvidence(Policy):
     quantile: float = 0.1  # which quantile of the draft's token log-probs so far, in [0, 1]
     after: float = 32.0  # emitted tokens before a hand-over may fire (>= 1)
     until: float = math.inf  # no hand-over once the answer is longer (after the first chance); inf: continuously
+    trigger_below: float = 0.0  # token-level entry: a block with a drafted max q below this is verified and hands
+    #   the request over (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,9 +89,11 @@ class _TakeoverEvidence(Policy):
         check_unit("quantile", self.quantile)
         check_number("after", self.after, low=1.0)
         check_number("until", self.until, low=0.0)
+        check_unit("trigger_below", self.trigger_below)
 
     def after_round(self, state: TakeoverState, outcome: RoundOutcome) -> TakeoverState:
-        """Count the round's draft tokens into the evidence (until the hand-over) and hand over where it says so."""
+        """Count the round's draft tokens into the evidence (until the hand-over) and hand over where it says so,
+        or where the round was escalated (the token-level entry fired, or the request was handed over already)."""
         handed = state.handed_over.bool()
         fresh = outcome.emitted_mask() & ~handed.view(-1, 1)
         seen = state.seen + torch.where(handed, 0, outcome.emitted)
@@ -89,7 +102,11 @@ class _TakeoverEvidence(Policy):
         first_chance = reached & (state.seen.double() < self.after)
         may_fire = ~handed & (first_chance | (reached & (seen.double() <= self.until)))
         fire = may_fire & below_quantile(low, seen, self.quantile)
-        return TakeoverState(seen=seen, low=low, handed_over=handed | fire)
+        return TakeoverState(seen=seen, low=low, handed_over=handed | fire | outcome.escalated.bool())
+
+    def enters(self, conf: BlockConfidence) -> torch.Tensor:
+        """-> [B] bool: the token-level entry: some drafted position's max q is below ``trigger_below``."""
+        return ((conf.max_prob < self.trigger_below) & conf.valid).any(dim=1)
 
 
 @register("takeover")
@@ -97,11 +114,13 @@ class _TakeoverEvidence(Policy):
 class Takeover(_TakeoverEvidence):
     """Stream the draft's answer; once the ``quantile``-th quantile of its token log-probs so far falls below
     ``tau`` (decided at round ends from ``after`` emitted tokens on, while the answer is at most ``until``
-    tokens), the target decodes the rest of the answer alone, one pass per token. See the module docstring."""
+    tokens), or a block has a position less confident than ``trigger_below`` (that block verified first), the
+    target decodes the rest of the answer alone, one pass per token. See the module docstring."""
 
     def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draft alone (a handed-over request no longer drafts: ``plan``)."""
-        return conf.drafted.clone(), torch.zeros_like(conf.drafted, dtype=torch.bool)
+        """The draft alone, but for the token-level entry's block (a handed-over request no longer drafts:
+        ``plan``)."""
+        return conf.drafted.clone(), self.enters(conf)
 
     def plan(self, state: TakeoverState) -> RoundPlan:
         """Streamed from the first round; the target alone from the hand-over on."""
@@ -115,7 +134,7 @@ class TakeoverSpec(_TakeoverEvidence):
     ``delta = 1``) instead of decoding alone. See the module docstring."""
 
     def trigger(self, conf: BlockConfidence) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft alone until the hand-over, then escalate every block."""
+        """Draft alone until the hand-over (or the token-level entry's block), then escalate every block."""
         handed = conf.state.handed_over.to(conf.drafted.device) if conf.state is not None \
             else torch.zeros_like(conf.drafted, dtype=torch.bool)
-        return conf.drafted.clone(), handed
+        return conf.drafted.clone(), handed | self.enters(conf)
