@@ -348,3 +348,15 @@ def test_placed_alphas_fill_the_cost_gap_the_fixed_ones_leave():
     assert alphas and not set(alphas) & set(ALPHAS) and all(0.7 < a < 0.8 for a in alphas)
     assert [p.describe() for p in grid_policies("chow", placed_on=paths)][: len(ALPHAS)] == \
         [p.describe() for p in grid_policies("chow")]
+
+
+def test_the_replay_runs_on_one_thread_and_restores_the_callers_count():
+    from cascade.bench.replay import one_intra_op_thread
+
+    before = torch.get_num_threads()
+    with one_intra_op_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), one_intra_op_thread():
+        raise RuntimeError("an error inside still restores it")
+    assert torch.get_num_threads() == before

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from cascade.bench.replay import PathStats, ReplaySet
+from cascade.bench.replay import PathStats, ReplaySet, one_intra_op_thread
 from cascade.bench.runs import RunRecord, add_counters, first_token_counters
 from cascade.policies import DEFAULT_K, Policy, make_policy
 from cascade.policies.routing import linear_quantile
@@ -166,7 +166,13 @@ def sweep_records(families: Sequence[str], problems, draft: Sequence[RunRecord],
     """family -> [(config, one record per problem)] for every configuration of each family: token-level
     families replayed on the recorded answers, request-level ones derived exactly (``quantile``'s taus at
     quantiles of its score over ``tau_paths``, the split it is calibrated on; ``quantile-spec`` needs the
-    target's recorded answers). ``on_config`` is called after each replayed configuration (progress)."""
+    target's recorded answers). ``on_config`` is called after each replayed configuration (progress). The walks
+    run on one intra-op thread (``replay.one_intra_op_thread``)."""
+    with one_intra_op_thread():
+        return _sweep_records(families, problems, draft, target, dpaths, tpaths, tau_paths, on_config)
+
+
+def _sweep_records(families, problems, draft, target, dpaths, tpaths, tau_paths, on_config):
     runs: dict[str, list[tuple[str, list[RunRecord]]]] = {}
     t_correct = [t.correct for t in target]
     replay = ReplaySet(problems, dpaths, tpaths, [d.correct for d in draft], t_correct)
