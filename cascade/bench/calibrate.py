@@ -21,7 +21,7 @@ from typing import Sequence
 from cascade.bench.replay import PathStats, score_paths
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
-from cascade.bench.sweeps import REQUEST_LEVEL, sweep_records
+from cascade.bench.sweeps import REQUEST_LEVEL, grid_policies, sweep_records
 from cascade.machine import machine_info
 
 
@@ -40,13 +40,15 @@ def choose_config(points: Sequence[Point], budget: float, axis: str = "target_fr
 
 def sweep_points(family: str, dataset: str, problems, draft: Sequence[RunRecord], target: Sequence[RunRecord],
                  dpaths: Sequence[PathStats], tpaths: Sequence[PathStats], draft_params: int,
-                 target_params: int, costs=None, tau_paths: Sequence[PathStats] | None = None) -> list[Point]:
+                 target_params: int, costs=None, tau_paths: Sequence[PathStats] | None = None,
+                 on_config=lambda: None) -> list[Point]:
     """One replayed (token-level) or derived (request-level) point per grid configuration, the same
     records ``cascade bench`` sweeps (``sweeps.sweep_records``). ``tau_paths``: the draft paths whose score
     quantiles give ``quantile``'s tau grid (default ``dpaths``); pass every dataset's dev paths when one
-    choice must serve several datasets, so that each grid point is the same policy string on all of them."""
+    choice must serve several datasets, so that each grid point is the same policy string on all of them.
+    ``on_config``: called after each replayed configuration (progress)."""
     runs = sweep_records([family], problems, draft, target, dpaths, tpaths,
-                         dpaths if tau_paths is None else tau_paths)[family]
+                         dpaths if tau_paths is None else tau_paths, on_config)[family]
     source = "derived" if family in REQUEST_LEVEL else "replay"
     return [aggregate(dataset, family, config, source, recs, target, draft_params, target_params, costs, draft)
             for config, recs in runs]
@@ -179,10 +181,17 @@ def calibrate(bench, families: Sequence[str], budget: float, datasets: dict[str,
         dev_runs[ds] = (dev, d_draft, d_target, dpaths, tpaths)
     # quantile's tau grid from every dataset's dev answers together: one threshold must serve them all
     pooled_dev_paths = [p for (_, _, _, dpaths, _) in dev_runs.values() for p in dpaths]
+    from tqdm.auto import tqdm
+
+    replayed = [f for f in families if f not in REQUEST_LEVEL]
     for ds, (dev, d_draft, d_target, dpaths, tpaths) in dev_runs.items():
+        total = sum(len(grid_policies(f, pooled_dev_paths)) for f in replayed)
+        bar = tqdm(total=total, desc=f"{ds} dev replay sweeps", unit="config", disable=not bench.cfg.progress)
         for fam in families:
             per_family[fam][ds] = sweep_points(fam, ds, dev, d_draft, d_target, dpaths, tpaths, bench.draft_params,
-                                               bench.target_params, bench.costs, tau_paths=pooled_dev_paths)
+                                               bench.target_params, bench.costs, tau_paths=pooled_dev_paths,
+                                               on_config=lambda: bar.update(1))
+        bar.close()
         ref = lambda recs, name: aggregate(ds, name, name, "real", recs, d_target, bench.draft_params,  # noqa: E731
                                            bench.target_params, bench.costs, d_draft)
         dev_refs[ds] = (ref(d_draft, "draft-only"), ref(d_target, "target-only"))
