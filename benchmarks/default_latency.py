@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         runner = PolicyRunner(pair, RunCache(tmp), "default-latency")
         runner.run("draft-only", problems[:1], progress=False, fresh=True)  # warm-up, not counted
@@ -160,12 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                              "emitted_tokens": rec.emitted_tokens, "target_positions": rec.target_tokens + rec.target_prefill_tokens,
                              "target_passes": rec.passes, "escalations": rec.escalations, "finish_reason": rec.finish_reason,
                              "host_gb_s": round(host, 2)})
+                write_rows(out / f"{args.tag}_requests.csv", rows)  # every request as it ends: an interrupted run keeps them
                 bar.update()
         bar.close()
     summary = summarise(rows, [labels[p] for p in policies])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_rows(out / f"{args.tag}_requests.csv", rows)
     write_rows(out / f"{args.tag}.csv", summary)
     plot(summary, out / f"{args.tag}.png")
     info = machine_info()
