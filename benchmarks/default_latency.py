@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from machine import machine_info, memory_bandwidth_gb_s
-from serve_load import rotated, write_rows
+from serve_load import rotated, split_policies, write_rows
 
 DATASET_LIMITS = {"humaneval": 164, "gsm8k": 256, "math500": 128}  # the samples the shipped default was calibrated on
 
@@ -180,20 +180,6 @@ def main(argv: list[str] | None = None) -> int:
               f"[{s['latency_lo95']:.2f}, {s['latency_hi95']:.2f}] | {s['target_fraction']:.3f} |")
     print(f"\nwrote {out / (args.tag + '.csv')}, _requests.csv, .png and _machine.json")
     return 0
-
-
-def split_policies(spec: str) -> list[str]:
-    """'a,b(x=1, y=2),c' -> ['a', 'b(x=1, y=2)', 'c']: commas inside parentheses belong to a policy's parameters."""
-    out, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur.strip())
-    return [p for p in out if p]
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {Path(args.replot).with_suffix('.png')}")
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    policies = _split_policies(args.policies)
+    policies = split_policies(args.policies)
     if "target-only" not in policies:
         policies.insert(0, "target-only")
     if args.quick:
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(lv.failed for lv in levels) else 0
 
 
-def _split_policies(text: str) -> list[str]:
+def split_policies(text: str) -> list[str]:
     """Split on ';' or on commas outside parentheses: 'target-only,chow(alpha=0.3, k=4)'."""
     parts, depth, cur = [], 0, ""
     for ch in text:
