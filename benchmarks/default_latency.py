@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from machine import machine_info, memory_bandwidth_gb_s
-from serve_load import rotated, split_policies, write_rows
+from serve_load import rotated, write_rows
 
 DATASET_LIMITS = {"humaneval": 164, "gsm8k": 256, "math500": 128}  # the samples the shipped default was calibrated on
 
@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.bench.datasets import load_dataset, select, split
     from cascade.bench.runs import PolicyRunner, RunCache
     from cascade.library import Cascade
-    from cascade.policies import parse_policy
+    from cascade.policies import parse_policy, split_policy_specs
 
     pair = Cascade.from_pretrained(args.draft, args.target, max_rows=1, max_len=args.max_len, dtype=args.dtype)
     shipped = pair.default_policy()
-    policies = [shipped if p == "default" else parse_policy(p).describe() for p in split_policies(args.policies)]
+    policies = [shipped if p == "default" else parse_policy(p).describe() for p in split_policy_specs(args.policies)]
     labels = {pol: parse_policy(pol).name if parse_policy(pol).name in ("draft-only", "target-only")
               else "default: " + pol if pol == shipped else pol for pol in policies}
     names = ["humaneval"] if args.quick else [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {Path(args.replot).with_suffix('.png')}")
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    policies = split_policies(args.policies)
+    from cascade.policies import split_policy_specs
+
+    policies = split_policy_specs(args.policies)
     if "target-only" not in policies:
         policies.insert(0, "target-only")
     if args.quick:
@@ -455,23 +457,6 @@ def main(argv: list[str] | None = None) -> int:
               f"correlation with each level's throughput / its policy-and-concurrency mean: r = {host_correlation(levels):.2f}")
     print(f"\nwrote {out / (args.tag + '.csv')}, _levels.csv, .png and _machine.json")
     return 1 if any(lv.failed for lv in levels) else 0
-
-
-def split_policies(text: str) -> list[str]:
-    """Split on ';' or on commas outside parentheses: 'target-only,chow(alpha=0.3, k=4)'."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch in ",;" and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur.strip())
-    return [p for p in parts if p]
 
 
 if __name__ == "__main__":

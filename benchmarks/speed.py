@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cascade.library import Cascade, generation_config_eos, load_tokenizer
     from cascade.models.factory import resolve_pair
+    from cascade.policies import split_policy_specs
 
     console = Console()
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(draft_dir)
     prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    policies = _split_policies(args.policies)
+    policies = split_policy_specs(args.policies)
 
     dtypes = _dtypes(args.dtypes, args.device)
     rows, lossless, hf_same = [], {}, {}
@@ -217,22 +218,6 @@ def _dtypes(text: str, device: str) -> list[torch.dtype]:
     if text == "auto":
         return list(dict.fromkeys([torch.float32, default_dtype(torch.device(device))]))
     return [resolve_dtype(d.strip(), torch.device(device)) for d in text.split(",") if d.strip()]
-
-
-def _split_policies(text: str) -> list[str]:
-    """Split on commas outside parentheses (or on semicolons)."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch in ",;" and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-            continue
-        depth += ch == "("
-        depth -= ch == ")"
-        cur += ch
-    if cur.strip():
-        parts.append(cur.strip())
-    return parts
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from machine import machine_info
 from prompts import PROMPTS
-from speed import _split_policies, chat_ids, plot, run_cascade
+from speed import chat_ids, plot, run_cascade
 
 
 def _free_port() -> int:
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.library import Cascade, generation_config_eos, load_tokenizer
     from cascade.models.vllm import VLLMTargetOptions
     from cascade.models.factory import resolve_pair
+    from cascade.policies import split_policy_specs
 
     console = Console()
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
     eos = {tokenizer.eos_token_id} | generation_config_eos(draft_dir) | generation_config_eos(target_dir)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    policies = _split_policies(args.policies)
+    policies = split_policy_specs(args.policies)
     paths = [p.strip() for p in args.paths.split(",")]
     prefix = (prompts_ids[0] * 8)[:300]
     span = ([int(t) for t in tokenizer.encode(" return a + b\n    pass", add_special_tokens=False)] * 2)[:6]

@@ -1,5 +1,5 @@
 """``benchmarks/default_latency.py``'s bookkeeping: the paired ratios of means and their interval, the summary
-per dataset and over all, and the policy list's parsing (the bench itself loads the real pair: see the script)."""
+per dataset and over all (the policy list's parsing: ``tests/test_policies.py``; the bench itself loads the real pair: see the script)."""
 
 import pytest
 
@@ -9,11 +9,6 @@ from benchmark_scripts import import_benchmark
 @pytest.fixture(scope="module")
 def dl():
     return import_benchmark("default_latency")
-
-
-def test_split_policies_keeps_commas_inside_parameters(dl):
-    assert dl.split_policies("draft-only, quantile(tau=-1.66, quantile=0),default,") == \
-        ["draft-only", "quantile(tau=-1.66, quantile=0)", "default"]
 
 
 def test_ratio_interval_is_the_ratio_of_sums_and_covers_it(dl):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cascade.policies import BlockConfidence, Chow, make_policy, parse_policy, policy_names
+from cascade.policies import BlockConfidence, Chow, make_policy, parse_policy, policy_names, split_policy_specs
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,17 @@ def test_parse_policy(spec, expected):
 def test_bad_policy_specs_name_the_problem(spec, field):
     with pytest.raises(ValueError, match=field):
         parse_policy(spec)
+
+
+@pytest.mark.parametrize("text, specs", [
+    ("draft-only, quantile(tau=-1.66, quantile=0),default,", ["draft-only", "quantile(tau=-1.66, quantile=0)", "default"]),
+    ("chow(alpha=0.3, k=4);target-only", ["chow(alpha=0.3, k=4)", "target-only"]),
+    ("takeover(tau=-0.1, until=inf)", ["takeover(tau=-0.1, until=inf)"]),
+    (" , ;", []),
+])
+def test_a_list_of_policy_specs_splits_outside_parentheses(text, specs):
+    assert split_policy_specs(text) == specs
+    assert all(parse_policy(s) for s in specs if s != "default")
 
 
 def test_policies_are_hashable_values():

@@ -20,6 +20,7 @@ from cascade.policies.base import (
     policy_names,
     register,
     residual_distribution,
+    split_policy_specs,
     speculative_acceptance,
     verify_distributions,
 )
@@ -40,7 +41,7 @@ from cascade.policies.takeover import Takeover, TakeoverSpec
 
 __all__ = [
     "DEFAULT_K", "BlockConfidence", "Policy", "VerifyDistributions", "make_policy", "parse_policy", "parse_value",
-    "policy_names", "register", "residual_distribution", "speculative_acceptance", "verify_distributions",
+    "policy_names", "register", "residual_distribution", "split_policy_specs", "speculative_acceptance", "verify_distributions",
     "Speculative", "DraftOnly", "TargetOnly", "Chow", "Diff", "Opt", "TokenV1", "TokenV2", "TokenV3", "BiLD", "Handoff", "HandoffV3", "Learned",
     "Quantile", "Oracle", "linear_quantile", "Takeover", "TakeoverSpec",
 ]

@@ -264,6 +264,21 @@ def parse_value(text: str):
     return value
 
 
+def split_policy_specs(text: str) -> list[str]:
+    """Split a list of policy specs written as one string, on ``;`` or on commas outside parentheses:
+    ``"target-only,chow(alpha=0.3, k=4)"`` -> ``["target-only", "chow(alpha=0.3, k=4)"]`` (empty items dropped)."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch in ",;" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    parts.append(current.strip())
+    return [part for part in parts if part]
+
+
 def parse_policy(spec: "str | Policy") -> Policy:
     """Parse ``name``, ``name(a=1, b=2)`` or ``name:v1:v2`` (values in field order, ``k`` last) into a policy."""
     if isinstance(spec, Policy):
