@@ -68,6 +68,8 @@ class Request:
     draft_len: int  # draft-only's emitted tokens
     target_len: int  # target-only's emitted tokens
     draft_logprobs: np.ndarray  # [draft_len] float64: log max q at each emitted draft token
+    prompt_state: np.ndarray | None = None  # [hidden] float32: the draft's last-layer state at the prompt's last
+    #   position (``--prompt-states``), a pre-generation difficulty signal
 
 
 def order_statistic(logprobs: np.ndarray, t: float, quantile: float) -> float:
@@ -178,8 +180,17 @@ def logit(model: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np
     return np.hstack([(x - mean) / scale, np.ones((x.shape[0], 1))]) @ w
 
 
+PROMPT_COMPONENTS = 16  # principal components of the prompt states (fitted on dev) a learned rule reads
 FEATURE_NAMES = ("mean log-prob",) + tuple(f"log-prob q{q}" for q in QUANTILES) + ("log prompt tokens", "log tokens so far", "ended")
 EVIDENCE = ("log-prob quantile", "learned", "learned: prompt length only")
+PROMPT_STATE_EVIDENCE = ("learned: prompt state", "learned: prompt state + log-probs")
+
+
+def principal_components(x: np.ndarray, dev: np.ndarray, k: int) -> np.ndarray:
+    """x [n, d] -> [n, k]: projections on the top ``k`` principal directions of the dev rows (centred on them)."""
+    centre = x[dev].mean(axis=0)
+    _, _, vt = np.linalg.svd(x[dev] - centre, full_matrices=False)
+    return (x - centre) @ vt[:k].T
 
 
 def evidence_scores(kind: str, requests: Sequence[Request], t: float, dev: np.ndarray, worth: np.ndarray,
@@ -187,14 +198,21 @@ def evidence_scores(kind: str, requests: Sequence[Request], t: float, dev: np.nd
     """-> (scores [R, n], labels [R]): candidate rules' scores at ``t`` (low: hand over). ``log-prob quantile``:
     one row per quantile; ``learned``: one row, minus the logit of P(worth handing over) of a logistic
     regression on ``features`` fitted on the dev split's requests alone; ``learned: prompt length only``: the
-    same on the prompt's length alone (a pre-generation difficulty signal: no draft token read)."""
+    same on the prompt's length alone (a pre-generation difficulty signal: no draft token read); ``learned:
+    prompt state``: the same on the top ``PROMPT_COMPONENTS`` principal components (fitted on dev) of the draft's
+    last-layer state at the prompt's end; ``... + log-probs``: those and ``features`` together."""
     if kind == "log-prob quantile":
         return np.array([[order_statistic(r.draft_logprobs, t, q) for r in requests] for q in quantiles]), list(quantiles)
     x = np.array([features(r, t) for r in requests])
-    if kind == "learned: prompt length only":
+    if kind in PROMPT_STATE_EVIDENCE:
+        if any(r.prompt_state is None for r in requests):
+            raise ValueError(f"evidence: {kind!r} needs the prompt states (--prompt-states)")
+        states = principal_components(np.array([r.prompt_state for r in requests], dtype=float), dev, PROMPT_COMPONENTS)
+        x = states if kind == PROMPT_STATE_EVIDENCE[0] else np.hstack([states, x])
+    elif kind == "learned: prompt length only":
         x = x[:, [FEATURE_NAMES.index("log prompt tokens")]]
     elif kind != "learned":
-        raise ValueError(f"evidence: unknown kind {kind!r} (one of {EVIDENCE})")
+        raise ValueError(f"evidence: unknown kind {kind!r} (one of {EVIDENCE + PROMPT_STATE_EVIDENCE})")
     model = fit_logistic(x[dev], worth[dev].astype(float))
     return -logit(model, x)[None, :], ["-"]
 
@@ -246,8 +264,38 @@ def ceiling_rows(dataset: str, requests: Sequence[Request], dev: Sequence[int], 
     return rows
 
 
-def load_requests(dataset: str, limit: int | None, seed: int, cache_dir: Path | None) -> list[Request]:
-    """The first ``limit`` problems of the bench's seeded sample, from the cache alone (no model loaded)."""
+def prompt_states(bench, problems) -> dict[str, np.ndarray]:
+    """problem key -> the draft's last-layer hidden state (after the final norm) at the prompt's last position,
+    [hidden] float32, by ``transformers`` on the converted draft in fp32 (one prefill per problem), cached in
+    ``$CASCADE_HOME/prompt-states/<pair fingerprint>.npz``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cascade.library import encode_text, load_tokenizer
+    from cascade.weights import cascade_home
+
+    path = cascade_home() / "prompt-states" / f"{bench.pair_fp}.npz"
+    have = dict(np.load(path)) if path.exists() else {}
+    todo = [p for p in problems if p.key() not in have]
+    if todo:
+        tokenizer = load_tokenizer(bench.draft_dir)
+        model = AutoModelForCausalLM.from_pretrained(bench.draft_dir, dtype=torch.float32).eval()
+        for i, p in enumerate(todo):
+            ids = torch.tensor([encode_text(tokenizer, p.as_prompt())])
+            with torch.inference_mode():
+                out = model(input_ids=ids, output_hidden_states=True)
+            have[p.key()] = out.hidden_states[-1][0, -1].float().numpy()
+            if (i + 1) % 50 == 0 or i + 1 == len(todo):
+                print(f"  prompt states: {i + 1} / {len(todo)}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **have)
+    return {p.key(): have[p.key()] for p in problems}
+
+
+def load_requests(dataset: str, limit: int | None, seed: int, cache_dir: Path | None,
+                  with_prompt_states: bool = False) -> list[Request]:
+    """The first ``limit`` problems of the bench's seeded sample, from the cache alone (no model loaded; with
+    ``with_prompt_states``, the draft once per problem not seen before: ``prompt_states``)."""
     from cascade.bench.datasets import load_dataset, select
     from cascade.bench.harness import Bench, BenchConfig
     from cascade.bench.replay import PathStats, path_key
@@ -262,6 +310,7 @@ def load_requests(dataset: str, limit: int | None, seed: int, cache_dir: Path | 
                              "record them first (benchmarks/record_sets.py) or lower the limit")
     draft = bench.run("draft-only", problems)
     target = bench.run("target-only", problems)
+    states = prompt_states(bench, problems) if with_prompt_states else {}
     out = []
     for p, d, t in zip(problems, draft, target):
         hit = bench.cache.get(path_key(bench.pair_fp, p.key(), "draft", d.extra["token_ids"]))
@@ -270,7 +319,7 @@ def load_requests(dataset: str, limit: int | None, seed: int, cache_dir: Path | 
         path = PathStats.from_json(hit)
         logq = np.log(np.maximum(np.asarray(path.q_max[:path.emitted], dtype=float), 1e-300))
         out.append(Request(p.problem_id, d.prompt_tokens, float(d.correct), float(t.correct), d.emitted_tokens,
-                           t.emitted_tokens, logq))
+                           t.emitted_tokens, logq, states.get(p.key())))
     return out
 
 
@@ -366,6 +415,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sample and split seed, as cascade bench's (default: 0)")
     ap.add_argument("--dev-fraction", type=float, default=0.5, help="dev share, as cascade bench's (default: 0.5)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default: 2000)")
+    ap.add_argument("--prompt-states", action="store_true",
+                    help="also the learned rules on the draft's state at the prompt's end (runs the draft once per "
+                         "problem through transformers, cached; ~2 GB for the default draft in fp32)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="bench cache (default: $CASCADE_HOME/bench-cache)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory (default: benchmarks/results)")
     ap.add_argument("--tag", default="handover_ceiling", help="output file stem (default: handover_ceiling)")
@@ -374,10 +426,11 @@ def main(argv=None) -> int:
 
     rows, aucs = [], []
     for name, limit in args.dataset:
-        requests = load_requests(name, limit, args.seed, args.cache_dir)
+        requests = load_requests(name, limit, args.seed, args.cache_dir, args.prompt_states)
         dev, test = split_indices(len(requests), args.dev_fraction, args.seed)
         print(f"[{name}] {len(requests)} problems (dev {len(dev)}, test {len(test)})", flush=True)
-        rows += ceiling_rows(name, requests, dev, test, reps=args.bootstrap, seed=args.seed)
+        evidence = EVIDENCE + (PROMPT_STATE_EVIDENCE if args.prompt_states else ())
+        rows += ceiling_rows(name, requests, dev, test, evidence=evidence, reps=args.bootstrap, seed=args.seed)
         aucs += feature_aucs(name, requests, test)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"{args.tag}.csv", "w", newline="") as f:
