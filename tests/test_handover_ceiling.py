@@ -129,3 +129,19 @@ def test_feature_aucs_name_the_feature_that_separates(hc):
 def test_an_unknown_evidence_kind_is_an_error_naming_it(hc):
     with pytest.raises(ValueError, match="evidence"):
         hc.evidence_scores("vibes", [_req(hc, "a", 0.0, 1.0, [-1.0])], 4, np.array([0]), np.array([True]))
+
+
+def test_principal_components_are_fitted_on_dev_rows_alone(hc):
+    rng = np.random.default_rng(1)
+    x = np.outer(rng.normal(size=30), [3.0, 4.0, 0.0]) + 0.01 * rng.normal(size=(30, 3))  # one direction: (0.6, 0.8, 0)
+    x[25:] += 100.0  # test rows far away: they must not move the centre or the directions
+    dev = np.arange(25)
+    pc = hc.principal_components(x, dev, 1)
+    assert pc.shape == (30, 1) and abs(pc[dev].mean()) < 1e-9
+    direction = np.linalg.lstsq(pc[dev], x[dev] - x[dev].mean(axis=0), rcond=None)[0][0]
+    assert abs(abs(direction[0]) - 0.6) < 0.01 and abs(abs(direction[1]) - 0.8) < 0.01
+
+
+def test_prompt_state_evidence_without_the_states_is_an_error_naming_the_option(hc):
+    with pytest.raises(ValueError, match="--prompt-states"):
+        hc.evidence_scores("learned: prompt state", [_req(hc, "a", 0.0, 1.0, [-1.0])], 4, np.array([0]), np.array([True]))
