@@ -67,8 +67,10 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed <= MAX_SEED - (self.n - 1)):
+            raise ValueError(f"seed must be an integer in [0, 2**64 - n] (a 64-bit generator's seed; choice i of n uses "
+                             f"seed + i) or None, got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
@@ -94,6 +96,7 @@ class SamplingParams:
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs and vLLM's default max_logprobs
+MAX_SEED = 2**64 - 1  # the largest seed a torch.Generator takes
 
 
 def resolve_device(device: str) -> str:

@@ -61,5 +61,10 @@ def test_vllm_conventions_and_errors(cascade):
     assert SamplingParams(top_k=-1).top_k == 0
     with pytest.raises(ValueError, match="n must"):
         SamplingParams(n=0)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed a torch.Generator takes
+    assert SamplingParams(seed=2**64 - 3, n=3).choice(2).seed == 2**64 - 1
+    for bad in (dict(seed=2**64), dict(seed=2**64 - 2, n=3), dict(seed=-1), dict(seed=True), dict(seed=1.5)):
+        with pytest.raises(ValueError, match="seed must"):
+            SamplingParams(**bad)
     with pytest.raises(ValueError, match="sampling_params"):
         cascade.generate(PROMPTS[:1], SamplingParams(), sampling_params=SamplingParams())

@@ -5,6 +5,7 @@ what the client would refuse to, or to drop a stream half way)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import threading
 import time
@@ -116,6 +117,16 @@ def test_models_health_and_metrics(server):
                  "cascade_acceptance_length", "cascade_target_token_fraction", "cascade_round_seconds",
                  "cascade_queue_depth", "cascade_active_rows", "cascade_kv_rows_free"):
         assert name in text, name
+
+
+def test_the_occupancy_gauges_are_right_before_the_first_request(tiny_pair_dirs):
+    """The fuzz found ``cascade_kv_rows_free`` at 0 right after start-up (it was first set by a round)."""
+    fresh = start_server(tiny_cascade(tiny_pair_dirs, max_rows=3))
+    try:
+        m = fresh.metrics()
+        assert m["cascade_kv_rows_free"] == 3.0 and m["cascade_active_rows"] == 0.0 and m["cascade_queue_depth"] == 0.0
+    finally:
+        fresh.stop()
 
 
 def test_metrics_count_dynamic_speculation_block_lengths(tiny_pair_dirs):
@@ -282,9 +293,10 @@ def test_sixteen_concurrent_requests_equal_each_request_alone(server, alone):
 
 # ---------------------------------------------------------------------- bad input
 def _post(server, path, body, raw: bytes | None = None) -> httpx2.Response:
-    if raw is not None:
-        return httpx2.post(server.url + path, content=raw, headers={"content-type": "application/json"})
-    return httpx2.post(server.url + path, json=body)
+    """POST ``body`` as JSON (ASCII-escaped, so a lone surrogate travels as ``\\ud800``, as a client in another
+    language may send it) or ``raw`` bytes."""
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx2.post(server.url + path, content=content, headers={"content-type": "application/json"})
 
 
 CHAT = "/v1/chat/completions"
@@ -312,6 +324,16 @@ CHAT = "/v1/chat/completions"
     ({"model": "cascade", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "cascade"}, 400, "messages"),
     ({"model": "cascade", "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),
+    # issue 32's fuzz: seeds past a 64-bit generator's, lone surrogates, and types OpenAI does not coerce
+    ({"model": "cascade", "messages": MESSAGES, "seed": 2**64, "temperature": 1.0}, 400, "seed"),
+    ({"model": "cascade", "messages": MESSAGES, "seed": 2**64 - 1, "n": 2, "temperature": 1.0}, 400, "seed"),
+    ({"model": "cascade", "messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages.0.content"),
+    ({"model": "cascade", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400,
+     "messages.0.content.0.text"),
+    ({"model": "cascade", "messages": MESSAGES, "logprobs": "yes"}, 400, "logprobs"),
+    ({"model": "cascade", "messages": MESSAGES, "max_tokens": "3"}, 400, "max_tokens"),
+    ({"model": "cascade", "messages": MESSAGES, "temperature": "0"}, 400, "temperature"),
+    ({"model": "cascade", "messages": MESSAGES, "stream": "false"}, 400, "stream"),
 ])
 def test_bad_chat_requests_get_4xx_naming_the_field(server, body, status, param):
     r = _post(server, CHAT, body)
@@ -328,6 +350,9 @@ def test_bad_chat_requests_get_4xx_naming_the_field(server, body, status, param)
     ({"model": "cascade", "prompt": "hi", "echo": True}, "echo"),
     ({"model": "cascade", "prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"model": "cascade", "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    ({"model": "cascade", "prompt": "a\ud800b"}, "prompt"),
+    ({"model": "cascade", "prompt": ["ok", "\udbff"]}, "prompt.1"),
+    ({"model": "cascade", "prompt": "hi", "echo": "false"}, "echo"),
 ])
 def test_bad_completion_requests_get_400_naming_the_field(server, body, param):
     r = _post(server, "/v1/completions", body)
@@ -336,10 +361,31 @@ def test_bad_completion_requests_get_400_naming_the_field(server, body, param):
 
 
 def test_malformed_json_and_non_object_bodies(server):
-    for raw in (b"{not json", b"[1, 2]", b""):
+    bad_utf8 = b'{"model": "cascade", "messages": [{"role": "user", "content": "a\xff\xfeb"}]}'
+    deep = b"[" * 2000 + b"]" * 2000
+    for raw in (b"{not json", b"[1, 2]", b"", bad_utf8, deep, b'{"model": ' * 1500 + b"1" + b"}" * 1500):
         r = _post(server, CHAT, None, raw=raw)
-        assert r.status_code == 400, raw
-        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert r.status_code == 400, raw[:40]
+        assert set(r.json()) == {"error"} and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_unknown_routes_and_methods_answer_in_openais_error_shape(server):
+    r = httpx2.get(server.url + "/v1/nope")
+    assert r.status_code == 404 and set(r.json()) == {"error"} and r.json()["error"]["message"]
+    r = httpx2.get(server.url + CHAT)
+    assert r.status_code == 405 and set(r.json()) == {"error"}
+
+
+def test_a_bad_request_does_not_drop_the_connection_for_the_next_one(server):
+    """The fuzz found a lone surrogate answered with a plain-text 500 and the connection dropped; on one kept-alive
+    connection, the refusal and then a normal request both get their answers."""
+    with httpx2.Client(base_url=server.url) as client:
+        for body in ({"model": "cascade", "messages": [{"role": "user", "content": "a\ud800b"}]},
+                     {"model": "cascade", "messages": MESSAGES, "seed": 2**70, "temperature": 0.5, "stream": True}):
+            r = client.post(CHAT, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] in ("messages.0.content", "seed"), r.text
+        r = client.post(CHAT, json={"model": "cascade", "messages": MESSAGES, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_openai_client_raises_on_4xx(server):

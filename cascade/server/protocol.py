@@ -18,6 +18,10 @@ silently ignored: every field is either honoured or refused with a 400 naming it
 - Accepted and ignored (they never change the answer): ``user``, ``metadata``, ``store``,
   ``service_tier``, ``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``, a message's
   ``name``, and any field sent with its empty value (null, [], {}, false).
+- Types are strict, as OpenAI's: a string is not taken for a number or a boolean (``"max_tokens": "3"``,
+  ``"stream": "false"`` are 400s naming the field); only an integer is taken where a float is asked. A string
+  holding a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, not valid Unicode text) is refused naming the
+  field (``no_lone_surrogates``); ``seed`` is at most 2**64 - n (a 64-bit generator's seed).
 
 The extra body field ``cascade`` picks the policy of one request: ``{"policy": "chow", "alpha": 0.2}``, or
 only parameters (``{"alpha": 0.2}``) to adjust the policy the model name chose. Model names: the served
@@ -28,13 +32,14 @@ written as ``cascade generate --policy`` takes it (``cascade:chow:0.2``, ``casca
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cascade.config import MAX_TOP_LOGPROBS, SamplingParams
+from cascade.config import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
 from cascade.metrics import RequestStats
 from cascade.policies import Policy, make_policy, parse_policy
 
@@ -86,8 +91,35 @@ def refuse_unknown(extra: dict[str, Any] | None, where: str = "") -> None:
                              param=f"{where}{name}")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def no_lone_surrogates(value: Any, path: str = "") -> None:
+    """Raise InvalidRequest naming the first string (dotted path: ``messages.0.content``) in a parsed JSON value
+    that holds a lone UTF-16 surrogate: JSON's ``\\ud800`` escape parses, but the text cannot be encoded (a
+    tokenizer fails on it deep inside the engine)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise InvalidRequest(f"{path or 'body'}: holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                                 "valid Unicode text", param=path or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            no_lone_surrogates(key, path)
+            no_lone_surrogates(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            no_lone_surrogates(item, f"{path}.{i}" if path else str(i))
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are kept to be refused by name (refuse_unknown)
+    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields are kept to be refused by name
+    #   (refuse_unknown); strict: no string taken for a number or a boolean
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        no_lone_surrogates(data)
+        return data
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -95,7 +127,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # an extension many OpenAI-compatible servers accept (vLLM: -1 = off)
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's extension
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -152,12 +184,14 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name (refuse_unknown)
+    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields are refused by name (refuse_unknown)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[TextPart], None] = None

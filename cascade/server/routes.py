@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from cascade.engine import RequestOutput
 from cascade.metrics import EmittedToken, top_logprob_lists
@@ -69,6 +70,8 @@ def build_app(loop: EngineLoop, config: ServerConfig, metrics: ServerMetrics) ->
     if config.api_key:
         app.middleware("http")(_authorize)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
     app.add_exception_handler(P.InvalidRequest, _on_invalid_request)
     app.add_exception_handler(QueueFull, _on_queue_full)
     app.add_exception_handler(ServerStopping, _on_stopping)
@@ -115,6 +118,23 @@ async def _authorize(request: Request, call_next):
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _refuse(_state(request), _validation_error(exc))
+
+
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """The framework's own refusals in OpenAI's shape: an unknown route (404), a wrong method (405), and a body
+    FastAPI cannot parse at all (400: not UTF-8, or JSON nested past the parser's depth)."""
+    message = {400: f"malformed request body ({exc.detail}): it must be UTF-8 JSON, nested at most a few hundred "
+                    "levels deep"}.get(exc.status_code, str(exc.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _refuse(_state(request), P.InvalidRequest(message, status=exc.status_code, code=code),
+                   headers=getattr(exc, "headers", None))
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Any other error outside the engine (a bug): a 500 in OpenAI's shape instead of a plain-text traceback, so a
+    client can parse it and the connection stays usable (Starlette still logs the traceback)."""
+    return _refuse(_state(request), P.InvalidRequest(f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                                     type="server_error", code="internal_error"))
 
 
 async def _on_invalid_request(request: Request, exc: P.InvalidRequest) -> JSONResponse:

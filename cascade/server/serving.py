@@ -100,6 +100,7 @@ class EngineLoop:
         if self._thread is not None:
             raise RuntimeError("the engine loop is already running")
         self._loop = loop
+        self._update_gauges()  # right from start-up, not from the first round on (every row free, nothing queued)
         self._thread = threading.Thread(target=self._run, name="cascade-engine", daemon=True)
         self._thread.start()
 
