@@ -18,6 +18,7 @@ class CharTokenizer:
         return len(SYMBOLS)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        text.encode("utf-8")  # as a byte-level tokenizer, text that is not valid Unicode (a lone surrogate) fails here
         return [self._ids.get(c, self._ids["?"]) for c in text.lower()]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
