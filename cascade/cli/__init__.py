@@ -5,6 +5,7 @@ fetch-models, ``bench``: bench / calibrate / train-router) and the options they 
     cascade generate "Write a Python is_prime function." --policy chow --alpha 0.2
     cascade generate                                      # a few built-in prompts
     cascade serve --policy chow:0.2                       # OpenAI-compatible server on 127.0.0.1:8000
+    cascade target-serve --target vllm:DIR                # the target's verify endpoint for --target-url
     cascade bench                                         # the default policy sweep on HumanEval + GSM8K subsets
     cascade calibrate --policy chow --budget 0.2 --dataset gsm8k
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli import bench, generate, models, serve
+from cascade.cli import bench, generate, models, serve, target_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(sub)
     serve.add_parser(sub)
+    target_serve.add_parser(sub)
     models.add_parser(sub)
     bench.add_parsers(sub)
     return parser
@@ -39,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # what follows goes to another program (target-serve: vllm serve)
+        at = argv.index("--")
+        argv, passthrough = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    if passthrough and args.command != "target-serve":
+        parser.error(f"arguments after '--' are only taken by target-serve: {passthrough}")
+    args.passthrough = passthrough
     if args.command is None:
         parser.print_help()
         return 0

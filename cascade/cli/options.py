@@ -58,7 +58,8 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                         "as down without calling it (default: 5)")
     p.add_argument("--target-logprobs", type=int, default=20,
                    help="vLLM target: top-k log-probs per position; the target acts as its top-k truncation, exact "
-                        "for greedy speculative/chow (default: 20, vLLM's max_logprobs)")
+                        "for greedy speculative/chow (default: 20, vLLM's max_logprobs); -1: whole rows, exact for every "
+                        "policy (a `cascade target-serve --max-logprobs -1` server, or an in-process vLLM target)")
     p.add_argument("--vllm-memory-fraction", type=float, default=None,
                    help="'vllm:' target: share of the GPU's total memory (of RAM on vLLM's CPU backend) vLLM reserves "
                         "(default on a GPU: what is free once the draft is loaded, less 1 GiB or 5 %% kept for the "

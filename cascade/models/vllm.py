@@ -1,4 +1,5 @@
-"""A target runner served by vLLM: an in-process ``vllm.LLM`` engine or a remote vLLM OpenAI server.
+"""A target runner served by vLLM: an in-process ``vllm.LLM`` engine, or a remote target server
+(``cascade target-serve``'s verify endpoint, or a stock vLLM OpenAI server).
 
 The draft and its confidence kernel stay local; only the target's verification passes go to vLLM. vLLM
 keeps no per-row state we can address, so this runner keeps each row's token ids itself and, for every
@@ -14,13 +15,18 @@ request with ``prompt_logprobs`` (``SamplingParams.skip_reading_prefix_cache`` d
 since cached positions get no real log-probs: their entries hold uninitialised memory). We only need the
 log-probs of the last ``n`` positions, so the in-process path sets it back to False and uses an entry only
 past ``num_cached_tokens``; a row whose needed positions were served from the cache (it happens when the
-same tokens were verified before, after a rollback) is asked again with the cache read off. The OpenAI server does not expose that field, so on
-the **remote** path the server recomputes the whole prefix on every verification: correct, but each
-escalation costs a prefill of the full sequence there.
+same tokens were verified before, after a rollback) is asked again with the cache read off.
+
+The **remote** path prefers the verify endpoint of ``cascade target-serve`` (``cascade.target_server``),
+which does the same on the server's side (vLLM's async engine, or the project's runner with its rows as a
+prefix cache): an escalation costs its new positions there. A stock ``vllm serve`` does not expose the
+field, so over its OpenAI route the server recomputes the whole prefix on every verification: correct,
+but each escalation costs a prefill of the full sequence.
 
 Exactness: the runner returns float32 logits ``[n, V]`` that hold vLLM's log-probs at the top-k ids (plus
 the draft token's id) and ``-inf`` elsewhere, i.e. the target's distribution truncated to its top-k and
-renormalised (``topk_to_logits``). What that means per policy:
+renormalised (``topk_to_logits``); with ``logprobs = -1`` (whole rows: the verify endpoint, or in-process
+vLLM) they are the target's full log-probs, exact for every policy. What top-k means per policy:
 
 - greedy requests (temperature 0) under ``target-only``, ``speculative``, ``chow``, ``chow-cut`` and
   ``quantile``: **exact**. They need argmax p (always in the top-k) and nothing else of p.
@@ -46,65 +52,18 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from cascade.models.base import TargetUnavailable, decode_steps
+from cascade.models.scoring import (FULL_ROWS, ScoredPositions, ScoringBackend,  # noqa: F401 (re-exported)
+                                     topk_to_logits, truncate_to_topk)
 
 DEFAULT_LOGPROBS = 20  # vLLM's default max_logprobs; raise it on the vLLM side for a larger k
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-@dataclass
-class ScoredPositions:
-    """Top-k log-probs of the next token at the last ``n`` positions of one prompt, in order: entry j
-    is the distribution after token ``L - n + j`` (so the last entry is the one after the whole prompt)."""
-
-    ids: list[list[int]]  # [n][<= k + 1] token ids
-    logprobs: list[list[float]]  # [n][<= k + 1] natural log-probs, same order as ids
-    cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache
-
-
-class ScoringBackend(Protocol):
-    """Where the target's log-probs come from."""
-
-    max_len: int  # longest sequence the backend accepts
-
-    def score(self, prompts: Sequence[Sequence[int]], last_n: Sequence[int], k: int) -> list[ScoredPositions]:
-        """For each prompt, the top-k log-probs of its last ``last_n[i]`` positions. Raises
-        ``TargetUnavailable`` when the target cannot be reached."""
-        ...
-
-    def close(self) -> None:
-        ...
-
-
-def topk_to_logits(scored: Sequence[ScoredPositions], vocab_size: int) -> torch.Tensor:
-    """Dense float32 logits ``[sum(n_i), V]``: the given log-probs at their ids, ``-inf`` elsewhere
-    (softmax of a row is the top-k truncation of p, renormalised)."""
-    n = sum(len(s.ids) for s in scored)
-    out = torch.full((n, vocab_size), float("-inf"), dtype=torch.float32)
-    r = 0
-    for s in scored:
-        for ids, lps in zip(s.ids, s.logprobs):
-            out[r, torch.tensor(ids, dtype=torch.int64)] = torch.tensor(lps, dtype=torch.float32)
-            r += 1
-    return out
-
-
-def truncate_to_topk(logits: torch.Tensor, k: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """What the vLLM runner would return for full ``logits [n, V]``: the top-k log-probs (plus the
-    log-prob of ``tokens [n]`` where given, as vLLM's prompt log-probs include the actual token) and
-    ``-inf`` elsewhere. Used to measure the top-k approximation against an in-process runner."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    keep = torch.zeros_like(logp, dtype=torch.bool)
-    keep.scatter_(1, logp.topk(min(k, logp.shape[-1]), dim=-1).indices, True)
-    if tokens is not None:
-        keep.scatter_(1, tokens.view(-1, 1).to(torch.int64), True)
-    return torch.where(keep, logp, torch.full_like(logp, float("-inf")))
-
-
 def _entries(d) -> tuple[list[int], list[float]]:
     """Token ids and log-probs of one position's ``{id: Logprob}`` dict (in-process or JSON form)."""
     ids, lps = [], []
@@ -241,10 +200,17 @@ class RemotePolicy:
 
 
 class RemoteVLLM:
-    """One or more vLLM OpenAI-compatible servers (``vllm serve``, e.g. replicas of a tensor-parallel target)
-    reached over HTTP. One POST per target pass: the batch's prompts go as one ``/v1/completions`` request,
-    which the server batches. Passes go round-robin over the replicas; a try that fails moves to the next
-    healthy replica, and a replica that failed is skipped for ``cooldown_s``."""
+    """One or more target servers reached over HTTP: ``cascade target-serve`` (its verify endpoint, on vLLM
+    or on the project's runner) or a stock ``vllm serve`` (its OpenAI ``/v1/completions``), e.g. replicas of
+    a tensor-parallel target. One POST per target pass: the batch's sequences go in one request, which the
+    server batches.
+
+    Each replica is probed once for the verify endpoint (``GET /cascade/v1/verify``; probed again after it
+    fails, since a restarted replica may be another server). Where it exists a pass sends the sequences and
+    the positions to score and the server reads its prefix cache: the pass costs its new positions. A stock
+    vLLM server recomputes the whole sequence on every pass (its OpenAI routes read no prefix cache for
+    requests with ``prompt_logprobs``). Passes go round-robin over the replicas; a try that fails moves to
+    the next healthy replica, and a replica that failed is skipped for ``cooldown_s``."""
 
     def __init__(self, url: str | Sequence[str], *, model: str | None = None, policy: RemotePolicy = RemotePolicy(),
                  api_key: str | None = None) -> None:
@@ -266,6 +232,10 @@ class RemoteVLLM:
         self.calls = 0  # HTTP calls made (retries included)
         self.failures = 0  # target passes that ended in TargetUnavailable
         self.passes_per_replica = [0] * len(self.urls)  # successful calls per replica
+        self._verify: list[dict | bool | None] = [None] * len(self.urls)  # per replica: its verify capabilities,
+        #   False (a stock server), or None (not probed yet)
+        self.cached_tokens = 0  # prompt tokens the servers reported reading from their prefix caches
+        self.prompt_tokens = 0  # prompt tokens sent
         info = self._model_info(model)
         self.model = info["id"]
         self.max_len = int(info.get("max_model_len") or 2048)
@@ -294,10 +264,27 @@ class RemoteVLLM:
         with self._lock:
             for i in replicas:
                 self._down_until[i] = time.monotonic() + self.policy.cooldown_s
+                self._verify[i] = None  # it may come back as another server
 
-    def _call(self, path: str, body: dict | None = None) -> dict:
+    def verify_capabilities(self, i: int) -> dict | None:
+        """Replica ``i``'s verify endpoint (its ``GET /cascade/v1/verify`` answer), or None on a stock vLLM
+        server (404 / 405 there); network errors propagate to the caller's retry loop."""
+        from cascade.target_server.wire import VERIFY_OBJECT, VERIFY_PATH
+
+        if self._verify[i] is None:
+            try:
+                caps = self._request(i, VERIFY_PATH)
+            except urllib.error.HTTPError as exc:
+                if exc.code not in (404, 405):
+                    raise
+                caps = None
+            self._verify[i] = caps if isinstance(caps, dict) and caps.get("object") == VERIFY_OBJECT else False
+        return self._verify[i] or None
+
+    def _call(self, path: str | Callable[[int], tuple[str, dict | None]], body: dict | None = None) -> Any:
         """One call with retries over the replicas; raises TargetUnavailable when out of tries or when every
-        replica is cooling down after a failure."""
+        replica is cooling down after a failure. ``path`` may be a function of the replica that gives the
+        path and body (and may itself call the replica, e.g. to probe it)."""
         last: Exception | None = None
         failed: set[int] = set()
         tries = 0
@@ -309,7 +296,7 @@ class RemoteVLLM:
             if attempt:
                 time.sleep(self.policy.backoff_s * 2 ** (attempt - 1))
             try:
-                out = self._request(i, path, body)
+                out = self._request(i, *path(i)) if callable(path) else self._request(i, path, body)
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:500]
                 if 400 <= exc.code < 500 and exc.code not in (408, 429):
@@ -342,11 +329,42 @@ class RemoteVLLM:
         raise ValueError(f"target_model: {model!r} is not served by {self.url} (it serves {[m.get('id') for m in models]})")
 
     def score(self, prompts: Sequence[Sequence[int]], last_n: Sequence[int], k: int) -> list[ScoredPositions]:
-        body = {"model": self.model, "prompt": [list(p) for p in prompts], "max_tokens": 1, "temperature": 0.0,
-                "logprobs": k, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
-        choices = sorted(self._call("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompts):
-            raise TargetUnavailable(f"target {self.url} answered {len(choices)} choices for {len(prompts)} prompts")
+        from cascade.target_server import wire
+
+        prompts = [list(p) for p in prompts]
+        used_verify: list[bool] = []
+
+        def request(i: int) -> tuple[str, dict]:
+            caps = self.verify_capabilities(i)
+            used_verify[:] = [caps is not None]
+            if caps is not None:
+                if k == FULL_ROWS and not caps.get("full_rows"):
+                    raise ValueError(f"target_logprobs: {self.urls[i]} returns no whole rows (-1); ask for a top-k")
+                return wire.VERIFY_PATH, wire.request_body(self.model, prompts, last_n, k)
+            if k == FULL_ROWS:
+                raise ValueError(f"target_logprobs: whole rows (-1) need the verify endpoint (cascade target-serve); "
+                                 f"{self.urls[i]} is a stock vLLM server")
+            return "/v1/completions", {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                                       "logprobs": k, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
+
+        answer = self._call(request)
+        if used_verify[0]:
+            try:
+                result = wire.decode_results(answer, last_n)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TargetUnavailable(f"target {self.url} sent a malformed verify answer: {exc}") from exc
+        else:
+            result = self._from_completions(answer, last_n)
+        with self._lock:
+            self.prompt_tokens += sum(len(p) for p in prompts)
+            self.cached_tokens += sum(r.cached_tokens for r in result)
+        return result
+
+    def _from_completions(self, answer: dict, last_n: Sequence[int]) -> list[ScoredPositions]:
+        """``ScoredPositions`` from a stock ``/v1/completions`` answer with ``prompt_logprobs``."""
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        if len(choices) != len(last_n):
+            raise TargetUnavailable(f"target {self.url} answered {len(choices)} choices for {len(last_n)} prompts")
         result = []
         for c, n in zip(choices, last_n):
             top = (c.get("logprobs") or {}).get("top_logprobs") or [None]
@@ -367,8 +385,8 @@ class VLLMRunner:
 
     def __init__(self, backend: ScoringBackend, *, vocab_size: int, num_params: int, max_rows: int = 8,
                  max_len: int | None = None, logprobs: int = DEFAULT_LOGPROBS) -> None:
-        if logprobs < 1:
-            raise ValueError(f"target_logprobs: must be >= 1, got {logprobs}")
+        if logprobs < 1 and logprobs != FULL_ROWS:
+            raise ValueError(f"target_logprobs: must be >= 1, or -1 for whole rows, got {logprobs}")
         self.backend = backend
         self.vocab_size = int(vocab_size)
         self.num_params = int(num_params)
@@ -447,7 +465,8 @@ class VLLMTargetOptions:
 
     served_model: str | None = None  # remote: the model name on the server (default: the first it serves)
     config_dir: str | None = None  # remote: a local dir with the served model's config.json (FLOP accounting)
-    logprobs: int = DEFAULT_LOGPROBS  # top-k log-probs per position (vLLM's max_logprobs caps it, default 20)
+    logprobs: int = DEFAULT_LOGPROBS  # top-k log-probs per position (vLLM's max_logprobs caps it, default 20), or
+    #   FULL_ROWS (-1): whole rows, exact for every policy (verify endpoint or in-process vLLM; V floats a position)
     remote: RemotePolicy = RemotePolicy()  # remote: timeouts, retries, cooldown
     api_key: str | None = field(default=None, repr=False)  # remote: sent as ``Authorization: Bearer`` (vllm serve --api-key)
     memory_fraction: float | None = None  # in-process: vLLM's gpu_memory_utilization (share of RAM on CPU); None on
@@ -456,8 +475,8 @@ class VLLMTargetOptions:
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # in-process: more vllm.LLM keyword args
 
     def __post_init__(self) -> None:
-        if self.logprobs < 1:
-            raise ValueError(f"target_logprobs: must be >= 1, got {self.logprobs}")
+        if self.logprobs < 1 and self.logprobs != FULL_ROWS:
+            raise ValueError(f"target_logprobs: must be >= 1, or -1 for whole rows, got {self.logprobs}")
         if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
             raise ValueError(f"vllm_memory_fraction: must be in (0, 1], got {self.memory_fraction}")
         if self.tensor_parallel_size < 1:
@@ -468,7 +487,7 @@ def in_process_target(model_dir: str | Path, *, max_rows: int = 8, max_len: int 
                       options: VLLMTargetOptions = VLLMTargetOptions()) -> VLLMRunner:
     """A ``VLLMRunner`` over an in-process vLLM engine loading the checkpoint in ``model_dir``."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    backend = InProcessVLLM(model_dir, max_len=max_len, dtype=dtype, max_logprobs=max(options.logprobs, DEFAULT_LOGPROBS),
+    backend = InProcessVLLM(model_dir, max_len=max_len, dtype=dtype, max_logprobs=FULL_ROWS if options.logprobs == FULL_ROWS else max(options.logprobs, DEFAULT_LOGPROBS),
                             max_num_seqs=max(max_rows, 1), tensor_parallel_size=options.tensor_parallel_size,
                             memory_fraction=options.memory_fraction, **dict(options.engine_args))
     return VLLMRunner(backend, vocab_size=backend.vocab_size, num_params=count_params(config), max_rows=max_rows,
