@@ -186,6 +186,81 @@ def test_cascade_server_over_a_remote_vllm_target(vllm_pair, vllm_server):
         server.stop()
 
 
+# ------------------------------------------------------------------------- cascade target-serve on vLLM
+@pytest.fixture(scope="module")
+def verify_server(vllm_pair):
+    """``cascade target-serve --target vllm:DIR``: vLLM's OpenAI server with the verify endpoint beside its
+    routes; yields its URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cascade.cli", "target-serve", "--target", f"vllm:{vllm_pair[1]}",
+           "--served-model-name", "tiny-target", "--port", str(port), "--max-len", str(MAX_LEN), "--dtype", "float32",
+           "--vllm-memory-fraction", "0.05", "--log-level", "warning", "--", "--skip-tokenizer-init", "--enforce-eager"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        try:
+            if httpx2.get(url + "/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx2.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "cascade target-serve (vLLM) did not come up"
+        time.sleep(2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _prefix_hits(url: str) -> float:
+    """vLLM's own prefix-cache hit counter (tokens), summed over its label sets."""
+    total = 0.0
+    for line in httpx2.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("policy", ["speculative", "chow(alpha=0.3)"])
+def test_the_verify_endpoint_on_vllm_equals_the_in_process_runner(vllm_pair, verify_server, policy):
+    params = SamplingParams(max_tokens=32)
+    target = remote_target(verify_server, vocab_size=64, max_rows=4, max_len=MAX_LEN)
+    assert target.backend.verify_capabilities(0)["engine"] == "vllm"
+    want = local(vllm_pair).generate(PROMPTS, params, policy=policy)
+    got = with_target(vllm_pair, target).generate(PROMPTS, params, policy=policy)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+
+
+def test_the_verify_endpoint_reads_vllms_prefix_cache(vllm_pair, verify_server, vllm_server):
+    """The same verifications through the verify endpoint read vLLM's prefix cache (its own counter moves,
+    the answers say how many tokens came from it); through the stock OpenAI route they read none."""
+    row = list(range(1, 60)) * 3  # 177 tokens: five full 32-token blocks once cached
+    verify = remote_target(verify_server, vocab_size=64, max_rows=1, max_len=MAX_LEN)
+    stock = remote_target(vllm_server[0], vocab_size=64, max_rows=1, max_len=MAX_LEN)
+    before = _prefix_hits(verify_server)
+    for runner in (verify, stock):
+        runner.forward_span([0], [row], num_logits=[1])
+        for span in ([5, 6, 7], [8, 9], [10]):
+            runner.forward_span([0], [span], num_logits=[len(span) + 0])
+    assert verify.backend.cached_tokens >= 3 * 160  # each later pass found the row's whole blocks cached
+    assert stock.backend.cached_tokens == 0
+    assert _prefix_hits(verify_server) - before >= 3 * 160
+
+
+def test_vllms_own_routes_still_serve_beside_the_verify_endpoint(verify_server):
+    body = {"model": "tiny-target", "prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0,
+            "return_tokens_as_token_ids": True}
+    r = httpx2.post(verify_server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+    r = httpx2.post(verify_server + "/cascade/v1/verify", json={"prompts": [[1, 2]], "last_n": [3]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "last_n.0"
+
+
 def test_remote_target_going_down(vllm_pair, vllm_server):
     """Runs last: stops the module's vLLM server. fail -> TargetUnavailable; draft-only -> the draft's output."""
     url, proc = vllm_server
