@@ -5,8 +5,11 @@
   tokens/s of target-only, speculative and chow at batch 1 and batch 4;
 - vLLM alone on the same prompts: plain greedy decoding of the target, and vLLM's own speculative decoding
   with the draft model as speculator (``speculative_config={"method": "draft_model", ...}``);
-- the cost of one escalation (a 6-position verification after a ~300-token prefix) on each path, and the
-  bare HTTP round trip to the server, so the network overhead per escalation is read off directly;
+- ``cascade target-serve`` as the remote target (its verify endpoint, prefix-cache reads on): on vLLM
+  (``--target vllm:DIR``) and on the project's runner;
+- the cost of one escalation (a 6-position verification after a ~300-token prefix) on each path, as seconds
+  and as a ratio to in-process vLLM's, and the bare HTTP round trip to the server, so the network overhead
+  per escalation is read off directly;
 - whether speculative greedy output through each vLLM path equals target-only greedy output in-process.
 
 Runs in the vLLM venv (``CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm``); writes
@@ -46,26 +49,41 @@ def _free_port() -> int:
 
 
 def start_vllm_server(target_dir: Path, max_len: int, memory_fraction: float) -> tuple[str, subprocess.Popen]:
-    """A real vLLM OpenAI server serving the target on 127.0.0.1 (prefix caching on, fp32 like ours)."""
+    """A real (stock) vLLM OpenAI server serving the target on 127.0.0.1 (prefix caching on, fp32 like ours)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target_dir),
            "--served-model-name", "target", "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init",
            "--max-model-len", str(max_len), "--dtype", "float32", "--enable-prefix-caching",
            "--gpu-memory-utilization", str(memory_fraction), "--block-size", "32"]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "vllm_target_server.log", "w")
+    return wait_until_up(cmd, port, "vllm_target_server")
+
+
+def start_target_serve(target: str, max_len: int, memory_fraction: float, max_rows: int) -> tuple[str, subprocess.Popen]:
+    """``cascade target-serve`` on 127.0.0.1: ``target`` "vllm:DIR" (vLLM with the verify middleware) or a
+    checkpoint dir (the project's runner); fp32 like the others."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cascade.cli", "target-serve", "--target", target, "--port", str(port),
+           "--max-len", str(max_len), "--dtype", "float32", "--max-rows", str(max_rows), "--log-level", "warning"]
+    if target.startswith("vllm:"):
+        cmd += ["--vllm-memory-fraction", str(memory_fraction), "--", "--skip-tokenizer-init"]
+    return wait_until_up(cmd, port, "vllm_target_verify_server")
+
+
+def wait_until_up(cmd: list[str], port: int, log_name: str) -> tuple[str, subprocess.Popen]:
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{log_name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
+            raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}; see {log.name}")
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=2):
                 return url, proc
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError("vllm serve did not come up in 15 minutes") from None
+                raise RuntimeError(f"{' '.join(cmd[:5])} did not come up in 15 minutes") from None
             time.sleep(2)
 
 
@@ -133,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per prompt")
     ap.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes")
     ap.add_argument("--policies", default="target-only,speculative,chow(alpha=0.3)", help="cascade policies")
-    ap.add_argument("--paths", default="local,vllm,remote,vllm-alone",
-                    help="what to run: local (in-process runner), vllm (in-process vLLM), remote (vllm serve), "
-                         "vllm-alone (vLLM target-only and vLLM speculative decoding)")
+    ap.add_argument("--paths", default="local,vllm,remote,remote-verify,runner-remote-verify,vllm-alone",
+                    help="what to run: local (in-process runner), vllm (in-process vLLM), remote (stock vllm serve), "
+                         "remote-verify (cascade target-serve on vLLM: the verify endpoint), runner-remote-verify "
+                         "(cascade target-serve on the project's runner), vllm-alone (vLLM target-only and vLLM "
+                         "speculative decoding)")
     ap.add_argument("--memory-fraction", type=float, default=0.45,
                     help="vLLM's gpu_memory_utilization (on its CPU backend: share of RAM for weights + KV)")
     ap.add_argument("--spec-memory-fraction", type=float, default=0.75,
@@ -203,14 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         c.target.close()
         del c
         gc.collect()
-    if "remote" in paths:
-        url, proc = start_vllm_server(target_dir, args.max_len, args.memory_fraction)
+    remote_servers = {  # path -> (label, cost key, how to start the server)
+        "remote": ("vllm remote", "verify_s_vllm_remote",
+                   lambda: start_vllm_server(target_dir, args.max_len, args.memory_fraction)),
+        "remote-verify": ("vllm remote verify", "verify_s_vllm_remote_verify",
+                          lambda: start_target_serve(f"vllm:{target_dir}", args.max_len, args.memory_fraction, B)),
+        "runner-remote-verify": ("runner remote verify", "verify_s_runner_remote_verify",
+                                 lambda: start_target_serve(str(target_dir), args.max_len, args.memory_fraction, B)),
+    }
+    for path, (label, key, start) in remote_servers.items():
+        if path not in paths:
+            continue
+        url, proc = start()
         try:
             c = Cascade.from_pretrained(draft_dir, target_dir, max_rows=B, max_len=args.max_len, dtype="float32",
                                         target_url=url, vllm_options=options)
-            run_policies(c, "vllm remote")
-            overhead["verify_s_vllm_remote"] = verify_cost(c.target, prefix, span, args.reps)
-            overhead["http_round_trip_s"] = http_round_trip(url, args.reps)
+            run_policies(c, label)
+            overhead[key] = verify_cost(c.target, prefix, span, args.reps)
+            overhead[key.replace("verify_s", "cached_tokens_read")] = c.target.backend.cached_tokens
+            if path == "remote":
+                overhead["http_round_trip_s"] = http_round_trip(url, args.reps)
             del c
             gc.collect()
         finally:
@@ -244,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             equal[f"{t} {p} b{b} == in-process target-only"] = outs == reference[b]
     if "verify_s_vllm_remote" in overhead and "verify_s_vllm_in_process" in overhead:
         overhead["remote_minus_in_process_per_escalation_s"] = overhead["verify_s_vllm_remote"] - overhead["verify_s_vllm_in_process"]
+    ratios = {f"{k.removeprefix('verify_s_')}_x_vllm_in_process": v / overhead["verify_s_vllm_in_process"]
+              for k, v in overhead.items() if k.startswith("verify_s_") and "verify_s_vllm_in_process" in overhead}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {**machine_info(), "dtype": "float32", "prompts": args.prompts, "max_tokens": args.max_tokens,
             "escalation_cost": {"prefix_tokens": len(prefix), "span_tokens": len(span), "reps": args.reps, **overhead},
+            "escalation_cost_x_vllm_in_process": ratios,
             "greedy_equal": equal, "errors": errors, "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
     fields = ["system", "target", "policy", "batch", "tokens", "wall_s", "tok_per_s", "x_in_process_target_only",
               "target_token_fraction", "mean_acceptance_length", "relative_cost"]
@@ -268,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["target"], r["policy"], str(r["batch"]), f"{r['tok_per_s']:.3f}",
                       f"{r['x_in_process_target_only']:.2f}", f"{r['target_token_fraction']:.2f}")
     console.print(table)
-    console.print({k: round(v * 1000, 1) for k, v in overhead.items()}, "(ms)")
+    console.print({k: round(v * 1000, 1) for k, v in overhead.items() if k.endswith("_s")}, "(ms)")
+    console.print({k: round(v, 2) for k, v in ratios.items()}, "(x in-process vLLM)")
     console.print(equal)
     console.print(f"wrote {out / (args.tag + '.csv')}, {args.tag}.png, {args.tag}_machine.json")
     return 0
