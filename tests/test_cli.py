@@ -7,7 +7,8 @@ import pytest
 from cascade.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["generate", "serve", "fetch-models", "bench", "calibrate", "train-router"])
+@pytest.mark.parametrize("command", ["generate", "serve", "target-serve", "fetch-models", "bench", "calibrate",
+                                     "train-router"])
 def test_help_lists_every_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -52,10 +53,36 @@ def test_top_level_help(capsys):
     (["serve", "--target-url", "http://x", "--vllm-memory-fraction", "2"], "vllm_memory_fraction"),
     (["serve", "--target-url", "http://x", "--target-timeout", "0"], "target_timeout"),
     (["serve", "--target-url", "http://x", "--target-logprobs", "0"], "target_logprobs"),
+    (["target-serve", "--max-rows", "0"], "--max-rows"),
+    (["target-serve", "--max-logprobs", "0"], "--max-logprobs"),
+    (["target-serve", "--target", "/nonexistent/model", "--", "--tensor-parallel-size", "2"], "after '--'"),
 ])
 def test_bad_input_exits_2_with_message(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_arguments_after_a_double_dash_are_only_for_target_serve(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--", "--x"])
+    assert exc.value.code == 2 and "only taken by target-serve" in capsys.readouterr().err
+
+
+def test_target_serve_hands_vllm_its_command_line(tiny_pair_dirs):
+    """--target vllm:DIR becomes `vllm serve` with the verify middleware, prefix caching and the passthrough."""
+    from cascade.cli.target_serve import VERIFY_MIDDLEWARE, vllm_command
+
+    args = build_parser().parse_args(["target-serve", "--target", f"vllm:{tiny_pair_dirs[1]}", "--port", "9001",
+                                      "--max-logprobs", "-1", "--dtype", "float32"])
+    cmd = vllm_command(args, str(tiny_pair_dirs[1]), ["--tensor-parallel-size", "2"])
+    joined = " ".join(cmd)
+    assert f"--middleware {VERIFY_MIDDLEWARE}" in joined and "--enable-prefix-caching" in cmd
+    assert "--max-logprobs -1" in joined and "--port 9001" in joined and "--dtype float32" in joined
+    assert cmd[-2:] == ["--tensor-parallel-size", "2"]
+    import importlib
+
+    module, name = VERIFY_MIDDLEWARE.rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), name))  # vLLM imports it by this path
 
 
 def test_serve_with_an_unreachable_target_url_exits_2(tiny_pair_dirs, capsys):

@@ -231,6 +231,7 @@ class RemoteVLLM:
         self._lock = threading.Lock()
         self.calls = 0  # HTTP calls made (retries included)
         self.failures = 0  # target passes that ended in TargetUnavailable
+        self.failed_tries = 0  # HTTP tries that failed (a replica down, timing out, answering 5xx), retried or not
         self.passes_per_replica = [0] * len(self.urls)  # successful calls per replica
         self._verify: list[dict | bool | None] = [None] * len(self.urls)  # per replica: its verify capabilities,
         #   False (a stock server), or None (not probed yet)
@@ -303,9 +304,11 @@ class RemoteVLLM:
                     raise ValueError(f"target {self.urls[i]} refused the request (HTTP {exc.code}): {detail}") from exc
                 last = exc
                 failed.add(i)
+                self.failed_tries += 1
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, json.JSONDecodeError) as exc:
                 last = exc
                 failed.add(i)
+                self.failed_tries += 1
             else:
                 self._mark_down(failed)  # the replicas that failed on the way are skipped for a while
                 self.passes_per_replica[i] += 1
