@@ -68,6 +68,9 @@ class RequestStats:
     target_tokens: int = 0
     target_scored_tokens: int = 0  # target positions that scored a token (see the module docstring)
     target_prefill_tokens: int = 0
+    target_stateless_tokens: int = 0  # sum over target passes of the sequence length at the pass's end (prompt
+    #   included): the positions a target without prefix reuse computes (a stock OpenAI route recomputes the
+    #   whole sequence on every pass); the bench's ``stock_remote_fraction`` axis
     escalations: int = 0  # target passes that verified a block of this request
     verified_draft_tokens: int = 0  # draft tokens the target scored to accept or reject them
     accepted_tokens: int = 0  # draft tokens accepted by verification

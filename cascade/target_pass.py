@@ -68,6 +68,7 @@ class TargetPass:
             s.stats.target_tokens += len(span) - catch_up
             s.stats.target_scored_tokens += n
             s.target_len += len(span)
+            s.stats.target_stateless_tokens += s.target_len  # over a stock OpenAI route this pass recomputes all of it
             if blk is not None:
                 s.stats.escalations += 1
             else:

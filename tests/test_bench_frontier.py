@@ -75,7 +75,7 @@ def test_passes_axis_and_markdown():
     md, sels = frontier_markdown(fr, ["a", "b"])
     assert "test split (n = 20" in md and "passes_per_token" in md and "significant" in md
     assert "What this split can detect" in md and "30.0 pp" in md  # McNemar's floor: 6 of 20 problems
-    assert len(sels) == 5 * 3 * 2
+    assert len(sels) == 6 * 3 * 2  # every axis (AXES) at its three budgets, two families
 
 
 def test_undefined_gap_is_said_not_dashed():

@@ -84,6 +84,7 @@ def test_exact_replay_equals_real_run_counts(twin, name, params):
             r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens,
             r.stats.escalations), policy.describe()
         assert rep.target_prefill_tokens == r.stats.target_prefill_tokens
+        assert rep.target_stateless_tokens == r.stats.target_stateless_tokens, policy.describe()
 
 
 def _letters(ids):
@@ -121,6 +122,7 @@ def test_exact_replay_equals_real_run_at_eos_and_stop_strings(twin_endings, endi
         assert (rep.emitted_tokens, rep.draft_tokens, rep.target_tokens, rep.target_scored_tokens, rep.escalations) == (
             r.stats.emitted_tokens, r.stats.draft_tokens, r.stats.target_tokens, r.stats.target_scored_tokens,
             r.stats.escalations), (policy.describe(), ending, i)
+        assert rep.target_stateless_tokens == r.stats.target_stateless_tokens, (policy.describe(), ending, i)
 
 
 def test_replay_modes_agree_with_real_runs_on_a_random_pair(pair):

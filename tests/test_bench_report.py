@@ -262,3 +262,25 @@ def test_a_calibration_summary_states_its_further_limits():
     assert "ttft <= 1.5, modelled_time <= 1" in out["chosen_on"]
     assert "limits" not in Calibration(policy="chow(k=5)", family="chow", budget=0.2, axis="target_fraction",
                                        per_dataset=[], candidates=1).summary()
+
+
+def test_the_stock_remote_axis_prices_every_pass_as_its_whole_sequence():
+    """A stock OpenAI route recomputes the whole sequence on each pass: two escalations of a 10-token prompt
+    ending at answer lengths 4 and 9 cost (10 + 4) + (10 + 9) positions there; target-only's one generate
+    call costs prompt + answer. Records written before the counter: derived for target-alone steps, else NaN."""
+    def rec(policy, **kw):
+        base = dict(dataset="d", problem_id="p", policy=policy, correct=1.0, emitted_tokens=10, prompt_tokens=10,
+                    draft_tokens=0, draft_prefill_tokens=0, target_tokens=0, target_prefill_tokens=0, escalations=0)
+        return RunRecord(**{**base, **kw})
+
+    target = rec("target-only", target_tokens=9, target_prefill_tokens=10, target_passes=10)
+    assert target.stateless == 10 * 10 + 45  # pass i ends at prompt + i, derived
+    draft = rec("draft-only", draft_tokens=9, draft_prefill_tokens=10)
+    assert draft.stateless == 0
+    cascade = rec("chow", target_tokens=9, target_prefill_tokens=10, escalations=2, target_passes=2,
+                  target_stateless_tokens=(10 + 4) + (10 + 9))
+    p = aggregate("d", "chow", "chow", "replay", [cascade], [target], 1, 1)
+    assert p.stock_remote_fraction == pytest.approx(33 / 19) and p.target_fraction == pytest.approx(1.0)
+    old = rec("chow", target_tokens=9, target_prefill_tokens=10, escalations=2, target_passes=2)
+    assert old.stateless is None
+    assert math.isnan(aggregate("d", "chow", "chow", "real", [old], [target], 1, 1).stock_remote_fraction)

@@ -243,6 +243,8 @@ class WalkResult:
     first_target_tokens: int = 0  #   (the modelled time to first token prices them)
     first_escalations: int = 0  # (target passes: escalations, plus target-alone steps)
     target_alone_steps: int = 0  # rounds in which the target decoded one token alone (the policy's plan said so)
+    stateless_answer_tokens: int = 0  # sum over target passes of the answer positions the row held after the
+    #   pass (RequestStats.target_stateless_tokens less the prompt per pass)
 
 
 _FIELDS = ("tokens", "q_argmax", "p_argmax", "q_max", "q_margin", "q_entropy", "p_max", "tv", "logp_x")
@@ -315,6 +317,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
     ar = torch.arange(k)
     plans = stateful and type(policy).plan is not Policy.plan  # its requests' rounds depend on their state
     alone_steps = torch.zeros(N, dtype=torch.int64)
+    stateless = torch.zeros(N, dtype=torch.int64)  # answer positions held after each target pass, summed
     while True:
         act = (pos < L).nonzero().squeeze(1)  # [A] paths with a round left
         if plans and act.numel():  # paths whose plan lets the target decode alone: walked to their end at once
@@ -333,6 +336,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
                 first[:, done] = torch.where(now, torch.stack([draft_tokens[done], target_tokens[done] + catch_up,
                                                                escalations[done] + 1]), first[:, done])
                 target_tokens[done] += catch_up + m - 1  # then one new token per pass
+                stateless[done] += m * pos[done] + m * (m - 1) // 2  # pass j ends holding pos + j answer positions
                 scored[done] += m
                 alone_steps[done] += m
                 pos[done] = L[done]
@@ -363,6 +367,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
         fed, num_logits = target_layout(keep, ends_request)
         escalations[act] += esc.long()
         target_tokens[act] += torch.where(esc, p - target_len[act] + fed, 0)
+        stateless[act] += torch.where(esc, p + fed, 0)
         scored[act] += torch.where(esc, num_logits, 0)
         verified = torch.where(esc, keep, 0)  # [A] rows each path sends to acceptance
         rows = ar[None, :] < verified[:, None]  # [A, k], row-major = the flat layout's order
@@ -400,7 +405,7 @@ def simulate_paths(policy: Policy, paths: Sequence[PathStats] | PathBatch) -> li
     first = torch.where(first < 0, totals, first)  # a path that never emitted: its whole walk
     return [WalkResult(int(draft_tokens[i]), int(target_tokens[i]), int(scored[i]), int(escalations[i]),
                        None if int(diverged[i]) < 0 else int(diverged[i]), int(disagreements[i]), int(resolved[i]),
-                       int(first[0, i]), int(first[1, i]), int(first[2, i]), int(alone_steps[i]))
+                       int(first[0, i]), int(first[1, i]), int(first[2, i]), int(alone_steps[i]), int(stateless[i]))
             for i in range(N)]
 
 
@@ -497,6 +502,8 @@ def _record(policy: Policy, problem, draft_path: PathStats, target_path: PathSta
         target_prefill_tokens=path.prompt_tokens if walk.escalations + walk.target_alone_steps else 0,
         escalations=walk.escalations, target_passes=walk.escalations + walk.target_alone_steps,
         target_scored_tokens=walk.target_scored_tokens,
+        target_stateless_tokens=(walk.escalations + walk.target_alone_steps) * path.prompt_tokens
+        + walk.stateless_answer_tokens,
         mode=mode, extra={"diverged_at": on_draft.diverged_at},
         first_token={"draft_tokens": walk.first_draft_tokens, "draft_prefill_tokens": path.prompt_tokens,
                      "target_tokens": walk.first_target_tokens,

@@ -19,6 +19,8 @@ Definitions (DESIGN.md, "Cost accounting"), per dataset, summed over its problem
   tokens the target was consulted on (what the Speculative Cascades paper counts as large-model calls; on a
   GPU the catch-up runs as a parallel prefill and costs little latency).
 - passes_per_token: sequential target forward calls / emitted tokens (the memory-bound regime).
+- stock_remote_fraction: target positions when the target sits behind a route without prefix reuse (a
+  stock vLLM OpenAI server: every pass recomputes its whole sequence) / target-only's positions.
 - modelled_time: modelled time of both models' passes (``costs.PassCosts``) / target-only's: each
   request's end-to-end latency alone on the machine, summed.
 - ttft: the mean modelled time to first token (``PassCosts.ttft_ms``) / draft-only's on the same problems
@@ -59,6 +61,9 @@ class Point:
     relative_cost: float
     scored_fraction: float = 0.0
     passes_per_token: float = 0.0  # sequential target forward calls / emitted tokens (memory-bound regime)
+    stock_remote_fraction: float = float("nan")  # target positions over a route without prefix reuse (each pass
+    #   recomputes its whole sequence: a stock vLLM OpenAI server) / target-only's positions; NaN where a
+    #   record predates the counter
     modelled_time: float = float("nan")  # modelled time (``costs.PassCosts``) / target-only's on the same problems
     ttft: float = float("nan")  # mean modelled time to first token / draft-only's on the same problems
     ttft_ms: float = float("nan")  # mean modelled time to first token per request
@@ -106,6 +111,7 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
             base_ttft = sum(map(costs.ttft_ms, draft_only)) / len(draft_only)
             ttft = ttft_ms / base_ttft if base_ttft > 0 else float("nan")
     measured = [r for r in records if r.ttft_s is not None and r.latency_s is not None]
+    stateless = [r.stateless for r in records]
     return Point(
         dataset=dataset, family=family, config=config, source=source, n=len(records),
         quality=sum(r.correct for r in records) / len(records),
@@ -113,6 +119,7 @@ def aggregate(dataset: str, family: str, config: str, source: str, records: Sequ
         scored_fraction=sum(r.scored for r in records) / max(1, emitted),
         relative_cost=flops / base if base else float("nan"),
         passes_per_token=sum(r.passes for r in records) / max(1, emitted),
+        stock_remote_fraction=(sum(stateless) / target_base if target_base and None not in stateless else float("nan")),
         modelled_time=(sum(map(costs.record_ms, records)) / max(1e-9, sum(map(costs.record_ms, target_only)))
                        if costs is not None else float("nan")),
         tokens_per_s=(emitted / time_s) if source == "real" and time_s > 0 else None,

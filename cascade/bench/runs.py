@@ -74,6 +74,7 @@ class RunRecord:
     ttft_s: float | None = None  # measured time to first reported token from admission (real runs; see above)
     latency_s: float | None = None  # measured admission to finish (real runs)
     first_token: dict | None = None  # the cost counters (``COUNTERS``) when the first token was reported
+    target_stateless_tokens: int | None = None  # RequestStats.target_stateless_tokens (None: written before it)
 
     def counters(self) -> dict:
         """The record's cost counters (``COUNTERS``) over the whole answer."""
@@ -91,6 +92,20 @@ class RunRecord:
         """Sequential target forward calls (records without the counter: escalations; a target-only run's
         records always carry it)."""
         return self.escalations if self.target_passes is None else self.target_passes
+
+    @property
+    def stateless(self) -> int | None:
+        """Target positions over a route without prefix reuse (``target_stateless_tokens``); for records written
+        before the counter, derived where the passes say it exactly (none; or target-alone steps from the
+        answer's start, pass i ending at prompt + i), else None."""
+        if self.target_stateless_tokens is not None:
+            return self.target_stateless_tokens
+        passes = self.passes
+        if passes == 0:
+            return 0
+        if self.escalations == 0:
+            return passes * self.prompt_tokens + passes * (passes - 1) // 2
+        return None
 
     def flops(self, draft_params: int, target_params: int) -> float:
         return 2.0 * (draft_params * (self.draft_tokens + self.draft_prefill_tokens)
@@ -421,7 +436,8 @@ def _record(problem: "Problem", policy: Policy, out, s, share: float, token_ids:
         draft_tokens=st.draft_tokens, draft_prefill_tokens=st.draft_prefill_tokens,
         target_tokens=st.target_tokens, target_prefill_tokens=st.target_prefill_tokens,
         escalations=st.escalations, target_scored_tokens=st.target_scored_tokens,
-        target_passes=st.escalations + st.target_only_steps, mode="real", text=out.text, finish_reason=out.finish_reason,
+        target_passes=st.escalations + st.target_only_steps, target_stateless_tokens=st.target_stateless_tokens,
+        mode="real", text=out.text, finish_reason=out.finish_reason,
         score_detail=s.detail, time_share_s=share, wall_time_s=st.wall_time_s,
         extra={"accepted_tokens": st.accepted_tokens, "bonus_tokens": st.bonus_tokens,
                "replaced_tokens": st.replaced_tokens, "token_ids": list(token_ids)},

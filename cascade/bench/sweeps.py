@@ -133,7 +133,7 @@ def quantile_records(draft: Sequence[RunRecord], answer: Sequence[RunRecord], pa
                 draft_prefill_tokens=d.draft_prefill_tokens + a.draft_prefill_tokens,
                 target_tokens=a.target_tokens, target_prefill_tokens=a.target_prefill_tokens,
                 escalations=a.escalations, target_scored_tokens=a.scored, target_passes=a.passes,
-                mode="replay-estimate" if a.mode == "replay-estimate" else "derived",
+                target_stateless_tokens=a.stateless, mode="replay-estimate" if a.mode == "replay-estimate" else "derived",
                 time_share_s=d.time_share_s + a.time_share_s,
                 first_token=add_counters(d.counters(), first_token_counters(a))))
         else:

@@ -114,7 +114,7 @@ def add_parsers(sub) -> None:
 
 
 AXIS_NAMES = {"target": "target_fraction", "passes": "passes_per_token", "scored": "scored_fraction",
-              "time": "modelled_time", "ttft": "ttft"}  # --real-check / --axis -> cascade.bench.frontier.AXES
+              "time": "modelled_time", "ttft": "ttft", "stock-remote": "stock_remote_fraction"}  # --real-check / --axis -> cascade.bench.frontier.AXES
 
 
 def axis_values(specs: list[str], option: str) -> list[tuple[str, float]]:
