@@ -14,6 +14,7 @@ from cascade import SamplingParams
 from cascade.detokenize import CONTEXT_TOKENS, TokenBytes, extend_text
 
 from test_engine import PROMPTS, make_cascade
+from tiny_tokenizer import is_utf8
 
 TEXT = ("def is_prime(n):\n    # prüfe Teiler — 素数 ✓ 🙂\n    return all(n % d for d in range(2, n))\n"
         "Ünïcödé, ça va? naïve café; 日本語のテキスト and emoji 🚀🚀 done.\n")
@@ -105,16 +106,10 @@ def test_token_bytes_join_into_the_texts_utf8(which, sentencepiece_tokenizer):
     else:  # SentencePiece: the first piece's bytes keep the dummy-prefix space that decoding drops
         assert joined.decode("utf-8") == " " + tok.decode(ids)
     # a token holding part of a character has raw bytes, not the re-encoded replacement character
-    partial = [p for p in pieces if not _is_utf8(p)]
+    partial = [p for p in pieces if not is_utf8(p)]
     assert partial and all(b"\xef\xbf\xbd" not in p for p in partial)
 
 
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_the_engines_text_equals_a_full_decode_and_decodes_windows(tiny_pair_dirs):

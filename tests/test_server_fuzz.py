@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tiny_tokenizer import is_utf8
 from test_server import MESSAGES, start_server, tiny_cascade, wait_idle
 
 FIELDS = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -66,7 +67,7 @@ bodies = st.one_of(junk, valid, mutated, sampled)  # sampled: a sampled request 
 raw_bodies = st.one_of(
     st.integers(min_value=500, max_value=5000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(min_value=500, max_value=3000).map(lambda depth: b'{"model": ' * depth + b"1" + b"}" * depth),
-    st.binary(min_size=1, max_size=4).filter(lambda b: not _is_utf8(b)).map(
+    st.binary(min_size=1, max_size=4).filter(lambda b: not is_utf8(b)).map(
         lambda junk_bytes: b'{"model": "cascade", "messages": [{"role": "user", "content": "a' + junk_bytes + b'"}]}'),
     st.builds(lambda body, cut: _encode(body)[:cut], valid, st.integers(min_value=0, max_value=40)))
 
@@ -78,12 +79,6 @@ def fuzzed_server(tiny_pair_dirs):
     s.stop()
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def _encode(body) -> bytes:

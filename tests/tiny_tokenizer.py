@@ -29,3 +29,12 @@ class CharTokenizer:
         if add_generation_prompt:
             text += "assistant: "
         return self.encode(text) if tokenize else text
+
+
+def is_utf8(data: bytes) -> bool:
+    """Whether ``data`` decodes as UTF-8 (tests of byte-level text handling)."""
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
