@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart-after", type=float, default=5.0, help="seconds between the kill and the restart")
     ap.add_argument("--cooldown", type=float, default=5.0, help="the front end's --target-cooldown (default: 5)")
     ap.add_argument("--timeout", type=float, default=60.0, help="the front end's --target-timeout (default: 60)")
+    ap.add_argument("--logprobs", type=int, default=20,
+                    help="top-k log-probs per verified position (exact for greedy speculative / target-only / chow / "
+                         "takeover); -1: whole rows, exact for every policy, but V floats a position on the wire")
     ap.add_argument("--no-reference", action="store_true", help="skip the fault-free run (no equality column)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     ap.add_argument("--tag", default="fault_soak", help="file name stem for the outputs")
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     target_arg = f"vllm:{target_dir}" if args.vllm else str(target_dir)
     rows = max(16, args.requests)
     replica_args = ["--target", target_arg, "--max-len", str(args.max_len), "--dtype", args.dtype, "--max-rows", str(rows),
-                    "--max-logprobs", "-1"]
+                    "--max-logprobs", str(args.logprobs)]
     if args.vllm:
         replica_args += ["--vllm-memory-fraction", "0.15", "--", "--skip-tokenizer-init"]
     log = lambda msg: print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         front_url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "cascade.cli", "serve", "--port", str(port), "--max-rows", str(args.requests),
                "--max-len", str(args.max_len), "--dtype", args.dtype, "--draft", str(draft_dir), "--target", str(target_dir),
-               "--target-logprobs", "-1", "--on-target-error", args.on_target_error, "--fixed-k",
+               "--target-logprobs", str(args.logprobs), "--on-target-error", args.on_target_error, "--fixed-k",
                "--target-cooldown", str(args.cooldown), "--target-timeout", str(args.timeout), "--log-level", "warning"]
         for r in replicas:
             cmd += ["--target-url", r.url]

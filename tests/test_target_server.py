@@ -132,6 +132,15 @@ def test_scored_from_logits_keeps_the_topk_and_the_token_there():
 # ------------------------------------------------------------------------------- runner scorer
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2
+    assert common_prefix([5], [6]) == 0 and common_prefix([1, 2, 3], [1, 2]) == 2
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(5))]
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == want
 
 
 def test_the_scorer_reuses_prefixes_and_matches_a_fresh_pass(tiny_pair_dirs):
