@@ -84,7 +84,7 @@ def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tu
     dp, tp = cascade.draft.num_params, cascade.target.num_params
     cost_num = sum(r.stats.relative_cost(dp, tp) * (r.stats.prompt_tokens + r.stats.emitted_tokens) for r in results)
     cost_den = sum(r.stats.prompt_tokens + r.stats.emitted_tokens for r in results)
-    row = {"system": "cascade", "policy": policy, "dtype": str(cascade.target.dtype).removeprefix("torch."), "batch": batch,
+    row = {"system": "cascade", "policy": policy, "dtype": str(getattr(cascade.target, "dtype", "served")).removeprefix("torch."), "batch": batch,
            "tokens": emitted, "wall_s": wall,
            "tok_per_s": emitted / wall, "target_token_fraction": target_tokens / emitted if emitted else 0.0,
            "mean_acceptance_length": verified / escalations if escalations else float("nan"),
