@@ -4,7 +4,7 @@ restarted, and what became of every request.
 The replicas are ``cascade target-serve`` processes on 127.0.0.1 (the project's runner, or vLLM with
 ``--vllm``); the front end is ``cascade serve --target-url A --target-url B`` (started here, or ``--url``).
 Concurrent streamed greedy chat requests of mixed policies go through the real ``openai`` client. Once a
-quarter of the expected tokens have streamed, replica A gets SIGKILL; it is restarted on the same port
+every request is streaming (``--kill-fraction``), replica A gets SIGKILL; it is restarted on the same port
 ``--restart-after`` seconds later. After the load, and after the front end's cool-down, a second wave shows
 whether A is used again (its fresh process counts the verify calls it served).
 
@@ -128,7 +128,7 @@ class Outcome:
 
 
 def one_request(client, index: int, prompt: str, policy: str, max_tokens: int, on_chunk) -> Outcome:
-    """One streamed greedy chat request through the openai client; ``on_chunk()`` after each text chunk."""
+    """One streamed greedy chat request through the openai client; ``on_chunk(index)`` after each text chunk."""
     out = Outcome(index=index, policy=policy)
     t0 = time.perf_counter()
     try:
@@ -141,7 +141,7 @@ def one_request(client, index: int, prompt: str, policy: str, max_tokens: int, o
                 if out.ttft_s is None:
                     out.ttft_s = time.perf_counter() - t0
                 parts.append(chunk.choices[0].delta.content)
-                on_chunk()
+                on_chunk(index)
             if chunk.choices and chunk.choices[0].finish_reason:
                 out.finish_reason = chunk.choices[0].finish_reason
             if chunk.usage is not None:
@@ -204,24 +204,24 @@ def wait_idle(url: str, timeout_s: float = 60) -> dict[str, float]:
 
 
 def run_soak(front_url: str, requests: list[tuple[str, str]], max_tokens: int, victims: list[Replica], *,
-             kill_fraction: float = 0.25, restart_after_s: float | None = 2.0, cooldown_s: float = 0.0,
+             kill_fraction: float = 1.0, restart_after_s: float | None = 2.0, cooldown_s: float = 0.0,
              second_wave: int = 4, request_timeout_s: float = 300, progress=None) -> SoakResult:
-    """Send ``requests`` ((prompt, policy) pairs) all at once; once ``kill_fraction`` of the expected tokens
-    have streamed, SIGKILL every replica in ``victims``, restart them ``restart_after_s`` later (None: never).
-    After the load, wait out ``cooldown_s`` and send ``second_wave`` requests."""
+    """Send ``requests`` ((prompt, policy) pairs) all at once; once ``kill_fraction`` of them are streaming
+    (have their first text; 1.0: all of them, so every request is mid-answer), SIGKILL every replica in
+    ``victims``, restart them ``restart_after_s`` later (None: never). After the load, wait out ``cooldown_s``
+    and send ``second_wave`` requests."""
     import openai
 
     client = openai.OpenAI(base_url=front_url + "/v1", api_key="unused", max_retries=0, timeout=request_timeout_s)
-    expected = len(requests) * max_tokens
-    streamed = [0]
+    streaming: set[int] = set()
     lock, trigger = threading.Lock(), threading.Event()
     result = SoakResult(outcomes=[])
     t0 = time.perf_counter()
 
-    def on_chunk() -> None:
+    def on_chunk(index: int) -> None:
         with lock:
-            streamed[0] += 1
-            if streamed[0] >= kill_fraction * expected:
+            streaming.add(index)
+            if len(streaming) >= kill_fraction * len(requests):
                 trigger.set()
 
     def saboteur() -> None:
@@ -256,7 +256,7 @@ def run_soak(front_url: str, requests: list[tuple[str, str]], max_tokens: int, v
     if restart_after_s is not None and second_wave:
         time.sleep(cooldown_s)
         with concurrent.futures.ThreadPoolExecutor(second_wave) as pool:
-            result.second_wave = list(pool.map(lambda r: one_request(client, -1, r[0], r[1], max_tokens, lambda: None),
+            result.second_wave = list(pool.map(lambda r: one_request(client, -1, r[0], r[1], max_tokens, lambda i: None),
                                                requests[:second_wave]))
         result.restarted_replica_calls_after = sum(v.verify_calls() for v in victims)
     return result
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-target-error", default="fail", choices=["fail", "draft-only"],
                     help="the front end's --on-target-error (default: fail)")
     ap.add_argument("--kill-both", action="store_true", help="kill both replicas, not one (with draft-only: degraded)")
+    ap.add_argument("--kill-fraction", type=float, default=1.0,
+                    help="kill once this share of the requests are streaming (default: 1.0, all of them)")
     ap.add_argument("--restart-after", type=float, default=5.0, help="seconds between the kill and the restart")
     ap.add_argument("--cooldown", type=float, default=5.0, help="the front end's --target-cooldown (default: 5)")
     ap.add_argument("--timeout", type=float, default=60.0, help="the front end's --target-timeout (default: 60)")
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             reference = {o.index: o.text for o in clean.outcomes if not o.failed}
         log(f"soak: {len(requests)} requests, killing {'both replicas' if args.kill_both else 'replica A'}")
         victims = replicas if args.kill_both else replicas[:1]
-        result = run_soak(front_url, requests, args.max_tokens, victims, restart_after_s=args.restart_after,
+        result = run_soak(front_url, requests, args.max_tokens, victims, kill_fraction=args.kill_fraction,
+                          restart_after_s=args.restart_after,
                           cooldown_s=args.cooldown, progress=log)
     finally:
         if front is not None:

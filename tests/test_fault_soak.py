@@ -59,7 +59,7 @@ def test_one_replica_killed_mid_load_loses_nothing(tiny_pair_dirs, replicas):
         assert not any(o.failed for o in clean.outcomes)
         reference = {o.index: o.text for o in clean.outcomes}
         tries_before = backend.failed_tries
-        result = soak.run_soak(server.url, requests, MAX_TOKENS, replicas[:1], kill_fraction=0.1, restart_after_s=0.5,
+        result = soak.run_soak(server.url, requests, MAX_TOKENS, replicas[:1], restart_after_s=0.5,
                                cooldown_s=1.5, request_timeout_s=120)
         s = result.summary(reference)
         assert s["failed"] == 0 and s["degraded"] == 0, [o.error for o in result.outcomes]
@@ -80,7 +80,7 @@ def test_both_replicas_killed_degrade_to_the_draft(tiny_pair_dirs, replicas):
     server, backend = front_end(tiny_pair_dirs, [r.url for r in replicas], "draft-only")
     try:
         requests = soak.mixed_requests(PROMPTS, 16)
-        result = soak.run_soak(server.url, requests, MAX_TOKENS, replicas, kill_fraction=0.1, restart_after_s=None,
+        result = soak.run_soak(server.url, requests, MAX_TOKENS, replicas, restart_after_s=None,
                                request_timeout_s=120)
         s = result.summary()
         assert s["failed"] == 0, [o.error for o in result.outcomes]
