@@ -71,14 +71,8 @@ def _free_port() -> int:
     return port
 
 
-@pytest.fixture(scope="module")
-def vllm_server(vllm_pair):
-    """A real vLLM OpenAI server on 127.0.0.1 serving the tiny target; yields (url, process)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_pair[1]),
-           "--served-model-name", "tiny-target", "--host", "127.0.0.1", "--port", str(port),
-           "--skip-tokenizer-init", "--max-model-len", str(MAX_LEN), "--dtype", "float32", "--enable-prefix-caching",
-           "--gpu-memory-utilization", "0.05", "--enforce-eager"]
+def _serve(cmd: list[str], port: int) -> tuple[str, subprocess.Popen]:
+    """Start ``cmd`` (a server on 127.0.0.1:``port``) and wait until it answers /v1/models: (url, process)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
@@ -87,11 +81,22 @@ def vllm_server(vllm_pair):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         try:
             if httpx2.get(url + "/v1/models", timeout=2).status_code == 200:
-                break
+                return url, proc
         except httpx2.HTTPError:
             pass
-        assert time.monotonic() < deadline, "vllm serve did not come up"
+        assert time.monotonic() < deadline, f"{' '.join(cmd[:4])} did not come up"
         time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_pair):
+    """A real vLLM OpenAI server on 127.0.0.1 serving the tiny target; yields (url, process)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_pair[1]),
+           "--served-model-name", "tiny-target", "--host", "127.0.0.1", "--port", str(port),
+           "--skip-tokenizer-init", "--max-model-len", str(MAX_LEN), "--dtype", "float32", "--enable-prefix-caching",
+           "--gpu-memory-utilization", "0.05", "--enforce-eager"]
+    url, proc = _serve(cmd, port)
     yield url, proc
     if proc.poll() is None:
         proc.terminate()
@@ -195,19 +200,7 @@ def verify_server(vllm_pair):
     cmd = [sys.executable, "-m", "cascade.cli", "target-serve", "--target", f"vllm:{vllm_pair[1]}",
            "--served-model-name", "tiny-target", "--port", str(port), "--max-len", str(MAX_LEN), "--dtype", "float32",
            "--vllm-memory-fraction", "0.05", "--log-level", "warning", "--", "--skip-tokenizer-init", "--enforce-eager"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        try:
-            if httpx2.get(url + "/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx2.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "cascade target-serve (vLLM) did not come up"
-        time.sleep(2)
+    url, proc = _serve(cmd, port)
     yield url
     proc.terminate()
     try:
