@@ -1,7 +1,11 @@
 """First speed benchmark: the same prompts, greedy, in one run, for
 
 - transformers: target-only `generate` and assisted generation (`assistant_model=` the draft), batch 1;
-- cascade: target-only, draft-only, speculative and chow at two alphas, at batch 1 and batch 8.
+- cascade: target-only, draft-only, speculative and chow at two alphas, at batch 1 and batch 8;
+- with ``--backends torch,llama.cpp``: the same cascade rows on the llama.cpp runner (the default pair's GGUFs as
+  they ship, ``cascade fetch-models --backend llama.cpp``), beside llama.cpp's own figures for the same files
+  (``llama-bench`` tg for each model alone, ``llama-speculative`` with the draft), from the tools
+  ``scripts/build_llama_tools.sh`` builds out of the same llama.cpp source as the runner.
 
 Every system runs in every dtype of ``--dtypes`` (default: float32 and the runner's default on this
 machine, bf16 on a CPU with avx512_bf16), and each ratio compares rows of the same dtype: a bf16 cascade
@@ -14,6 +18,7 @@ info to benchmarks/results/.
 
     .venv/bin/python benchmarks/speed.py                    # default pair, 5 prompts x 48 tokens
     .venv/bin/python benchmarks/speed.py --quick            # 2 prompts x 16 tokens, smoke test
+    .venv/bin/python benchmarks/speed.py --backends llama.cpp --no-transformers --tag speed_llamacpp
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import argparse
 import csv
 import gc
 import json
+import os
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -67,6 +75,50 @@ def run_transformers(draft_dir, target_dir, prompts_ids, max_tokens, eos_ids, pr
     return rows, outputs
 
 
+def llama_tools_dir(text: str | None) -> Path | None:
+    """``--llama-tools``: the directory holding ``llama-bench`` and ``llama-speculative`` (default: where
+    scripts/build_llama_tools.sh puts them), or None where they are not built."""
+    from cascade.weights import cascade_home
+
+    path = Path(text).expanduser() if text else cascade_home() / "llama-tools" / "bin"
+    return path if (path / "llama-bench").is_file() and (path / "llama-speculative").is_file() else None
+
+
+def run_llama_tools(tools: Path, draft_gguf: Path, target_gguf: Path, prompt_texts: list[str], max_tokens: int,
+                    threads: int, draft_max: int = 5) -> list[dict]:
+    """llama.cpp's own figures for the GGUF pair: ``llama-bench`` token generation (tg ``max_tokens``, 3
+    repetitions) for each model alone, and ``llama-speculative`` (greedy, the draft proposing up to ``draft_max``)
+    over the same prompts, summed."""
+    rows = []
+    for name, gguf in (("llama-bench draft", draft_gguf), ("llama-bench target", target_gguf)):
+        out = subprocess.run([str(tools / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(max_tokens), "-t",
+                              str(threads), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout)[0]
+        rows.append({"system": "llama.cpp", "policy": name, "dtype": "gguf", "batch": 1,
+                     "tokens": int(result["n_gen"]) * 3, "wall_s": int(result["n_gen"]) * 3 / float(result["avg_ts"]),
+                     "tok_per_s": float(result["avg_ts"]), "target_token_fraction": float("nan"),
+                     "mean_acceptance_length": float("nan"), "relative_cost": float("nan")})
+    tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
+    for text in prompt_texts:
+        out = subprocess.run([str(tools / "llama-speculative"), "-m", str(target_gguf), "-md", str(draft_gguf), "-p", text,
+                              "-n", str(max_tokens), "--draft-max", str(draft_max), "-t", str(threads), "-td", str(threads),
+                              "--temp", "0", "-c", "2048", "--no-warmup"], capture_output=True, text=True, check=True)
+        log = out.stdout + out.stderr
+        m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        if m is None:
+            raise RuntimeError(f"llama-speculative printed no timing:\n{log[-2000:]}")
+        tokens, seconds = tokens + int(m.group(1)), seconds + float(m.group(2))
+        nd, na = re.search(r"n_draft\s*=\s*(\d+)", log), re.search(r"n_accept\s*=\s*(\d+)", log)
+        drafted += int(nd.group(1)) if nd else 0
+        accepted += int(na.group(1)) if na else 0
+    rows.append({"system": "llama.cpp", "policy": f"llama-speculative(k={draft_max})", "dtype": "gguf", "batch": 1,
+                 "tokens": tokens, "wall_s": seconds, "tok_per_s": tokens / seconds,
+                 "target_token_fraction": float("nan"),
+                 "mean_acceptance_length": accepted / drafted * draft_max if drafted else float("nan"),
+                 "relative_cost": float("nan")})
+    return rows
+
+
 def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tuple[dict, list[list[int]]]:
     from cascade import SamplingParams
 
@@ -84,7 +136,8 @@ def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tu
     dp, tp = cascade.draft.num_params, cascade.target.num_params
     cost_num = sum(r.stats.relative_cost(dp, tp) * (r.stats.prompt_tokens + r.stats.emitted_tokens) for r in results)
     cost_den = sum(r.stats.prompt_tokens + r.stats.emitted_tokens for r in results)
-    row = {"system": "cascade", "policy": policy, "dtype": str(getattr(cascade.target, "dtype", "served")).removeprefix("torch."), "batch": batch,
+    dtype = "gguf" if getattr(cascade.target, "path", None) else str(getattr(cascade.target, "dtype", "served"))
+    row = {"system": "cascade", "policy": policy, "dtype": dtype.removeprefix("torch."), "batch": batch,
            "tokens": emitted, "wall_s": wall,
            "tok_per_s": emitted / wall, "target_token_fraction": target_tokens / emitted if emitted else 0.0,
            "mean_acceptance_length": verified / escalations if escalations else float("nan"),
@@ -124,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft", default=None, help="draft checkpoint dir (default: the default pair)")
     ap.add_argument("--target", default=None, help="target checkpoint dir (default: the default pair)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backends", default="torch",
+                    help="comma-separated runners the cascade rows run on: 'torch' (the checkpoints, in every --dtypes) "
+                         "and / or 'llama.cpp' (the default pair's GGUFs as they ship, or --draft / --target .gguf files; "
+                         "adds llama.cpp's own llama-bench / llama-speculative rows where --llama-tools has them)")
+    ap.add_argument("--llama-tools", default=None,
+                    help="directory with llama.cpp's llama-bench and llama-speculative (default: "
+                         "$CASCADE_HOME/llama-tools/bin, built by scripts/build_llama_tools.sh)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads, for the runner and llama.cpp's tools alike (default: every CPU)")
     ap.add_argument("--dtypes", default="auto",
                     help="comma-separated dtypes every system runs in (default 'auto': float32 and the runner's "
                          "default on this device, e.g. bfloat16 on a CPU with avx512_bf16)")
@@ -147,22 +209,44 @@ def main(argv: list[str] | None = None) -> int:
     def progress(items, desc):
         return tqdm(items, desc=desc, leave=False)
 
-    draft_dir, target_dir = resolve_pair(args.draft or None, args.target or None)
-    tokenizer = load_tokenizer(draft_dir)
-    prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"torch", "llama.cpp"}
+    if unknown:
+        ap.error(f"--backends: unknown {sorted(unknown)}; choose from torch, llama.cpp")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     policies = split_policy_specs(args.policies)
-
-    dtypes = _dtypes(args.dtypes, args.device)
     rows, lossless, hf_same = [], {}, {}
-    for dtype in dtypes:
+    configs = [("torch", d) for d in (_dtypes(args.dtypes, args.device) if "torch" in backends else [])]
+    configs += [("llama.cpp", None)] if "llama.cpp" in backends else []
+    prompts_ids: list[list[int]] = []
+    for backend, dtype in configs:
+        if backend == "torch":
+            draft_dir, target_dir = resolve_pair(args.draft or None, args.target or None)
+        else:
+            draft_dir, target_dir = resolve_pair(_llamacpp_name(args.draft), _llamacpp_name(args.target))
+        tokenizer = load_tokenizer(draft_dir)
+        prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[: args.prompts]]
         hf_out = {}
-        if not args.no_transformers:
+        if backend == "torch" and not args.no_transformers:
             eos = {tokenizer.eos_token_id} | generation_config_eos(target_dir)
             hf_rows, hf_out = run_transformers(draft_dir, target_dir, prompts_ids, args.max_tokens, eos, progress, dtype)
             rows += hf_rows
+        name = str(dtype).removeprefix("torch.") if dtype is not None else "gguf"
+        if backend == "llama.cpp":
+            tools = llama_tools_dir(args.llama_tools)
+            threads = args.threads or len(os.sched_getaffinity(0))
+            if tools is None:
+                console.print("[yellow]llama.cpp's own tools are not built (scripts/build_llama_tools.sh): no "
+                              "llama-bench / llama-speculative rows[/]")
+            else:
+                texts = [tokenizer.decode(ids) for ids in prompts_ids]
+                rows += run_llama_tools(tools, draft_dir / "model.gguf", target_dir / "model.gguf", texts,
+                                        args.max_tokens, threads)
+                for r in rows[-3:]:
+                    console.print(f"{r['policy']:>26}: {r['tok_per_s']:.3f} tok/s")
         cascade = Cascade.from_pretrained(draft_dir, target_dir, max_rows=max(batch_sizes), max_len=1024,
-                                          device=args.device, dtype=str(dtype).removeprefix("torch."))
+                                          device=args.device, dtype=name if dtype is not None else None,
+                                          llamacpp={"threads": args.threads} if args.threads else None)
         outputs = {}
         for batch in batch_sizes:
             for policy in policies:
@@ -171,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
                 outputs[(policy, batch)] = outs
                 console.print(f"{policy:>22} b{batch} {row['dtype']}: {row['tok_per_s']:.3f} tok/s, target fraction "
                               f"{row['target_token_fraction']:.2f}, acceptance {row['mean_acceptance_length']:.2f}")
-        name = str(dtype).removeprefix("torch.")
         lossless[name] = all(outputs[("speculative", b)] == outputs[("target-only", b)] for b in batch_sizes
                              if ("speculative", b) in outputs and ("target-only", b) in outputs)
         hf_same[name] = hf_out.get("hf-target-only") == outputs.get(("target-only", 1)) if hf_out else None
@@ -179,12 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     for r in rows:  # ratios within the row's own dtype
         same = [x for x in rows if x["dtype"] == r["dtype"]]
-        b = next((x["tok_per_s"] for x in same if x["policy"] == "target-only" and x["batch"] == r["batch"]), None) or \
+        b = next((x["tok_per_s"] for x in same if x["policy"] == "target-only" and x["batch"] == r["batch"]
+                  and x["system"] == "cascade"), None) or \
             next((x["tok_per_s"] for x in same if x["policy"] == "target-only" and x["batch"] == 1), None)
         assisted = next((x["tok_per_s"] for x in same if x["policy"] == "hf-assisted"), None)
         r["x_target_only"] = r["tok_per_s"] / b if b else float("nan")
         r["x_hf_assisted"] = r["tok_per_s"] / assisted if assisted else float("nan")
-    dtype = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    dtype = ", ".join(str(d).removeprefix("torch.") if d is not None else "gguf (llama.cpp)" for _, d in configs)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"speculative == target-only (greedy): {lossless}; cascade target-only == transformers greedy: {hf_same}")
     console.print(f"wrote {out / (args.tag + '.csv')}, {args.tag}.png, {args.tag}_machine.json")
     return 0
+
+
+def _llamacpp_name(name: str | None) -> str:
+    """A --draft / --target name for the llama.cpp backend: a .gguf file or an llama.cpp: name as given, any other
+    name (or none: the default pair's model) behind the llama.cpp: prefix."""
+    from cascade.models.gguf_dir import LLAMACPP_PREFIX, names_llamacpp
+
+    return name if names_llamacpp(name) else LLAMACPP_PREFIX + (name or "")
 
 
 def _dtypes(text: str, device: str) -> list[torch.dtype]:

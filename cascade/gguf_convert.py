@@ -125,15 +125,54 @@ def convert_file(gguf_path: Path, out_dir: Path, progress: bool = True) -> dict:
     def check(model, tokenizer) -> None:
         DecoderConfig.from_hf(model.config)  # an architecture the runner cannot run fails here, named
 
-    def eos_ids(tokenizer) -> list[int]:
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
-            tid = tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-                ids.append(tid)
-        return ids
+    return _convert(gguf_path, Path(out_dir), gguf_path.stem, check, file_eos_ids, progress, keep_bos=True)
 
-    return _convert(gguf_path, Path(out_dir), gguf_path.stem, check, eos_ids, progress, keep_bos=True)
+
+def file_eos_ids(tokenizer) -> list[int]:
+    """The end tokens of a user's GGUF: its EOS plus the chat template's end-of-turn token where the vocabulary
+    has one."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def describe(gguf_path: Path, out_dir: Path, spec: ModelSpec | None = None, progress: bool = True) -> dict:
+    """What the runtime reads besides the weights, for a GGUF that llama.cpp runs as it ships: ``config.json``,
+    the tokenizer (with a chat template) and ``generation_config.json`` (its end tokens) into ``out_dir``, read
+    from the GGUF's metadata; no tensor is loaded or dequantized (seconds, not the fp32 conversion's minutes and
+    gigabytes). ``spec``: the known model it must be (end tokens pinned), else a user's file."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from cascade.models.loading import DecoderConfig
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+    label = f"[{spec.name if spec else gguf_path.stem}]"
+    with offline_env(), _hf_bars_off():
+        with _status(f"{label} reading the GGUF's config and tokenizer", progress):
+            cfg = AutoConfig.from_pretrained(**src)
+            tokenizer = AutoTokenizer.from_pretrained(**src)
+        DecoderConfig.from_hf(cfg)  # an architecture the engine cannot account for fails here, named
+        if spec is not None:
+            check_eos(spec, tokenizer)
+        gen = GenerationConfig.from_model_config(cfg)
+        eos = (lambda _tok: list(spec.eos_token_ids)) if spec is not None else file_eos_ids
+        template, ends = _fix_config_and_tokenizer(cfg, tokenizer, gen, eos, keep_bos=spec is None)
+        with contextlib.suppress(AttributeError):
+            delattr(cfg, "quantization_config")
+        cfg.save_pretrained(str(out_dir))
+        gen.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+    _drop_json_keys(out_dir / "config.json", ("quantization_config",))
+    _drop_json_keys(out_dir / "tokenizer_config.json", ("local_files_only",))
+    return {"chat_template": template, "eos_token_ids": ends, "transformers": transformers.__version__}
 
 
 def _convert(gguf_path: Path, out_dir: Path, name: str, check, eos_ids, progress: bool, keep_bos: bool) -> dict:
@@ -158,24 +197,12 @@ def _convert(gguf_path: Path, out_dir: Path, name: str, check, eos_ids, progress
         cfg = model.config
         check(model, tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
-        template = ensure_chat_template(tokenizer) if str(getattr(cfg, "model_type", "")).startswith("qwen") else (
-            "gguf" if getattr(tokenizer, "chat_template", None) else "none")
-        # GGUF stores floats as float32: 1e-6 arrives as 9.99999997e-07; write the decimal it stood for.
-        if isinstance(getattr(cfg, "rms_norm_eps", None), float):
-            cfg.rms_norm_eps = float(f"{cfg.rms_norm_eps:.7g}")
-        if getattr(cfg, "max_position_embeddings", None):
-            tokenizer.model_max_length = cfg.max_position_embeddings
         # A GGUF-loaded model refuses save_pretrained ("quantized with GGUF, not serializable"); its
         # weights are plain fp32 tensors by now, so drop the quantizer and its config entry.
         model.hf_quantizer = None
         with contextlib.suppress(AttributeError):
             delattr(cfg, "quantization_config")
-        ends = eos_ids(tokenizer)
-        gen = model.generation_config
-        if ends:
-            gen.bos_token_id = gen.bos_token_id if keep_bos and gen.bos_token_id is not None else ends[-1]
-            gen.eos_token_id = list(ends)
-            gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[-1]
+        template, ends = _fix_config_and_tokenizer(cfg, tokenizer, model.generation_config, eos_ids, keep_bos)
 
         with _status(f"{label} saving fp32 safetensors + tokenizer", progress):
             model.save_pretrained(str(out_dir))
@@ -186,3 +213,23 @@ def _convert(gguf_path: Path, out_dir: Path, name: str, check, eos_ids, progress
     _drop_json_keys(out_dir / "tokenizer_config.json", ("local_files_only",))
     return {"num_parameters": n_params, "chat_template": template, "eos_token_ids": ends,
             "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def _fix_config_and_tokenizer(cfg, tokenizer, gen, eos_ids, keep_bos: bool) -> tuple[str, list[int]]:
+    """What a GGUF's config, tokenizer and generation config need before the runtime reads them (shared by the
+    fp32 conversion and the llama.cpp description): a chat template on Qwen models, the decimal ``rms_norm_eps``
+    the GGUF's float32 stood for, the tokenizer's length, and the end tokens in the generation config.
+    Returns (where the chat template came from, the end-token ids)."""
+    template = ensure_chat_template(tokenizer) if str(getattr(cfg, "model_type", "")).startswith("qwen") else (
+        "gguf" if getattr(tokenizer, "chat_template", None) else "none")
+    # GGUF stores floats as float32: 1e-6 arrives as 9.99999997e-07; write the decimal it stood for.
+    if isinstance(getattr(cfg, "rms_norm_eps", None), float):
+        cfg.rms_norm_eps = float(f"{cfg.rms_norm_eps:.7g}")
+    if getattr(cfg, "max_position_embeddings", None):
+        tokenizer.model_max_length = cfg.max_position_embeddings
+    ends = eos_ids(tokenizer)
+    if ends:
+        gen.bos_token_id = gen.bos_token_id if keep_bos and gen.bos_token_id is not None else ends[-1]
+        gen.eos_token_id = list(ends)
+        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[-1]
+    return template, ends

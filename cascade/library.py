@@ -82,10 +82,11 @@ class GenerationResult:
 
 
 def _is_cached_model(model_dir: str | Path, spec) -> bool:
-    """Whether ``model_dir`` is the cache's converted copy of the known model ``spec``."""
-    from cascade.weights import cached_model_dir
+    """Whether ``model_dir`` is the cache's copy of the known model ``spec``: converted, or its GGUF for llama.cpp
+    (the same weights, dequantized or not)."""
+    from cascade.weights import cached_gguf_dir, cached_model_dir
 
-    return Path(model_dir).resolve() == cached_model_dir(spec).resolve()
+    return Path(model_dir).resolve() in (cached_model_dir(spec).resolve(), cached_gguf_dir(spec).resolve())
 
 
 class Cascade:
@@ -119,7 +120,8 @@ class Cascade:
                         max_rows: int = 8, max_len: int = 2048, device: str = "auto", dtype: str | None = "auto",
                         max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
                         vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail",
-                        exact_verify: bool = False, adaptive_k: bool = False) -> "Cascade":
+                        exact_verify: bool = False, adaptive_k: bool = False,
+                        llamacpp: dict[str, Any] | None = None) -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
         default pair from the cache (``cascade fetch-models`` puts it there).
 
@@ -131,7 +133,12 @@ class Cascade:
         "draft-only" (its escalations are kept as drafted). ``exact_verify``: verify through batch-1 target-only
         decoding's calls, so lossless policies are token-exact in any dtype at any batch; ``adaptive_k``: dynamic
         speculation for lossless requests (``EngineConfig``), seeded by a start-up profile of the pair
-        (``Engine.profile_speculation``: a few synthetic passes per batch bucket, seconds on a CPU)."""
+        (``Engine.profile_speculation``: a few synthetic passes per batch bucket, seconds on a CPU).
+
+        A model named ``llama.cpp:<name, dir or file>`` or by a ``.gguf`` path runs on llama.cpp as it ships
+        (``cascade.models.llamacpp``; ``llama.cpp:`` alone is the default pair's model, after ``cascade
+        fetch-models --backend llama.cpp``); ``llamacpp``: its runner's options (``threads``, ``n_batch``,
+        ``kv_dtype``)."""
         from cascade.models.factory import RunnerOptions, load_pair_runners
         from cascade.weights import DEFAULT_PAIR
 
@@ -139,7 +146,8 @@ class Cascade:
                               max_draft_block=max_draft_block, on_target_error=on_target_error,
                               exact_verify=exact_verify, adaptive_k=adaptive_k)
         # "auto" resolved: CUDA when present, dtype per device
-        options = RunnerOptions(max_rows=max_rows, max_len=max_len, device=config.device, dtype=config.dtype)
+        options = RunnerOptions(max_rows=max_rows, max_len=max_len, device=config.device, dtype=config.dtype,
+                                llamacpp=dict(llamacpp or {}))
         pair = load_pair_runners(draft, target, options, target_url=target_url, vllm_options=vllm_options,
                                  draft_extra={"graph_loops": DRAFT_GRAPH_LOOPS})
         draft_runner, target_runner, draft_dir, target_dir = pair.draft, pair.target, pair.draft_dir, pair.target_dir

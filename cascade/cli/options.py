@@ -21,11 +21,14 @@ def add_model_options(p: argparse.ArgumentParser, *, target: bool = True, dtype_
     """--draft, --target (with the vLLM target options), --device, --dtype, --max-len."""
     p.add_argument("--draft", default=None,
                    help="draft model: a local HF checkpoint dir, a repo id in the local Hugging Face cache, or a "
-                        "known name (default: the default pair)")
+                        "known name (default: the default pair); a .gguf file or 'llama.cpp:<name, dir or file>' runs it "
+                        "on llama.cpp as it ships ('llama.cpp:' alone: the default pair's draft, after cascade "
+                        "fetch-models --backend llama.cpp; needs the llamacpp extra)")
     if target:
         add_target_options(p)
     else:
-        p.add_argument("--target", default=None, help="target model dir, cached repo id or name (default: the default pair)")
+        p.add_argument("--target", default=None, help="target model dir, cached repo id or name (default: the default "
+                                                      "pair); a .gguf file or 'llama.cpp:<...>' runs it on llama.cpp")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N; auto = CUDA when present, else the CPU (default: auto)")
     p.add_argument("--dtype", default=dtype_default, choices=DTYPES,
@@ -39,7 +42,9 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
                    help="target model: a local HF checkpoint dir, a cached repo id or a known name (default: the "
                         "default pair); 'vllm:<dir or name>' loads it into an in-process vLLM engine instead (needs "
-                        "the vllm extra); with --target-url it is only read for its config.json (cost accounting)")
+                        "the vllm extra); a .gguf file or 'llama.cpp:<name, dir or file>' runs it on llama.cpp as it "
+                        "ships ('llama.cpp:' alone: the default pair's target); with --target-url it is only read for "
+                        "its config.json (cost accounting)")
     p.add_argument("--target-url", default=None, metavar="URL", action="append",
                    help="use the target served by a running vLLM OpenAI server at URL (e.g. http://gpu-box:8000); "
                         "the draft stays local and only escalated spans travel. Repeat it for replicas: target passes "

@@ -1,11 +1,12 @@
 """Where runners are made: the one factory the library, the CLI and every benchmark use.
 
 A local runner is the family-independent ``LlamaRunner`` over a checkpoint of any family in
-``cascade.models.families`` (its config and weight names read through the family's record); a target can
-also live in vLLM (``cascade.models.vllm``). This module turns what a user names into runners:
+``cascade.models.families`` (its config and weight names read through the family's record), or
+``LlamaCppRunner`` over a GGUF as it ships (``cascade.models.llamacpp``; a name ``llama.cpp:<...>`` or a
+``.gguf`` path picks it); a target can also live in vLLM (``cascade.models.vllm``). This module turns what a user names into runners:
 
 - ``resolve_pair(draft, target)``: the pair's checkpoint directories, the default pair where a name is None;
-- ``local_runner(path, options)``: a checkpoint directory's runner;
+- ``local_runner(path, options)``: a model directory's runner (a GGUF model directory's on llama.cpp);
 - ``random_runner(config, options)``: random weights of a config's shapes (``RandomWeights``), for the
   benchmarks' cost tables and the GPU suite, which carry no weights;
 - ``target_runner(...)``: the target where it lives: a local checkpoint, ``vllm:<dir or name>`` in an
@@ -44,6 +45,7 @@ class RunnerOptions:
     device: str = "cpu"
     dtype: "str | torch.dtype | None" = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    llamacpp: dict[str, Any] = dataclasses.field(default_factory=dict)  # LlamaCppRunner options (threads, n_batch)
 
 
 @dataclass
@@ -64,15 +66,29 @@ def resolve_pair(draft: str | Path | None = None, target: str | Path | None = No
 
 
 def resolve_member(name: str | Path | None, index: int) -> Path:
-    """One model's checkpoint directory: ``name``'s, or the default pair's draft (index 0) / target (1)."""
+    """One model's directory: ``name``'s, or the default pair's draft (index 0) / target (1). A name that picks
+    llama.cpp (``llama.cpp:<...>`` or a ``.gguf`` path) gives a GGUF model directory (``cascade.models.gguf_dir``),
+    any other a checkpoint directory."""
+    from cascade.models.gguf_dir import names_llamacpp, resolve_gguf_model
     from cascade.models.resolve import resolve_model
     from cascade.weights import DEFAULT_PAIR
 
+    if names_llamacpp(name):
+        return resolve_gguf_model(name, DEFAULT_PAIR[index].name)
     return resolve_model(name if name is not None else DEFAULT_PAIR[index].name)
 
 
-def local_runner(path: str | Path, options: RunnerOptions, **extra: Any) -> "LlamaRunner":
-    """The runner of the checkpoint directory ``path`` (any supported family)."""
+def local_runner(path: str | Path, options: RunnerOptions, **extra: Any) -> "ModelRunner":
+    """The runner of a model directory: ``LlamaCppRunner`` on a GGUF model directory (``options.llamacpp``),
+    else ``LlamaRunner`` on the checkpoint (any supported family; ``options.extra`` and ``extra``)."""
+    from cascade.models.gguf_dir import GGUF_FILE, is_gguf_dir
+
+    if is_gguf_dir(path):
+        from cascade.models.llamacpp import LlamaCppRunner
+
+        if options.device not in ("cpu", None):
+            raise ValueError(f"device: the llama.cpp runner runs on the CPU here, not {options.device!r}")
+        return LlamaCppRunner(Path(path) / GGUF_FILE, options.max_rows, options.max_len, **options.llamacpp)
     from cascade.models.llama import LlamaRunner
 
     return LlamaRunner.from_pretrained(path, options.max_rows, options.max_len, device=options.device,

@@ -31,7 +31,6 @@ EPYC (``benchmarks/results/runner_cost_cpu-avx2-2c.csv``, context 300, batch 1) 
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade.models.base import decode_steps
+from cascade.models.row_checks import as_int, as_list, check_rows, check_spans, check_truncate
 from cascade.models.decoder_weights import LINEAR_IMPLS, Linear, load_decoder_weights, onednn_available
 from cascade.models.loading import (
     DecoderConfig,
@@ -49,16 +49,6 @@ from cascade.models.loading import (
 )
 
 __all__ = ["LINEAR_IMPLS", "Linear", "LlamaRunner", "default_dtype"]
-
-def _as_int(x) -> int | None:
-    """``x`` as a Python int if it is an integer (int, numpy / 0-d torch integer), else None."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
-
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # as transformers' LlamaRMSNorm / Qwen2RMSNorm: statistics in fp32, weight applied in model dtype
@@ -128,9 +118,9 @@ class LlamaRunner:
         graph_tokens: Sequence[int] = (1, 2, 4, 8, 16),
         graph_loops: Sequence[int] = (),
     ):
-        if _as_int(max_rows) is None or max_rows < 1:
+        if as_int(max_rows) is None or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
-        if _as_int(max_len) is None or max_len < 1:
+        if as_int(max_len) is None or max_len < 1:
             raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
         max_rows, max_len = int(max_rows), int(max_len)
         try:
@@ -222,23 +212,11 @@ class LlamaRunner:
 
     # ------------------------------------------------------------------ bookkeeping
     def _check_rows(self, rows: Sequence[int], field: str = "rows") -> list[int]:
-        out = []
-        for r in rows:
-            i = _as_int(r)
-            if i is None or not 0 <= i < self.max_rows:
-                raise ValueError(f"{field}: row {r!r} is out of range [0, {self.max_rows})")
-            out.append(i)
-        if len(set(out)) != len(out):
-            raise ValueError(f"{field}: rows must be distinct, got {out}")
-        return out
+        return check_rows(rows, self.max_rows, field)
 
     @staticmethod
     def _as_list(x, field: str) -> list[int]:
-        if isinstance(x, torch.Tensor):
-            if x.dim() != 1:
-                raise ValueError(f"{field} must be 1-D, got shape {tuple(x.shape)}")
-            return [int(v) for v in x.tolist()]
-        return list(x)
+        return as_list(x, field)
 
     def lengths(self, rows: Sequence[int]) -> list[int]:
         rows = self._check_rows(self._as_list(rows, "rows"))
@@ -250,14 +228,7 @@ class LlamaRunner:
         self._len_dev.index_copy_(0, idx, val)
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        rows = self._check_rows(self._as_list(rows, "rows"))
-        lengths = self._as_list(lengths, "lengths")
-        if len(lengths) != len(rows):
-            raise ValueError(f"lengths has {len(lengths)} entries for {len(rows)} rows")
-        new = [_as_int(n) for n in lengths]
-        for r, n, m in zip(rows, lengths, new):
-            if m is None or not 0 <= m <= self._len[r]:
-                raise ValueError(f"lengths: {n!r} for row {r} is not in [0, current length {self._len[r]}]")
+        rows, new = check_truncate(self._len, rows, lengths, max_rows=self.max_rows)
         for r, n in zip(rows, new):
             self._len[r] = n
         if rows:
@@ -275,40 +246,16 @@ class LlamaRunner:
     def forward_span(
         self, rows: Sequence[int], spans: Sequence[Sequence[int]], num_logits: Sequence[int] | None = None
     ) -> torch.Tensor:
-        rows = self._check_rows(self._as_list(rows, "rows"))
-        spans = [self._as_list(s, "spans") for s in spans]
-        if len(spans) != len(rows):
-            raise ValueError(f"spans has {len(spans)} entries for {len(rows)} rows")
-        if not rows:
-            raise ValueError("rows must not be empty")
+        rows, spans, num_logits = check_spans(self._len, rows, spans, num_logits, max_rows=self.max_rows,
+                                              max_len=self.max_len, vocab_size=self.vocab_size)
         ns = [len(s) for s in spans]
-        if num_logits is None:
-            num_logits = ns
-        else:
-            num_logits = self._as_list(num_logits, "num_logits")
-            if len(num_logits) != len(rows):
-                raise ValueError(f"num_logits has {len(num_logits)} entries for {len(rows)} rows")
-        V = self.vocab_size
-        for i, (r, s, k) in enumerate(zip(rows, spans, num_logits)):
-            if not s:
-                raise ValueError(f"spans[{i}] is empty")
-            if self._len[r] + len(s) > self.max_len:
-                raise ValueError(f"spans[{i}]: row {r} has length {self._len[r]}, + {len(s)} tokens > max_len {self.max_len}")
-            if min(s) < 0 or max(s) >= V:
-                raise ValueError(f"spans[{i}]: token ids must be in [0, {V})")
-            if _as_int(k) is None or not 0 <= k <= len(s):
-                raise ValueError(f"num_logits[{i}] = {k!r} must be in [0, len(spans[{i}]) = {len(s)}]")
-        ids = torch.tensor([t for s in spans for t in s])
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"spans must hold integer token ids, got {ids.dtype}")
-        ids = ids.long()
+        ids = torch.tensor([t for s in spans for t in s], dtype=torch.long)
         starts = [self._len[r] for r in rows]
         # positions (flat) whose logits are returned: last k of each span
         sel, off = [], 0
         for n, k in zip(ns, num_logits):
             sel.extend(range(off + n - k, off + n))
             off += n
-        num_logits = [int(k) for k in num_logits]
         if self._graphs is not None and max(ns) <= self._graphs.max_tokens:
             out = self._forward_graphed(rows, spans, ns, sel)
         else:
@@ -471,7 +418,7 @@ class LlamaRunner:
         device), the same as ``steps`` ``decode`` calls with the argmax fed back. With CUDA graphs the whole
         loop is one graph replay (``GraphedSteps.greedy_loop``); otherwise it is those ``decode`` calls."""
         row_list = self._check_rows(self._as_list(rows, "rows"))
-        if _as_int(steps) is None or steps < 1:
+        if as_int(steps) is None or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         vocab = self.vocab_size if vocab is None else int(vocab)
         if not 1 <= vocab <= self.vocab_size:

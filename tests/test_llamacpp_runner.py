@@ -1,0 +1,279 @@
+"""LlamaCppRunner (cascade.models.llamacpp) on tiny GGUF files written in the test (tests/gguf_writer.py): the
+runner contract's invariants against transformers on the same weights and against the torch runner (logits,
+rollback by KV removal, ragged batches, rows freed, the greedy loop, calls split at n_batch, bad arguments), the
+engine on a pair of GGUFs (greedy speculative == greedy target-only), names that pick llama.cpp, and the real
+pair's GGUFs where ``cascade fetch-models --backend llama.cpp`` put them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from cascade import Cascade, SamplingParams  # noqa: E402
+from cascade.engine import EngineConfig  # noqa: E402
+from cascade.models.base import ModelRunner  # noqa: E402
+from cascade.models.factory import RunnerOptions, local_runner, resolve_member  # noqa: E402
+from cascade.models.gguf_dir import GGUF_FILE, is_gguf_dir, names_llamacpp  # noqa: E402
+from cascade.models.llamacpp import LlamaCppRunner  # noqa: E402
+
+VOCAB = 64  # the writer's vocabulary
+TOL = 2e-5  # F32 weights, an F32 KV cache, no flash attention: llama.cpp's kernels against transformers' fp32
+FA_TOL = 5e-3  # llama.cpp's CPU flash attention takes the query in f16
+
+
+def make_model(kind: str = "Qwen2", seed: int = 1, **kw):
+    """A tiny transformers model of ``kind`` with random weights (biases and norms too)."""
+    cfg_cls, model_cls = getattr(transformers, f"{kind}Config"), getattr(transformers, f"{kind}ForCausalLM")
+    base = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=10000.0,
+                eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**{**base, **kw})).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.mul_(4.0)  # sharper distributions than the default init: argmax ties are not what is tested
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(transformers model, its GGUF path, its safetensors checkpoint dir) for seed 1 (draft) and 2 (target)."""
+    from gguf_writer import write_gguf
+
+    out = {}
+    for seed in (1, 2):
+        d = tmp_path_factory.mktemp(f"tiny{seed}")
+        model = make_model(seed=seed)
+        model.save_pretrained(d / "hf")
+        out[seed] = (model, write_gguf(model, d / f"tiny{seed}.gguf"), d / "hf")
+    return out
+
+
+def runner(path, **kw) -> LlamaCppRunner:
+    kw.setdefault("kv_dtype", "f32")
+    kw.setdefault("flash_attn", False)
+    return LlamaCppRunner(path, kw.pop("max_rows", 4), kw.pop("max_len", 64), **kw)
+
+
+def hf_logits(model, seq: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].float()  # [len, V]
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def test_logits_match_transformers_and_the_torch_runner(tiny):
+    model, gguf, hf_dir = tiny[1]
+    r = runner(gguf)
+    assert isinstance(r, ModelRunner)
+    assert r.vocab_size == VOCAB and r.num_params == sum(p.numel() for p in model.parameters())
+    seq = [3, 7, 11, 2, 40, 41, 5, 9]
+    got = r.forward_span([2], [seq])
+    assert got.dtype == torch.float32 and got.shape == (len(seq), VOCAB)
+    assert maxdiff(got, hf_logits(model, seq)) < TOL
+    torch_runner = local_runner(hf_dir, RunnerOptions(max_rows=4, max_len=64, dtype="float32"))
+    assert maxdiff(got, torch_runner.forward_span([0], [seq])) < TOL
+    # llama.cpp's defaults (an f16 cache, flash attention where it chooses it): close, not exact
+    fast = LlamaCppRunner(gguf, 2, 64)
+    assert maxdiff(fast.forward_span([0], [seq]), got) < FA_TOL
+
+
+def test_rollback_is_a_kv_removal_and_equals_a_fresh_runner(tiny):
+    _, gguf, _ = tiny[1]
+    prompt, kept, dropped, new = [3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8, 9]
+    r = runner(gguf)
+    r.forward_span([1], [prompt + kept])
+    r.forward_span([1], [dropped[:3]])
+    r.decode(torch.tensor([1]), torch.tensor([dropped[3]]))
+    assert r.lengths([1]) == [len(prompt) + len(kept) + len(dropped)]
+    calls = r.calls
+    r.truncate([1], [len(prompt) + len(kept)])
+    assert r.calls == calls  # nothing recomputed
+    assert r.lengths([1]) == [len(prompt) + len(kept)]
+    a1 = r.decode(torch.tensor([1]), torch.tensor([new[0]]))
+    a2 = r.forward_span([1], [new[1:]])
+    f = runner(gguf)
+    f.forward_span([1], [prompt + kept])
+    b1 = f.decode(torch.tensor([1]), torch.tensor([new[0]]))
+    b2 = f.forward_span([1], [new[1:]])
+    assert maxdiff(a1, b1) < 1e-5 and maxdiff(a2, b2) < 1e-5
+
+
+def test_free_then_reuse_is_clean(tiny):
+    model, gguf, _ = tiny[1]
+    r = runner(gguf)
+    r.forward_span([0, 1], [[7] * 20, [2, 3]])
+    r.free([0])
+    assert r.lengths([0, 1]) == [0, 2]
+    seq = [4, 5, 6]
+    assert maxdiff(r.forward_span([0], [seq]), hf_logits(model, seq)) < TOL
+    assert maxdiff(r.decode(torch.tensor([1]), torch.tensor([9])), hf_logits(model, [2, 3, 9])[-1:]) < TOL
+
+
+def test_ragged_batch_equals_each_row_alone(tiny):
+    model, gguf, _ = tiny[1]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (7, 1, 12, 4)]
+    spans = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 5, 1, 2)]
+    rows = [3, 1, 0, 2]
+    r = runner(gguf)
+    pre = r.forward_span(rows, prompts, num_logits=[1] * 4)
+    step = r.decode(torch.tensor(rows), torch.tensor([5, 6, 7, 8]))
+    span = r.forward_span(rows, spans)
+    off = 0
+    for i in range(4):
+        seq = prompts[i] + [5 + i] + spans[i]
+        want = hf_logits(model, seq)
+        n, p = len(spans[i]), len(prompts[i])
+        assert maxdiff(pre[i:i + 1], want[p - 1:p]) < TOL
+        assert maxdiff(step[i:i + 1], want[p:p + 1]) < TOL
+        assert maxdiff(span[off:off + n], want[p + 1:]) < TOL
+        off += n
+    assert r.lengths(rows) == [len(p) + 1 + len(s) for p, s in zip(prompts, spans)]
+
+
+def test_partial_logits_and_calls_split_at_n_batch(tiny):
+    model, gguf, _ = tiny[1]
+    small = runner(gguf, n_batch=8)
+    big = runner(gguf, n_batch=512)
+    spans = [list(range(1, 20)), list(range(30, 41))]
+    a = small.forward_span([0, 3], spans, num_logits=[0, 4])
+    b = big.forward_span([0, 3], spans, num_logits=[0, 4])
+    assert a.shape == (4, VOCAB) and small.calls == 4 and big.calls == 1  # 30 tokens in calls of 8
+    assert maxdiff(a, b) < 1e-5 and maxdiff(a, hf_logits(model, spans[1])[-4:]) < TOL
+    assert small.forward_span([1], [[6]], num_logits=[0]).shape == (0, VOCAB)
+    assert small.lengths([0, 1, 3]) == [19, 1, 11]
+
+
+def test_greedy_loop_equals_decodes_fed_their_argmax(tiny):
+    _, gguf, _ = tiny[1]
+    a, b = runner(gguf), runner(gguf)
+    for r in (a, b):
+        r.forward_span([0, 2], [[1, 2, 3], [4, 5]], num_logits=[1, 1])
+    logits, tokens = a.decode_loop([0, 2], torch.tensor([7, 8]), 5, vocab=60)
+    cur = torch.tensor([7, 8])
+    for j in range(5):
+        out = b.decode(torch.tensor([0, 2]), cur)
+        assert maxdiff(logits[j], out) < 1e-5
+        cur = out[:, :60].argmax(dim=-1)
+        assert tokens[j].tolist() == cur.tolist()
+    assert a.lengths([0, 2]) == b.lengths([0, 2]) == [8, 7]
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda r: r.forward_span([0], [list(range(17))]), "spans"),
+    (lambda r: r.forward_span([0], [[]]), "spans"),
+    (lambda r: r.forward_span([0], [[VOCAB]]), "spans"),
+    (lambda r: r.forward_span([0], [[1.5]]), "spans"),
+    (lambda r: r.forward_span([4], [[1]]), "rows"),
+    (lambda r: r.forward_span([1, 1], [[1], [2]]), "rows"),
+    (lambda r: r.forward_span([0], [[1, 2]], num_logits=[3]), "num_logits"),
+    (lambda r: r.decode(torch.tensor([0, 1]), torch.tensor([1])), "ids"),
+    (lambda r: r.decode_loop([0], torch.tensor([1]), 0), "steps"),
+    (lambda r: r.truncate([0], [1]), "lengths"),
+    (lambda r: r.free([9]), "rows"),
+])
+def test_bad_arguments_are_named_and_change_nothing(tiny, call, field):
+    _, gguf, _ = tiny[1]
+    r = runner(gguf, max_len=16)
+    with pytest.raises(ValueError, match=field):
+        call(r)
+    assert r.lengths([0, 1, 2, 3]) == [0, 0, 0, 0]
+
+
+def test_bad_constructor_arguments(tiny, tmp_path):
+    _, gguf, _ = tiny[1]
+    for kw, field in ((dict(max_rows=0), "max_rows"), (dict(max_len=100_000), "max_len"),
+                      (dict(threads=0), "threads"), (dict(kv_dtype="int3"), "kv_dtype"),
+                      (dict(flash_attn="yes"), "flash_attn")):
+        with pytest.raises(ValueError, match=field):
+            runner(gguf, **kw)
+    with pytest.raises(FileNotFoundError, match="no such GGUF"):
+        runner(tmp_path / "missing.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ValueError, match="could not load"):
+        runner(bad)
+
+
+def test_a_pair_of_ggufs_is_lossless_through_the_engine(tiny):
+    (_, draft, _), (target_model, target, _) = tiny[1], tiny[2]
+    runners = [runner(p, max_rows=3, max_len=64) for p in (draft, target)]
+    c = Cascade(*runners, None, eos_token_ids=[], config=EngineConfig(max_rows=3, max_len=64))
+    prompts = [[3, 4, 5], [10, 11, 12, 13, 14], [7]]
+    want = [r.token_ids for r in c.generate(prompts, SamplingParams(max_tokens=12), policy="target-only")]
+    for p, w in zip(prompts, want):  # target-only on llama.cpp is the target's own greedy continuation
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(target_model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert seq[len(p):] == w
+    for policy in ("speculative", "speculative(k=3)"):
+        assert [r.token_ids for r in c.generate(prompts, SamplingParams(max_tokens=12), policy=policy)] == want, policy
+    assert all(r.lengths([0, 1, 2]) == [0, 0, 0] for r in runners)  # rows freed after the requests
+
+
+def test_names_pick_llamacpp_and_a_users_gguf_gets_its_directory(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    _, gguf, _ = tiny[1]
+    assert names_llamacpp(str(gguf)) and names_llamacpp("llama.cpp:") and not names_llamacpp("qwen")
+    d = resolve_member(str(gguf), 0)
+    assert is_gguf_dir(d) and (d / GGUF_FILE).resolve() == gguf.resolve()
+    assert resolve_member(f"llama.cpp:{gguf}", 0) == d  # described once, then reused
+    assert resolve_member(f"llama.cpp:{d}", 1) == d
+    r = local_runner(d, RunnerOptions(max_rows=2, max_len=32))
+    assert isinstance(r, LlamaCppRunner)
+    from cascade.library import load_tokenizer
+
+    tok = load_tokenizer(d)  # the tokenizer came from the GGUF's metadata, no weights were converted
+    assert tok.convert_ids_to_tokens(tok.encode("ab", add_special_tokens=False)) == ["ab"]
+    assert not list(d.glob("*.safetensors"))
+    with pytest.raises(FileNotFoundError, match="fetch-models --backend llama.cpp"):
+        resolve_member("llama.cpp:", 0)  # the default pair's GGUF is not in this empty cache
+    with pytest.raises(FileNotFoundError, match="no such GGUF"):
+        resolve_member(str(tmp_path / "nope.gguf"), 0)
+
+
+def test_a_gguf_pair_generates_text_through_from_pretrained(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    (_, draft, _), (_, target, _) = tiny[1], tiny[2]
+    c = Cascade.from_pretrained(str(draft), str(target), max_rows=2, max_len=64, device="cpu")
+    assert isinstance(c.engine.draft, LlamaCppRunner) and isinstance(c.engine.target, LlamaCppRunner)
+    out = c.generate("ab ab", SamplingParams(max_tokens=6), policy="speculative")[0]
+    assert len(out.token_ids) == 6 and isinstance(out.text, str)
+
+
+@pytest.mark.real_pair
+def test_real_pair_ggufs_match_the_fp32_runner_within_quantization():
+    """The default pair's draft as it ships (Q4_K_M on llama.cpp) against its dequantized fp32 copy on our
+    runner: same weights, so the logits agree up to llama.cpp's 8-bit activations in the quantized products."""
+    from cascade.weights import DRAFT_SPEC, cached_gguf_dir, cached_model_dir, is_fetched, is_gguf_fetched
+
+    gdir, fdir = cached_gguf_dir(DRAFT_SPEC), cached_model_dir(DRAFT_SPEC)
+    if not (is_gguf_fetched(DRAFT_SPEC, gdir) and is_fetched(DRAFT_SPEC, fdir)):
+        pytest.skip("needs `cascade fetch-models --backend both`")
+    from cascade.library import load_tokenizer
+
+    tok = load_tokenizer(gdir)
+    assert tok.encode("def fib(n):") == load_tokenizer(fdir).encode("def fib(n):")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}],
+                                  add_generation_prompt=True)
+    r = local_runner(gdir, RunnerOptions(max_rows=1, max_len=256))
+    ref = local_runner(fdir, RunnerOptions(max_rows=1, max_len=256, dtype="float32"))
+    a, b = r.forward_span([0], [ids]), ref.forward_span([0], [ids])
+    assert r.vocab_size == ref.vocab_size and r.num_params == DRAFT_SPEC.num_parameters
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree > 0.9, agree
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
