@@ -67,7 +67,7 @@ def run_transformers(draft_dir, target_dir, prompts_ids, max_tokens, eos_ids, pr
         wall = time.perf_counter() - t0
         rows.append({"system": "transformers", "policy": name, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
                      "tokens": tokens, "wall_s": wall,
-                     "tok_per_s": tokens / wall, "target_token_fraction": float("nan"),
+                     "tok_per_s": tokens / wall, "decode_tok_per_s": float("nan"), "target_token_fraction": float("nan"),
                      "mean_acceptance_length": float("nan"), "relative_cost": float("nan")})
         outputs[name] = outs
     del target, draft
@@ -96,23 +96,24 @@ def run_llama_tools(tools: Path, draft_gguf: Path, target_gguf: Path, prompt_tex
         result = json.loads(out.stdout)[0]
         rows.append({"system": "llama.cpp", "policy": name, "dtype": "gguf", "batch": 1,
                      "tokens": int(result["n_gen"]) * 3, "wall_s": int(result["n_gen"]) * 3 / float(result["avg_ts"]),
-                     "tok_per_s": float(result["avg_ts"]), "target_token_fraction": float("nan"),
+                     "tok_per_s": float(result["avg_ts"]), "decode_tok_per_s": float(result["avg_ts"]),
+                     "target_token_fraction": float("nan"),
                      "mean_acceptance_length": float("nan"), "relative_cost": float("nan")})
     tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
     for text in prompt_texts:
         out = subprocess.run([str(tools / "llama-speculative"), "-m", str(target_gguf), "-md", str(draft_gguf), "-p", text,
-                              "-n", str(max_tokens), "--draft-max", str(draft_max), "-t", str(threads), "-td", str(threads),
-                              "--temp", "0", "-c", "2048", "--no-warmup"], capture_output=True, text=True, check=True)
+                              "-n", str(max_tokens), "--spec-draft-n-max", str(draft_max), "-t", str(threads), "-td", str(threads),
+                              "--temp", "0", "-c", "2048"], capture_output=True, text=True, check=True)
         log = out.stdout + out.stderr
         m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
         if m is None:
             raise RuntimeError(f"llama-speculative printed no timing:\n{log[-2000:]}")
         tokens, seconds = tokens + int(m.group(1)), seconds + float(m.group(2))
-        nd, na = re.search(r"n_draft\s*=\s*(\d+)", log), re.search(r"n_accept\s*=\s*(\d+)", log)
+        nd, na = re.search(r"n_drafted\s*=\s*(\d+)", log), re.search(r"n_accept\s*=\s*(\d+)", log)
         drafted += int(nd.group(1)) if nd else 0
         accepted += int(na.group(1)) if na else 0
     rows.append({"system": "llama.cpp", "policy": f"llama-speculative(k={draft_max})", "dtype": "gguf", "batch": 1,
-                 "tokens": tokens, "wall_s": seconds, "tok_per_s": tokens / seconds,
+                 "tokens": tokens, "wall_s": seconds, "tok_per_s": tokens / seconds, "decode_tok_per_s": tokens / seconds,
                  "target_token_fraction": float("nan"),
                  "mean_acceptance_length": accepted / drafted * draft_max if drafted else float("nan"),
                  "relative_cost": float("nan")})
@@ -120,11 +121,19 @@ def run_llama_tools(tools: Path, draft_gguf: Path, target_gguf: Path, prompt_tex
 
 
 def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tuple[dict, list[list[int]]]:
+    """One policy at one batch size over the prompts, greedy. ``tok_per_s``: emitted tokens over the whole wall
+    time (prompt prefills included); ``decode_tok_per_s``: the tokens after each request's first over the wall
+    time less that of the same groups run to one token (what llama-bench's tg and llama-speculative's "decoded"
+    rate count: no prompt processing)."""
     from cascade import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens)
     cascade.generate([prompts_ids[0]], SamplingParams(max_tokens=4), policy=policy)  # warm-up
     groups = [prompts_ids[i:i + batch] for i in range(0, len(prompts_ids), batch)]
+    t0 = time.perf_counter()
+    for group in groups:
+        cascade.generate(group, SamplingParams(max_tokens=1), policy=policy)
+    first_wall = time.perf_counter() - t0
     results, t0 = [], time.perf_counter()
     for group in progress(groups, f"{policy} b{batch}"):
         results += cascade.generate(group, params, policy=policy)
@@ -139,7 +148,9 @@ def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tu
     dtype = "gguf" if getattr(cascade.target, "path", None) else str(getattr(cascade.target, "dtype", "served"))
     row = {"system": "cascade", "policy": policy, "dtype": dtype.removeprefix("torch."), "batch": batch,
            "tokens": emitted, "wall_s": wall,
-           "tok_per_s": emitted / wall, "target_token_fraction": target_tokens / emitted if emitted else 0.0,
+           "tok_per_s": emitted / wall,
+           "decode_tok_per_s": (emitted - len(results)) / (wall - first_wall) if wall > first_wall else float("nan"),
+           "target_token_fraction": target_tokens / emitted if emitted else 0.0,
            "mean_acceptance_length": verified / escalations if escalations else float("nan"),
            "relative_cost": cost_num / cost_den if cost_den else float("nan")}
     return row, [r.token_ids for r in results]
@@ -268,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         assisted = next((x["tok_per_s"] for x in same if x["policy"] == "hf-assisted"), None)
         r["x_target_only"] = r["tok_per_s"] / b if b else float("nan")
         r["x_hf_assisted"] = r["tok_per_s"] / assisted if assisted else float("nan")
+        # llama.cpp's own rate for the model that decides the tokens: its draft alone for draft-only, else its target
+        own = "llama-bench draft" if r["policy"] == "draft-only" else "llama-bench target"
+        bench = next((x["decode_tok_per_s"] for x in same if x["policy"] == own), None)
+        r["x_llama_bench"] = r["decode_tok_per_s"] / bench if bench and r["system"] == "cascade" else float("nan")
     dtype = ", ".join(str(d).removeprefix("torch.") if d is not None else "gguf (llama.cpp)" for _, d in configs)
 
     out = Path(args.out)
@@ -283,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / f"{args.tag}.png", f"{info['cpu']} · {dtype} · {args.prompts} prompts × {args.max_tokens} tokens, greedy")
 
     table = Table(title=f"speed ({info['cpu']}, {dtype})")
-    for col in ("system", "policy", "dtype", "batch", "tok/s", "× target-only", "× hf-assisted", "target frac", "accept len", "rel cost"):
+    for col in ("system", "policy", "dtype", "batch", "tok/s", "decode tok/s", "× target-only", "× hf-assisted",
+                "× llama-bench", "target frac", "accept len", "rel cost"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["system"], r["policy"], r["dtype"], str(r["batch"]), f"{r['tok_per_s']:.3f}", f"{r['x_target_only']:.2f}",
-                      f"{r['x_hf_assisted']:.2f}", f"{r['target_token_fraction']:.2f}", f"{r['mean_acceptance_length']:.2f}",
-                      f"{r['relative_cost']:.2f}")
+        table.add_row(r["system"], r["policy"], r["dtype"], str(r["batch"]), f"{r['tok_per_s']:.3f}",
+                      f"{r['decode_tok_per_s']:.3f}", f"{r['x_target_only']:.2f}", f"{r['x_hf_assisted']:.2f}",
+                      f"{r['x_llama_bench']:.2f}", f"{r['target_token_fraction']:.2f}",
+                      f"{r['mean_acceptance_length']:.2f}", f"{r['relative_cost']:.2f}")
     console.print(table)
     console.print(f"speculative == target-only (greedy): {lossless}; cascade target-only == transformers greedy: {hf_same}")
     console.print(f"wrote {out / (args.tag + '.csv')}, {args.tag}.png, {args.tag}_machine.json")

@@ -225,6 +225,25 @@ def test_a_pair_of_ggufs_is_lossless_through_the_engine(tiny):
     assert all(r.lengths([0, 1, 2]) == [0, 0, 0] for r in runners)  # rows freed after the requests
 
 
+def test_a_llamacpp_draft_beside_a_torch_target_is_lossless(tiny):
+    """The mixed deployment: the draft local on llama.cpp, the target on the torch runner (or vLLM, remote: the
+    same ModelRunner contract). Greedy lossless output is the target's own greedy continuation."""
+    (_, draft, _), (target_model, _, target_dir) = tiny[1], tiny[2]
+    target = local_runner(target_dir, RunnerOptions(max_rows=2, max_len=64, dtype="float32"))
+    c = Cascade(runner(draft, max_rows=2, max_len=64), target, None, eos_token_ids=[],
+                config=EngineConfig(max_rows=2, max_len=64))
+    prompts = [[3, 4, 5], [20, 21]]
+    want = []
+    for p in prompts:
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(10):
+                seq.append(int(target_model(torch.tensor([seq])).logits[0, -1].argmax()))
+        want.append(seq[len(p):])
+    for policy in ("speculative", "speculative(k=4)", "target-only"):
+        assert [r.token_ids for r in c.generate(prompts, SamplingParams(max_tokens=10), policy=policy)] == want, policy
+
+
 def test_names_pick_llamacpp_and_a_users_gguf_gets_its_directory(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
     _, gguf, _ = tiny[1]
@@ -233,6 +252,7 @@ def test_names_pick_llamacpp_and_a_users_gguf_gets_its_directory(tiny, tmp_path,
     assert is_gguf_dir(d) and (d / GGUF_FILE).resolve() == gguf.resolve()
     assert resolve_member(f"llama.cpp:{gguf}", 0) == d  # described once, then reused
     assert resolve_member(f"llama.cpp:{d}", 1) == d
+    assert resolve_member(str(d), 1) == d  # a GGUF model directory needs no prefix
     r = local_runner(d, RunnerOptions(max_rows=2, max_len=32))
     assert isinstance(r, LlamaCppRunner)
     from cascade.library import load_tokenizer
@@ -269,7 +289,8 @@ def test_real_pair_ggufs_match_the_fp32_runner_within_quantization():
     tok = load_tokenizer(gdir)
     assert tok.encode("def fib(n):") == load_tokenizer(fdir).encode("def fib(n):")
     ids = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}],
-                                  add_generation_prompt=True)
+                                  add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     r = local_runner(gdir, RunnerOptions(max_rows=1, max_len=256))
     ref = local_runner(fdir, RunnerOptions(max_rows=1, max_len=256, dtype="float32"))
     a, b = r.forward_span([0], [ids]), ref.forward_span([0], [ids])

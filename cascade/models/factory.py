@@ -69,11 +69,11 @@ def resolve_member(name: str | Path | None, index: int) -> Path:
     """One model's directory: ``name``'s, or the default pair's draft (index 0) / target (1). A name that picks
     llama.cpp (``llama.cpp:<...>`` or a ``.gguf`` path) gives a GGUF model directory (``cascade.models.gguf_dir``),
     any other a checkpoint directory."""
-    from cascade.models.gguf_dir import names_llamacpp, resolve_gguf_model
+    from cascade.models.gguf_dir import is_gguf_dir, names_llamacpp, resolve_gguf_model
     from cascade.models.resolve import resolve_model
     from cascade.weights import DEFAULT_PAIR
 
-    if names_llamacpp(name):
+    if names_llamacpp(name) or (name is not None and is_gguf_dir(Path(name).expanduser())):
         return resolve_gguf_model(name, DEFAULT_PAIR[index].name)
     return resolve_model(name if name is not None else DEFAULT_PAIR[index].name)
 
