@@ -195,7 +195,7 @@ def test_bad_arguments_are_named_and_change_nothing(tiny, call, field):
 
 def test_bad_constructor_arguments(tiny, tmp_path):
     _, gguf, _ = tiny[1]
-    for kw, field in ((dict(max_rows=0), "max_rows"), (dict(max_len=100_000), "max_len"),
+    for kw, field in ((dict(max_rows=0), "max_rows"), (dict(max_len=0), "max_len"),
                       (dict(threads=0), "threads"), (dict(kv_dtype="int3"), "kv_dtype"),
                       (dict(flash_attn="yes"), "flash_attn")):
         with pytest.raises(ValueError, match=field):
@@ -298,3 +298,16 @@ def test_real_pair_ggufs_match_the_fp32_runner_within_quantization():
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree > 0.9, agree
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99
+
+
+def test_cascade_generate_runs_a_gguf_pair_from_the_command_line(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    from cascade.cli import main
+
+    (_, draft, _), (_, target, _) = tiny[1], tiny[2]
+    args = ["generate", "ab ab", "--draft", str(draft), "--target", f"llama.cpp:{target}", "--device", "cpu",
+            "--max-tokens", "5", "--policy", "speculative", "--no-color"]
+    assert main(args + ["--llamacpp-threads", "1"]) == 0
+    assert "tok/s" in capsys.readouterr().out
+    assert main(args + ["--llamacpp-threads", "0"]) == 2
+    assert "--llamacpp-threads" in capsys.readouterr().err

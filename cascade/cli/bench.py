@@ -12,7 +12,7 @@ from cascade.cli.options import BENCH_DTYPE_HELP, add_dataset_options, add_model
 
 def _add_pair_options(p) -> None:
     """The pair and how the benchmark commands run it: float32 by default (replay is exact there)."""
-    add_model_options(p, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP)
+    add_model_options(p, target=False, dtype_default="float32", dtype_help=BENCH_DTYPE_HELP, llamacpp=False)
     add_run_options(p)
 
 

@@ -17,8 +17,9 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def add_model_options(p: argparse.ArgumentParser, *, target: bool = True, dtype_default: str = "auto",
-                      dtype_help: str | None = None) -> None:
-    """--draft, --target (with the vLLM target options), --device, --dtype, --max-len."""
+                      dtype_help: str | None = None, llamacpp: bool = True) -> None:
+    """--draft, --target (with the vLLM target options), --device, --dtype, --max-len, and (``llamacpp``) the
+    llama.cpp runner's --llamacpp-threads."""
     p.add_argument("--draft", default=None,
                    help="draft model: a local HF checkpoint dir, a repo id in the local Hugging Face cache, or a "
                         "known name (default: the default pair); a .gguf file or 'llama.cpp:<name, dir or file>' runs it "
@@ -35,6 +36,10 @@ def add_model_options(p: argparse.ArgumentParser, *, target: bool = True, dtype_
                    help=dtype_help or "weights/activations dtype; auto = bf16 on CUDA, on CPU bf16 where the CPU has "
                                       "fast bf16 (avx512_bf16 / AMX) else fp32 (default: auto)")
     p.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per request: prompt + answer (default: 2048)")
+    if llamacpp:
+        p.add_argument("--llamacpp-threads", type=int, default=None, metavar="N",
+                       help="threads of a model run on llama.cpp (a .gguf / llama.cpp: draft or target; default: every "
+                            "CPU)")
 
 
 def add_target_options(p: argparse.ArgumentParser) -> None:
@@ -84,6 +89,11 @@ def pair_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"device": args.device, "dtype": args.dtype, "max_len": args.max_len}
     if args.max_len < 8:
         raise ValueError(f"--max-len: must be >= 8, got {args.max_len}")
+    threads = getattr(args, "llamacpp_threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--llamacpp-threads: must be >= 1, got {threads}")
+        kwargs["llamacpp"] = {"threads": threads}
     if not hasattr(args, "target_url"):
         return kwargs
     uses_vllm = args.target_url is not None or (args.target or "").startswith("vllm:")

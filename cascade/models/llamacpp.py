@@ -126,9 +126,8 @@ class LlamaCppRunner:
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.vocab_size = int(ll.llama_vocab_n_tokens(self._vocab))
         self.num_params = int(ll.llama_model_n_params(self._model))
-        self.train_len = int(ll.llama_model_n_ctx_train(self._model))
-        if self.max_len > self.train_len:
-            raise ValueError(f"max_len {self.max_len} exceeds the model's trained context ({self.train_len})")
+        self.train_len = int(ll.llama_model_n_ctx_train(self._model))  # past it, llama.cpp warns (as transformers
+        #   would run on): the torch runner does not refuse it either
 
         per_row = -(-self.max_len // KV_CELL_GRANULARITY) * KV_CELL_GRANULARITY
         cparams = ll.llama_context_default_params()
