@@ -9,6 +9,13 @@ oneDNN) and optionally transformers eager (``--hf``); on CUDA it compares eager 
     PYTHONPATH=. python benchmarks/runner_cost.py                       # this machine, defaults
     PYTHONPATH=. python benchmarks/runner_cost.py --models 0.5b --dtypes float32 --impls torch,onednn --hf
 
+With ``--gguf`` it times the llama.cpp runner instead, on the default pair's GGUFs as they ship (``cascade
+fetch-models --backend llama.cpp``; real weights, ``dtype`` q4_k_m, ``linear_impl`` llama.cpp), after a real
+prefill of the context; its CSV is a cost file for ``cascade bench --cost-file`` (the modelled-time axis of a
+deployment whose models run on llama.cpp).
+
+    PYTHONPATH=. python benchmarks/runner_cost.py --gguf --batches 1 --ks 2,3,4,5,6,8 --machine llamacpp-cpu-avx2-2c
+
 Writes ``benchmarks/results/runner_cost_<machine>.csv`` (``--out`` to override). All variants of one
 model and dtype are built at once and timed in interleaved rounds, so that load drifting on a shared
 machine hits them alike. ``runner_cost_cpu-avx2-2c.csv`` joins three runs (``--models 0.5b --dtypes
@@ -73,9 +80,14 @@ def _timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def fill_context(runner: LlamaRunner, rows: list[int], context: int) -> None:
-    """Pretend each row holds ``context`` cached positions (random K/V) without paying for a prefill.
-    Benchmark-only: touches the runner's private lengths."""
+def fill_context(runner, rows: list[int], context: int) -> None:
+    """Make each row hold ``context`` cached positions. ``LlamaRunner``: random K/V without paying for a prefill
+    (benchmark-only: touches the runner's private lengths); any other runner: a real prefill of random tokens."""
+    if not isinstance(runner, LlamaRunner):
+        runner.free(rows)
+        runner.forward_span(rows, torch.randint(0, runner.vocab_size, (len(rows), context)).tolist(),
+                            num_logits=[0] * len(rows))
+        return
     runner.cache.normal_(0.0, 1.0)
     for r in rows:
         runner._len[r] = context
@@ -169,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--hf", action="store_true", help="also time transformers eager (CPU, batch 1)")
     ap.add_argument("--prefill", action="store_true", help="also time one prefill of --context tokens")
+    ap.add_argument("--gguf", action="store_true",
+                    help="time the llama.cpp runner on the default pair's GGUFs (needs the llamacpp extra and cascade "
+                         "fetch-models --backend llama.cpp); --dtypes and --impls do not apply")
     ap.add_argument("--machine", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -207,6 +222,24 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
             w.writeheader()
             w.writerows(rows_out)
+
+    if a.gguf:
+        from cascade.models.factory import local_runner, resolve_member
+
+        for index, model in enumerate(("0.5b", "1.5b")):
+            if model not in a.models.split(","):
+                continue
+            runner = local_runner(resolve_member("llama.cpp:", index),
+                                  RunnerOptions(max_rows=max(batches), max_len=a.context + max(ks) + 8,
+                                                llamacpp={"threads": a.threads} if a.threads else {}))
+            print(f"loaded {model} {runner.describe()}", flush=True)
+            for batch in batches:
+                res = interleaved({("llama.cpp", "eager"): runner_ops(runner, batch, a.context, ks)}, device, reps)
+                for v, r in res.items():
+                    emit(model, "q4_k_m", v, batch, r)
+            runner.close()
+        print(f"wrote {out}")
+        return 0
 
     for model in a.models.split(","):
         cfg = shape_config(model)

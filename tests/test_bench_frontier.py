@@ -102,6 +102,13 @@ def test_modelled_time_from_runner_cost_figures(tmp_path):
     assert (c.draft_step_ms, c.draft_position_ms, c.target_step_ms, c.target_position_ms) == pytest.approx((10, 1, 30, 2))
     r = rec(0, 1, target_tokens=12, passes=2, policy="x", prefill=5)  # 12 + 5 prompt positions in 2 passes, 10 draft steps
     assert c.record_ms(r) == pytest.approx(10 * 10 + 5 * 1 + 2 * 30 + 15 * 2)
+    # a file of one other dtype (the llama.cpp runner's q4_k_m) is read without naming it
+    gguf = tmp_path / "rc_gguf.csv"
+    gguf.write_text(path.read_text().replace(",float32,onednn,", ",q4_k_m,llama.cpp,"))
+    g = PassCosts.from_runner_cost_csv(gguf)
+    assert (g.target_step_ms, g.target_position_ms) == pytest.approx((30, 2)) and "q4_k_m" in g.source
+    with pytest.raises(ValueError, match="float32"):
+        PassCosts.from_runner_cost_csv(gguf, dtype="float32")
 
 
 def test_quantile_taus_have_the_common_resolution():

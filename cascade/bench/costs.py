@@ -62,12 +62,16 @@ class PassCosts:
 
     @classmethod
     def from_runner_cost_csv(cls, path: str | Path = DEFAULT_COST_FILE, draft_shape: str = "0.5b",
-                             target_shape: str = "1.5b", dtype: str = "float32",
+                             target_shape: str = "1.5b", dtype: str | None = None,
                              impl: str | None = None) -> "PassCosts":
-        """Fit step and per-position cost of each shape from batch-1 rows of a runner_cost CSV. ``impl``
-        (the linear implementation column) defaults to the fastest one measured for the target's step."""
-        rows = [r for r in csv.DictReader(Path(path).open()) if r["batch"] == "1" and r["dtype"] == dtype
-                and r["op"] in ("step", "span")]
+        """Fit step and per-position cost of each shape from batch-1 rows of a runner_cost CSV. ``dtype``
+        defaults to float32 where the file has it, else the file's one dtype (a llama.cpp file: q4_k_m);
+        ``impl`` (the linear implementation column) to the fastest one measured for the target's step."""
+        table = list(csv.DictReader(Path(path).open()))
+        if dtype is None:
+            present = {r["dtype"] for r in table}
+            dtype = "float32" if "float32" in present or len(present) != 1 else present.pop()
+        rows = [r for r in table if r["batch"] == "1" and r["dtype"] == dtype and r["op"] in ("step", "span")]
         if not rows:
             raise ValueError(f"cost model: {path} has no batch-1 step/span rows in {dtype}")
         if impl is None:
