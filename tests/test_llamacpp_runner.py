@@ -311,3 +311,71 @@ def test_cascade_generate_runs_a_gguf_pair_from_the_command_line(tiny, tmp_path,
     assert "tok/s" in capsys.readouterr().out
     assert main(args + ["--llamacpp-threads", "0"]) == 2
     assert "--llamacpp-threads" in capsys.readouterr().err
+
+
+def test_the_server_on_a_gguf_pair_answers_concurrent_clients_as_each_alone(tiny, tmp_path, monkeypatch):
+    """`cascade serve`'s app on llama.cpp, through the real openai client on 127.0.0.1: concurrent requests (4
+    rows, 8 clients: some queue and join the running batch) equal each request alone, streamed equals not
+    streamed, and every cache row is free afterwards."""
+    import concurrent.futures
+
+    from test_server import start_server, wait_idle
+
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    (_, draft, _), (_, target, _) = tiny[1], tiny[2]
+    exact = {"kv_dtype": "f32", "flash_attn": False}
+    served = Cascade.from_pretrained(str(draft), str(target), max_rows=4, max_len=128, device="cpu", llamacpp=exact)
+    alone = Cascade.from_pretrained(str(draft), str(target), max_rows=1, max_len=128, device="cpu", llamacpp=exact)
+    server = start_server(served, default_policy="speculative")
+    try:
+        client = server.client()
+        policies = ["speculative", "chow(alpha=0.3)", "target-only", "draft-only"]
+        jobs = [(f"ab {'ab ' * i}", 5 + 2 * (i % 3), policies[i % 4]) for i in range(8)]
+
+        def ask(job):
+            prompt, max_tokens, policy = job
+            return client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=max_tokens, temperature=0,
+                                                  extra_body={"cascade": {"policy": policy}})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (prompt, max_tokens, policy), r in zip(jobs, answers):
+            [lib] = alone.generate([{"role": "user", "content": prompt}], SamplingParams(max_tokens=max_tokens),
+                                   policy=policy)
+            assert r.choices[0].message.content == lib.text, policy
+            assert r.usage.completion_tokens == lib.stats.emitted_tokens
+        prompt, max_tokens, policy = jobs[1]
+        chunks = client.chat.completions.create(model="cascade", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True,
+                                                extra_body={"cascade": {"policy": policy}})
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answers[1].choices[0].message.content
+        assert wait_idle(server)["cascade_kv_rows_free"] == 4
+    finally:
+        server.stop()
+
+
+@pytest.mark.real_pair
+def test_real_draft_gguf_rolls_back_by_kv_removal_and_batches_rows():
+    from cascade.weights import DRAFT_SPEC, cached_gguf_dir, is_gguf_fetched
+
+    gdir = cached_gguf_dir(DRAFT_SPEC)
+    if not is_gguf_fetched(DRAFT_SPEC, gdir):
+        pytest.skip("needs `cascade fetch-models --backend llama.cpp`")
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 150_000, (40,), generator=gen).tolist()
+    junk, nxt = torch.randint(0, 150_000, (6,), generator=gen).tolist(), [1234]
+    r = local_runner(gdir, RunnerOptions(max_rows=3, max_len=128))
+    fresh = local_runner(gdir, RunnerOptions(max_rows=3, max_len=128))
+    r.forward_span([2], [prompt], num_logits=[0])
+    r.forward_span([2], [junk])
+    r.truncate([2], [40])
+    fresh.forward_span([2], [prompt], num_logits=[0])
+    a, b = r.decode(torch.tensor([2]), torch.tensor(nxt)), fresh.decode(torch.tensor([2]), torch.tensor(nxt))
+    assert maxdiff(a, b) < 1e-4 and r.lengths([2]) == [41]
+    # another row beside it changes nothing of row 2's next logits beyond llama.cpp's batch-shape rounding
+    r.forward_span([0], [junk])
+    both = r.forward_span([0, 2], [[7], [99]])
+    alone = fresh.forward_span([2], [[99]])
+    assert torch.nn.functional.cosine_similarity(both[1:], alone, dim=-1).item() > 0.999
+    assert both[1].argmax() == alone[0].argmax()
