@@ -78,7 +78,8 @@ def _quiet_log_callback(ll):
 
 def default_threads() -> int:
     """Threads for llama.cpp: the CPUs this process may run on (llama.cpp's own tools default to the physical
-    cores; on the small machines this targets, one thread per CPU is what ``llama-bench -t`` measured best)."""
+    cores, which is the same on the 2-vCPU machines the figures in the README come from; on a machine with SMT,
+    ``threads`` = the physical cores may be faster)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
