@@ -146,6 +146,8 @@ def run_cascade(cascade, prompts_ids, max_tokens, policy, batch, progress) -> tu
     cost_num = sum(r.stats.relative_cost(dp, tp) * (r.stats.prompt_tokens + r.stats.emitted_tokens) for r in results)
     cost_den = sum(r.stats.prompt_tokens + r.stats.emitted_tokens for r in results)
     dtype = "gguf" if getattr(cascade.target, "path", None) else str(getattr(cascade.target, "dtype", "served"))
+    dtype = f"gguf draft + {dtype.removeprefix('torch.')} target" if getattr(cascade.draft, "path", None) and \
+        not getattr(cascade.target, "path", None) else dtype
     row = {"system": "cascade", "policy": policy, "dtype": dtype.removeprefix("torch."), "batch": batch,
            "tokens": emitted, "wall_s": wall,
            "tok_per_s": emitted / wall,
@@ -189,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default=None, help="target checkpoint dir (default: the default pair)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default="torch",
-                    help="comma-separated runners the cascade rows run on: 'torch' (the checkpoints, in every --dtypes) "
-                         "and / or 'llama.cpp' (the default pair's GGUFs as they ship, or --draft / --target .gguf files; "
-                         "adds llama.cpp's own llama-bench / llama-speculative rows where --llama-tools has them)")
+                    help="comma-separated runners the cascade rows run on: 'torch' (the checkpoints, in every --dtypes), "
+                         "'llama.cpp' (the default pair's GGUFs as they ship, or --draft / --target .gguf files; adds "
+                         "llama.cpp's own llama-bench / llama-speculative rows where --llama-tools has them) and / or "
+                         "'mixed' (the draft on llama.cpp, the target on the torch runner in fp32)")
     ap.add_argument("--llama-tools", default=None,
                     help="directory with llama.cpp's llama-bench and llama-speculative (default: "
                          "$CASCADE_HOME/llama-tools/bin, built by scripts/build_llama_tools.sh)")
@@ -221,18 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         return tqdm(items, desc=desc, leave=False)
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = set(backends) - {"torch", "llama.cpp"}
+    unknown = set(backends) - {"torch", "llama.cpp", "mixed"}
     if unknown:
-        ap.error(f"--backends: unknown {sorted(unknown)}; choose from torch, llama.cpp")
+        ap.error(f"--backends: unknown {sorted(unknown)}; choose from torch, llama.cpp, mixed")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     policies = split_policy_specs(args.policies)
     rows, lossless, hf_same = [], {}, {}
     configs = [("torch", d) for d in (_dtypes(args.dtypes, args.device) if "torch" in backends else [])]
     configs += [("llama.cpp", None)] if "llama.cpp" in backends else []
+    configs += [("mixed", torch.float32)] if "mixed" in backends else []
     prompts_ids: list[list[int]] = []
     for backend, dtype in configs:
         if backend == "torch":
             draft_dir, target_dir = resolve_pair(args.draft or None, args.target or None)
+        elif backend == "mixed":  # the draft local on llama.cpp, the target on the torch runner in fp32
+            draft_dir, target_dir = resolve_pair(_llamacpp_name(args.draft), args.target or None)
         else:
             draft_dir, target_dir = resolve_pair(_llamacpp_name(args.draft), _llamacpp_name(args.target))
         tokenizer = load_tokenizer(draft_dir)
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_rows, hf_out = run_transformers(draft_dir, target_dir, prompts_ids, args.max_tokens, eos, progress, dtype)
             rows += hf_rows
         name = str(dtype).removeprefix("torch.") if dtype is not None else "gguf"
+        name = f"gguf draft + {name} target" if backend == "mixed" else name
         if backend == "llama.cpp":
             tools = llama_tools_dir(args.llama_tools)
             threads = args.threads or len(os.sched_getaffinity(0))
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rows[-3:]:
                     console.print(f"{r['policy']:>26}: {r['tok_per_s']:.3f} tok/s")
         cascade = Cascade.from_pretrained(draft_dir, target_dir, max_rows=max(batch_sizes), max_len=1024,
-                                          device=args.device, dtype=name if dtype is not None else None,
+                                          device=args.device,
+                                          dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
                                           llamacpp={"threads": args.threads} if args.threads else None)
         outputs = {}
         for batch in batch_sizes:
