@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from cascade.models.base import decode_steps
-from cascade.models.row_checks import as_int, as_list, check_rows, check_spans, check_truncate
+from cascade.models.row_checks import (as_int, as_list, check_decode, check_decode_loop, check_rows, check_spans,
+                                       check_truncate)
 from cascade.models.decoder_weights import LINEAR_IMPLS, Linear, load_decoder_weights, onednn_available
 from cascade.models.loading import (
     DecoderConfig,
@@ -381,19 +382,8 @@ class LlamaRunner:
     def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``rows [B]`` int64 (host tensor or list: bookkeeping needs them without a device sync),
         ``ids [B]`` int64 (host or device) -> float32 logits ``[B, V]``."""
-        row_list = self._check_rows(self._as_list(rows, "rows"))
-        if not row_list:
-            raise ValueError("rows must not be empty")
-        ids_t = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
-        if ids_t.dim() != 1 or ids_t.shape[0] != len(row_list):
-            raise ValueError(f"ids must have shape [{len(row_list)}], got {tuple(ids_t.shape)}")
-        if ids_t.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an integer tensor, got {ids_t.dtype}")
-        if ids_t.device.type == "cpu" and (int(ids_t.min()) < 0 or int(ids_t.max()) >= self.vocab_size):
-            raise ValueError(f"ids must be in [0, {self.vocab_size})")
-        for r in row_list:
-            if self._len[r] + 1 > self.max_len:
-                raise ValueError(f"rows: row {r} is full (length {self._len[r]} = max_len)")
+        row_list, ids_t = check_decode(self._len, rows, ids, max_rows=self.max_rows, max_len=self.max_len,
+                                       vocab_size=self.vocab_size)
         ids_t = ids_t.to(self.device, torch.long, non_blocking=True)
         if self._graphs is not None:
             rows_t = torch.tensor(row_list, dtype=torch.long)
@@ -417,15 +407,8 @@ class LlamaRunner:
         ``ids [B]`` int64 (host or device) -> (logits [steps, B, V] float32, tokens [steps, B] int64 on the
         device), the same as ``steps`` ``decode`` calls with the argmax fed back. With CUDA graphs the whole
         loop is one graph replay (``GraphedSteps.greedy_loop``); otherwise it is those ``decode`` calls."""
-        row_list = self._check_rows(self._as_list(rows, "rows"))
-        if as_int(steps) is None or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        vocab = self.vocab_size if vocab is None else int(vocab)
-        if not 1 <= vocab <= self.vocab_size:
-            raise ValueError(f"vocab must be in [1, {self.vocab_size}], got {vocab}")
-        for r in row_list:
-            if self._len[r] + steps > self.max_len:
-                raise ValueError(f"rows: row {r} has length {self._len[r]}, + {steps} steps > max_len {self.max_len}")
+        row_list, vocab = check_decode_loop(self._len, rows, steps, vocab, max_rows=self.max_rows,
+                                            max_len=self.max_len, vocab_size=self.vocab_size)
         if self._graphs is None:
             return decode_steps(self, row_list, ids, steps, vocab)
         if not row_list or tuple(ids.shape) != (len(row_list),):

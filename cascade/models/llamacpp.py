@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cascade.models.base import decode_steps
-from cascade.models.row_checks import as_int, check_rows, check_spans, check_truncate
+from cascade.models.row_checks import as_int, check_decode, check_decode_loop, check_rows, check_spans, check_truncate
 
 KV_CELL_GRANULARITY = 256  # llama.cpp pads each sequence's KV stream to a multiple of this many cells
 KV_DTYPES = {"f16": "GGML_TYPE_F16", "f32": "GGML_TYPE_F32", "q8_0": "GGML_TYPE_Q8_0"}  # KV cache element types
@@ -188,6 +188,10 @@ class LlamaCppRunner:
                      num_logits: Sequence[int] | None = None) -> torch.Tensor:
         rows, spans, num_logits = check_spans(self._len, rows, spans, num_logits, max_rows=self.max_rows,
                                               max_len=self.max_len, vocab_size=self.vocab_size)
+        return self._run(rows, spans, num_logits)
+
+    def _run(self, rows: list[int], spans: list[list[int]], num_logits: list[int]) -> torch.Tensor:
+        """``forward_span`` on checked arguments: append each span to its row, logits of its last tokens."""
         tokens = np.fromiter((t for s in spans for t in s), dtype=np.int32, count=sum(len(s) for s in spans))
         seq = np.repeat(np.asarray(rows, dtype=np.int32), [len(s) for s in spans])
         pos = np.concatenate([np.arange(self._len[r], self._len[r] + len(s), dtype=np.int32)
@@ -232,31 +236,15 @@ class LlamaCppRunner:
 
     def decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``rows [B]`` int64, ``ids [B]`` int64 -> float32 logits ``[B, V]``: one token per row."""
-        row_list = check_rows(rows, self.max_rows)
-        if not row_list:
-            raise ValueError("rows must not be empty")
-        ids_t = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
-        if ids_t.dim() != 1 or ids_t.shape[0] != len(row_list):
-            raise ValueError(f"ids must have shape [{len(row_list)}], got {tuple(ids_t.shape)}")
-        if ids_t.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an integer tensor, got {ids_t.dtype}")
-        for r in row_list:
-            if self._len[r] + 1 > self.max_len:
-                raise ValueError(f"rows: row {r} is full (length {self._len[r]} = max_len)")
-        return self.forward_span(row_list, [[int(t)] for t in ids_t.tolist()])
+        row_list, ids_t = check_decode(self._len, rows, ids, max_rows=self.max_rows, max_len=self.max_len,
+                                       vocab_size=self.vocab_size)
+        return self._run(row_list, [[int(t)] for t in ids_t.tolist()], [1] * len(row_list))
 
     def decode_loop(self, rows: torch.Tensor | Sequence[int], ids: torch.Tensor, steps: int,
                     vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` greedy ``decode`` calls with the argmax (over ids < ``vocab``) fed back."""
-        row_list = check_rows(rows, self.max_rows)
-        if as_int(steps) is None or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        vocab = self.vocab_size if vocab is None else int(vocab)
-        if not 1 <= vocab <= self.vocab_size:
-            raise ValueError(f"vocab must be in [1, {self.vocab_size}], got {vocab}")
-        for r in row_list:
-            if self._len[r] + steps > self.max_len:
-                raise ValueError(f"rows: row {r} has length {self._len[r]}, + {steps} steps > max_len {self.max_len}")
+        row_list, vocab = check_decode_loop(self._len, rows, steps, vocab, max_rows=self.max_rows,
+                                            max_len=self.max_len, vocab_size=self.vocab_size)
         return decode_steps(self, row_list, ids, steps, vocab)
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:

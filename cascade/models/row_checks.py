@@ -93,4 +93,41 @@ def check_truncate(lengths: Sequence[int], rows, new_lengths, *, max_rows: int) 
     return rows, out
 
 
-__all__ = ["as_int", "as_list", "check_rows", "check_spans", "check_truncate"]
+def check_decode(lengths: Sequence[int], rows, ids, *, max_rows: int, max_len: int,
+                 vocab_size: int) -> tuple[list[int], torch.Tensor]:
+    """The arguments of ``ModelRunner.decode``: ``rows [B]`` not empty and none full, ``ids [B]`` integer
+    token ids (their range checked where they live on the host: a device tensor is not synced for it)
+    -> (rows, ids as a tensor)."""
+    rows = check_rows(rows, max_rows)
+    if not rows:
+        raise ValueError("rows must not be empty")
+    ids_t = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+    if ids_t.dim() != 1 or ids_t.shape[0] != len(rows):
+        raise ValueError(f"ids must have shape [{len(rows)}], got {tuple(ids_t.shape)}")
+    if ids_t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids must be an integer tensor, got {ids_t.dtype}")
+    if ids_t.device.type == "cpu" and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab_size):
+        raise ValueError(f"ids must be in [0, {vocab_size})")
+    for r in rows:
+        if lengths[r] + 1 > max_len:
+            raise ValueError(f"rows: row {r} is full (length {lengths[r]} = max_len)")
+    return rows, ids_t
+
+
+def check_decode_loop(lengths: Sequence[int], rows, steps, vocab, *, max_rows: int, max_len: int,
+                      vocab_size: int) -> tuple[list[int], int]:
+    """The arguments of ``ModelRunner.decode_loop``: ``steps >= 1`` that fit every row, the argmax's vocabulary
+    in ``[1, vocab_size]`` (None: all of it) -> (rows, vocab)."""
+    rows = check_rows(rows, max_rows)
+    if as_int(steps) is None or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    vocab = vocab_size if vocab is None else int(vocab)
+    if not 1 <= vocab <= vocab_size:
+        raise ValueError(f"vocab must be in [1, {vocab_size}], got {vocab}")
+    for r in rows:
+        if lengths[r] + steps > max_len:
+            raise ValueError(f"rows: row {r} has length {lengths[r]}, + {steps} steps > max_len {max_len}")
+    return rows, vocab
+
+
+__all__ = ["as_int", "as_list", "check_decode", "check_decode_loop", "check_rows", "check_spans", "check_truncate"]
