@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.library import Cascade
 
     pair = Cascade.from_pretrained(args.draft, args.target, max_rows=max(batches), max_len=args.max_len,
-                                   device=args.device, dtype=args.dtype, adaptive_k=True)
+                                   device=args.device, dtype=args.dtype, adaptive_k=True,
+                                   backend="torch")  # its figures are the torch runner's
     engine = pair.engine
     params = SamplingParams(max_tokens=args.max_tokens)
     pair.chat([[{"role": "user", "content": PROMPTS[0]}]], SamplingParams(max_tokens=4), policy="speculative")

@@ -121,7 +121,7 @@ class Cascade:
                         max_draft_block: int = 16, target_url: str | Sequence[str] | None = None,
                         vllm_options: "VLLMTargetOptions | None" = None, on_target_error: str = "fail",
                         exact_verify: bool = False, adaptive_k: bool = False,
-                        llamacpp: dict[str, Any] | None = None) -> "Cascade":
+                        llamacpp: dict[str, Any] | None = None, backend: str = "auto") -> "Cascade":
         """Load a pair from local HF checkpoint directories or known model names; with no arguments, the
         default pair from the cache (``cascade fetch-models`` puts it there).
 
@@ -138,7 +138,10 @@ class Cascade:
         A model named ``llama.cpp:<name, dir or file>`` or by a ``.gguf`` path runs on llama.cpp as it ships
         (``cascade.models.llamacpp``; ``llama.cpp:`` alone is the default pair's model, after ``cascade
         fetch-models --backend llama.cpp``); ``llamacpp``: its runner's options (``threads``, ``n_batch``,
-        ``kv_dtype``)."""
+        ``kv_dtype``). ``backend`` ("auto", "torch" or "llama.cpp"): the runner of the default pair's members where
+        a name is None; "auto" runs them on llama.cpp on a CPU where no dtype is asked for and the bindings and
+        both GGUFs are there, on the torch runner otherwise (``cascade.models.backend``)."""
+        from cascade.models.backend import default_member_name, pick_backend
         from cascade.models.factory import RunnerOptions, load_pair_runners
         from cascade.weights import DEFAULT_PAIR
 
@@ -148,6 +151,9 @@ class Cascade:
         # "auto" resolved: CUDA when present, dtype per device
         options = RunnerOptions(max_rows=max_rows, max_len=max_len, device=config.device, dtype=config.dtype,
                                 llamacpp=dict(llamacpp or {}))
+        chosen = pick_backend(backend, device, dtype)  # the runner of the default pair's unnamed members
+        draft = default_member_name(draft, chosen)
+        target = target if target_url is not None else default_member_name(target, chosen)
         pair = load_pair_runners(draft, target, options, target_url=target_url, vllm_options=vllm_options,
                                  draft_extra={"graph_loops": DRAFT_GRAPH_LOOPS})
         draft_runner, target_runner, draft_dir, target_dir = pair.draft, pair.target, pair.draft_dir, pair.target_dir

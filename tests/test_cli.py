@@ -157,6 +157,8 @@ def test_serve_reads_the_api_key_from_the_environment(monkeypatch):
         raise SystemExit(0)
 
     class FakeCascade:
+        draft = target = None
+
         class engine:
             class config:
                 device = "cpu"

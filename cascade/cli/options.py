@@ -11,6 +11,7 @@ from typing import Iterable
 
 from cascade.config import SamplingParams
 from cascade.defaults import default_policy
+from cascade.models.backend import BACKENDS
 from cascade.policies import make_policy, parse_policy, parse_value, policy_names
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -19,7 +20,7 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 def add_model_options(p: argparse.ArgumentParser, *, target: bool = True, dtype_default: str = "auto",
                       dtype_help: str | None = None, llamacpp: bool = True) -> None:
     """--draft, --target (with the vLLM target options), --device, --dtype, --max-len, and (``llamacpp``) the
-    llama.cpp runner's --llamacpp-threads."""
+    default pair's --backend and the llama.cpp runner's --llamacpp-threads."""
     p.add_argument("--draft", default=None,
                    help="draft model: a local HF checkpoint dir, a repo id in the local Hugging Face cache, or a "
                         "known name (default: the default pair); a .gguf file or 'llama.cpp:<name, dir or file>' runs it "
@@ -37,6 +38,11 @@ def add_model_options(p: argparse.ArgumentParser, *, target: bool = True, dtype_
                                       "fast bf16 (avx512_bf16 / AMX) else fp32 (default: auto)")
     p.add_argument("--max-len", type=int, default=2048, help="KV-cache positions per request: prompt + answer (default: 2048)")
     if llamacpp:
+        p.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="runner of the default pair (the models --draft / --target leave unnamed): 'torch' = "
+                            "cascade's runner on the converted safetensors; 'llama.cpp' = the GGUFs as they ship "
+                            "(cascade fetch-models --backend llama.cpp); auto = llama.cpp on a CPU when its bindings "
+                            "and both GGUFs are there and --dtype is auto, else torch (default: auto)")
         p.add_argument("--llamacpp-threads", type=int, default=None, metavar="N",
                        help="threads of a model run on llama.cpp (a .gguf / llama.cpp: draft or target; default: every "
                             "CPU)")
@@ -94,6 +100,8 @@ def pair_kwargs(args: argparse.Namespace) -> dict:
         if threads < 1:
             raise ValueError(f"--llamacpp-threads: must be >= 1, got {threads}")
         kwargs["llamacpp"] = {"threads": threads}
+    if hasattr(args, "backend"):
+        kwargs["backend"] = args.backend
     if not hasattr(args, "target_url"):
         return kwargs
     uses_vllm = args.target_url is not None or (args.target or "").startswith("vllm:")

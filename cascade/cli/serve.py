@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"serve needs the server extra ({', '.join(missing)} not installed): "
                          "pip install 'cascade[server]'")
     from cascade.library import Cascade
+    from cascade.models.backend import runner_label
     from cascade.server import create_app, run_server
 
     if args.policy and args.calibration:
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     cascade = Cascade.from_pretrained(args.draft, args.target, max_rows=args.max_rows, adaptive_k=not args.fixed_k,
                                       **pair_kwargs(args))
     policy = parse_policy(policy or cascade.default_policy())
-    print(f"loaded the pair in {time.perf_counter() - t0:.0f} s on {cascade.engine.config.device}"
+    print(f"loaded the pair in {time.perf_counter() - t0:.0f} s on {cascade.engine.config.device} (draft "
+          f"{runner_label(cascade.draft)}, target {runner_label(cascade.target)})"
           f"{'' if args.fixed_k else ' (with the dynamic-speculation profile)'}; default policy "
           f"{policy.describe()}; serving on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)

@@ -203,6 +203,7 @@ class LlamaRunner:
     def describe(self) -> dict:
         """What was chosen, for benchmark and log lines."""
         return {
+            "backend": "torch",
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "linear_impl": self.linear_impl,

@@ -46,7 +46,7 @@ def resolve_model(name_or_path: str | os.PathLike, home: Path | str | None = Non
         model_dir = cached_model_dir(spec, home)
         if not is_fetched(spec, model_dir):
             raise FileNotFoundError(f"model {spec.name!r} is not in the cache ({model_dir}); run "
-                                    "`cascade fetch-models` first to download and convert the default pair")
+                                    "`cascade fetch-models --backend torch` first to download and convert the default pair")
         return validate_checkpoint_dir(model_dir)
     name = str(name_or_path)
     if "/" not in name and (models / name).is_dir():
