@@ -298,7 +298,7 @@ def load_requests(dataset: str, limit: int | None, seed: int, cache_dir: Path | 
     ``with_prompt_states``, the draft once per problem not seen before: ``prompt_states``)."""
     from cascade.bench.datasets import load_dataset, select
     from cascade.bench.harness import Bench, BenchConfig
-    from cascade.bench.replay import PathStats, path_key
+    from cascade.bench.paths import PathStats, path_key
 
     bench = Bench(BenchConfig(datasets=(dataset,), limit=limit, seed=seed, cache_dir=cache_dir, progress=False,
                               device="cpu"), say=lambda s: None)

@@ -100,7 +100,7 @@ def export(cache, name: Path, keys: list[str], say) -> None:
 def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> list[str]:
     """The cache keys of a chunk's baseline answers recorded so far (``records``: policy -> records) and
     (``with_paths``) their teacher-forced paths."""
-    from cascade.bench.replay import path_key
+    from cascade.bench.paths import path_key
     from cascade.bench.runs import run_key, sampling_for
     from cascade.policies import parse_policy
 
@@ -119,7 +119,7 @@ def chunk_keys(bench, problems, records: dict[str, list], with_paths: bool) -> l
 def recorded_keys(bench, cache, problems) -> list[str]:
     """The cache keys of a chunk's entries recorded so far: each baseline answer that is cached, and the
     teacher-forced path of each such answer that is cached too."""
-    from cascade.bench.replay import path_key
+    from cascade.bench.paths import path_key
     from cascade.bench.runs import run_key, sampling_for
     from cascade.policies import parse_policy
 

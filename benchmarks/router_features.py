@@ -75,7 +75,7 @@ def main() -> None:
 
     from cascade.bench.datasets import load_dataset, select, split_indices
     from cascade.bench.harness import Bench, BenchConfig
-    from cascade.bench.replay import path_features, path_labels
+    from cascade.bench.paths import path_features, path_labels
     from cascade.library import Cascade, load_tokenizer
     from cascade.models.llama import LlamaRunner
     from cascade.router import roc_auc

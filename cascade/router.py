@@ -10,7 +10,7 @@ comparable routers, on richer features).
   replay (from ``PathStats``) and by training, so a router scores the same position the same way in all
   three.
 - Labels: free, from teacher forcing: along each recorded draft answer, 1 where ``argmax p != argmax q``
-  (``cascade.bench.replay.PathStats``); no human labels.
+  (``cascade.bench.paths.PathStats``); no human labels.
 - Model: ``features (F) -> hidden (H, SiLU) -> 1`` with inputs standardised by the training set's mean and
   standard deviation; a few hundred parameters, so scoring costs one ``[N, F] x [F, H]`` matmul per round
   for every drafted position of the batch, on the runner's device.

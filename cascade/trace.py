@@ -1,5 +1,5 @@
 """Per-position statistics of chosen requests, kept while they are decoded: the half of the bench's
-teacher-forced path recording (``cascade.bench.replay.record_path``) that decoding has already computed.
+teacher-forced path recording (``cascade.bench.paths.record_path``) that decoding has already computed.
 
 A path needs both models' statistics at every position of an answer. The model that wrote the answer
 computed its own while decoding it, so with a trace only the other model reads the answer again (one

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cascade import SamplingParams
-from cascade.bench.replay import PathStats, record_path, replay_records, simulate, simulate_paths
+from cascade.bench.paths import PathStats, record_path
+from cascade.bench.replay import replay_records, simulate, simulate_paths
 from cascade.bench.sweeps import GRIDS, grid_policies
 from cascade.policies import make_policy
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from cascade.bench.calibrate import choose_config, sweep_points
-from cascade.bench.replay import PathStats
+from cascade.bench.paths import PathStats
 from cascade.bench.plot import plot_frontier
 from cascade.bench.report import Point, aggregate, auc, best_within, gap_recovered, pareto, write_csv
 from cascade.bench.runs import RunRecord

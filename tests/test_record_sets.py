@@ -50,7 +50,7 @@ def test_export_only_takes_the_answers_and_paths_recorded_so_far(record_sets, tm
     path of each such answer that is cached too; nothing of what is still missing."""
     from types import SimpleNamespace
 
-    from cascade.bench.replay import path_key
+    from cascade.bench.paths import path_key
     from cascade.bench.runs import RunCache, run_key, sampling_for
     from cascade.policies import parse_policy
 

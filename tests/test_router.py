@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cascade import SamplingParams
-from cascade.bench.replay import path_features, path_labels, record_path, replay_record, score_paths
+from cascade.bench.paths import path_features, path_labels, record_path, score_paths
+from cascade.bench.replay import replay_record
 from cascade.policies import BlockConfidence, make_policy
 from cascade.router import DeferralRouter, load_router, roc_auc, router_features, train_router
 

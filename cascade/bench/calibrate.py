@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cascade.bench.replay import PathStats, score_paths
+from cascade.bench.paths import PathStats, score_paths
 from cascade.bench.report import Point, aggregate, gap_recovered
 from cascade.bench.runs import RunRecord
 from cascade.bench.sweeps import REQUEST_LEVEL, grid_policies, sweep_records

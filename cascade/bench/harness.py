@@ -2,7 +2,7 @@
 
 Per dataset:
 1. real runs of ``draft-only`` and ``target-only`` (cached per request, see ``runs``);
-2. both answers of every problem recorded by teacher forcing (``replay.record_path``, cached);
+2. both answers of every problem recorded by teacher forcing (``paths.record_path``, cached);
 3. every token-level policy swept over its grid by replay; ``quantile`` and ``oracle`` derived exactly
    from the two baseline runs;
 4. REAL runs at the configurations the replay chose on dev for each checkpoint (``real_checks``: a budget
@@ -30,7 +30,7 @@ from cascade.bench.frontier import REQUEST_BASELINE, Frontier, frontier_markdown
 from cascade.bench.regime import lengths_markdown, lengths_row, tercile_markdown
 from cascade.bench.plot import plot_frontier
 from cascade.bench.report import Point, aggregate, write_csv
-from cascade.bench.replay import PathStats, path_key, record_path, score_paths
+from cascade.bench.paths import PathStats, path_key, record_path, score_paths
 from cascade.bench.runs import PolicyRunner, RunCache, RunRecord, model_fingerprint
 from cascade.bench.sweeps import GRIDS, REQUEST_LEVEL, TOKEN_LEVEL, grid_policies, oracle_records, sweep_records
 from cascade.policies import make_policy

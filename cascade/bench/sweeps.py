@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from cascade.bench.replay import PathStats, ReplaySet, one_intra_op_thread
+from cascade.bench.paths import PathStats
+from cascade.bench.replay import ReplaySet, one_intra_op_thread
 from cascade.bench.runs import RunRecord, add_counters, first_token_counters
 from cascade.policies import DEFAULT_K, Policy, make_policy
 from cascade.policies.routing import linear_quantile

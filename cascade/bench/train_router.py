@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from cascade.bench.datasets import split_indices
-from cascade.bench.replay import path_features, path_labels
+from cascade.bench.paths import path_features, path_labels
 from cascade.router import ROUTER_FILE, DeferralRouter, roc_auc, router_features, train_router
 
 
