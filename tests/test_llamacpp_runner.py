@@ -20,6 +20,8 @@ from cascade.models.factory import RunnerOptions, local_runner, resolve_member  
 from cascade.models.gguf_dir import GGUF_FILE, is_gguf_dir, names_llamacpp  # noqa: E402
 from cascade.models.llamacpp import LlamaCppRunner  # noqa: E402
 
+import runner_contract  # noqa: E402  (tests/ is on sys.path)
+
 VOCAB = 64  # the writer's vocabulary
 TOL = 2e-5  # F32 weights, an F32 KV cache, no flash attention: llama.cpp's kernels against transformers' fp32
 FA_TOL = 5e-3  # llama.cpp's CPU flash attention takes the query in f16
@@ -69,9 +71,7 @@ def hf_logits(model, seq: list[int]) -> torch.Tensor:
         return model(torch.tensor([seq])).logits[0].float()  # [len, V]
 
 
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
+maxdiff = runner_contract.maxdiff
 
 
 def test_logits_match_transformers_and_the_torch_runner(tiny):
@@ -90,58 +90,41 @@ def test_logits_match_transformers_and_the_torch_runner(tiny):
     assert maxdiff(fast.forward_span([0], [seq]), got) < FA_TOL
 
 
+def make_runner(gguf):
+    """The contract's runner factory (``tests/runner_contract.py``): fresh exact-mode runners over ``gguf``."""
+    return lambda **kw: runner(gguf, **kw)
+
+
+def reference_of(model):
+    return lambda seq: hf_logits(model, seq)
+
+
 def test_rollback_is_a_kv_removal_and_equals_a_fresh_runner(tiny):
     _, gguf, _ = tiny[1]
-    prompt, kept, dropped, new = [3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8, 9]
+    runner_contract.check_rollback_equals_fresh(make_runner(gguf))
     r = runner(gguf)
-    r.forward_span([1], [prompt + kept])
-    r.forward_span([1], [dropped[:3]])
-    r.decode(torch.tensor([1]), torch.tensor([dropped[3]]))
-    assert r.lengths([1]) == [len(prompt) + len(kept) + len(dropped)]
+    r.forward_span([1], [[3, 1, 4, 1, 5, 9, 2]])
     calls = r.calls
-    r.truncate([1], [len(prompt) + len(kept)])
-    assert r.calls == calls  # nothing recomputed
-    assert r.lengths([1]) == [len(prompt) + len(kept)]
-    a1 = r.decode(torch.tensor([1]), torch.tensor([new[0]]))
-    a2 = r.forward_span([1], [new[1:]])
-    f = runner(gguf)
-    f.forward_span([1], [prompt + kept])
-    b1 = f.decode(torch.tensor([1]), torch.tensor([new[0]]))
-    b2 = f.forward_span([1], [new[1:]])
-    assert maxdiff(a1, b1) < 1e-5 and maxdiff(a2, b2) < 1e-5
+    r.truncate([1], [4])
+    assert r.calls == calls and r.lengths([1]) == [4]  # a KV removal: nothing recomputed
 
 
 def test_free_then_reuse_is_clean(tiny):
     model, gguf, _ = tiny[1]
-    r = runner(gguf)
-    r.forward_span([0, 1], [[7] * 20, [2, 3]])
-    r.free([0])
-    assert r.lengths([0, 1]) == [0, 2]
-    seq = [4, 5, 6]
-    assert maxdiff(r.forward_span([0], [seq]), hf_logits(model, seq)) < TOL
-    assert maxdiff(r.decode(torch.tensor([1]), torch.tensor([9])), hf_logits(model, [2, 3, 9])[-1:]) < TOL
+    runner_contract.check_free_then_reuse(make_runner(gguf), reference_of(model), TOL)
 
 
 def test_ragged_batch_equals_each_row_alone(tiny):
     model, gguf, _ = tiny[1]
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (7, 1, 12, 4)]
-    spans = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 5, 1, 2)]
-    rows = [3, 1, 0, 2]
-    r = runner(gguf)
-    pre = r.forward_span(rows, prompts, num_logits=[1] * 4)
-    step = r.decode(torch.tensor(rows), torch.tensor([5, 6, 7, 8]))
-    span = r.forward_span(rows, spans)
-    off = 0
-    for i in range(4):
-        seq = prompts[i] + [5 + i] + spans[i]
-        want = hf_logits(model, seq)
-        n, p = len(spans[i]), len(prompts[i])
-        assert maxdiff(pre[i:i + 1], want[p - 1:p]) < TOL
-        assert maxdiff(step[i:i + 1], want[p:p + 1]) < TOL
-        assert maxdiff(span[off:off + n], want[p + 1:]) < TOL
-        off += n
-    assert r.lengths(rows) == [len(p) + 1 + len(s) for p, s in zip(prompts, spans)]
+    runner_contract.check_ragged_batch(make_runner(gguf), reference_of(model), TOL, VOCAB)
+
+
+def test_decode_equals_single_token_spans(tiny):
+    runner_contract.check_decode_equals_single_token_spans(make_runner(tiny[1][1]))
+
+
+def test_full_row_rejected(tiny):
+    runner_contract.check_full_row_rejected(make_runner(tiny[1][1]))
 
 
 def test_partial_logits_and_calls_split_at_n_batch(tiny):
@@ -158,39 +141,12 @@ def test_partial_logits_and_calls_split_at_n_batch(tiny):
 
 
 def test_greedy_loop_equals_decodes_fed_their_argmax(tiny):
-    _, gguf, _ = tiny[1]
-    a, b = runner(gguf), runner(gguf)
-    for r in (a, b):
-        r.forward_span([0, 2], [[1, 2, 3], [4, 5]], num_logits=[1, 1])
-    logits, tokens = a.decode_loop([0, 2], torch.tensor([7, 8]), 5, vocab=60)
-    cur = torch.tensor([7, 8])
-    for j in range(5):
-        out = b.decode(torch.tensor([0, 2]), cur)
-        assert maxdiff(logits[j], out) < 1e-5
-        cur = out[:, :60].argmax(dim=-1)
-        assert tokens[j].tolist() == cur.tolist()
-    assert a.lengths([0, 2]) == b.lengths([0, 2]) == [8, 7]
+    runner_contract.check_greedy_loop(make_runner(tiny[1][1]), vocab=60)
 
 
-@pytest.mark.parametrize("call, field", [
-    (lambda r: r.forward_span([0], [list(range(17))]), "spans"),
-    (lambda r: r.forward_span([0], [[]]), "spans"),
-    (lambda r: r.forward_span([0], [[VOCAB]]), "spans"),
-    (lambda r: r.forward_span([0], [[1.5]]), "spans"),
-    (lambda r: r.forward_span([4], [[1]]), "rows"),
-    (lambda r: r.forward_span([1, 1], [[1], [2]]), "rows"),
-    (lambda r: r.forward_span([0], [[1, 2]], num_logits=[3]), "num_logits"),
-    (lambda r: r.decode(torch.tensor([0, 1]), torch.tensor([1])), "ids"),
-    (lambda r: r.decode_loop([0], torch.tensor([1]), 0), "steps"),
-    (lambda r: r.truncate([0], [1]), "lengths"),
-    (lambda r: r.free([9]), "rows"),
-])
+@pytest.mark.parametrize("call, field", runner_contract.BAD_ARGUMENTS)
 def test_bad_arguments_are_named_and_change_nothing(tiny, call, field):
-    _, gguf, _ = tiny[1]
-    r = runner(gguf, max_len=16)
-    with pytest.raises(ValueError, match=field):
-        call(r)
-    assert r.lengths([0, 1, 2, 3]) == [0, 0, 0, 0]
+    runner_contract.check_bad_argument(make_runner(tiny[1][1]), call, field)
 
 
 def test_bad_constructor_arguments(tiny, tmp_path):

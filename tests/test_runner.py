@@ -1,5 +1,6 @@
 """LlamaRunner (cascade.models.llama) against transformers on tiny random models, plus the cache
-bookkeeping (rollback, free, batching), argument validation, and the real draft model when present."""
+bookkeeping (rollback, free, batching) and argument validation of the runner contract (``tests/runner_contract.py``,
+shared with the llama.cpp runner's tests), and the real draft model when present."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 from cascade.models.base import ModelRunner
 from cascade.models.llama import LlamaRunner, default_dtype
 from cascade.models.loading import DecoderConfig
+
+import runner_contract  # noqa: E402  (tests/ is on sys.path)
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,9 +88,7 @@ def rand_tokens(n: int, gen: torch.Generator) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=gen).tolist()
 
 
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
+maxdiff = runner_contract.maxdiff
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -177,69 +178,38 @@ def fresh(path, **kw) -> LlamaRunner:
     return LlamaRunner.from_pretrained(path, max_rows=kw.pop("max_rows", 4), max_len=kw.pop("max_len", 40), **kw)
 
 
-def test_rollback_equals_fresh_runner(qwen):
-    _, path = qwen
-    prompt, kept, dropped, new = [3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8, 9]
-    r = fresh(path)
-    r.forward_span([1], [prompt + kept])
-    r.forward_span([1], [dropped[:3]])
-    r.decode(torch.tensor([1]), torch.tensor([dropped[3]]))
-    assert r.lengths([1]) == [len(prompt) + len(kept) + len(dropped)]
-    r.truncate([1], [len(prompt) + len(kept)])
-    assert r.lengths([1]) == [len(prompt) + len(kept)]
-    a1 = r.decode(torch.tensor([1]), torch.tensor([new[0]]))
-    a2 = r.forward_span([1], [new[1:]])
+def make_fresh(path):
+    """The contract's runner factory (``tests/runner_contract.py``): fresh fp32 runners over ``path``."""
+    return lambda **kw: fresh(path, **kw)
 
-    f = fresh(path)
-    f.forward_span([1], [prompt + kept])
-    b1 = f.decode(torch.tensor([1]), torch.tensor([new[0]]))
-    b2 = f.forward_span([1], [new[1:]])
-    assert maxdiff(a1, b1) < 1e-5 and maxdiff(a2, b2) < 1e-5
+
+def test_rollback_equals_fresh_runner(qwen):
+    runner_contract.check_rollback_equals_fresh(make_fresh(qwen[1]))
 
 
 def test_free_then_reuse_is_clean(qwen):
     model, path = qwen
-    r = fresh(path)
-    r.forward_span([0, 1], [[7] * 20, [2, 3]])
-    r.free([0])
-    assert r.lengths([0, 1]) == [0, 2]
-    seq = [4, 5, 6]
-    assert maxdiff(r.forward_span([0], [seq]), hf_logits(model, seq)) < TOL
-    assert maxdiff(r.decode(torch.tensor([1]), torch.tensor([9])), hf_logits(model, [2, 3, 9])[-1:]) < TOL
+    runner_contract.check_free_then_reuse(make_fresh(path), lambda seq: hf_logits(model, seq), TOL)
 
 
-def test_batched_equals_alone(qwen):
+def test_ragged_batch_equals_each_sequence_alone(qwen):
+    model, path = qwen
+    runner_contract.check_ragged_batch(make_fresh(path), lambda seq: hf_logits(model, seq), TOL, VOCAB)
+
+
+def test_batched_prefill_equals_alone(qwen):
+    """``prefill`` (the torch runner's batched prompt pass) row by row against each prompt alone."""
     _, path = qwen
     gen = torch.Generator().manual_seed(3)
     prompts = [rand_tokens(n, gen) for n in (7, 1, 12, 4)]
-    spans = [rand_tokens(n, gen) for n in (3, 5, 1, 2)]
     rows = [3, 1, 0, 2]
-    batched = fresh(path)
-    pre = batched.prefill(rows, prompts)
-    step = batched.decode(torch.tensor(rows), torch.tensor([5, 6, 7, 8]))
-    span = batched.forward_span(rows, spans)
-    off = 0
+    pre = fresh(path).prefill(rows, prompts)
     for i, r in enumerate(rows):
-        alone = fresh(path, max_rows=4)
-        assert maxdiff(pre[i : i + 1], alone.prefill([r], [prompts[i]])) < 1e-5
-        assert maxdiff(step[i : i + 1], alone.decode(torch.tensor([r]), torch.tensor([5 + i]))) < 1e-5
-        n = len(spans[i])
-        assert maxdiff(span[off : off + n], alone.forward_span([r], [spans[i]])) < 1e-5
-        off += n
+        assert maxdiff(pre[i : i + 1], fresh(path).prefill([r], [prompts[i]])) < 1e-5
 
 
 def test_decode_equals_single_token_spans(qwen):
-    _, path = qwen
-    a, b = fresh(path), fresh(path)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
-    rows = [0, 2, 3]
-    a.forward_span(rows, prompts)
-    b.forward_span(rows, prompts)
-    for ids in ([10, 11, 12], [13, 14, 15]):
-        da = a.decode(torch.tensor(rows), torch.tensor(ids))
-        db = b.forward_span(rows, [[t] for t in ids])
-        assert maxdiff(da, db) < 1e-5
-    assert a.lengths(rows) == b.lengths(rows) == [5, 7, 3]
+    runner_contract.check_decode_equals_single_token_spans(make_fresh(qwen[1]))
 
 
 def test_partial_logits_and_integer_types(qwen):
@@ -302,19 +272,9 @@ def test_greedy_decode_loop_equals_decodes_fed_their_argmax(qwen, mode):
     argmax stays inside ``vocab`` even where a padding column would win."""
     _, path = qwen
     kw = {"cuda_graphs": "uncaptured", "graph_loops": (3,)} if mode == "uncaptured" else {}
-    a, b = fresh(path, **kw), fresh(path)
-    for r in (a, b):
-        r.forward_span([0, 2, 3], [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
-    first = torch.tensor([5, 6, 7])
-    logits, tokens = a.decode_loop([0, 2, 3], first, 4)
-    assert logits.shape == (4, 3, a.vocab_size) and tokens.shape == (4, 3)
-    cur = first
-    for j in range(4):
-        want = b.decode(torch.tensor([0, 2, 3]), cur)
-        assert maxdiff(logits[j], want) < 1e-5
-        cur = want.argmax(dim=-1)
-        assert tokens[j].tolist() == cur.tolist()
-    assert a.lengths([0, 1, 2, 3]) == b.lengths([0, 1, 2, 3]) == [7, 0, 6, 8]
+    runner_contract.check_greedy_loop(make_fresh(path), **kw)
+    a = fresh(path, **kw)
+    a.forward_span([3], [[6, 7, 8, 9, 1, 2, 3]])
     # a vocab limit: the argmax is taken over ids < vocab only
     vocab = 7
     logits, tokens = a.decode_loop([1], torch.tensor([3]), 2, vocab=vocab)
@@ -387,41 +347,13 @@ def test_default_dtype_follows_cpu():
 
 
 # ---------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize(
-    "call, field",
-    [
-        (lambda r: r.forward_span([0], [list(range(17))]), "spans"),
-        (lambda r: r.forward_span([0], [[]]), "spans"),
-        (lambda r: r.forward_span([0], [[VOCAB]]), "spans"),
-        (lambda r: r.forward_span([0], [[1.5]]), "spans"),
-        (lambda r: r.forward_span([4], [[1]]), "rows"),
-        (lambda r: r.forward_span([-1], [[1]]), "rows"),
-        (lambda r: r.forward_span([1, 1], [[1], [2]]), "rows"),
-        (lambda r: r.forward_span([0, 1], [[1]]), "spans"),
-        (lambda r: r.forward_span([0], [[1, 2]], num_logits=[3]), "num_logits"),
-        (lambda r: r.decode(torch.tensor([5]), torch.tensor([1])), "rows"),
-        (lambda r: r.decode(torch.tensor([0, 1]), torch.tensor([1])), "ids"),
-        (lambda r: r.truncate([0], [1]), "lengths"),
-        (lambda r: r.free([9]), "rows"),
-    ],
-)
+@pytest.mark.parametrize("call, field", runner_contract.BAD_ARGUMENTS)
 def test_bad_arguments(qwen, call, field):
-    _, path = qwen
-    r = fresh(path, max_len=16)
-    with pytest.raises(ValueError, match=field):
-        call(r)
-    assert r.lengths([0, 1, 2, 3]) == [0, 0, 0, 0]  # nothing half-applied
+    runner_contract.check_bad_argument(make_fresh(qwen[1]), call, field)
 
 
 def test_full_row_rejected(qwen):
-    _, path = qwen
-    r = fresh(path, max_len=8)
-    r.forward_span([0], [[1] * 8])
-    with pytest.raises(ValueError, match="rows"):
-        r.decode(torch.tensor([0]), torch.tensor([1]))
-    with pytest.raises(ValueError, match="spans"):
-        r.forward_span([0], [[1]])
-    assert r.lengths([0]) == [8]
+    runner_contract.check_full_row_rejected(make_fresh(qwen[1]))
 
 
 @pytest.mark.parametrize("kw, field", [(dict(dtype="int8"), "dtype"), (dict(dtype=torch.int32), "dtype"),
