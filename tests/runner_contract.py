@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 
 SAME = 1e-5  # one runner's own results along two paths (the same kernels up to the batch's shape)
@@ -127,8 +128,6 @@ BAD_ARGUMENTS = [
 
 def check_bad_argument(make: Make, call, field: str) -> None:
     """A bad argument raises a ValueError naming ``field`` and changes no row."""
-    import pytest
-
     r = make(max_len=16)
     with pytest.raises(ValueError, match=field):
         call(r)
@@ -137,8 +136,6 @@ def check_bad_argument(make: Make, call, field: str) -> None:
 
 def check_full_row_rejected(make: Make) -> None:
     """A row at ``max_len`` takes no more tokens, by either call, and keeps its length."""
-    import pytest
-
     r = make(max_len=8)
     r.forward_span([0], [[1] * 8])
     with pytest.raises(ValueError, match="rows"):
